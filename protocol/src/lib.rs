@@ -1,0 +1,378 @@
+//! The wire contract between a Stagely core and the agents on its builder VMs.
+//!
+//! This crate is deliberately pure: it defines the JSON messages of the design seed
+//! (`BUILD`, `MERGE`, `LOG`, `STATUS`) plus the frames the design needs around them
+//! (`HELLO`, `CANCEL`, `ACK`, `HEARTBEAT`), a codec that turns bytes into typed messages
+//! or typed errors, and the core-side session state machine. It performs no I/O and never
+//! reads the clock, so every rule here is testable without sockets.
+//!
+//! # Lifecycle of one connection (the agent<->core contract)
+//!
+//! 1. The agent dials `GET /api/v1/agent/connect` with `Authorization: Bearer <token>`.
+//!    The token is one-time and names exactly one job; the core refuses the upgrade
+//!    (HTTP 401) for a missing, wrong or spent token before any frame is read.
+//! 2. The agent sends [`Hello`] first. Anything else first is a protocol violation.
+//! 3. The core answers with exactly one work frame: [`Build`] or [`Merge`].
+//! 4. The agent streams output as [`Log`] frames carrying a strictly increasing `seq`
+//!    (starting at 1). The core acknowledges persisted lines with [`Ack`] (`seq` = highest
+//!    contiguous line stored). A duplicate `seq` (a resend after a reconnect) is dropped by
+//!    the core and acknowledged again, so every line is stored exactly once.
+//! 5. Either side may send [`Heartbeat`] at any time; the core treats silence longer than
+//!    its heartbeat timeout as a lost agent.
+//! 6. The core may send [`Cancel`]; the agent stops the build (SIGTERM to the process
+//!    group, then SIGKILL after a grace period) and still finishes with a `STATUS`.
+//! 7. The agent ends the job with exactly one [`Status`], sent only after every `LOG`
+//!    frame of the job. After `STATUS` the core acknowledges it (an `ACK` whose `seq` is the
+//!    status frame's `seq`), terminates the instance, and the agent exits.
+//!
+//! Seed fields are never renamed; everything this crate adds is a new, optional field.
+
+pub mod codec;
+pub mod session;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use codec::{DecodeError, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode};
+
+/// Version of this contract. An agent announces it in `HELLO`; the core refuses others.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Every frame that crosses the agent<->core WebSocket, tagged by its `type` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Message {
+    /// agent → core, first frame of every connection.
+    #[serde(rename = "HELLO")]
+    Hello(Hello),
+    /// core → agent: build and push one image.
+    #[serde(rename = "BUILD")]
+    Build(Build),
+    /// core → agent: combine per-platform images into one manifest list.
+    #[serde(rename = "MERGE")]
+    Merge(Merge),
+    /// agent → core: one line of builder output.
+    #[serde(rename = "LOG")]
+    Log(Log),
+    /// agent → core: the job's outcome; the last frame the agent sends for a job.
+    #[serde(rename = "STATUS")]
+    Status(Status),
+    /// core → agent: stop the job.
+    #[serde(rename = "CANCEL")]
+    Cancel(Cancel),
+    /// core → agent: frames up to `seq` are durably stored.
+    #[serde(rename = "ACK")]
+    Ack(Ack),
+    /// either direction: liveness.
+    #[serde(rename = "HEARTBEAT")]
+    Heartbeat(Heartbeat),
+}
+
+impl Message {
+    /// The wire name of this frame's `type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "HELLO",
+            Message::Build(_) => "BUILD",
+            Message::Merge(_) => "MERGE",
+            Message::Log(_) => "LOG",
+            Message::Status(_) => "STATUS",
+            Message::Cancel(_) => "CANCEL",
+            Message::Ack(_) => "ACK",
+            Message::Heartbeat(_) => "HEARTBEAT",
+        }
+    }
+
+    /// The job this frame is about, when it names one.
+    pub fn job_id(&self) -> Option<&str> {
+        match self {
+            Message::Hello(_) => None,
+            Message::Build(m) => Some(&m.job_id),
+            Message::Merge(m) => Some(&m.job_id),
+            Message::Log(m) => Some(&m.job_id),
+            Message::Status(m) => Some(&m.job_id),
+            Message::Cancel(m) => Some(&m.job_id),
+            Message::Ack(m) => Some(&m.job_id),
+            Message::Heartbeat(m) => m.job_id.as_deref(),
+        }
+    }
+}
+
+/// CPU architecture of a builder or of an image platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Parses an OCI platform string such as `linux/arm64` or `linux/arm64/v8`.
+    pub fn from_platform(platform: &str) -> Option<Arch> {
+        let mut parts = platform.split('/');
+        let os = parts.next()?;
+        let arch = parts.next()?;
+        if os != "linux" {
+            return None;
+        }
+        match arch {
+            "amd64" | "x86_64" => Some(Arch::Amd64),
+            "arm64" | "aarch64" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
+
+    /// Maps Rust's `std::env::consts::ARCH` names.
+    pub fn from_rust_arch(arch: &str) -> Option<Arch> {
+        match arch {
+            "x86_64" => Some(Arch::Amd64),
+            "aarch64" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Builder backends an agent may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuilderKind {
+    /// `docker buildx` — the production default, exactly the seed's commands.
+    Buildx,
+    /// `buildah` — daemonless; what runs where no Docker engine exists.
+    Buildah,
+}
+
+impl BuilderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuilderKind::Buildx => "buildx",
+            BuilderKind::Buildah => "buildah",
+        }
+    }
+}
+
+/// `HELLO`: the agent introduces itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// The cloud instance id the agent runs on (from its config / metadata).
+    pub instance_id: String,
+    /// The host's native architecture.
+    pub arch: Arch,
+    /// Builder backends installed, in order of preference.
+    pub builders: Vec<BuilderKind>,
+    /// Architectures the host can build for by user emulation (QEMU binfmt_misc).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emulated_arches: Vec<Arch>,
+}
+
+/// Where the source comes from (`BUILD.context`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceContext {
+    /// A git URL or, for local instances, a filesystem path.
+    pub repo_url: String,
+    pub commit_hash: String,
+    pub branch: String,
+    /// Token for cloning private repositories. Secret: never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_token: Option<String>,
+}
+
+/// How to build (`BUILD.build_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildConfig {
+    /// Build context, relative to the repository root.
+    pub context_path: String,
+    /// Dockerfile, relative to the context.
+    pub dockerfile: String,
+    pub target_image: String,
+    pub platform: String,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cache_from: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_to: Option<String>,
+    /// Addition: the job's time limit; the agent kills the build when it is exceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Registry credentials (`registry_auth`). Secret: never logged, never on a command line.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Addition: how to reach the registry images are pushed to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RegistryOptions {
+    /// Plain HTTP (or unverified TLS). Only for registries on loopback or a private network.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `BUILD`: build one image and push it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Build {
+    pub job_id: String,
+    pub context: SourceContext,
+    pub build_config: BuildConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub registry: RegistryOptions,
+}
+
+/// `MERGE`: make one manifest list from per-platform images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Merge {
+    pub job_id: String,
+    pub source_images: Vec<String>,
+    pub target_image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub registry: RegistryOptions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Which output a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Lines the agent itself writes (steps, emulation notes, errors before the build).
+    System,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::System => "system",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<LogStream> {
+        match text {
+            "stdout" => Some(LogStream::Stdout),
+            "stderr" => Some(LogStream::Stderr),
+            "system" => Some(LogStream::System),
+            _ => None,
+        }
+    }
+}
+
+/// `LOG`: one line of output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Log {
+    pub job_id: String,
+    pub stream: LogStream,
+    /// The line, including its trailing newline when it had one.
+    pub data: String,
+    /// Addition: position of this frame in the job's stream, from 1, no gaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// Final state reported in `STATUS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Completed,
+    Failed,
+}
+
+/// Why a job that failed never ran its builder (no exit code exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeverRan {
+    /// Clone or checkout failed.
+    SourceUnavailable,
+    /// The host cannot build for the platform (no builder, no emulation).
+    UnsupportedPlatform,
+    /// No usable builder backend.
+    NoBuilder,
+    /// Cancelled before the builder started.
+    Cancelled,
+    /// The agent itself failed (disk, spawn error...).
+    AgentError,
+}
+
+/// `STATUS`: the outcome of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub job_id: String,
+    pub state: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_url: Option<String>,
+    /// Addition: the pushed manifest's digest (`sha256:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Addition: a one-line reason when `state` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Addition: set when the builder never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub never_ran: Option<NeverRan>,
+    /// Addition: the frame's position after the job's last `LOG` (`last log seq + 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// `CANCEL`: stop the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub job_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `ACK`: every frame of the job up to and including `seq` is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub job_id: String,
+    pub seq: u64,
+}
+
+/// `HEARTBEAT`: liveness, either direction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}

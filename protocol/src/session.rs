@@ -1,0 +1,250 @@
+//! The core's side of one agent connection, as a deterministic state machine.
+//!
+//! No sockets and no clock: the driver feeds decoded frames with [`CoreSession::handle_frame`],
+//! tells it what it stored with [`CoreSession::handle_persisted`], and passes `now` in; it
+//! drains outputs in this order after every input:
+//!
+//! 1. [`CoreSession::poll_event`] until `None` (hello, log lines to store, final status),
+//! 2. [`CoreSession::poll_frame`] until `None` (BUILD/MERGE, ACK, CANCEL to send),
+//! 3. [`CoreSession::poll_timeout`] for the next deadline, at which it calls
+//!    [`CoreSession::handle_timeout`].
+//!
+//! Any error returned is a protocol violation by the agent: the driver closes the connection
+//! with the error's text and fails the job; nothing else is affected.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::{Ack, Cancel, Hello, Log, Message, PROTOCOL_VERSION, Status};
+
+/// What the driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// The agent introduced itself; the work frame has been queued.
+    Started(Hello),
+    /// A new line to store (never a duplicate). `seq` is always set.
+    Log(Log),
+    /// The job ended. Every line before it has already been delivered as `Log`.
+    Finished(Status),
+}
+
+/// A rule the agent broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("expected {expected} frame, got {got}")]
+    UnexpectedFrame {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("{frame} frame names job `{got}` but this connection serves job `{expected}`")]
+    WrongJob {
+        frame: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("HELLO announces protocol version {got}, this core speaks {expected}")]
+    ProtocolVersion { got: u32, expected: u32 },
+    #[error("LOG frame has no `seq`")]
+    MissingSeq,
+    #[error("LOG frame seq {got} skips ahead; next expected seq is {expected}")]
+    SeqGap { expected: u64, got: u64 },
+    #[error("STATUS frame seq {got} does not follow the last LOG seq {last_log}")]
+    StatusSeq { last_log: u64, got: u64 },
+    #[error("agent sent nothing for {silent_ms} ms (heartbeat timeout)")]
+    HeartbeatTimeout { silent_ms: u128 },
+    #[error("{frame} frame after STATUS")]
+    AfterFinish { frame: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingHello,
+    Working,
+    Finished,
+}
+
+/// Core-side state of one agent connection serving one job.
+#[derive(Debug)]
+pub struct CoreSession {
+    job_id: String,
+    phase: Phase,
+    /// The BUILD or MERGE frame handed over once HELLO arrives.
+    work: Option<Message>,
+    /// Highest log seq delivered to the driver (lines 1..=this are known).
+    delivered_seq: u64,
+    /// Highest seq the driver reported as durably stored.
+    persisted_seq: u64,
+    heartbeat_timeout: Duration,
+    last_heard: Instant,
+    outgoing: VecDeque<Message>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl CoreSession {
+    /// A session for `job_id` that will hand `work` (a BUILD or MERGE) to the agent.
+    /// `already_stored_seq` is the highest log seq already in the database for this job
+    /// (non-zero when an agent reconnects), so resent lines are recognised as duplicates.
+    pub fn new(
+        job_id: impl Into<String>,
+        work: Message,
+        already_stored_seq: u64,
+        heartbeat_timeout: Duration,
+        now: Instant,
+    ) -> Self {
+        CoreSession {
+            job_id: job_id.into(),
+            phase: Phase::AwaitingHello,
+            work: Some(work),
+            delivered_seq: already_stored_seq,
+            persisted_seq: already_stored_seq,
+            heartbeat_timeout,
+            last_heard: now,
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// Feeds one decoded frame from the agent.
+    pub fn handle_frame(&mut self, now: Instant, message: Message) -> Result<(), SessionError> {
+        self.last_heard = now;
+        let frame = message.type_name();
+        if let Some(job_id) = message.job_id()
+            && job_id != self.job_id
+        {
+            return Err(SessionError::WrongJob {
+                frame,
+                expected: self.job_id.clone(),
+                got: job_id.to_string(),
+            });
+        }
+        match (self.phase, message) {
+            (_, Message::Heartbeat(_)) => Ok(()),
+            (Phase::AwaitingHello, Message::Hello(hello)) => {
+                if hello.protocol_version != PROTOCOL_VERSION {
+                    return Err(SessionError::ProtocolVersion {
+                        got: hello.protocol_version,
+                        expected: PROTOCOL_VERSION,
+                    });
+                }
+                self.phase = Phase::Working;
+                if let Some(work) = self.work.take() {
+                    self.outgoing.push_back(work);
+                }
+                self.events.push_back(SessionEvent::Started(hello));
+                Ok(())
+            }
+            (Phase::AwaitingHello, _) => Err(SessionError::UnexpectedFrame {
+                expected: "HELLO",
+                got: frame,
+            }),
+            (Phase::Working, Message::Log(log)) => self.handle_log(log),
+            (Phase::Working, Message::Status(status)) => {
+                if let Some(seq) = status.seq
+                    && seq != self.delivered_seq + 1
+                {
+                    return Err(SessionError::StatusSeq {
+                        last_log: self.delivered_seq,
+                        got: seq,
+                    });
+                }
+                self.phase = Phase::Finished;
+                self.events.push_back(SessionEvent::Finished(status));
+                Ok(())
+            }
+            (Phase::Working, _) => Err(SessionError::UnexpectedFrame {
+                expected: "LOG, STATUS or HEARTBEAT",
+                got: frame,
+            }),
+            (Phase::Finished, Message::Status(_) | Message::Log(_)) => {
+                // A resend after a lost ACK: acknowledge again, store nothing.
+                self.queue_ack();
+                Ok(())
+            }
+            (Phase::Finished, _) => Err(SessionError::AfterFinish { frame }),
+        }
+    }
+
+    fn handle_log(&mut self, log: Log) -> Result<(), SessionError> {
+        let seq = log.seq.ok_or(SessionError::MissingSeq)?;
+        let expected = self.delivered_seq + 1;
+        if seq < expected {
+            // Duplicate of a line we already have: drop it, re-acknowledge.
+            self.queue_ack();
+            return Ok(());
+        }
+        if seq > expected {
+            return Err(SessionError::SeqGap { expected, got: seq });
+        }
+        self.delivered_seq = seq;
+        self.events.push_back(SessionEvent::Log(log));
+        Ok(())
+    }
+
+    /// The driver stored every frame up to `seq`.
+    pub fn handle_persisted(&mut self, seq: u64) {
+        if seq > self.persisted_seq {
+            self.persisted_seq = seq;
+            self.queue_ack();
+        }
+    }
+
+    /// Asks the agent to stop the job.
+    pub fn cancel(&mut self, reason: impl Into<String>) {
+        if self.phase != Phase::Finished {
+            self.outgoing.push_back(Message::Cancel(Cancel {
+                job_id: self.job_id.clone(),
+                reason: Some(reason.into()),
+            }));
+        }
+    }
+
+    fn queue_ack(&mut self) {
+        // Coalesce: only the newest ACK matters.
+        self.outgoing
+            .retain(|message| !matches!(message, Message::Ack(_)));
+        self.outgoing.push_back(Message::Ack(Ack {
+            job_id: self.job_id.clone(),
+            seq: self.persisted_seq,
+        }));
+    }
+
+    /// Checks the heartbeat deadline.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if self.phase == Phase::Finished {
+            return Ok(());
+        }
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent >= self.heartbeat_timeout {
+            return Err(SessionError::HeartbeatTimeout {
+                silent_ms: silent.as_millis(),
+            });
+        }
+        Ok(())
+    }
+
+    /// When [`CoreSession::handle_timeout`] must next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.phase != Phase::Finished).then(|| self.last_heard + self.heartbeat_timeout)
+    }
+
+    /// Next frame to send to the agent.
+    #[must_use]
+    pub fn poll_frame(&mut self) -> Option<Message> {
+        self.outgoing.pop_front()
+    }
+
+    /// Next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+}

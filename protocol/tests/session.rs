@@ -1,0 +1,264 @@
+//! The core-side session machine, driven without sockets: a fake agent feeds frames and a
+//! fake clock moves time, in the manner of quinn-proto's test pairs.
+
+use std::time::{Duration, Instant};
+
+use stagely_protocol::session::{CoreSession, SessionError, SessionEvent};
+use stagely_protocol::*;
+
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+fn build(job: &str) -> Message {
+    Message::Build(Build {
+        job_id: job.into(),
+        context: SourceContext {
+            repo_url: "/srv/repo".into(),
+            commit_hash: "abc".into(),
+            branch: "main".into(),
+            clone_token: None,
+        },
+        build_config: BuildConfig {
+            context_path: "api".into(),
+            dockerfile: "Dockerfile".into(),
+            target_image: "reg/x:api".into(),
+            platform: "linux/amd64".into(),
+            build_args: Default::default(),
+            cache_from: vec![],
+            cache_to: None,
+            timeout_seconds: None,
+        },
+        registry_auth: None,
+        registry: Default::default(),
+    })
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        instance_id: "i-1".into(),
+        arch: Arch::Amd64,
+        builders: vec![BuilderKind::Buildah],
+        emulated_arches: vec![],
+    })
+}
+
+fn log(job: &str, seq: u64) -> Message {
+    Message::Log(Log {
+        job_id: job.into(),
+        stream: LogStream::Stdout,
+        data: format!("line {seq}\n"),
+        seq: Some(seq),
+    })
+}
+
+fn status(job: &str, seq: u64) -> Message {
+    Message::Status(Status {
+        job_id: job.into(),
+        state: JobState::Completed,
+        exit_code: Some(0),
+        artifact_url: Some("reg/x:api".into()),
+        digest: Some("sha256:00".into()),
+        error: None,
+        never_ran: None,
+        seq: Some(seq),
+    })
+}
+
+/// Drives a session and records what the driver would store and send.
+struct Harness {
+    session: CoreSession,
+    now: Instant,
+    stored: Vec<u64>,
+    sent: Vec<Message>,
+    finished: Option<Status>,
+}
+
+impl Harness {
+    fn new(already_stored: u64) -> Self {
+        let now = Instant::now();
+        Harness {
+            session: CoreSession::new("j1", build("j1"), already_stored, HEARTBEAT, now),
+            now,
+            stored: vec![],
+            sent: vec![],
+            finished: None,
+        }
+    }
+
+    fn feed(&mut self, message: Message) -> Result<(), SessionError> {
+        self.session.handle_frame(self.now, message)?;
+        // Drain in the documented order; "persist" logs immediately.
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                SessionEvent::Started(_) => {}
+                SessionEvent::Log(log) => {
+                    let seq = log.seq.unwrap();
+                    self.stored.push(seq);
+                    self.session.handle_persisted(seq);
+                }
+                SessionEvent::Finished(status) => {
+                    self.session.handle_persisted(status.seq.unwrap_or(0));
+                    self.finished = Some(status);
+                }
+            }
+        }
+        while let Some(frame) = self.session.poll_frame() {
+            self.sent.push(frame);
+        }
+        Ok(())
+    }
+
+    fn last_ack(&self) -> Option<u64> {
+        self.sent.iter().rev().find_map(|m| match m {
+            Message::Ack(a) => Some(a.seq),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn happy_path_hands_work_after_hello_and_acks_every_line() {
+    let mut h = Harness::new(0);
+    assert!(h.sent.is_empty(), "nothing is sent before HELLO");
+    h.feed(hello()).unwrap();
+    assert!(matches!(h.sent[0], Message::Build(_)));
+    for seq in 1..=5 {
+        h.feed(log("j1", seq)).unwrap();
+    }
+    h.feed(status("j1", 6)).unwrap();
+    assert_eq!(h.stored, vec![1, 2, 3, 4, 5]);
+    assert_eq!(h.last_ack(), Some(6));
+    assert!(h.session.is_finished());
+    assert_eq!(h.finished.unwrap().digest.as_deref(), Some("sha256:00"));
+}
+
+#[test]
+fn frames_before_hello_are_violations() {
+    let mut h = Harness::new(0);
+    let error = h.feed(log("j1", 1)).unwrap_err();
+    assert_eq!(
+        error,
+        SessionError::UnexpectedFrame {
+            expected: "HELLO",
+            got: "LOG"
+        }
+    );
+}
+
+#[test]
+fn duplicates_are_dropped_and_reacknowledged_gaps_are_refused() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.feed(log("j1", 1)).unwrap();
+    h.feed(log("j1", 2)).unwrap();
+    // The agent lost our ACK and resends line 2, then 1: nothing is stored twice.
+    h.feed(log("j1", 2)).unwrap();
+    h.feed(log("j1", 1)).unwrap();
+    assert_eq!(h.stored, vec![1, 2]);
+    assert_eq!(h.last_ack(), Some(2));
+    let error = h.feed(log("j1", 4)).unwrap_err();
+    assert_eq!(
+        error,
+        SessionError::SeqGap {
+            expected: 3,
+            got: 4
+        }
+    );
+}
+
+#[test]
+fn reconnect_resumes_after_already_stored_lines() {
+    // Lines 1..=3 were stored before the connection dropped; the agent resends from 2.
+    let mut h = Harness::new(3);
+    h.feed(hello()).unwrap();
+    for seq in 2..=5 {
+        h.feed(log("j1", seq)).unwrap();
+    }
+    assert_eq!(h.stored, vec![4, 5]);
+}
+
+#[test]
+fn frames_for_another_job_are_refused() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    let error = h.feed(log("j2", 1)).unwrap_err();
+    assert!(matches!(error, SessionError::WrongJob { .. }));
+    assert!(error.to_string().contains("j2"));
+}
+
+#[test]
+fn missing_seq_and_bad_status_seq_are_violations() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    let no_seq = Message::Log(Log {
+        job_id: "j1".into(),
+        stream: LogStream::Stdout,
+        data: "x".into(),
+        seq: None,
+    });
+    assert_eq!(h.feed(no_seq).unwrap_err(), SessionError::MissingSeq);
+    h.feed(log("j1", 1)).unwrap();
+    assert_eq!(
+        h.feed(status("j1", 5)).unwrap_err(),
+        SessionError::StatusSeq {
+            last_log: 1,
+            got: 5
+        }
+    );
+}
+
+#[test]
+fn wrong_protocol_version_is_refused() {
+    let mut h = Harness::new(0);
+    let Message::Hello(mut hi) = hello() else {
+        unreachable!()
+    };
+    hi.protocol_version = 99;
+    assert!(matches!(
+        h.feed(Message::Hello(hi)),
+        Err(SessionError::ProtocolVersion { got: 99, .. })
+    ));
+}
+
+#[test]
+fn silence_past_the_heartbeat_timeout_is_a_violation_and_heartbeats_extend_it() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    let deadline = h.session.poll_timeout().unwrap();
+    assert_eq!(deadline, h.now + HEARTBEAT);
+    h.now += Duration::from_secs(20);
+    h.feed(Message::Heartbeat(Heartbeat {
+        job_id: Some("j1".into()),
+    }))
+    .unwrap();
+    h.now += Duration::from_secs(20);
+    h.session.handle_timeout(h.now).unwrap();
+    h.now += Duration::from_secs(11);
+    assert!(matches!(
+        h.session.handle_timeout(h.now),
+        Err(SessionError::HeartbeatTimeout { .. })
+    ));
+}
+
+#[test]
+fn resent_status_after_finish_is_acknowledged_not_reprocessed() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.feed(status("j1", 1)).unwrap();
+    let before = h.sent.len();
+    h.feed(status("j1", 1)).unwrap();
+    assert_eq!(h.sent.len(), before + 1);
+    assert!(matches!(h.sent.last(), Some(Message::Ack(a)) if a.seq == 1));
+    assert!(h.session.poll_timeout().is_none());
+}
+
+#[test]
+fn cancel_queues_a_cancel_frame() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.session.cancel("user asked");
+    assert!(
+        matches!(h.session.poll_frame(), Some(Message::Cancel(c)) if c.reason.as_deref() == Some("user asked"))
+    );
+}
