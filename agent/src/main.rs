@@ -1,1 +1,48 @@
-fn main() {}
+//! `stagely-agent`: started on a builder VM by cloud-init, serves exactly one job and exits.
+//!
+//! `main` only parses arguments and sets up logging; the work is in [`stagely_agent::run`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Stagely build agent: dials the core, runs one BUILD or MERGE, reports, exits.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The agent's config file (written by cloud-init).
+    #[arg(
+        long,
+        default_value = "/etc/stagely/agent.toml",
+        env = "STAGELY_AGENT_CONFIG"
+    )]
+    config: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("stagely-agent: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(stagely_agent::run(&args.config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The agent's side of the WebSocket: dial, HELLO, receive work, stream frames, finish.
+//!
+//! One writer owns the socket's sending half and assigns every LOG frame its `seq`, so the
+//! order of `seq` is the order on the wire. Output arrives from the job task through a bounded
+//! channel: when the network is slow, the channel fills, the job's pipe readers wait, and the
+//! builder blocks on its stdout — memory stays flat whatever the log volume.
+//!
+//! Secrets the job carries (registry password, clone token) are scrubbed from every output
+//! line before it leaves the machine.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use stagely_cloud_init::AgentConfig;
+use stagely_protocol::{
+    Arch, Heartbeat, Hello, Log, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION,
+    Status, decode, encode,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{self, JobEnvironment, Output, OutputSink, Report};
+
+/// Frames buffered between the job and the socket. Each holds at most one line piece
+/// (16 KiB), so the buffer is bounded at a few MiB.
+const OUTPUT_BUFFER: usize = 256;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Silence from the core longer than this means the core is gone.
+const CORE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+const WORK_WAIT_LIMIT: Duration = Duration::from_secs(120);
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Why the agent stopped without serving a job.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the core refused this agent's token (HTTP {0}); the token is wrong or already used")]
+    Refused(u16),
+    #[error("core_url `{0}` must be http(s):// (plain http only on loopback)")]
+    BadUrl(String),
+}
+
+/// The agent-side endpoint URL for a core base URL.
+pub fn connect_url(core_url: &str) -> Result<String, ConnectError> {
+    let trimmed = core_url.trim_end_matches('/');
+    let (scheme, rest) = if let Some(rest) = trimmed.strip_prefix("https://") {
+        ("wss", rest)
+    } else if let Some(rest) = trimmed.strip_prefix("http://") {
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+            return Err(ConnectError::BadUrl(core_url.to_string()));
+        }
+        ("ws", rest)
+    } else {
+        return Err(ConnectError::BadUrl(core_url.to_string()));
+    };
+    Ok(format!("{scheme}://{rest}/api/v1/agent/connect"))
+}
+
+fn tls_config(config: &AgentConfig) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca_file) = &config.ca_file {
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(ca_file)
+            .with_context(|| format!("reading ca_file {}", ca_file.display()))?
+        {
+            let cert = cert.with_context(|| format!("parsing ca_file {}", ca_file.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("adding CA from {}", ca_file.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            bail!("ca_file {} holds no certificate", ca_file.display());
+        }
+    }
+    Ok(std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// Dials the core, retrying network failures with backoff; a refused token is final.
+pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyhow::Result<Socket> {
+    use backon::{ExponentialBuilder, Retryable};
+    let url = connect_url(&config.core_url)?;
+    let tls = tls_config(config)?;
+    let attempt = || async {
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|error| anyhow!(error))?;
+        let bearer = format!("Bearer {}", config.token)
+            .parse()
+            .map_err(|_| anyhow!("the token contains characters not allowed in a header"))?;
+        request.headers_mut().insert("authorization", bearer);
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        match tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+        )
+        .await
+        {
+            Ok((socket, _response)) => Ok(socket),
+            Err(tungstenite::Error::Http(response))
+                if matches!(response.status().as_u16(), 401 | 403) =>
+            {
+                Err(anyhow!(ConnectError::Refused(response.status().as_u16())))
+            }
+            Err(error) => Err(anyhow!(error).context(format!("connecting to {url}"))),
+        }
+    };
+    let retried = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_max_times(30)
+                .with_jitter(),
+        )
+        .when(|error: &anyhow::Error| error.downcast_ref::<ConnectError>().is_none())
+        .notify(|error, delay| {
+            tracing::warn!("connecting to the core failed, retrying in {delay:?}: {error:#}");
+        });
+    tokio::select! {
+        result = retried => result,
+        () = shutdown.cancelled() => bail!("shut down before connecting"),
+    }
+}
+
+/// Serves one job over `socket` and returns once its STATUS is acknowledged.
+pub async fn serve(
+    socket: Socket,
+    hello: Hello,
+    env: JobEnvironment,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Report> {
+    let (mut sender, mut receiver) = socket.split();
+    sender
+        .send(WsMessage::text(encode(&Message::Hello(hello))))
+        .await
+        .context("sending HELLO")?;
+
+    let work = tokio::time::timeout(WORK_WAIT_LIMIT, async {
+        loop {
+            match receiver.next().await {
+                Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                    Ok(message @ (Message::Build(_) | Message::Merge(_))) => return Ok(message),
+                    Ok(Message::Heartbeat(_)) => continue,
+                    Ok(other) => bail!("core sent {} before any work", other.type_name()),
+                    Err(error) => bail!("core sent a malformed frame: {error}"),
+                },
+                Some(Ok(WsMessage::Close(frame))) => bail!(
+                    "core closed the connection before sending work: {}",
+                    close_reason(frame.as_ref())
+                ),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => bail!("connection failed before work arrived: {error}"),
+                None => bail!("core closed the connection before sending work"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no BUILD or MERGE within {WORK_WAIT_LIMIT:?}"))??;
+    let job_id = work.job_id().unwrap_or_default().to_string();
+    let span = tracing::info_span!("job", job_id = %job_id);
+    let _entered = span.enter();
+    tracing::info!(kind = work.type_name(), "work received");
+
+    let secrets = match &work {
+        Message::Build(build) => {
+            let mut secrets = Vec::new();
+            if let Some(auth) = &build.registry_auth {
+                secrets.push(auth.password.clone());
+            }
+            if let Some(token) = &build.context.clone_token {
+                secrets.push(token.clone());
+            }
+            secrets
+        }
+        Message::Merge(merge) => merge
+            .registry_auth
+            .iter()
+            .map(|auth| auth.password.clone())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let redactor = Redactor::new(secrets);
+
+    let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
+    let cancel = CancellationToken::new();
+    let job_cancel = cancel.clone();
+    let job_task = tokio::spawn(async move {
+        let sink = OutputSink::new(output_tx.clone());
+        let report = match &work {
+            Message::Build(build) => job::run_build(build, &env, &sink, &job_cancel).await,
+            Message::Merge(merge) => job::run_merge(merge, &env, &sink, &job_cancel).await,
+            _ => unreachable_report(),
+        };
+        let _ = output_tx.send(Output::Finished(report)).await;
+    });
+
+    let mut seq: u64 = 0;
+    let mut status_seq: Option<u64> = None;
+    let mut final_report: Option<Report> = None;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.reset();
+    let mut last_heard = tokio::time::Instant::now();
+    let mut ack_deadline: Option<tokio::time::Instant> = None;
+    let mut output_open = true;
+
+    let result: anyhow::Result<()> = loop {
+        let silence = tokio::time::sleep_until(last_heard + CORE_SILENCE_LIMIT);
+        let ack_wait = async {
+            match ack_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            item = output_rx.recv(), if output_open => match item {
+                Some(Output::Line(stream, text)) => {
+                    let mut failed = None;
+                    for piece in split_data(&redactor.scrub(&text)) {
+                        seq += 1;
+                        let frame = Message::Log(Log {
+                            job_id: job_id.clone(),
+                            stream,
+                            data: piece,
+                            seq: Some(seq),
+                        });
+                        if let Err(error) = sender.send(WsMessage::text(encode(&frame))).await {
+                            failed = Some(error);
+                            break;
+                        }
+                    }
+                    if let Some(error) = failed {
+                        break Err(anyhow!(error).context("sending LOG"));
+                    }
+                }
+                Some(Output::Finished(report)) => {
+                    seq += 1;
+                    status_seq = Some(seq);
+                    let status = Message::Status(Status {
+                        job_id: job_id.clone(),
+                        state: report.state,
+                        exit_code: report.exit_code,
+                        artifact_url: report.artifact_url.clone(),
+                        digest: report.digest.clone(),
+                        error: report.error.as_deref().map(|e| redactor.scrub(e)),
+                        never_ran: report.never_ran,
+                        seq: Some(seq),
+                    });
+                    final_report = Some(report);
+                    if let Err(error) = sender.send(WsMessage::text(encode(&status))).await {
+                        break Err(anyhow!(error).context("sending STATUS"));
+                    }
+                    ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
+                }
+                None => {
+                    output_open = false;
+                    if final_report.is_none() {
+                        break Err(anyhow!("the job task ended without a report"));
+                    }
+                }
+            },
+            frame = receiver.next() => {
+                last_heard = tokio::time::Instant::now();
+                match frame {
+                    Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                        Ok(Message::Ack(ack)) => {
+                            if status_seq.is_some_and(|s| ack.seq >= s) {
+                                break Ok(());
+                            }
+                        }
+                        Ok(Message::Cancel(cancel_frame)) => {
+                            tracing::info!(reason = ?cancel_frame.reason, "core cancelled the job");
+                            cancel.cancel();
+                        }
+                        Ok(Message::Heartbeat(_)) => {}
+                        Ok(other) => {
+                            tracing::warn!(frame = other.type_name(), "ignoring unexpected frame from the core");
+                        }
+                        Err(error) => {
+                            tracing::warn!("ignoring malformed frame from the core: {error}");
+                        }
+                    },
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        break Err(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => break Err(anyhow!(error).context("connection to the core failed")),
+                    None => break Err(anyhow!("connection to the core ended")),
+                }
+            }
+            _ = heartbeat.tick() => {
+                let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
+                if let Err(error) = sender.send(WsMessage::text(encode(&frame))).await {
+                    break Err(anyhow!(error).context("sending HEARTBEAT"));
+                }
+            }
+            () = silence => break Err(anyhow!("no frame from the core for {CORE_SILENCE_LIMIT:?}")),
+            () = ack_wait => break Err(anyhow!("the core did not acknowledge STATUS within {FINAL_ACK_WAIT:?}")),
+            () = shutdown.cancelled(), if !cancel.is_cancelled() => {
+                tracing::info!("shutting down: cancelling the job");
+                cancel.cancel();
+            }
+        }
+    };
+
+    // Whatever happened, no build may outlive the connection.
+    cancel.cancel();
+    let _ = job_task.await;
+    let _ = sender.send(WsMessage::Close(None)).await;
+    result?;
+    final_report.ok_or_else(|| anyhow!("the job ended without a report"))
+}
+
+fn unreachable_report() -> Report {
+    Report {
+        state: stagely_protocol::JobState::Failed,
+        exit_code: None,
+        artifact_url: None,
+        digest: None,
+        error: Some("work frame was neither BUILD nor MERGE".into()),
+        never_ran: Some(stagely_protocol::NeverRan::AgentError),
+    }
+}
+
+fn close_reason(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
+    match frame {
+        Some(frame) => format!("{} ({})", frame.reason, u16::from(frame.code)),
+        None => "no reason given".into(),
+    }
+}
+
+/// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries.
+fn split_data(data: &str) -> Vec<String> {
+    if data.len() <= MAX_LOG_DATA_BYTES {
+        return vec![data.to_string()];
+    }
+    let mut pieces = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(MAX_LOG_DATA_BYTES);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        pieces.push(rest[..end].to_string());
+        rest = &rest[end..];
+    }
+    pieces
+}
+
+/// Replaces known secrets in output with `[REDACTED]`.
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new(secrets: Vec<String>) -> Self {
+        // Very short "secrets" would redact ordinary text; they are too weak to matter.
+        Redactor {
+            secrets: secrets.into_iter().filter(|s| s.len() >= 4).collect(),
+        }
+    }
+
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for secret in &self.secrets {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "[REDACTED]");
+            }
+        }
+        out
+    }
+}
+
+/// Builds this agent's HELLO.
+pub fn hello(instance_id: String, env: &JobEnvironment) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        instance_id,
+        arch: env.host_arch,
+        builders: env.backend.iter().map(|b| b.kind()).collect(),
+        emulated_arches: env.emulated_arches.clone(),
+    }
+}
+
+/// The host's architecture.
+pub fn host_arch() -> anyhow::Result<Arch> {
+    Arch::from_rust_arch(std::env::consts::ARCH)
+        .ok_or_else(|| anyhow!("unsupported host architecture {}", std::env::consts::ARCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_ws_is_only_allowed_on_loopback() {
+        assert_eq!(
+            connect_url("http://127.0.0.1:8080").unwrap(),
+            "ws://127.0.0.1:8080/api/v1/agent/connect"
+        );
+        assert_eq!(
+            connect_url("https://core.example.com/").unwrap(),
+            "wss://core.example.com/api/v1/agent/connect"
+        );
+        assert!(connect_url("http://core.example.com:8080").is_err());
+        assert!(connect_url("http://192.0.2.10:8080").is_err());
+        assert!(connect_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn secrets_are_scrubbed() {
+        let redactor = Redactor::new(vec!["hunter22".into(), "x".into()]);
+        assert_eq!(
+            redactor.scrub("login with hunter22 failed x"),
+            "login with [REDACTED] failed x"
+        );
+    }
+
+    #[test]
+    fn long_data_is_split_on_char_boundaries() {
+        let text = "é".repeat(MAX_LOG_DATA_BYTES);
+        let pieces = split_data(&text);
+        assert!(pieces.iter().all(|p| p.len() <= MAX_LOG_DATA_BYTES));
+        assert_eq!(pieces.concat(), text);
+    }
+}

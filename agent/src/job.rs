@@ -1,0 +1,589 @@
+//! Executes one BUILD or MERGE: fetch the source, run the builder, read the digest.
+//!
+//! Output of every step goes to an [`OutputSink`] line by line as it is produced; this module
+//! never holds more than one line. The result is a [`Report`] the connection turns into the
+//! job's `STATUS`. "Never ran" (source unavailable, unsupported platform, no builder,
+//! cancelled before start) is reported as such, never as a made-up exit code.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use stagely_protocol::{
+    Arch, Build, BuilderKind, JobState, LogStream, Merge, NeverRan, RegistryAuth,
+};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::builder::{self, Backend, Invocation, JobFiles};
+use crate::process::{LineSink, Outcome, RunningProcess};
+
+/// What the job task hands to the connection: output lines, then exactly one report.
+#[derive(Debug)]
+pub enum Output {
+    Line(LogStream, String),
+    Finished(Report),
+}
+
+/// The job's outcome, without wire details.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub state: JobState,
+    pub exit_code: Option<i32>,
+    pub artifact_url: Option<String>,
+    pub digest: Option<String>,
+    pub error: Option<String>,
+    pub never_ran: Option<NeverRan>,
+}
+
+impl Report {
+    fn never_ran(reason: NeverRan, error: String) -> Report {
+        Report {
+            state: JobState::Failed,
+            exit_code: None,
+            artifact_url: None,
+            digest: None,
+            error: Some(error),
+            never_ran: Some(reason),
+        }
+    }
+
+    fn failed(exit_code: Option<i32>, error: String) -> Report {
+        Report {
+            state: JobState::Failed,
+            exit_code,
+            artifact_url: None,
+            digest: None,
+            error: Some(error),
+            never_ran: None,
+        }
+    }
+}
+
+/// Sends output lines into the bounded channel towards the connection.
+#[derive(Clone)]
+pub struct OutputSink {
+    sender: mpsc::Sender<Output>,
+}
+
+impl OutputSink {
+    pub fn new(sender: mpsc::Sender<Output>) -> Self {
+        OutputSink { sender }
+    }
+
+    /// A line written by the agent itself.
+    pub async fn system(&self, text: impl Into<String>) {
+        let mut text = text.into();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        self.line(LogStream::System, text).await;
+    }
+}
+
+impl LineSink for OutputSink {
+    async fn line(&self, stream: LogStream, text: String) {
+        // If the connection is gone the job is being torn down; dropping output is all
+        // that is left to do.
+        let _ = self.sender.send(Output::Line(stream, text)).await;
+    }
+}
+
+/// Where and with what one job runs.
+#[derive(Debug, Clone)]
+pub struct JobEnvironment {
+    pub work_dir: PathBuf,
+    pub backend: Option<Backend>,
+    pub host_arch: Arch,
+    pub emulated_arches: Vec<Arch>,
+}
+
+/// Picks a backend: the configured one if given, else buildx when `docker buildx` works,
+/// else buildah when installed.
+pub async fn detect_backend(preference: Option<&str>, work_dir: &Path) -> Option<Backend> {
+    let buildah = Backend::Buildah {
+        root: work_dir.join("buildah/storage"),
+        runroot: work_dir.join("buildah/run"),
+    };
+    match preference {
+        Some("buildx") => return Some(Backend::Buildx),
+        Some("buildah") => return Some(buildah),
+        _ => {}
+    }
+    if command_succeeds("docker", &["buildx", "version"]).await {
+        return Some(Backend::Buildx);
+    }
+    if command_succeeds("buildah", &["--version"]).await {
+        return Some(buildah);
+    }
+    None
+}
+
+async fn command_succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|status| status.success())
+}
+
+/// Architectures this kernel runs through QEMU user emulation (binfmt_misc).
+pub fn emulated_arches(host: Arch) -> Vec<Arch> {
+    [Arch::Amd64, Arch::Arm64]
+        .into_iter()
+        .filter(|arch| *arch != host && binfmt_enabled(*arch))
+        .collect()
+}
+
+fn binfmt_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Arm64 => "qemu-aarch64",
+        Arch::Amd64 => "qemu-x86_64",
+    }
+}
+
+fn binfmt_enabled(arch: Arch) -> bool {
+    std::fs::read_to_string(Path::new("/proc/sys/fs/binfmt_misc").join(binfmt_name(arch)))
+        .is_ok_and(|text| text.lines().next() == Some("enabled"))
+}
+
+/// Runs a BUILD to completion and returns its report.
+pub async fn run_build(
+    build: &Build,
+    env: &JobEnvironment,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+) -> Report {
+    let config = &build.build_config;
+    for (field, value) in [
+        ("build_config.context_path", &config.context_path),
+        ("build_config.dockerfile", &config.dockerfile),
+    ] {
+        if !builder::stays_inside(value) {
+            let error = format!("{field} `{value}` must be a relative path inside the repository");
+            sink.system(format!("error: {error}")).await;
+            return Report::never_ran(NeverRan::AgentError, error);
+        }
+    }
+    let Some(target_arch) = Arch::from_platform(&config.platform) else {
+        let error = format!(
+            "platform `{}` is not supported (linux/amd64 or linux/arm64)",
+            config.platform
+        );
+        sink.system(format!("error: {error}")).await;
+        return Report::never_ran(NeverRan::UnsupportedPlatform, error);
+    };
+    if target_arch != env.host_arch {
+        if env.emulated_arches.contains(&target_arch) {
+            sink.system(format!(
+                "emulated: building {} on a {} host under QEMU user-mode emulation (binfmt_misc {}); RUN steps are several times slower than on a native builder",
+                config.platform,
+                env.host_arch,
+                binfmt_name(target_arch)
+            ))
+            .await;
+        } else {
+            let error = format!(
+                "this {} host cannot build {}: no native support and no QEMU binfmt_misc handler ({})",
+                env.host_arch,
+                config.platform,
+                binfmt_name(target_arch)
+            );
+            sink.system(format!("error: {error}")).await;
+            return Report::never_ran(NeverRan::UnsupportedPlatform, error);
+        }
+    } else {
+        sink.system(format!(
+            "native: building {} on a {} host",
+            config.platform, env.host_arch
+        ))
+        .await;
+    }
+    let Some(backend) = env.backend.clone() else {
+        let error =
+            "no builder backend: neither `docker buildx` nor `buildah` works here".to_string();
+        sink.system(format!("error: {error}")).await;
+        return Report::never_ran(NeverRan::NoBuilder, error);
+    };
+    if cancel.is_cancelled() {
+        return Report::never_ran(
+            NeverRan::Cancelled,
+            "cancelled before the build started".into(),
+        );
+    }
+
+    let checkout = env.work_dir.join("src");
+    if let Err(report) = fetch_source(build, &checkout, sink, cancel).await {
+        return report;
+    }
+
+    let files = match prepare_files(
+        &env.work_dir,
+        build.registry_auth.as_ref(),
+        &config.target_image,
+    )
+    .await
+    {
+        Ok(files) => files,
+        Err(error) => {
+            let error = format!("preparing the registry auth file failed: {error}");
+            sink.system(format!("error: {error}")).await;
+            return Report::never_ran(NeverRan::AgentError, error);
+        }
+    };
+    let commands = backend.build_commands(config, &checkout, build.registry.insecure, &files);
+    let timeout = config.timeout_seconds.map(Duration::from_secs);
+    let report = run_commands(
+        &commands,
+        backend.kind(),
+        &config.target_image,
+        &files,
+        sink,
+        cancel,
+        timeout,
+    )
+    .await;
+    remove_auth(&files).await;
+    report
+}
+
+/// Runs a MERGE to completion and returns its report.
+pub async fn run_merge(
+    merge: &Merge,
+    env: &JobEnvironment,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+) -> Report {
+    let Some(backend) = env.backend.clone() else {
+        let error =
+            "no builder backend: neither `docker buildx` nor `buildah` works here".to_string();
+        sink.system(format!("error: {error}")).await;
+        return Report::never_ran(NeverRan::NoBuilder, error);
+    };
+    if merge.source_images.is_empty() {
+        let error = "MERGE names no source_images".to_string();
+        sink.system(format!("error: {error}")).await;
+        return Report::never_ran(NeverRan::AgentError, error);
+    }
+    let files = match prepare_files(
+        &env.work_dir,
+        merge.registry_auth.as_ref(),
+        &merge.target_image,
+    )
+    .await
+    {
+        Ok(files) => files,
+        Err(error) => {
+            let error = format!("preparing the registry auth file failed: {error}");
+            return Report::never_ran(NeverRan::AgentError, error);
+        }
+    };
+    let commands = backend.merge_commands(
+        &merge.source_images,
+        &merge.target_image,
+        merge.registry.insecure,
+        &files,
+    );
+    let timeout = merge.timeout_seconds.map(Duration::from_secs);
+    let report = run_commands(
+        &commands,
+        backend.kind(),
+        &merge.target_image,
+        &files,
+        sink,
+        cancel,
+        timeout,
+    )
+    .await;
+    remove_auth(&files).await;
+    report
+}
+
+async fn run_commands(
+    commands: &[Invocation],
+    kind: BuilderKind,
+    target_image: &str,
+    files: &JobFiles,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+    timeout: Option<Duration>,
+) -> Report {
+    let started = tokio::time::Instant::now();
+    for invocation in commands {
+        let remaining = timeout.map(|limit| limit.saturating_sub(started.elapsed()));
+        sink.system(format!(
+            "step {}: {} {}",
+            invocation.step,
+            invocation.program,
+            invocation.args.join(" ")
+        ))
+        .await;
+        let mut command = Command::new(&invocation.program);
+        command.args(&invocation.args);
+        for (key, value) in &invocation.env {
+            command.env(key, value);
+        }
+        let stdout_file = if invocation.stdout_to_result {
+            match std::fs::File::create(&files.result_file) {
+                Ok(file) => Some(file),
+                Err(error) => {
+                    let error = format!("cannot create {}: {error}", files.result_file.display());
+                    return Report::never_ran(NeverRan::AgentError, error);
+                }
+            }
+        } else {
+            None
+        };
+        let outcome =
+            match RunningProcess::spawn_with_stdout(command, &invocation.program, stdout_file) {
+                Ok(process) => process.run(sink.clone(), cancel, remaining).await,
+                Err(error) => Err(error),
+            };
+        match outcome {
+            Ok(Outcome::Exited(0)) => {}
+            Ok(Outcome::Exited(code)) => {
+                let error = format!(
+                    "{} {} failed with exit status {code}",
+                    invocation.program, invocation.step
+                );
+                sink.system(format!("error: {error}")).await;
+                return Report::failed(Some(code), error);
+            }
+            Ok(Outcome::Cancelled) => {
+                let error = format!("cancelled during {}", invocation.step);
+                sink.system(format!("error: {error}")).await;
+                return Report::failed(None, error);
+            }
+            Ok(Outcome::TimedOut) => {
+                let limit = timeout.map(|t| t.as_secs()).unwrap_or(0);
+                let error = format!("build timed out after {}", human_duration(limit));
+                sink.system(format!("error: {error}")).await;
+                return Report::failed(None, error);
+            }
+            Err(error) => {
+                let error = error.to_string();
+                sink.system(format!("error: {error}")).await;
+                return Report::never_ran(NeverRan::NoBuilder, error);
+            }
+        }
+    }
+    let result = tokio::fs::read_to_string(&files.result_file)
+        .await
+        .unwrap_or_default();
+    let digest = builder::parse_digest(kind, &result);
+    let Some(digest) = digest else {
+        let error = format!(
+            "the builder reported success but wrote no valid digest to {}",
+            files.result_file.display()
+        );
+        sink.system(format!("error: {error}")).await;
+        return Report::failed(Some(0), error);
+    };
+    sink.system(format!("pushed {target_image}@{digest}")).await;
+    Report {
+        state: JobState::Completed,
+        exit_code: Some(0),
+        artifact_url: Some(target_image.to_string()),
+        digest: Some(digest),
+        error: None,
+        never_ran: None,
+    }
+}
+
+fn human_duration(seconds: u64) -> String {
+    if seconds % 3600 == 0 && seconds > 0 {
+        format!("{}h", seconds / 3600)
+    } else if seconds % 60 == 0 && seconds > 0 {
+        format!("{}m", seconds / 60)
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+/// Fetches exactly `commit_hash` into `checkout`: a shallow fetch of that commit, falling
+/// back to a full fetch for servers that refuse fetching by id.
+async fn fetch_source(
+    build: &Build,
+    checkout: &Path,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+) -> Result<(), Report> {
+    let source = &build.context;
+    if source.commit_hash.is_empty() || !source.commit_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let error = format!(
+            "context.commit_hash `{}` is not a hexadecimal commit id",
+            source.commit_hash
+        );
+        sink.system(format!("error: {error}")).await;
+        return Err(Report::never_ran(NeverRan::SourceUnavailable, error));
+    }
+    if checkout.exists() {
+        let _ = tokio::fs::remove_dir_all(checkout).await;
+    }
+    if let Err(error) = tokio::fs::create_dir_all(checkout).await {
+        let error = format!("cannot create {}: {error}", checkout.display());
+        return Err(Report::never_ran(NeverRan::AgentError, error));
+    }
+    sink.system(format!(
+        "fetching {} at {} ({})",
+        source.repo_url, source.commit_hash, source.branch
+    ))
+    .await;
+    let git = |args: &[&str]| {
+        let mut command = Command::new("git");
+        command.arg("-C").arg(checkout).args(args);
+        command.env("GIT_TERMINAL_PROMPT", "0");
+        if let Some(token) = &source.clone_token {
+            // The token goes in an HTTP header through git's environment config, never in
+            // the URL or on the command line.
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            command
+                .env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env(
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: Basic {basic}"),
+                );
+        }
+        command
+    };
+    run_git(git(&["init", "-q"]), sink, cancel).await?;
+    let shallow = run_git(
+        git(&[
+            "fetch",
+            "--depth",
+            "1",
+            "--no-tags",
+            &source.repo_url,
+            &source.commit_hash,
+        ]),
+        sink,
+        cancel,
+    )
+    .await;
+    if shallow.is_err() {
+        if cancel.is_cancelled() {
+            return Err(Report::never_ran(
+                NeverRan::Cancelled,
+                "cancelled while fetching".into(),
+            ));
+        }
+        sink.system("shallow fetch of the commit was refused; fetching all branches")
+            .await;
+        run_git(
+            git(&[
+                "fetch",
+                "--no-tags",
+                &source.repo_url,
+                "+refs/heads/*:refs/remotes/origin/*",
+            ]),
+            sink,
+            cancel,
+        )
+        .await?;
+    }
+    run_git(
+        git(&[
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "--detach",
+            &source.commit_hash,
+        ]),
+        sink,
+        cancel,
+    )
+    .await
+}
+
+async fn run_git(
+    command: Command,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+) -> Result<(), Report> {
+    let outcome = match RunningProcess::spawn(command, "git") {
+        Ok(process) => {
+            process
+                .run(sink.clone(), cancel, Some(Duration::from_secs(600)))
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(Outcome::Exited(0)) => Ok(()),
+        Ok(Outcome::Exited(code)) => Err(Report::never_ran(
+            NeverRan::SourceUnavailable,
+            format!("git failed with exit status {code} while fetching the source"),
+        )),
+        Ok(Outcome::Cancelled) => Err(Report::never_ran(
+            NeverRan::Cancelled,
+            "cancelled while fetching the source".into(),
+        )),
+        Ok(Outcome::TimedOut) => Err(Report::never_ran(
+            NeverRan::SourceUnavailable,
+            "fetching the source timed out after 10m".into(),
+        )),
+        Err(error) => Err(Report::never_ran(
+            NeverRan::SourceUnavailable,
+            error.to_string(),
+        )),
+    }
+}
+
+/// Writes the docker-style auth file (directory 0700, file 0600) and clears the result file.
+async fn prepare_files(
+    work_dir: &Path,
+    auth: Option<&RegistryAuth>,
+    target_image: &str,
+) -> std::io::Result<JobFiles> {
+    let files = JobFiles {
+        auth_dir: work_dir.join("auth"),
+        result_file: work_dir.join("result"),
+    };
+    let auth_json = match auth {
+        Some(auth) => {
+            let encoded = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", auth.username, auth.password));
+            serde_json::json!({
+                "auths": { builder::registry_host(target_image): { "auth": encoded } }
+            })
+        }
+        None => serde_json::json!({ "auths": {} }),
+    };
+    let dir = files.auth_dir.clone();
+    let file = files.auth_file();
+    let result = files.result_file.clone();
+    let text = auth_json.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let mut handle = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)?;
+        handle.write_all(text.as_bytes())?;
+        match std::fs::remove_file(&result) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(files)
+}
+
+async fn remove_auth(files: &JobFiles) {
+    let _ = tokio::fs::remove_file(files.auth_file()).await;
+}

@@ -1,0 +1,97 @@
+//! The Stagely agent: the process on a builder VM that serves one job for the core.
+//!
+//! [`run`] loads `agent.toml`, detects the builder backend and emulation, dials the core
+//! ([`connection`]), runs the BUILD or MERGE it is handed ([`job`], [`builder`], [`process`])
+//! and returns once the core has acknowledged the job's STATUS. SIGTERM/SIGINT cancel the
+//! build (the process group gets SIGTERM, then SIGKILL) and still report a STATUS.
+
+pub mod builder;
+pub mod connection;
+pub mod job;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use stagely_cloud_init::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Default scratch space on a VM.
+pub const DEFAULT_WORK_DIR: &str = "/var/lib/stagely";
+
+/// Loads and checks `agent.toml`.
+pub fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading agent config {}", path.display()))?;
+    let config = AgentConfig::from_toml(&text)
+        .with_context(|| format!("agent config {}", path.display()))?;
+    connection::connect_url(&config.core_url)?;
+    if let Some(builder) = &config.builder
+        && !matches!(builder.as_str(), "buildx" | "buildah")
+    {
+        anyhow::bail!(
+            "agent config {}: builder `{builder}` is not `buildx` or `buildah`",
+            path.display()
+        );
+    }
+    Ok(config)
+}
+
+/// Runs the agent to completion.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let work_dir = config
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR));
+    tokio::fs::create_dir_all(&work_dir)
+        .await
+        .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    let instance_id = config
+        .instance_id
+        .clone()
+        .or_else(|| std::env::var("STAGELY_INSTANCE_ID").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let host_arch = connection::host_arch()?;
+    let env = job::JobEnvironment {
+        backend: job::detect_backend(config.builder.as_deref(), &work_dir).await,
+        emulated_arches: job::emulated_arches(host_arch),
+        host_arch,
+        work_dir,
+    };
+    tracing::info!(
+        instance_id,
+        arch = %host_arch,
+        backend = ?env.backend.as_ref().map(|b| b.kind()),
+        emulated = ?env.emulated_arches,
+        "stagely-agent starting"
+    );
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        signals.cancel();
+    });
+
+    let socket = connection::connect(&config, &shutdown).await?;
+    let hello = connection::hello(instance_id, &env);
+    let report = connection::serve(socket, hello, env, shutdown).await?;
+    tracing::info!(state = ?report.state, exit_code = ?report.exit_code, "job finished");
+    Ok(())
+}

@@ -1,0 +1,386 @@
+//! One child process, run the way a build step must be run.
+//!
+//! The child leads its own process group, so [`RunningProcess::interrupt`] (SIGTERM) and
+//! [`RunningProcess::terminate`] (SIGKILL) reach everything it started. Its stdout and stderr
+//! are read line by line, each line capped at [`MAX_LINE_BYTES`] (longer lines are cut into
+//! pieces) and decoded lossily, and handed to a [`LineSink`] as they arrive: nothing is
+//! collected, and a slow sink slows the child down through the pipe instead of growing memory.
+//!
+//! A grandchild that keeps stdout open after the child exits must not hang the job: once the
+//! child has exited, readers get [`DRAIN_GRACE`] to finish, then the group is killed.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use stagely_protocol::LogStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Longest piece of a line handed to the sink at once.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// How long output may keep flowing after the child exited.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long an interrupted process gets before SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// Receives output lines in order per stream.
+pub trait LineSink: Clone + Send + 'static {
+    /// Called for each line (with its `\n` when it had one). Awaiting applies backpressure.
+    fn line(&self, stream: LogStream, text: String)
+    -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exited on its own with this code (a signal death maps to 128 + signal).
+    Exited(i32),
+    /// Stopped because the cancel token fired.
+    Cancelled,
+    /// Stopped because the deadline passed.
+    TimedOut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for `{program}` failed: {source}")]
+    Wait {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started child in its own process group.
+pub struct RunningProcess {
+    child: Child,
+    program: String,
+    pgid: Pid,
+}
+
+impl RunningProcess {
+    /// Starts `command` in a new process group with piped output.
+    pub fn spawn(command: Command, program: &str) -> Result<RunningProcess, ProcessError> {
+        Self::spawn_with_stdout(command, program, None)
+    }
+
+    /// Like [`RunningProcess::spawn`], but stdout goes to `stdout_file` when given (for
+    /// commands whose output is a result, not a log).
+    pub fn spawn_with_stdout(
+        mut command: Command,
+        program: &str,
+        stdout_file: Option<std::fs::File>,
+    ) -> Result<RunningProcess, ProcessError> {
+        let stdout = match stdout_file {
+            Some(file) => Stdio::from(file),
+            None => Stdio::piped(),
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = command.spawn().map_err(|source| ProcessError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0) as i32;
+        Ok(RunningProcess {
+            child,
+            program: program.to_string(),
+            pgid: Pid::from_raw(pid),
+        })
+    }
+
+    /// SIGTERM to the whole group.
+    pub fn interrupt(&self) {
+        let _ = killpg(self.pgid, Signal::SIGTERM);
+    }
+
+    /// SIGKILL to the whole group.
+    pub fn terminate(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+
+    /// Streams output to `sink` until the child ends, is cancelled, or `timeout` passes.
+    pub async fn run<S: LineSink>(
+        mut self,
+        sink: S,
+        cancel: &CancellationToken,
+        timeout: Option<Duration>,
+    ) -> Result<Outcome, ProcessError> {
+        let stdout = self.child.stdout.take();
+        let stderr = self.child.stderr.take();
+        let mut readers = tokio::task::JoinSet::new();
+        if let Some(out) = stdout {
+            readers.spawn(pump(out, LogStream::Stdout, sink.clone()));
+        }
+        if let Some(err) = stderr {
+            readers.spawn(pump(err, LogStream::Stderr, sink));
+        }
+
+        let deadline = async {
+            match timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let stopped = tokio::select! {
+            status = self.child.wait() => Ok(status),
+            () = cancel.cancelled() => Err(Outcome::Cancelled),
+            () = deadline => Err(Outcome::TimedOut),
+        };
+        let outcome = match stopped {
+            Ok(status) => {
+                let status = status.map_err(|source| ProcessError::Wait {
+                    program: self.program.clone(),
+                    source,
+                })?;
+                Outcome::Exited(exit_code(status))
+            }
+            Err(reason) => {
+                self.interrupt();
+                if tokio::time::timeout(KILL_GRACE, self.child.wait())
+                    .await
+                    .is_err()
+                {
+                    self.terminate();
+                    let _ = self.child.wait().await;
+                }
+                reason
+            }
+        };
+
+        // Let the readers drain what the child wrote; a grandchild holding the pipe open
+        // gets DRAIN_GRACE, then the group is killed and the readers see EOF.
+        let drained = tokio::time::timeout(DRAIN_GRACE, async {
+            while readers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.terminate();
+            if tokio::time::timeout(DRAIN_GRACE, async {
+                while readers.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                readers.abort_all();
+            }
+        }
+        // Nothing of this group may outlive the step.
+        self.terminate();
+        Ok(outcome)
+    }
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(-1)
+}
+
+async fn pump<R: AsyncRead + Unpin, S: LineSink>(reader: R, stream: LogStream, sink: S) {
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut buffer = Vec::with_capacity(4096);
+    loop {
+        buffer.clear();
+        match read_line_capped(&mut reader, &mut buffer, MAX_LINE_BYTES).await {
+            Ok(0) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&buffer).into_owned();
+                sink.line(stream, text).await;
+            }
+            Err(error) => {
+                sink.line(
+                    LogStream::System,
+                    format!(
+                        "stagely-agent: reading {} failed: {error}\n",
+                        stream.as_str()
+                    ),
+                )
+                .await;
+                break;
+            }
+        }
+        if buffer.capacity() > 64 * 1024 {
+            buffer = Vec::with_capacity(4096);
+        }
+    }
+}
+
+/// Reads up to and including `\n`, but never more than `cap` bytes; returns bytes read.
+async fn read_line_capped<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    buffer: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<usize> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(buffer.len());
+        }
+        let room = cap - buffer.len();
+        let window = &available[..available.len().min(room)];
+        if let Some(newline) = window.iter().position(|b| *b == b'\n') {
+            buffer.extend_from_slice(&window[..=newline]);
+            reader.consume(newline + 1);
+            return Ok(buffer.len());
+        }
+        let taken = window.len();
+        buffer.extend_from_slice(window);
+        reader.consume(taken);
+        if buffer.len() >= cap {
+            // Cut here; the rest of the line follows as the next piece. Do not split a
+            // UTF-8 character if we can avoid it: lossy decoding would mangle it.
+            return Ok(buffer.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<(LogStream, String)>>>);
+
+    impl LineSink for Collect {
+        async fn line(&self, stream: LogStream, text: String) {
+            self.0.lock().unwrap().push((stream, text));
+        }
+    }
+
+    fn live_group_members(pgid: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some(at) = stat.rfind(')') else { continue };
+            let fields: Vec<&str> = stat[at + 1..].split_whitespace().collect();
+            if fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str()) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        command
+    }
+
+    #[tokio::test]
+    async fn streams_both_outputs_and_reports_the_exit_code() {
+        let sink = Collect::default();
+        let process = RunningProcess::spawn(sh("echo out; echo err >&2; exit 7"), "sh").unwrap();
+        let outcome = process
+            .run(sink.clone(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(7));
+        let lines = sink.0.lock().unwrap().clone();
+        assert!(lines.contains(&(LogStream::Stdout, "out\n".into())));
+        assert!(lines.contains(&(LogStream::Stderr, "err\n".into())));
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_invalid_utf8_survives() {
+        let sink = Collect::default();
+        let script = format!(
+            "head -c {} /dev/zero | tr '\\0' a; printf '\\n\\377tail\\n'",
+            MAX_LINE_BYTES * 2 + 10
+        );
+        let outcome = RunningProcess::spawn(sh(&script), "sh")
+            .unwrap()
+            .run(sink.clone(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            lines.len(),
+            4,
+            "{:?}",
+            lines.iter().map(|l| l.1.len()).collect::<Vec<_>>()
+        );
+        assert!(lines.iter().all(|(_, t)| t.len() <= MAX_LINE_BYTES));
+        assert_eq!(lines[3].1, "\u{FFFD}tail\n");
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_group() {
+        let sink = Collect::default();
+        let cancel = CancellationToken::new();
+        let process = RunningProcess::spawn(sh("sleep 300 & sleep 300; echo never"), "sh").unwrap();
+        let pgid = process.pgid;
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            trigger.cancel();
+        });
+        let started = std::time::Instant::now();
+        let outcome = process.run(sink, &cancel, None).await.unwrap();
+        assert_eq!(outcome, Outcome::Cancelled);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // No live member of the group is left (killed orphans may linger as zombies until
+        // init reaps them; they run nothing).
+        assert!(
+            live_group_members(pgid.as_raw()).is_empty(),
+            "process group still alive"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_stops_the_process() {
+        let outcome = RunningProcess::spawn(sh("sleep 300"), "sh")
+            .unwrap()
+            .run(
+                Collect::default(),
+                &CancellationToken::new(),
+                Some(Duration::from_millis(200)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_grandchild_holding_stdout_does_not_hang_the_wait() {
+        let started = std::time::Instant::now();
+        let outcome = RunningProcess::spawn(sh("(sleep 300) & echo done; exit 0"), "sh")
+            .unwrap()
+            .run(Collect::default(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        assert!(started.elapsed() < DRAIN_GRACE * 3);
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error_naming_it() {
+        let error = RunningProcess::spawn(Command::new("/nonexistent/buildah"), "buildah")
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("buildah"));
+    }
+}
