@@ -1,1 +1,14 @@
-//! placeholder
+//! The Stagely core: HTTP API, agent endpoint, scheduler, persistence, and the `stagely` CLI.
+//!
+//! Entry points: [`server::start`] runs a core on a listener; [`cli`] implements the
+//! `stagely` commands (`serve`, `run`, `submit`, `status`, `logs`).
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod registry;
+pub mod scheduler;
+pub mod server;
+pub mod source;
+pub mod stagely_yaml;

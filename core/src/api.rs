@@ -1,0 +1,501 @@
+//! The HTTP API (JSON) and the agent WebSocket endpoint.
+//!
+//! API boundary:
+//! - `POST /api/v1/workflows` — submit a run (see [`SubmitRequest`]); `201` with the run.
+//! - `GET /api/v1/workflows/{id}` — the run and its jobs.
+//! - `GET /api/v1/jobs/{id}/logs?after=SEQ&limit=N` — one page of log lines (JSON), or
+//!   `?format=text` for every line streamed as plain text.
+//! - `GET /healthz` — liveness and database reachability.
+//! - `GET /api/v1/agent/connect` — the agents' WebSocket; `Authorization: Bearer <token>`
+//!   is checked before the upgrade, and a missing, wrong or spent token gets `401`.
+//!
+//! Client errors are answered precisely (naming the field) and are not logged as errors;
+//! internal errors are logged with context and answered without details.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use stagely_protocol::MAX_FRAME_BYTES;
+
+use crate::db::{JobRow, LogRow, NewJob, RunRow};
+use crate::scheduler::Scheduler;
+use crate::source;
+use crate::stagely_yaml;
+
+/// Largest `stagely.yaml` accepted.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub scheduler: Arc<Scheduler>,
+}
+
+/// Every route of the core.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/workflows", post(submit_workflow))
+        .route("/api/v1/workflows/{id}", get(get_workflow))
+        .route("/api/v1/jobs/{id}/logs", get(get_logs))
+        .route("/api/v1/agent/connect", get(agent_connect))
+        .with_state(state)
+}
+
+/// The one error type of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{what} `{id}` not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = match &self {
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::InvalidField { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                Some(field.as_str()),
+            ),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", None),
+            ApiError::Internal(error) => {
+                tracing::error!("internal error: {error:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+                field,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(error: crate::db::DbError) -> Self {
+        ApiError::Internal(error.into())
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::InvalidField {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.scheduler.db().last_log_seq("healthz").await?;
+    Ok(Json(serde_json::json!({ "status": "ok" })))
+}
+
+/// `POST /api/v1/workflows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// A git URL, or a path on the core's machine (local provider).
+    pub repo_url: String,
+    /// Full commit id (40 or 64 hex digits).
+    pub commit_hash: String,
+    pub branch: String,
+    /// Lowercase identifier; images go to `<registry>/<namespace>/<environment_id>:<job>`.
+    pub environment_id: String,
+    /// `pr_opened`, `pr_synchronized` or `manual` (default).
+    #[serde(default)]
+    pub trigger: Option<String>,
+    /// The `stagely.yaml` text; when absent it is read from the repository at the commit.
+    #[serde(default)]
+    pub stagely_yaml: Option<String>,
+    /// Directory of `stagely.yaml` inside the repository (default: the root); build
+    /// contexts are relative to it.
+    #[serde(default)]
+    pub config_dir: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunView {
+    pub id: String,
+    pub environment_id: String,
+    pub trigger: String,
+    pub status: String,
+    pub repo_url: String,
+    pub commit_hash: String,
+    pub branch: String,
+    pub config_dir: String,
+    pub error_message: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub jobs: Vec<JobView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub architecture: String,
+    pub platform: String,
+    pub machine: String,
+    pub vm_id: Option<String>,
+    pub artifact_url: Option<String>,
+    pub digest: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<String>,
+}
+
+impl RunView {
+    fn from_rows(run: RunRow, jobs: Vec<JobRow>) -> RunView {
+        RunView {
+            id: run.id,
+            environment_id: run.environment_id,
+            trigger: run.trigger,
+            status: run.status,
+            repo_url: run.repo_url,
+            commit_hash: run.commit_hash,
+            branch: run.branch,
+            config_dir: run.config_path,
+            error_message: run.error_message,
+            created_at: run.created_at,
+            updated_at: run.updated_at,
+            jobs: jobs
+                .into_iter()
+                .map(|job| JobView {
+                    id: job.id,
+                    name: job.name,
+                    status: job.status,
+                    architecture: job.architecture,
+                    platform: job.platform,
+                    machine: job.machine,
+                    vm_id: job.vm_id,
+                    artifact_url: job.artifact_url,
+                    digest: job.digest,
+                    created_at: job.created_at,
+                    started_at: job.started_at,
+                    completed_at: job.completed_at,
+                    exit_code: job.exit_code,
+                    error_message: job.error_message,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn validate_submit(request: &SubmitRequest) -> Result<(String, String), ApiError> {
+    if request.repo_url.trim().is_empty() {
+        return Err(invalid("repo_url", "must not be empty"));
+    }
+    if request.repo_url.starts_with('-') || request.repo_url.contains(['\n', '\0']) {
+        return Err(invalid("repo_url", "is not a repository URL or path"));
+    }
+    let hash = &request.commit_hash;
+    if !(hash.len() == 40 || hash.len() == 64) || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "commit_hash",
+            format!("`{hash}` is not a full commit id (40 or 64 hexadecimal digits)"),
+        ));
+    }
+    if request.branch.is_empty()
+        || request.branch.len() > 255
+        || request.branch.starts_with('-')
+        || request
+            .branch
+            .contains(|c: char| c.is_control() || c == ' ')
+    {
+        return Err(invalid("branch", "must be a git branch name"));
+    }
+    if !crate::config::valid_repo_component(&request.environment_id) {
+        return Err(invalid(
+            "environment_id",
+            "must be 1-64 lowercase letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+        ));
+    }
+    let trigger = request.trigger.clone().unwrap_or_else(|| "manual".into());
+    if !matches!(trigger.as_str(), "pr_opened" | "pr_synchronized" | "manual") {
+        return Err(invalid(
+            "trigger",
+            format!("`{trigger}` is not one of pr_opened, pr_synchronized, manual"),
+        ));
+    }
+    let config_dir = match &request.config_dir {
+        None => String::new(),
+        Some(dir) => stagely_yaml::clean_prefix(dir).ok_or_else(|| {
+            invalid(
+                "config_dir",
+                "must be a relative directory inside the repository",
+            )
+        })?,
+    };
+    if let Some(text) = &request.stagely_yaml
+        && text.len() > MAX_CONFIG_BYTES
+    {
+        return Err(invalid(
+            "stagely_yaml",
+            format!(
+                "is {} bytes; at most {MAX_CONFIG_BYTES} are accepted",
+                text.len()
+            ),
+        ));
+    }
+    Ok((trigger, config_dir))
+}
+
+async fn submit_workflow(
+    State(state): State<AppState>,
+    request: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let (trigger, config_dir) = validate_submit(&request)?;
+    let text = match &request.stagely_yaml {
+        Some(text) => text.clone(),
+        None => source::read_config(&request.repo_url, &request.commit_hash, &config_dir)
+            .await
+            .map_err(|error| ApiError::Unprocessable(error.to_string()))?,
+    };
+    let plans = stagely_yaml::parse(&text, &config_dir)
+        .map_err(|error| invalid("stagely_yaml", error.to_string()))?;
+
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let jobs: Vec<NewJob> = plans
+        .iter()
+        .map(|plan| {
+            Ok(NewJob {
+                id: uuid::Uuid::new_v4().to_string(),
+                name: plan.name.clone(),
+                architecture: plan.architecture.clone(),
+                platform: plan.platform.clone(),
+                machine: plan.machine.as_str().to_string(),
+                spec: serde_json::to_string(&plan.spec).map_err(anyhow::Error::from)?,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    let db = state.scheduler.db();
+    db.create_run(
+        &run_id,
+        &request.environment_id,
+        &trigger,
+        &request.repo_url,
+        &request.commit_hash,
+        &request.branch,
+        &config_dir,
+        &jobs,
+    )
+    .await?;
+    tracing::info!(run_id, jobs = jobs.len(), "run submitted");
+    state.scheduler.start_run(run_id.clone());
+    let view = load_run(&state, &run_id).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {
+    let db = state.scheduler.db();
+    let run = db.run(run_id).await?.ok_or_else(|| ApiError::NotFound {
+        what: "workflow run",
+        id: run_id.to_string(),
+    })?;
+    let jobs = db.jobs_of_run(run_id).await?;
+    Ok(RunView::from_rows(run, jobs))
+}
+
+async fn get_workflow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
+    Ok(Json(load_run(&state, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    #[serde(default)]
+    pub after: Option<i64>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogPage {
+    pub job_id: String,
+    pub job_status: String,
+    pub lines: Vec<LogLineView>,
+    /// Pass as `after` to get the next page.
+    pub next_after: i64,
+}
+
+/// One stored output line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogLineView {
+    pub seq: i64,
+    /// Unix milliseconds when the core stored it.
+    pub timestamp: i64,
+    /// `stdout`, `stderr` or `system` (the agent's own lines).
+    pub stream: String,
+    pub line: String,
+}
+
+impl From<LogRow> for LogLineView {
+    fn from(row: LogRow) -> Self {
+        LogLineView {
+            seq: row.seq,
+            timestamp: row.timestamp,
+            stream: row.stream,
+            line: row.line,
+        }
+    }
+}
+
+const PAGE_DEFAULT: i64 = 1000;
+const PAGE_MAX: i64 = 10_000;
+
+async fn get_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let db = state.scheduler.db().clone();
+    let job = db.job(&id).await?.ok_or_else(|| ApiError::NotFound {
+        what: "job",
+        id: id.clone(),
+    })?;
+    let after = query.after.unwrap_or(0);
+    if after < 0 {
+        return Err(invalid("after", "must not be negative"));
+    }
+    match query.format.as_deref() {
+        None | Some("json") => {
+            let limit = query.limit.unwrap_or(PAGE_DEFAULT);
+            if !(1..=PAGE_MAX).contains(&limit) {
+                return Err(invalid(
+                    "limit",
+                    format!("must be between 1 and {PAGE_MAX}"),
+                ));
+            }
+            let lines = db.logs_page(&id, after, limit).await?;
+            let next_after = lines.last().map_or(after, |line| line.seq);
+            Ok(Json(LogPage {
+                job_id: id,
+                job_status: job.status,
+                lines: lines.into_iter().map(LogLineView::from).collect(),
+                next_after,
+            })
+            .into_response())
+        }
+        Some("text") => {
+            // Stream page by page: memory stays bounded whatever the log's size.
+            let stream = futures_util::stream::unfold(Some(after), move |cursor| {
+                let db = db.clone();
+                let id = id.clone();
+                async move {
+                    let after = cursor?;
+                    match db.logs_page(&id, after, PAGE_DEFAULT).await {
+                        Ok(lines) if lines.is_empty() => None,
+                        Ok(lines) => {
+                            let next = lines.last().map(|l| l.seq);
+                            let mut chunk = String::new();
+                            for line in lines {
+                                chunk.push_str(&line.line);
+                                if !line.line.ends_with('\n') {
+                                    chunk.push('\n');
+                                }
+                            }
+                            Some((Ok::<_, std::io::Error>(chunk), next))
+                        }
+                        Err(error) => Some((Err(std::io::Error::other(error.to_string())), None)),
+                    }
+                }
+            });
+            Ok((
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                Body::from_stream(stream),
+            )
+                .into_response())
+        }
+        Some(other) => Err(invalid("format", format!("`{other}` is not json or text"))),
+    }
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+async fn agent_connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // The token is checked before anything else: no frame is read from a refused peer.
+    let Some(token) = bearer_token(&headers) else {
+        return unauthorized("missing bearer token");
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let claim = match state.scheduler.claim_agent(token) {
+        Ok(claim) => claim,
+        Err(_) => return unauthorized("unknown or already used agent token"),
+    };
+    tracing::info!(job_id = %claim.job_id, "agent authenticated");
+    upgrade
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| async move { claim.deliver(socket) })
+}
+
+fn unauthorized(reason: &str) -> Response {
+    tracing::warn!("agent connection refused: {reason}");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: "unauthorized",
+                message: reason.to_string(),
+                field: None,
+            },
+        }),
+    )
+        .into_response()
+}

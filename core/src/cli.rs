@@ -1,0 +1,648 @@
+//! The `stagely` command line: `serve`, `run`, `submit`, `status`, `logs`.
+//!
+//! `run` is the one-shot mode: an embedded core with the local provider builds a directory's
+//! `stagely.yaml` end to end, shows progress per job, and prints a summary table (or JSON).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{JobView, LogPage, RunView};
+use crate::config::{CoreConfig, FileConfig, Overrides};
+use crate::registry::LocalRegistry;
+use crate::server;
+
+/// Stagely: container image builds for pull-request previews on ephemeral builder VMs.
+#[derive(Debug, Parser)]
+#[command(name = "stagely", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the core as a service.
+    Serve(ServeArgs),
+    /// Build a directory's stagely.yaml end to end with an embedded core and local builders.
+    Run(RunArgs),
+    /// Submit a workflow run to a running core.
+    Submit(SubmitArgs),
+    /// Show a workflow run and its jobs.
+    Status(StatusArgs),
+    /// Print a job's log.
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where the SQLite database and local instances live (default ./stagely-data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Registry images are pushed to, HOST[:PORT]. Credentials come from the config file or
+    /// STAGELY_REGISTRY_USERNAME / STAGELY_REGISTRY_PASSWORD, never from flags.
+    #[arg(long)]
+    pub registry: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory holding stagely.yaml, inside a git repository. Its HEAD commit is built.
+    pub dir: PathBuf,
+    /// Push to this registry, HOST[:PORT] (credentials from STAGELY_REGISTRY_USERNAME /
+    /// STAGELY_REGISTRY_PASSWORD). Default: a throwaway local registry.
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Print the summary as JSON on stdout (progress goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Environment id used in image names.
+    #[arg(long, default_value = "local")]
+    pub environment: String,
+    /// Keep the database and instance logs here instead of a temporary directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CoreArgs {
+    /// Base URL of the core.
+    #[arg(
+        long,
+        env = "STAGELY_CORE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub core: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub core: CoreArgs,
+    /// Repository URL (or a path the core can read).
+    #[arg(long)]
+    pub repo: String,
+    /// Full commit id.
+    #[arg(long)]
+    pub commit: String,
+    #[arg(long, default_value = "main")]
+    pub branch: String,
+    #[arg(long, default_value = "local")]
+    pub environment: String,
+    /// stagely.yaml to send; default: the core reads it from the repository.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Directory of stagely.yaml inside the repository.
+    #[arg(long)]
+    pub config_dir: Option<String>,
+    #[arg(long, default_value = "manual")]
+    pub trigger: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub core: CoreArgs,
+    pub run_id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub core: CoreArgs,
+    pub job_id: String,
+    /// Keep printing new lines until the job ends.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Run(args) => run(args).await,
+        Command::Submit(args) => submit(args).await.map(|()| 0),
+        Command::Status(args) => status(args).await,
+        Command::Logs(args) => logs(args).await.map(|()| 0),
+    }
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    token.cancel();
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let config = CoreConfig::resolve(
+        file,
+        Overrides {
+            listen: args.listen,
+            data_dir: args.data_dir,
+            registry: args.registry,
+            public_url: None,
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let provider = server::local_provider(&config)?;
+    let core = server::start(config, listener, provider).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(shutdown_signal(stop.clone()));
+    stop.cancelled().await;
+    tracing::info!("shutting down: cancelling jobs and terminating instances");
+    core.stop().await;
+    Ok(())
+}
+
+/// Git facts about the directory `run` builds.
+struct Checkout {
+    top: PathBuf,
+    commit: String,
+    branch: String,
+    prefix: String,
+}
+
+async fn git_text(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .await
+        .context("running git")?;
+    if !output.status.success() {
+        bail!(
+            "git {} in {}: {}",
+            args.join(" "),
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+async fn inspect_checkout(dir: &Path) -> anyhow::Result<Checkout> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", dir.display()))?;
+    let top = PathBuf::from(
+        git_text(&dir, &["rev-parse", "--show-toplevel"])
+            .await
+            .with_context(|| format!("{} is not inside a git repository", dir.display()))?,
+    );
+    let commit = git_text(&dir, &["rev-parse", "HEAD"]).await?;
+    let branch = git_text(&dir, &["rev-parse", "--abbrev-ref", "HEAD"])
+        .await
+        .unwrap_or_else(|_| "HEAD".into());
+    let prefix = dir
+        .strip_prefix(&top)
+        .unwrap_or(Path::new(""))
+        .to_string_lossy()
+        .into_owned();
+    let dirty = git_text(&dir, &["status", "--porcelain", "--", "."]).await?;
+    if !dirty.is_empty() {
+        eprintln!(
+            "warning: {} has uncommitted changes; Stagely builds commit {} as committed",
+            dir.display(),
+            &commit[..12.min(commit.len())]
+        );
+    }
+    Ok(Checkout {
+        top,
+        commit,
+        branch: if branch == "HEAD" {
+            "detached".into()
+        } else {
+            branch
+        },
+        prefix,
+    })
+}
+
+/// One row of `run`'s summary.
+#[derive(Debug, Serialize)]
+pub struct JobSummary {
+    pub name: String,
+    pub status: String,
+    pub architecture: String,
+    pub platform: String,
+    pub image: Option<String>,
+    pub digest: Option<String>,
+    pub exit_code: Option<i32>,
+    pub duration_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// `run --json` output.
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub status: String,
+    pub registry: String,
+    pub jobs: Vec<JobSummary>,
+}
+
+fn summarize(view: &RunView, registry: &str) -> RunSummary {
+    RunSummary {
+        run_id: view.id.clone(),
+        status: view.status.clone(),
+        registry: registry.to_string(),
+        jobs: view
+            .jobs
+            .iter()
+            .map(|job| JobSummary {
+                name: job.name.clone(),
+                status: job.status.clone(),
+                architecture: job.architecture.clone(),
+                platform: job.platform.clone(),
+                image: job.artifact_url.clone(),
+                digest: job.digest.clone(),
+                exit_code: job.exit_code,
+                duration_ms: duration_ms(job),
+                error: job.error_message.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn duration_ms(job: &JobView) -> Option<i64> {
+    Some(job.completed_at? - job.created_at)
+}
+
+fn format_duration(ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) if ms >= 60_000 => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
+        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+        None => "-".into(),
+    }
+}
+
+fn print_table(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<()> {
+    let rows: Vec<[String; 5]> = summary
+        .jobs
+        .iter()
+        .map(|job| {
+            [
+                job.name.clone(),
+                job.status.clone(),
+                format_duration(job.duration_ms),
+                job.image.clone().unwrap_or_else(|| "-".into()),
+                job.digest.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let headers = ["JOB", "STATUS", "DURATION", "IMAGE", "DIGEST"];
+    let mut widths = headers.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == 4 {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        text
+    };
+    writeln!(out, "{}", line(headers))?;
+    for row in &rows {
+        writeln!(
+            out,
+            "{}",
+            line([&row[0], &row[1], &row[2], &row[3], &row[4]])
+        )?;
+    }
+    writeln!(out, "run {} {}", summary.run_id, summary.status)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let checkout = inspect_checkout(&args.dir).await?;
+    let config_path = args.dir.join("stagely.yaml");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    // Refuse a bad file before anything starts.
+    crate::stagely_yaml::parse(&text, &checkout.prefix)?;
+
+    let progress_to_stderr = args.json;
+    let say = |line: String| {
+        if progress_to_stderr {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+
+    let mut throwaway: Option<LocalRegistry> = None;
+    let registry_host = match &args.registry {
+        Some(host) => host.clone(),
+        None => {
+            let registry = LocalRegistry::start().await?;
+            say(format!(
+                "registry: throwaway Distribution registry at {} (stops when this command exits)",
+                registry.host
+            ));
+            let host = registry.host.clone();
+            throwaway = Some(registry);
+            host
+        }
+    };
+    let temp_data;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp_data = tempfile::Builder::new().prefix("stagely-run-").tempdir()?;
+            temp_data.path().to_path_buf()
+        }
+    };
+    let mut file = FileConfig::default();
+    if let Some(registry) = &throwaway {
+        file.registry.username = Some(registry.username.clone());
+        file.registry.password = Some(registry.password.clone());
+    }
+    let config = CoreConfig::resolve(
+        file,
+        Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(data_dir),
+            registry: Some(registry_host.clone()),
+            public_url: None,
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let provider = server::local_provider(&config)?;
+    let core = server::start(config, listener, provider).await?;
+    say(format!(
+        "core: {} building {} at {} ({})",
+        core.url(),
+        checkout.top.display(),
+        &checkout.commit[..12.min(checkout.commit.len())],
+        checkout.branch
+    ));
+
+    let stop = CancellationToken::new();
+    tokio::spawn(shutdown_signal(stop.clone()));
+    let outcome = drive_run(
+        &core.url(),
+        &checkout,
+        &text,
+        &args.environment,
+        &stop,
+        &say,
+    )
+    .await;
+    core.stop().await;
+    if let Some(registry) = throwaway {
+        registry.stop().await;
+    }
+    let view = outcome?;
+    let summary = summarize(&view, &registry_host);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_table(&mut std::io::stdout().lock(), &summary)?;
+    }
+    Ok(if view.status == "completed" { 0 } else { 1 })
+}
+
+async fn drive_run(
+    core_url: &str,
+    checkout: &Checkout,
+    text: &str,
+    environment: &str,
+    stop: &CancellationToken,
+    say: &impl Fn(String),
+) -> anyhow::Result<RunView> {
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{core_url}/api/v1/workflows"))
+        .json(&serde_json::json!({
+            "repo_url": checkout.top.to_string_lossy(),
+            "commit_hash": checkout.commit,
+            "branch": checkout.branch,
+            "environment_id": environment,
+            "trigger": "manual",
+            "stagely_yaml": text,
+            "config_dir": checkout.prefix,
+        }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("the core refused the run: {}", response.text().await?);
+    }
+    let mut view: RunView = response.json().await?;
+    say(format!("run {}: {} job(s)", view.id, view.jobs.len()));
+    let started = Instant::now();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    loop {
+        for job in &view.jobs {
+            if seen.get(&job.id) != Some(&job.status) {
+                seen.insert(job.id.clone(), job.status.clone());
+                let detail = match job.status.as_str() {
+                    "provisioning" => job
+                        .vm_id
+                        .as_ref()
+                        .map(|vm| format!("instance {vm}"))
+                        .unwrap_or_default(),
+                    "completed" => format!(
+                        "{}@{}",
+                        job.artifact_url.as_deref().unwrap_or("-"),
+                        job.digest.as_deref().unwrap_or("-")
+                    ),
+                    "failed" => job.error_message.clone().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                say(format!(
+                    "[{:>6.1}s] {:<20} {:<12} {}",
+                    started.elapsed().as_secs_f64(),
+                    job.name,
+                    job.status,
+                    detail
+                ));
+                if job.status == "failed" {
+                    for line in tail_lines(&client, core_url, &job.id, 15).await {
+                        say(format!("    | {}", line.trim_end()));
+                    }
+                }
+            }
+        }
+        if matches!(view.status.as_str(), "completed" | "failed") {
+            return Ok(view);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            () = stop.cancelled() => bail!("interrupted; instances were terminated"),
+        }
+        view = client
+            .get(format!("{core_url}/api/v1/workflows/{}", view.id))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+    }
+}
+
+/// The last `count` lines of a job's log, read page by page (never the whole log at once).
+async fn tail_lines(
+    client: &reqwest::Client,
+    core: &str,
+    job_id: &str,
+    count: usize,
+) -> Vec<String> {
+    let mut tail = std::collections::VecDeque::with_capacity(count);
+    let mut after = 0;
+    loop {
+        let page: LogPage = match client
+            .get(format!(
+                "{core}/api/v1/jobs/{job_id}/logs?after={after}&limit=5000"
+            ))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+        {
+            Ok(response) => match response.json().await {
+                Ok(page) => page,
+                Err(_) => break,
+            },
+            Err(_) => break,
+        };
+        if page.lines.is_empty() {
+            break;
+        }
+        after = page.next_after;
+        for line in page.lines {
+            if tail.len() == count {
+                tail.pop_front();
+            }
+            tail.push_back(line.line);
+        }
+    }
+    tail.into_iter().collect()
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let stagely_yaml = match &args.file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/workflows", args.core.core))
+        .json(&serde_json::json!({
+            "repo_url": args.repo,
+            "commit_hash": args.commit,
+            "branch": args.branch,
+            "environment_id": args.environment,
+            "trigger": args.trigger,
+            "stagely_yaml": stagely_yaml,
+            "config_dir": args.config_dir,
+        }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("the core refused the run: {}", response.text().await?);
+    }
+    let view: RunView = response.json().await?;
+    println!("{}", view.id);
+    for job in &view.jobs {
+        eprintln!("  {}  {}  {}", job.id, job.name, job.platform);
+    }
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/workflows/{}",
+            args.core.core, args.run_id
+        ))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("{}", response.text().await?);
+    }
+    let view: RunView = response.json().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_table(&mut std::io::stdout().lock(), &summarize(&view, ""))?;
+        for job in &view.jobs {
+            println!("  {}  {}", job.id, job.name);
+        }
+    }
+    Ok(match view.status.as_str() {
+        "completed" => 0,
+        "failed" => 1,
+        _ => 2,
+    })
+}
+
+async fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let mut after = 0;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let response = client
+            .get(format!(
+                "{}/api/v1/jobs/{}/logs?after={after}&limit=5000",
+                args.core.core, args.job_id
+            ))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("{}", response.text().await?);
+        }
+        let page: LogPage = response.json().await?;
+        let empty = page.lines.is_empty();
+        for line in &page.lines {
+            out.write_all(line.line.as_bytes())?;
+            if !line.line.ends_with('\n') {
+                out.write_all(b"\n")?;
+            }
+        }
+        after = page.next_after;
+        if empty {
+            let finished = matches!(page.job_status.as_str(), "completed" | "failed");
+            if !args.follow || finished {
+                return Ok(());
+            }
+            out.flush()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -1,0 +1,853 @@
+//! The scheduler: fans a run out into jobs, boots one instance per job, hands each connected
+//! agent its BUILD or MERGE, records LOG lines and STATUS, terminates the instance, and fans
+//! the results back in.
+//!
+//! Job status moves strictly `queued → provisioning → running → completed|failed` (any
+//! non-final state may go to `failed`); the database updates are guarded by the expected
+//! previous state, so no path can skip or reverse a step.
+//!
+//! Instances are never leaked: every instance is recorded in `builder_instances` before the
+//! job waits on it, terminated on every exit path of the job task, and a starting core
+//! terminates whatever an earlier process left behind ([`Scheduler::recover`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use sha2::{Digest, Sha256};
+use stagely_cloud_init::{AgentConfig, Bootstrap};
+use stagely_protocol::session::{CoreSession, SessionEvent};
+use stagely_protocol::{
+    Build, BuildConfig, Heartbeat, JobState, Merge, Message, RegistryOptions, SourceContext,
+    decode, encode,
+};
+use stagely_provisioning::{MachineSize, MachineSpec, Provider};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::RegistryConfig;
+use crate::db::{Db, JobRow, NewLogLine, RunRow};
+use crate::stagely_yaml::{JobKind, JobSpec};
+
+/// Lines buffered before a database write; also flushed every [`LOG_FLUSH_EVERY`].
+const LOG_BATCH_LINES: usize = 1000;
+const LOG_BATCH_BYTES: usize = 1024 * 1024;
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
+const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
+/// Extra time past a job's own timeout before the core gives up on the agent.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(60);
+/// How long a cancelled agent gets to send its final STATUS.
+const CANCEL_GRACE: Duration = Duration::from_secs(20);
+
+/// Scheduler settings taken from the core configuration.
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    /// URL agents dial (`http://127.0.0.1:PORT` for local instances).
+    pub public_url: String,
+    pub core_id: String,
+    pub registry: RegistryConfig,
+    pub max_concurrent_jobs: usize,
+    pub agent_connect_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+/// An agent connection waiting to be claimed by its job task.
+struct PendingAgent {
+    job_id: String,
+    deliver: oneshot::Sender<WebSocket>,
+}
+
+/// Who may connect: sha256(token) → the waiting job. Only hashes are kept.
+type PendingAgents = Arc<Mutex<HashMap<[u8; 32], PendingAgent>>>;
+
+/// How a job ended, for the run's fan-in.
+#[derive(Debug, Clone)]
+struct JobOutcome {
+    name: String,
+    completed: bool,
+    artifact_url: Option<String>,
+    digest: Option<String>,
+}
+
+/// Owns the run and job tasks.
+pub struct Scheduler {
+    db: Db,
+    provider: Arc<dyn Provider>,
+    settings: SchedulerSettings,
+    /// Tokens of launched instances whose agents have not connected yet. Entries are added by
+    /// job tasks before they create an instance and removed on first use (one-time) or when
+    /// the job task ends.
+    pending: PendingAgents,
+    /// Limits instances alive at once (the seed's BuildQueue).
+    slots: Arc<Semaphore>,
+    /// Every run and job task; `shutdown` waits on it.
+    tasks: TaskTracker,
+    /// Cancelled on core shutdown; every task selects on it.
+    shutdown: CancellationToken,
+}
+
+/// Why an agent connection was refused (before upgrade).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClaimError {
+    /// No, wrong, or already used token.
+    Unauthorized,
+}
+
+impl Scheduler {
+    pub fn new(
+        db: Db,
+        provider: Arc<dyn Provider>,
+        settings: SchedulerSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            db,
+            provider,
+            slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
+            settings,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            tasks: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn settings(&self) -> &SchedulerSettings {
+        &self.settings
+    }
+
+    fn tags(&self, run_id: &str, job_id: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("stagely:core".to_string(), self.settings.core_id.clone()),
+            ("stagely:run".to_string(), run_id.to_string()),
+            ("stagely:job".to_string(), job_id.to_string()),
+        ])
+    }
+
+    /// Start-up recovery: terminate every instance an earlier process left running and fail
+    /// the jobs it left unfinished. Returns (instances terminated, jobs failed).
+    pub async fn recover(&self) -> anyhow::Result<(usize, u64)> {
+        let mut terminated = 0;
+        for instance_id in self.db.live_instances().await? {
+            match self.provider.terminate_instance(&instance_id).await {
+                Ok(()) => {
+                    self.db.mark_instance_terminated(&instance_id).await?;
+                    terminated += 1;
+                }
+                Err(error) => {
+                    tracing::error!(instance_id, "reaper could not terminate instance: {error}")
+                }
+            }
+        }
+        let ours = BTreeMap::from([("stagely:core".to_string(), self.settings.core_id.clone())]);
+        for instance in self.provider.list_instances(&ours).await? {
+            match self.provider.terminate_instance(&instance.id).await {
+                Ok(()) => terminated += 1,
+                Err(error) => {
+                    tracing::error!(
+                        instance_id = instance.id,
+                        "reaper could not terminate instance: {error}"
+                    )
+                }
+            }
+        }
+        let failed = self
+            .db
+            .fail_unfinished("the core restarted while this was unfinished")
+            .await?;
+        Ok((terminated, failed))
+    }
+
+    /// Claims the pending slot for `token`. The token is spent whatever happens next.
+    pub fn claim_agent(&self, token: &str) -> Result<AgentClaim, ClaimError> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut pending = self.pending.lock().map_err(|_| ClaimError::Unauthorized)?;
+        let slot = pending.remove(&hash).ok_or(ClaimError::Unauthorized)?;
+        Ok(AgentClaim {
+            job_id: slot.job_id,
+            deliver: slot.deliver,
+        })
+    }
+
+    /// Starts executing a created run in the background.
+    pub fn start_run(self: &Arc<Self>, run_id: String) {
+        let scheduler = self.clone();
+        let span = tracing::info_span!("run", run_id = %run_id);
+        self.tasks.spawn(
+            async move {
+                if let Err(error) = scheduler.execute_run(&run_id).await {
+                    tracing::error!("run failed internally: {error:#}");
+                    let _ = scheduler
+                        .db
+                        .set_run_status(&run_id, "failed", Some("internal error in the scheduler"))
+                        .await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Stops every task: agents are cancelled, instances terminated, jobs failed.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn execute_run(self: &Arc<Self>, run_id: &str) -> anyhow::Result<()> {
+        let run = self
+            .db
+            .run(run_id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("run {run_id} vanished"))?;
+        self.db.set_run_status(run_id, "building", None).await?;
+        let jobs = self.db.jobs_of_run(run_id).await?;
+        let mut builds = Vec::new();
+        let mut merges = Vec::new();
+        for job in jobs {
+            let spec: JobSpec = serde_json::from_str(&job.spec)?;
+            match &spec.kind {
+                JobKind::Build => builds.push((job, spec)),
+                JobKind::Merge { .. } => merges.push((job, spec)),
+            }
+        }
+
+        // Fan out: every build job in parallel.
+        let mut running = tokio::task::JoinSet::new();
+        for (job, spec) in builds {
+            let scheduler = self.clone();
+            let run = run.clone();
+            let span =
+                tracing::info_span!("job", run_id = %run.id, job_id = %job.id, job = %job.name);
+            running.spawn(
+                async move { scheduler.execute_job(&run, job, spec, None).await }.instrument(span),
+            );
+        }
+        let mut outcomes: HashMap<String, JobOutcome> = HashMap::new();
+        while let Some(joined) = running.join_next().await {
+            match joined {
+                Ok(outcome) => {
+                    outcomes.insert(outcome.name.clone(), outcome);
+                }
+                Err(error) => tracing::error!("a job task panicked: {error}"),
+            }
+        }
+
+        // Merge jobs run once every platform job they need has completed.
+        for (job, spec) in merges {
+            let JobKind::Merge { sources } = &spec.kind else {
+                continue;
+            };
+            let mut images = Vec::new();
+            let mut missing = Vec::new();
+            for source in sources {
+                match outcomes.get(source) {
+                    Some(JobOutcome {
+                        completed: true,
+                        artifact_url: Some(url),
+                        digest: Some(digest),
+                        ..
+                    }) => images.push(format!("{}@{digest}", strip_tag(url))),
+                    _ => missing.push(source.clone()),
+                }
+            }
+            if !missing.is_empty() {
+                let reason = format!(
+                    "not started: platform job(s) {} did not complete",
+                    missing.join(", ")
+                );
+                self.db.mark_failed(&job.id, None, &reason).await?;
+                continue;
+            }
+            let span =
+                tracing::info_span!("job", run_id = %run.id, job_id = %job.id, job = %job.name);
+            let outcome = self
+                .execute_job(&run, job, spec, Some(images))
+                .instrument(span)
+                .await;
+            outcomes.insert(outcome.name.clone(), outcome);
+        }
+
+        // Fan in.
+        let jobs = self.db.jobs_of_run(run_id).await?;
+        let failed: Vec<&str> = jobs
+            .iter()
+            .filter(|job| job.status != "completed")
+            .map(|job| job.name.as_str())
+            .collect();
+        if failed.is_empty() {
+            self.db.set_run_status(run_id, "completed", None).await?;
+            tracing::info!(jobs = jobs.len(), "run completed");
+        } else {
+            let message = format!("job(s) failed: {}", failed.join(", "));
+            self.db
+                .set_run_status(run_id, "failed", Some(&message))
+                .await?;
+            tracing::warn!("{message}");
+        }
+        Ok(())
+    }
+
+    fn image_for(&self, run: &RunRow, job: &JobRow, spec: &JobSpec) -> String {
+        let tag = match spec.kind {
+            JobKind::Merge { .. } => tag_for(&spec.service),
+            JobKind::Build => tag_for(&job.name),
+        };
+        format!(
+            "{}/{}/{}:{}",
+            self.settings.registry.host, self.settings.registry.namespace, run.environment_id, tag
+        )
+    }
+
+    fn cache_ref(&self, job: &JobRow) -> String {
+        format!(
+            "{}/{}/cache/{}:buildcache",
+            self.settings.registry.host,
+            self.settings.registry.namespace,
+            tag_for(&job.name)
+        )
+    }
+
+    fn work_message(
+        &self,
+        run: &RunRow,
+        job: &JobRow,
+        spec: &JobSpec,
+        merge_sources: Option<Vec<String>>,
+    ) -> Message {
+        let registry = RegistryOptions {
+            insecure: self.settings.registry.insecure,
+        };
+        let target_image = self.image_for(run, job, spec);
+        match merge_sources {
+            Some(source_images) => Message::Merge(Merge {
+                job_id: job.id.clone(),
+                source_images,
+                target_image,
+                registry_auth: self.settings.registry.auth.clone(),
+                registry,
+                timeout_seconds: Some(spec.timeout_seconds),
+            }),
+            None => {
+                let cache = self.settings.registry.cache.then(|| self.cache_ref(job));
+                Message::Build(Build {
+                    job_id: job.id.clone(),
+                    context: SourceContext {
+                        repo_url: run.repo_url.clone(),
+                        commit_hash: run.commit_hash.clone(),
+                        branch: run.branch.clone(),
+                        clone_token: None,
+                    },
+                    build_config: BuildConfig {
+                        context_path: spec.context_path.clone(),
+                        dockerfile: spec.dockerfile.clone(),
+                        target_image,
+                        platform: job.platform.clone(),
+                        build_args: spec.build_args.clone(),
+                        cache_from: cache.iter().cloned().collect(),
+                        cache_to: cache,
+                        timeout_seconds: Some(spec.timeout_seconds),
+                    },
+                    registry_auth: self.settings.registry.auth.clone(),
+                    registry,
+                })
+            }
+        }
+    }
+
+    /// Runs one job from `queued` to a final state. Never returns early without
+    /// terminating the instance it created.
+    async fn execute_job(
+        self: &Arc<Self>,
+        run: &RunRow,
+        job: JobRow,
+        spec: JobSpec,
+        merge_sources: Option<Vec<String>>,
+    ) -> JobOutcome {
+        let name = job.name.clone();
+        let failed = |_: ()| JobOutcome {
+            name: name.clone(),
+            completed: false,
+            artifact_url: None,
+            digest: None,
+        };
+        let _permit = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let _ = self.db.mark_failed(&job.id, None, "scheduler closed").await;
+                    return failed(());
+                }
+            },
+            () = self.shutdown.cancelled() => {
+                let _ = self.db.mark_failed(&job.id, None, "the core shut down before the job started").await;
+                return failed(());
+            }
+        };
+
+        // One-time token: only its hash is kept, in memory.
+        let token = new_token();
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let (deliver, connected) = oneshot::channel();
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(
+                hash,
+                PendingAgent {
+                    job_id: job.id.clone(),
+                    deliver,
+                },
+            );
+        }
+        let outcome = self
+            .provision_and_serve(run, &job, &spec, merge_sources, token, connected)
+            .await;
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&hash);
+        }
+        match outcome {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::warn!("job failed: {error}");
+                let _ = self.db.mark_failed(&job.id, None, &error).await;
+                failed(())
+            }
+        }
+    }
+
+    async fn provision_and_serve(
+        self: &Arc<Self>,
+        run: &RunRow,
+        job: &JobRow,
+        spec: &JobSpec,
+        merge_sources: Option<Vec<String>>,
+        token: String,
+        connected: oneshot::Receiver<WebSocket>,
+    ) -> Result<JobOutcome, String> {
+        let arch = match job.architecture.as_str() {
+            "arm64" => stagely_protocol::Arch::Arm64,
+            "amd64" => stagely_protocol::Arch::Amd64,
+            // A merge runs anywhere; the seed picks a small VM of any arch.
+            _ => stagely_protocol::Arch::from_rust_arch(std::env::consts::ARCH)
+                .unwrap_or(stagely_protocol::Arch::Amd64),
+        };
+        let user_data = stagely_cloud_init::render_user_data(&Bootstrap {
+            agent: AgentConfig {
+                core_url: self.settings.public_url.clone(),
+                token,
+                ca_file: None,
+                builder: None,
+                work_dir: None,
+                instance_id: None,
+            },
+            ca_pem: None,
+        })
+        .map_err(|error| format!("rendering user-data failed: {error}"))?;
+        let machine_spec = MachineSpec {
+            size: MachineSize::parse(&job.machine).unwrap_or(MachineSize::Medium),
+            arch,
+            user_data,
+            tags: self.tags(&run.id, &job.id),
+        };
+        let instance = tokio::select! {
+            created = self.provider.create_instance(&machine_spec) => {
+                created.map_err(|error| format!("provisioning a {} {} instance failed: {error}", job.machine, arch))?
+            }
+            () = self.shutdown.cancelled() => return Err("the core shut down while provisioning".into()),
+        };
+        let instance_id = instance.id.clone();
+        // From here on, every path terminates the instance.
+        let recorded = self
+            .db
+            .record_instance(&instance_id, self.provider.name(), &job.id)
+            .await;
+        let result = match recorded {
+            Ok(()) => {
+                self.serve_instance(run, job, spec, merge_sources, &instance, connected)
+                    .await
+            }
+            Err(error) => Err(format!("recording instance {instance_id} failed: {error}")),
+        };
+        self.terminate(&instance_id).await;
+        result
+    }
+
+    async fn terminate(&self, instance_id: &str) {
+        for attempt in 1..=3u32 {
+            match self.provider.terminate_instance(instance_id).await {
+                Ok(()) => {
+                    if let Err(error) = self.db.mark_instance_terminated(instance_id).await {
+                        tracing::error!(
+                            instance_id,
+                            "instance terminated but not recorded: {error}"
+                        );
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(instance_id, attempt, "terminating instance failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+            }
+        }
+        tracing::error!(
+            instance_id,
+            "instance could not be terminated; the reaper will retry at the next start"
+        );
+    }
+
+    async fn serve_instance(
+        self: &Arc<Self>,
+        run: &RunRow,
+        job: &JobRow,
+        spec: &JobSpec,
+        merge_sources: Option<Vec<String>>,
+        instance: &stagely_provisioning::Instance,
+        connected: oneshot::Receiver<WebSocket>,
+    ) -> Result<JobOutcome, String> {
+        if !self
+            .db
+            .mark_provisioning(&job.id, &instance.id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Err("job left the queued state unexpectedly".into());
+        }
+        tracing::info!(instance_id = %instance.id, emulated = instance.emulated, "instance provisioning");
+        let wait = self.settings.agent_connect_timeout;
+        let socket = tokio::select! {
+            socket = connected => socket.map_err(|_| "the agent connection was dropped before it was handed over".to_string())?,
+            () = tokio::time::sleep(wait) => {
+                return Err(format!(
+                    "the agent on instance {} did not connect within {}s",
+                    instance.id,
+                    wait.as_secs()
+                ));
+            }
+            () = self.shutdown.cancelled() => return Err("the core shut down while waiting for the agent".into()),
+        };
+        let work = self.work_message(run, job, spec, merge_sources);
+        let deadline = Duration::from_secs(spec.timeout_seconds) + TIMEOUT_GRACE;
+        self.drive_agent(job, socket, work, deadline).await
+    }
+
+    /// Runs the protocol session with one connected agent until its STATUS is stored.
+    async fn drive_agent(
+        self: &Arc<Self>,
+        job: &JobRow,
+        mut socket: WebSocket,
+        work: Message,
+        limit: Duration,
+    ) -> Result<JobOutcome, String> {
+        let stored = self
+            .db
+            .last_log_seq(&job.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut session = CoreSession::new(
+            job.id.clone(),
+            work,
+            stored as u64,
+            self.settings.heartbeat_timeout,
+            std::time::Instant::now(),
+        );
+        let mut batch: Vec<NewLogLine> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
+        let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
+        heartbeat_tick.reset();
+        let job_deadline = tokio::time::Instant::now() + limit;
+        let mut cancel_deadline: Option<tokio::time::Instant> = None;
+        let mut cancel_reason = String::new();
+
+        loop {
+            // Outputs first: frames the session wants sent.
+            while let Some(frame) = session.poll_frame() {
+                if socket.send(WsMessage::text(encode(&frame))).await.is_err() {
+                    self.flush(job, &mut batch, &mut batch_bytes, &mut session)
+                        .await?;
+                    return Err("the agent connection broke while sending to it".into());
+                }
+            }
+            let heartbeat_due = session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let cancel_due = cancel_deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600 * 24));
+            tokio::select! {
+                incoming = socket.recv() => {
+                    let now = std::time::Instant::now();
+                    match incoming {
+                        Some(Ok(WsMessage::Text(text))) => {
+                            let handled = decode(text.as_bytes())
+                                .map_err(|error| format!("agent sent a malformed frame: {error}"))
+                                .and_then(|message| {
+                                    session
+                                        .handle_frame(now, message)
+                                        .map_err(|error| format!("agent broke the protocol: {error}"))
+                                });
+                            if let Err(error) = handled {
+                                return Err(self.violation(job, socket, error, &mut batch, &mut batch_bytes, &mut session).await);
+                            }
+                        }
+                        Some(Ok(WsMessage::Binary(_))) => {
+                            let error = "agent sent a binary frame; the protocol is JSON text frames".to_string();
+                            return Err(self.violation(job, socket, error, &mut batch, &mut batch_bytes, &mut session).await);
+                        }
+                        Some(Ok(WsMessage::Close(_))) | None => {
+                            self.flush(job, &mut batch, &mut batch_bytes, &mut session).await?;
+                            return Err("the agent disconnected before reporting STATUS".into());
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            self.flush(job, &mut batch, &mut batch_bytes, &mut session).await?;
+                            return Err(format!("the agent connection failed: {error}"));
+                        }
+                    }
+                }
+                _ = flush_tick.tick() => {
+                    self.flush(job, &mut batch, &mut batch_bytes, &mut session).await?;
+                }
+                _ = heartbeat_tick.tick() => {
+                    let frame = Message::Heartbeat(Heartbeat { job_id: Some(job.id.clone()) });
+                    let _ = socket.send(WsMessage::text(encode(&frame))).await;
+                }
+                () = tokio::time::sleep_until(heartbeat_due) => {
+                    if let Err(error) = session.handle_timeout(std::time::Instant::now()) {
+                        let error = format!("agent lost: {error}");
+                        return Err(self.violation(job, socket, error, &mut batch, &mut batch_bytes, &mut session).await);
+                    }
+                }
+                () = tokio::time::sleep_until(job_deadline), if cancel_deadline.is_none() => {
+                    cancel_reason = format!("the job exceeded its timeout of {}s", limit.saturating_sub(TIMEOUT_GRACE).as_secs());
+                    session.cancel(cancel_reason.clone());
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+                }
+                () = self.shutdown.cancelled(), if cancel_deadline.is_none() => {
+                    cancel_reason = "the core shut down".into();
+                    session.cancel(cancel_reason.clone());
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_GRACE);
+                }
+                () = tokio::time::sleep_until(cancel_due) => {
+                    self.flush(job, &mut batch, &mut batch_bytes, &mut session).await?;
+                    return Err(format!("{cancel_reason}; the agent did not stop in time"));
+                }
+            }
+
+            // Then events: store lines, finish on STATUS.
+            while let Some(event) = session.poll_event() {
+                match event {
+                    SessionEvent::Started(hello) => {
+                        tracing::info!(
+                            agent_instance = %hello.instance_id,
+                            agent_arch = %hello.arch,
+                            agent_version = %hello.agent_version,
+                            builders = ?hello.builders,
+                            "agent connected"
+                        );
+                        if !self
+                            .db
+                            .mark_running(&job.id)
+                            .await
+                            .map_err(|e| e.to_string())?
+                        {
+                            return Err("job was not provisioning when its agent connected".into());
+                        }
+                    }
+                    SessionEvent::Log(log) => {
+                        batch_bytes += log.data.len();
+                        batch.push(NewLogLine {
+                            seq: log.seq.unwrap_or(0) as i64,
+                            stream: log.stream.as_str(),
+                            line: log.data,
+                        });
+                        if batch.len() >= LOG_BATCH_LINES || batch_bytes >= LOG_BATCH_BYTES {
+                            self.flush(job, &mut batch, &mut batch_bytes, &mut session)
+                                .await?;
+                        }
+                    }
+                    SessionEvent::Finished(status) => {
+                        self.flush(job, &mut batch, &mut batch_bytes, &mut session)
+                            .await?;
+                        let outcome = self.record_status(job, &status, &cancel_reason).await?;
+                        session.handle_persisted(status.seq.unwrap_or(0));
+                        while let Some(frame) = session.poll_frame() {
+                            let _ = socket.send(WsMessage::text(encode(&frame))).await;
+                        }
+                        let _ = socket.send(WsMessage::Close(None)).await;
+                        return Ok(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn record_status(
+        &self,
+        job: &JobRow,
+        status: &stagely_protocol::Status,
+        cancel_reason: &str,
+    ) -> Result<JobOutcome, String> {
+        let db_error = |e: crate::db::DbError| e.to_string();
+        let complete = match (status.state, &status.artifact_url, &status.digest) {
+            (JobState::Completed, Some(url), Some(digest)) if valid_digest(digest) => {
+                Some((url.clone(), digest.clone()))
+            }
+            _ => None,
+        };
+        if let Some((url, digest)) = complete {
+            self.db
+                .mark_completed(&job.id, &url, &digest, status.exit_code.unwrap_or(0))
+                .await
+                .map_err(db_error)?;
+            tracing::info!(artifact_url = %url, digest = %digest, "job completed");
+            return Ok(JobOutcome {
+                name: job.name.clone(),
+                completed: true,
+                artifact_url: Some(url),
+                digest: Some(digest),
+            });
+        }
+        let mut message = match (status.state, &status.error) {
+            (JobState::Completed, _) => {
+                "the agent reported completed without a valid artifact_url and digest".to_string()
+            }
+            (JobState::Failed, Some(error)) => error.clone(),
+            (JobState::Failed, None) => match status.exit_code {
+                Some(code) => format!("the build failed with exit code {code}"),
+                None => "the build failed".into(),
+            },
+        };
+        if !cancel_reason.is_empty() {
+            message = format!("{cancel_reason}: {message}");
+        }
+        self.db
+            .mark_failed(&job.id, status.exit_code, &message)
+            .await
+            .map_err(db_error)?;
+        tracing::warn!(exit_code = ?status.exit_code, "job failed: {message}");
+        Ok(JobOutcome {
+            name: job.name.clone(),
+            completed: false,
+            artifact_url: None,
+            digest: None,
+        })
+    }
+
+    async fn flush(
+        &self,
+        job: &JobRow,
+        batch: &mut Vec<NewLogLine>,
+        batch_bytes: &mut usize,
+        session: &mut CoreSession,
+    ) -> Result<(), String> {
+        let Some(last) = batch.last().map(|line| line.seq) else {
+            return Ok(());
+        };
+        self.db
+            .append_logs(&job.id, batch)
+            .await
+            .map_err(|error| format!("storing log lines failed: {error}"))?;
+        batch.clear();
+        if batch.capacity() > 4 * LOG_BATCH_LINES {
+            batch.shrink_to(LOG_BATCH_LINES);
+        }
+        *batch_bytes = 0;
+        session.handle_persisted(last as u64);
+        Ok(())
+    }
+
+    /// Closes only this connection, naming the violation, and logs it.
+    async fn violation(
+        &self,
+        job: &JobRow,
+        mut socket: WebSocket,
+        error: String,
+        batch: &mut Vec<NewLogLine>,
+        batch_bytes: &mut usize,
+        session: &mut CoreSession,
+    ) -> String {
+        tracing::error!(job_id = %job.id, "closing agent connection: {error}");
+        let _ = self.flush(job, batch, batch_bytes, session).await;
+        let mut reason = error.clone();
+        // A close reason is limited to 123 bytes on the wire.
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        let _ = socket
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: 1008,
+                reason: reason.into(),
+            })))
+            .await;
+        error
+    }
+}
+
+/// A claimed agent slot: the upgrade handler hands the socket to the waiting job task.
+pub struct AgentClaim {
+    pub job_id: String,
+    deliver: oneshot::Sender<WebSocket>,
+}
+
+impl AgentClaim {
+    pub fn deliver(self, socket: WebSocket) {
+        // If the job task gave up meanwhile, the socket is dropped (closed).
+        let _ = self.deliver.send(socket);
+    }
+}
+
+fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("stg_{}", hex::encode(bytes))
+}
+
+/// Job or service name → image tag (`backend_amd64` → `backend-amd64`).
+pub fn tag_for(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+fn strip_tag(image: &str) -> &str {
+    let name_start = image.rfind('/').map_or(0, |slash| slash + 1);
+    match image[name_start..].find(':') {
+        Some(colon) => &image[..name_start + colon],
+        None => image,
+    }
+}
+
+fn valid_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_and_references() {
+        assert_eq!(tag_for("backend_amd64"), "backend-amd64");
+        assert_eq!(
+            strip_tag("127.0.0.1:5000/stagely/env:api"),
+            "127.0.0.1:5000/stagely/env"
+        );
+        assert!(valid_digest(&format!("sha256:{}", "0".repeat(64))));
+        assert!(!valid_digest("sha256:abc"));
+    }
+
+    #[test]
+    fn tokens_are_long_and_distinct() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 64);
+    }
+}

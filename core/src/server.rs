@@ -1,0 +1,135 @@
+//! Starting and stopping a core: database, provider, scheduler, HTTP server.
+//!
+//! Shaped like mini-redis: `main` parses arguments and calls [`start`]; everything started
+//! here watches one `CancellationToken`, and [`RunningCore::stop`] waits for every task
+//! (agents cancelled, instances terminated) before the database closes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use stagely_provisioning::Provider;
+use stagely_provisioning::local::LocalProvider;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AppState, app};
+use crate::config::CoreConfig;
+use crate::db::Db;
+use crate::scheduler::{Scheduler, SchedulerSettings};
+
+/// A core serving on a socket.
+pub struct RunningCore {
+    pub addr: SocketAddr,
+    pub scheduler: Arc<Scheduler>,
+    /// Cancelled by `stop`; the scheduler's tasks and the HTTP server watch it.
+    shutdown: CancellationToken,
+    /// The HTTP server task; ends after graceful shutdown.
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningCore {
+    /// `http://ADDR` of the API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown: cancel jobs, terminate instances, stop serving, close the database.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.scheduler.shutdown().await;
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!("HTTP server ended with an error: {error}"),
+            Err(error) => tracing::error!("HTTP server task failed: {error}"),
+        }
+        self.scheduler.db().close().await;
+    }
+}
+
+/// Finds `stagely-agent` beside the running executable (or one directory up, for test
+/// binaries in `target/<profile>/deps`).
+pub fn find_agent_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("stagely-agent"),
+        dir.parent()?.join("stagely-agent"),
+    ]
+    .into_iter()
+    .find(|candidate| candidate.is_file())
+}
+
+/// The local provider for `config`, with instances under `<data_dir>/instances`.
+pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    let agent = match &config.agent_binary {
+        Some(path) => path.clone(),
+        None => find_agent_binary().context(
+            "cannot find the stagely-agent binary next to this executable; build it (cargo build --bins) or set provider.agent_binary",
+        )?,
+    };
+    let provider = LocalProvider::new(agent, config.data_dir.join("instances"))?;
+    Ok(Arc::new(provider))
+}
+
+/// Opens the database, recovers from an earlier crash, and serves on `listener`.
+pub async fn start(
+    config: CoreConfig,
+    listener: TcpListener,
+    provider: Arc<dyn Provider>,
+) -> anyhow::Result<RunningCore> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("stagely.db");
+    let db = Db::open_sqlite(&db_path)
+        .await
+        .with_context(|| format!("opening database {}", db_path.display()))?;
+    let addr = listener.local_addr()?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| {
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        format!("http://{host}:{}", addr.port())
+    });
+    let shutdown = CancellationToken::new();
+    let scheduler = Scheduler::new(
+        db,
+        provider,
+        SchedulerSettings {
+            public_url,
+            core_id: config.core_id.clone(),
+            registry: config.registry.clone(),
+            max_concurrent_jobs: config.max_concurrent_jobs,
+            agent_connect_timeout: config.agent_connect_timeout,
+            heartbeat_timeout: config.heartbeat_timeout,
+        },
+        shutdown.child_token(),
+    );
+    let (terminated, failed) = scheduler.recover().await?;
+    if terminated > 0 || failed > 0 {
+        tracing::warn!(
+            terminated,
+            failed,
+            "recovered from an earlier core: terminated leftover instances and failed unfinished jobs"
+        );
+    }
+    let router = app(AppState {
+        scheduler: scheduler.clone(),
+    });
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+    tracing::info!(%addr, registry = %config.registry.host, "stagely core listening");
+    Ok(RunningCore {
+        addr,
+        scheduler,
+        shutdown,
+        server,
+    })
+}

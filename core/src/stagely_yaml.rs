@@ -1,0 +1,505 @@
+//! `stagely.yaml`: the user's build declaration, parsed and expanded into job plans.
+//!
+//! The seed's `builds:` map: each entry has `context`, `platform` (or `platforms` for a
+//! multi-arch image), `machine`, `dockerfile`, `build_args`, `timeout`. Unknown keys,
+//! duplicate keys and bad values are refused with an error naming the field path
+//! (`builds.api.platform`) and, for YAML errors, the line and column.
+//!
+//! A single-platform entry becomes one job. A multi-platform entry `app` becomes one job per
+//! platform (`app_amd64`, `app_arm64`) plus `app_merge` (architecture `multi`), which runs
+//! only after every platform job of `app` completed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use stagely_protocol::Arch;
+use stagely_provisioning::MachineSize;
+
+/// Default `timeout` (the seed's).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest `timeout` accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(6 * 60 * 60);
+/// Most builds one file may declare.
+pub const MAX_BUILDS: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("stagely.yaml: {0}")]
+    Yaml(String),
+    #[error("stagely.yaml: `builds` is empty; declare at least one build")]
+    NoBuilds,
+    #[error("stagely.yaml: {count} builds declared; at most {MAX_BUILDS} are allowed")]
+    TooManyBuilds { count: usize },
+    #[error("stagely.yaml: builds.{build}.{field}: {problem}")]
+    Field {
+        build: String,
+        field: &'static str,
+        problem: String,
+    },
+    #[error("stagely.yaml: builds.{build}: {problem}")]
+    Build { build: String, problem: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSyntax {
+    builds: BTreeMap<String, BuildSyntax>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildSyntax {
+    context: String,
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default)]
+    platforms: Option<Vec<String>>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    dockerfile: Option<String>,
+    #[serde(default)]
+    build_args: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// What a job builds; stored as JSON in `build_jobs.spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The `builds:` key this job came from.
+    pub service: String,
+    pub kind: JobKind,
+    /// Context relative to the repository root (the config's directory prefix applied).
+    pub context_path: String,
+    pub dockerfile: String,
+    pub build_args: BTreeMap<String, String>,
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Build one platform.
+    Build,
+    /// Merge the named sibling jobs' images into one manifest list.
+    Merge { sources: Vec<String> },
+}
+
+/// One job to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobPlan {
+    pub name: String,
+    /// `amd64`, `arm64` or `multi`.
+    pub architecture: String,
+    /// `linux/amd64`..., or the comma-joined list for a merge job.
+    pub platform: String,
+    pub machine: MachineSize,
+    pub spec: JobSpec,
+}
+
+/// Parses `stagely.yaml` text. `prefix` is the directory of the file inside the repository
+/// (`""` at the root); contexts are relative to it.
+pub fn parse(text: &str, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let file: FileSyntax = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|error| ConfigError::Yaml(error.to_string()))?;
+    if file.builds.is_empty() {
+        return Err(ConfigError::NoBuilds);
+    }
+    if file.builds.len() > MAX_BUILDS {
+        return Err(ConfigError::TooManyBuilds {
+            count: file.builds.len(),
+        });
+    }
+    let mut plans = Vec::new();
+    for (name, build) in file.builds {
+        plans.extend(plan_build(&name, build, prefix)?);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for plan in &plans {
+        if !seen.insert(plan.name.clone()) {
+            return Err(ConfigError::Build {
+                build: plan.spec.service.clone(),
+                problem: format!(
+                    "expands to job `{}`, which another build already declares",
+                    plan.name
+                ),
+            });
+        }
+    }
+    Ok(plans)
+}
+
+fn field(build: &str, field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        build: build.to_string(),
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
+    if name.is_empty()
+        || name.len() > 90
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(ConfigError::Build {
+            build: name.to_string(),
+            problem: "build names must be 1-90 characters of letters, digits, `_` and `-`, starting with a letter or digit".into(),
+        });
+    }
+    let context = clean_relative(&build.context).ok_or_else(|| {
+        field(
+            name,
+            "context",
+            format!(
+                "`{}` must be a relative path inside the repository (no `..`, not absolute)",
+                build.context
+            ),
+        )
+    })?;
+    let dockerfile_text = build.dockerfile.as_deref().unwrap_or("Dockerfile");
+    let dockerfile = clean_relative(dockerfile_text)
+        .filter(|d| d != ".")
+        .ok_or_else(|| {
+            field(
+                name,
+                "dockerfile",
+                format!("`{dockerfile_text}` must be a relative file path inside the context"),
+            )
+        })?;
+    let machine_text = build.machine.as_deref().unwrap_or("medium");
+    let machine = MachineSize::parse(machine_text).ok_or_else(|| {
+        field(
+            name,
+            "machine",
+            format!("`{machine_text}` is not one of small, medium, large"),
+        )
+    })?;
+    let timeout = match &build.timeout {
+        None => DEFAULT_TIMEOUT,
+        Some(text) => parse_duration(text).ok_or_else(|| {
+            field(
+                name,
+                "timeout",
+                format!("`{text}` is not a duration like 90s, 45m or 1h30m"),
+            )
+        })?,
+    };
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(field(
+            name,
+            "timeout",
+            format!("must be between 1s and {}h", MAX_TIMEOUT.as_secs() / 3600),
+        ));
+    }
+    for key in build.build_args.keys() {
+        if key.is_empty()
+            || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || key.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(field(
+                name,
+                "build_args",
+                format!("`{key}` is not a valid build argument name"),
+            ));
+        }
+    }
+    let platforms: Vec<String> = match (build.platform, build.platforms) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Build {
+                build: name.to_string(),
+                problem: "set either `platform` or `platforms`, not both".into(),
+            });
+        }
+        (None, None) => {
+            return Err(ConfigError::Build {
+                build: name.to_string(),
+                problem: "one of `platform` or `platforms` is required".into(),
+            });
+        }
+        (Some(platform), None) => vec![platform],
+        (None, Some(list)) => {
+            if list.is_empty() {
+                return Err(field(name, "platforms", "must list at least one platform"));
+            }
+            list
+        }
+    };
+    let multi = platforms.len() > 1;
+    let field_name = if multi { "platforms" } else { "platform" };
+    let mut arches = Vec::new();
+    for platform in &platforms {
+        let arch = Arch::from_platform(platform).ok_or_else(|| {
+            field(
+                name,
+                field_name,
+                format!("`{platform}` is not supported (linux/amd64 or linux/arm64)"),
+            )
+        })?;
+        if arches.contains(&arch) {
+            return Err(field(
+                name,
+                field_name,
+                format!("`{platform}` is listed twice"),
+            ));
+        }
+        arches.push(arch);
+    }
+
+    let spec = JobSpec {
+        service: name.to_string(),
+        kind: JobKind::Build,
+        context_path: join_prefix(prefix, &context),
+        dockerfile,
+        build_args: build.build_args,
+        timeout_seconds: timeout.as_secs(),
+    };
+    if !multi {
+        return Ok(vec![JobPlan {
+            name: name.to_string(),
+            architecture: arches[0].as_str().to_string(),
+            platform: platforms[0].clone(),
+            machine,
+            spec,
+        }]);
+    }
+    let mut plans: Vec<JobPlan> = arches
+        .iter()
+        .zip(&platforms)
+        .map(|(arch, platform)| JobPlan {
+            name: format!("{name}_{arch}"),
+            architecture: arch.as_str().to_string(),
+            platform: platform.clone(),
+            machine,
+            spec: spec.clone(),
+        })
+        .collect();
+    let sources = plans.iter().map(|plan| plan.name.clone()).collect();
+    plans.push(JobPlan {
+        name: format!("{name}_merge"),
+        architecture: "multi".into(),
+        platform: platforms.join(","),
+        // The seed: "Core provisions a small VM (any arch) to run the merge".
+        machine: MachineSize::Small,
+        spec: JobSpec {
+            kind: JobKind::Merge { sources },
+            ..spec
+        },
+    });
+    Ok(plans)
+}
+
+/// Normalises `./a/b/` to `a/b` and `.`/`./` to `.`; refuses absolute paths and `..`.
+fn clean_relative(path: &str) -> Option<String> {
+    if path.starts_with('/') || path.contains('\\') || path.contains('\0') {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            other => parts.push(other),
+        }
+    }
+    Some(if parts.is_empty() {
+        ".".into()
+    } else {
+        parts.join("/")
+    })
+}
+
+fn join_prefix(prefix: &str, path: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    match (prefix.is_empty() || prefix == ".", path == ".") {
+        (true, _) => path.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}/{path}"),
+    }
+}
+
+/// `90s`, `45m`, `1h30m`, `2h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let value: u64 = number.parse().ok()?;
+        number.clear();
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        total = total.checked_add(value.checked_mul(unit)?)?;
+    }
+    if !number.is_empty() {
+        return None;
+    }
+    Some(Duration::from_secs(total))
+}
+
+/// Checks a prefix given by an API caller (directory of stagely.yaml in the repository).
+pub fn clean_prefix(prefix: &str) -> Option<String> {
+    if prefix.is_empty() {
+        return Some(String::new());
+    }
+    clean_relative(prefix).map(|p| if p == "." { String::new() } else { p })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+builds:
+  backend_amd64:
+    context: "./api"
+    platform: "linux/amd64"
+    machine: "medium"
+
+  worker_arm64:
+    context: "./worker"
+    platform: "linux/arm64"
+    machine: "small"
+
+  frontend:
+    context: "./web"
+    platform: "linux/amd64"
+    machine: "large"
+"#;
+
+    #[test]
+    fn the_seed_example_gives_one_job_per_build() {
+        let plans = parse(SEED, "").unwrap();
+        let names: Vec<_> = plans.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["backend_amd64", "frontend", "worker_arm64"]);
+        let worker = &plans[2];
+        assert_eq!(worker.architecture, "arm64");
+        assert_eq!(worker.machine, MachineSize::Small);
+        assert_eq!(worker.spec.context_path, "worker");
+        assert_eq!(worker.spec.dockerfile, "Dockerfile");
+        assert_eq!(worker.spec.timeout_seconds, 30 * 60);
+    }
+
+    #[test]
+    fn prefix_is_applied_to_contexts() {
+        let plans = parse(SEED, "examples/monorepo").unwrap();
+        assert_eq!(plans[0].spec.context_path, "examples/monorepo/api");
+        let root = parse(
+            "builds:\n  a:\n    context: .\n    platform: linux/amd64\n",
+            "x/",
+        )
+        .unwrap();
+        assert_eq!(root[0].spec.context_path, "x");
+    }
+
+    #[test]
+    fn multi_arch_expands_to_platform_jobs_and_a_merge() {
+        let text = r#"
+builds:
+  app:
+    context: "."
+    platforms:
+      - "linux/amd64"
+      - "linux/arm64"
+    machine: "medium"
+    timeout: "45m"
+"#;
+        let plans = parse(text, "").unwrap();
+        let names: Vec<_> = plans.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["app_amd64", "app_arm64", "app_merge"]);
+        assert_eq!(plans[2].architecture, "multi");
+        assert_eq!(
+            plans[2].spec.kind,
+            JobKind::Merge {
+                sources: vec!["app_amd64".into(), "app_arm64".into()]
+            }
+        );
+        assert_eq!(plans[0].spec.timeout_seconds, 45 * 60);
+    }
+
+    fn error(text: &str) -> String {
+        parse(text, "").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            error("builds:\n  api:\n    context: ./api\n    platform: linux/s390x\n"),
+            "stagely.yaml: builds.api.platform: `linux/s390x` is not supported (linux/amd64 or linux/arm64)"
+        );
+        assert_eq!(
+            error("builds:\n  api:\n    context: ../x\n    platform: linux/amd64\n"),
+            "stagely.yaml: builds.api.context: `../x` must be a relative path inside the repository (no `..`, not absolute)"
+        );
+        assert!(
+            error(
+                "builds:\n  api:\n    context: .\n    platform: linux/amd64\n    machine: huge\n"
+            )
+            .contains("builds.api.machine: `huge`")
+        );
+        assert!(
+            error(
+                "builds:\n  api:\n    context: .\n    platform: linux/amd64\n    timeout: soon\n"
+            )
+            .contains("builds.api.timeout")
+        );
+        assert!(
+            error("builds:\n  api:\n    context: .\n")
+                .contains("one of `platform` or `platforms` is required")
+        );
+        assert!(error("builds:\n  api:\n    context: .\n    platform: linux/amd64\n    platforms: [linux/arm64]\n").contains("not both"));
+        assert!(error("builds:\n  api:\n    context: .\n    platform: linux/amd64\n    build_args:\n      1BAD: x\n").contains("builds.api.build_args"));
+        assert!(error("builds: {}\n").contains("at least one build"));
+    }
+
+    #[test]
+    fn unknown_and_duplicate_keys_are_refused_with_a_location() {
+        let unknown = error("builds:\n  api:\n    context: .\n    platfrom: linux/amd64\n");
+        assert!(unknown.contains("platfrom"), "{unknown}");
+        assert!(unknown.contains("line"), "{unknown}");
+        let duplicate =
+            error("builds:\n  api:\n    context: .\n    context: ./b\n    platform: linux/amd64\n");
+        assert!(
+            duplicate.to_lowercase().contains("duplicate"),
+            "{duplicate}"
+        );
+        let top = error("build:\n  api:\n    context: .\n");
+        assert!(top.contains("build"), "{top}");
+    }
+
+    #[test]
+    fn merge_names_may_not_collide() {
+        let text = "builds:\n  app:\n    context: .\n    platforms: [linux/amd64, linux/arm64]\n  app_merge:\n    context: .\n    platform: linux/amd64\n";
+        assert!(error(text).contains("app_merge"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("45m"), Some(Duration::from_secs(2700)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10x"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5m3"), None);
+    }
+}
