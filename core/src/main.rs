@@ -4,10 +4,15 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = stagely_core::cli::Cli::parse();
+    // `run` prints its own progress; the service logs what it does.
+    let default_filter = match cli.command {
+        stagely_core::cli::Command::Serve(_) => "warn,stagely_core=info,stagely_provisioning=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stagely_core=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

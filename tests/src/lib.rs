@@ -1,1 +1,577 @@
-//! placeholder
+//! Shared harness for the end-to-end tests: real peers, no mocks of them.
+//!
+//! A [`TestCore`] is a core started in-process on port 0 with a throwaway SQLite database,
+//! the local provider (real `stagely-agent` processes) and a real Distribution registry with
+//! a random password. Tests drive it only through the HTTP API and the agent endpoint, and
+//! wait with [`poll_until`], which reports the last state it saw when it gives up.
+//!
+//! Peers (buildah, docker-registry, git, skopeo, cloud-init, qemu binfmt) are checked with
+//! [`require`]: missing outside CI, a test skips with a note; missing in CI (`CI=true`), the
+//! test fails.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use stagely_core::api::{LogPage, RunView};
+use stagely_core::config::{CoreConfig, FileConfig, Overrides};
+use stagely_core::registry::LocalRegistry;
+use stagely_core::server::{self, RunningCore};
+use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
+
+/// True when running under CI, where a missing peer is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Checks that `program` runs (`program arg` exits 0). Outside CI a missing peer returns
+/// false with a note (the test skips); in CI it panics.
+pub fn require(program: &str, arg: &str) -> bool {
+    let ok = std::process::Command::new(program)
+        .arg(arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            !in_ci(),
+            "peer `{program}` is missing; CI requires it (run scripts/setup.sh)"
+        );
+        eprintln!("SKIPPED: `{program}` is not installed here (run scripts/setup.sh)");
+    }
+    ok
+}
+
+/// Every peer a real build needs.
+pub fn require_build_peers() -> bool {
+    require("buildah", "--version")
+        && require("docker-registry", "--version")
+        && require("git", "--version")
+        && require("skopeo", "--version")
+}
+
+/// arm64 user emulation through binfmt_misc.
+pub fn require_arm64_emulation() -> bool {
+    let ok = std::env::consts::ARCH == "aarch64"
+        || stagely_provisioning::local::emulation_available(stagely_protocol::Arch::Arm64);
+    if !ok {
+        assert!(
+            !in_ci(),
+            "qemu-aarch64 binfmt_misc handler is missing; CI requires it (run scripts/setup.sh)"
+        );
+        eprintln!("SKIPPED: no qemu-aarch64 binfmt_misc handler (run scripts/setup.sh)");
+    }
+    ok
+}
+
+/// The `stagely-agent` binary of this workspace's build.
+pub fn agent_binary() -> PathBuf {
+    server::find_agent_binary().unwrap_or_else(|| {
+        panic!(
+            "stagely-agent is not built next to the test binary; run `cargo build --workspace --bins` first (scripts/test.sh does)"
+        )
+    })
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Waits until `check` returns `Ok(Some(value))`, polling every 100 ms. On timeout, panics
+/// with the last state `check` described.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<(Option<T>, String)>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last;
+    loop {
+        match check().await {
+            Ok((Some(value), _)) => return value,
+            Ok((None, state)) => last = state,
+            Err(error) => last = format!("error: {error:#}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last state: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A git repository in a temporary directory.
+pub struct TestRepo {
+    pub dir: tempfile::TempDir,
+    pub commit: String,
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "stagely-tests")
+        .env("GIT_AUTHOR_EMAIL", "tests@stagely.invalid")
+        .env("GIT_COMMITTER_NAME", "stagely-tests")
+        .env("GIT_COMMITTER_EMAIL", "tests@stagely.invalid")
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+impl TestRepo {
+    /// A repository whose first commit holds a copy of `source`.
+    pub fn from_dir(source: &Path) -> anyhow::Result<TestRepo> {
+        let dir = tempfile::Builder::new().prefix("stagely-repo-").tempdir()?;
+        copy_tree(source, dir.path())?;
+        Self::commit_all(dir)
+    }
+
+    /// A repository with the given files (path → contents).
+    pub fn with_files(files: &[(&str, &[u8])]) -> anyhow::Result<TestRepo> {
+        let dir = tempfile::Builder::new().prefix("stagely-repo-").tempdir()?;
+        for (path, contents) in files {
+            let full = dir.path().join(path);
+            if let Some(parent) = full.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&full, contents)?;
+            // Binaries (ELF) are committed executable, as git records the mode.
+            if contents.starts_with(b"\x7fELF") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        Self::commit_all(dir)
+    }
+
+    fn commit_all(dir: tempfile::TempDir) -> anyhow::Result<TestRepo> {
+        git(dir.path(), &["init", "-q", "-b", "main"])?;
+        git(dir.path(), &["add", "-A"])?;
+        git(dir.path(), &["commit", "-q", "-m", "test fixture"])?;
+        let commit = git(dir.path(), &["rev-parse", "HEAD"])?;
+        Ok(TestRepo { dir, commit })
+    }
+
+    pub fn url(&self) -> String {
+        self.dir.path().to_string_lossy().into_owned()
+    }
+}
+
+/// Static busybox for `arch` (installed by scripts/setup.sh), to give `FROM scratch`
+/// images a shell for RUN steps.
+pub fn busybox(arch: &str) -> anyhow::Result<Vec<u8>> {
+    let path = format!("/usr/local/lib/stagely/busybox-{arch}");
+    std::fs::read(&path).with_context(|| format!("{path} is missing; run scripts/setup.sh"))
+}
+
+/// A running core plus its registry.
+pub struct TestCore {
+    pub core: Option<RunningCore>,
+    pub registry: LocalRegistry,
+    pub data: tempfile::TempDir,
+    pub client: reqwest::Client,
+    pub provider: Arc<dyn Provider>,
+    pub url: String,
+}
+
+impl TestCore {
+    /// A core with the local provider and a fresh registry.
+    pub async fn start() -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let mut file = FileConfig::default();
+        file.provider.agent_binary = Some(agent_binary());
+        let registry = LocalRegistry::start().await?;
+        Self::start_with(data, registry, file, None).await
+    }
+
+    /// A core with `provider` instead of the local one (agents are then the test's job).
+    pub async fn start_with_provider(provider: Arc<dyn Provider>) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let registry = LocalRegistry::start().await?;
+        Self::start_with(data, registry, FileConfig::default(), Some(provider)).await
+    }
+
+    async fn start_with(
+        data: tempfile::TempDir,
+        registry: LocalRegistry,
+        mut file: FileConfig,
+        provider: Option<Arc<dyn Provider>>,
+    ) -> anyhow::Result<TestCore> {
+        file.registry.username = Some(registry.username.clone());
+        file.registry.password = Some(registry.password.clone());
+        file.scheduler.agent_connect_timeout_secs = Some(60);
+        let config = CoreConfig::resolve(
+            file,
+            Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                data_dir: Some(data.path().to_path_buf()),
+                registry: Some(registry.host.clone()),
+                public_url: None,
+            },
+        )?;
+        let provider = match provider {
+            Some(provider) => provider,
+            None => server::local_provider(&config)?,
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let core = server::start(config, listener, provider.clone()).await?;
+        let url = core.url();
+        Ok(TestCore {
+            core: Some(core),
+            registry,
+            data,
+            client: reqwest::Client::new(),
+            provider,
+            url,
+        })
+    }
+
+    /// `POST /api/v1/workflows`; returns the HTTP status and body.
+    pub async fn submit_raw(
+        &self,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = self
+            .client
+            .post(format!("{}/api/v1/workflows", self.url))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
+    }
+
+    /// Submits a run of `repo` and returns its id.
+    pub async fn submit(
+        &self,
+        repo: &TestRepo,
+        stagely_yaml: Option<&str>,
+        environment: &str,
+    ) -> anyhow::Result<RunView> {
+        let (status, body) = self
+            .submit_raw(serde_json::json!({
+                "repo_url": repo.url(),
+                "commit_hash": repo.commit,
+                "branch": "main",
+                "environment_id": environment,
+                "trigger": "pr_opened",
+                "stagely_yaml": stagely_yaml,
+            }))
+            .await?;
+        anyhow::ensure!(status == 201, "submit answered {status}: {body}");
+        Ok(serde_json::from_value(body)?)
+    }
+
+    pub async fn run(&self, run_id: &str) -> anyhow::Result<RunView> {
+        Ok(self
+            .client
+            .get(format!("{}/api/v1/workflows/{run_id}", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Waits for the run to reach `completed` or `failed`.
+    pub async fn wait_finished(&self, run_id: &str, timeout: Duration) -> RunView {
+        poll_until(timeout, "the run to finish", || async {
+            let view = self.run(run_id).await?;
+            let state = format!(
+                "run {} [{}]",
+                view.status,
+                view.jobs
+                    .iter()
+                    .map(|j| format!("{}={}", j.name, j.status))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let done = matches!(view.status.as_str(), "completed" | "failed");
+            Ok((done.then_some(view), state))
+        })
+        .await
+    }
+
+    /// Every stored line of a job, page by page.
+    pub async fn logs(&self, job_id: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let mut after = 0;
+        let mut lines = Vec::new();
+        loop {
+            let page: LogPage = self
+                .client
+                .get(format!(
+                    "{}/api/v1/jobs/{job_id}/logs?after={after}&limit=10000",
+                    self.url
+                ))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            if page.lines.is_empty() {
+                return Ok(lines);
+            }
+            after = page.next_after;
+            lines.extend(page.lines.into_iter().map(|l| (l.stream, l.line)));
+        }
+    }
+
+    /// Instances the provider still has for this core (must be none after a run).
+    pub async fn live_instances(&self) -> Vec<Instance> {
+        self.provider
+            .list_instances(&BTreeMap::new())
+            .await
+            .unwrap_or_default()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(core) = self.core.take() {
+            core.stop().await;
+        }
+    }
+}
+
+/// What the registry holds for one reference.
+#[derive(Debug)]
+pub struct RegistryImage {
+    pub digest: String,
+    pub media_type: String,
+    /// `os/arch` of a single image; one entry per child for an index.
+    pub platforms: Vec<String>,
+}
+
+/// Reads a manifest (and its config or children) over the registry API.
+pub async fn inspect_image(registry: &LocalRegistry, image: &str) -> anyhow::Result<RegistryImage> {
+    let client = reqwest::Client::new();
+    let rest = image
+        .strip_prefix(&format!("{}/", registry.host))
+        .with_context(|| format!("{image} is not in {}", registry.host))?;
+    let (repo, reference) = match rest.split_once('@') {
+        Some((repo, digest)) => (repo, digest),
+        None => rest.rsplit_once(':').context("image has no tag")?,
+    };
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
+    let get = |path: String| {
+        client
+            .get(format!("http://{}/v2/{repo}/{path}", registry.host))
+            .basic_auth(&registry.username, Some(&registry.password))
+            .header("Accept", accept)
+            .send()
+    };
+    let response = get(format!("manifests/{reference}"))
+        .await?
+        .error_for_status()?;
+    let digest = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .context("no Docker-Content-Digest")?
+        .to_string();
+    let manifest: serde_json::Value = response.json().await?;
+    let media_type = manifest["mediaType"].as_str().unwrap_or("").to_string();
+    let mut platforms = Vec::new();
+    if let Some(children) = manifest["manifests"].as_array() {
+        for child in children {
+            platforms.push(format!(
+                "{}/{}",
+                child["platform"]["os"].as_str().unwrap_or("?"),
+                child["platform"]["architecture"].as_str().unwrap_or("?")
+            ));
+        }
+    } else {
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .context("manifest has no config")?;
+        let config: serde_json::Value = get(format!("blobs/{config_digest}"))
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        platforms.push(format!(
+            "{}/{}",
+            config["os"].as_str().unwrap_or("?"),
+            config["architecture"].as_str().unwrap_or("?")
+        ));
+    }
+    Ok(RegistryImage {
+        digest,
+        media_type,
+        platforms,
+    })
+}
+
+/// Cross-checks a digest with skopeo, authenticating through an auth file (never argv).
+pub fn skopeo_digest(registry: &LocalRegistry, image: &str) -> anyhow::Result<String> {
+    use base64::Engine;
+    let dir = tempfile::tempdir()?;
+    let auth = dir.path().join("auth.json");
+    let encoded = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", registry.username, registry.password));
+    let mut file = std::fs::File::create(&auth)?;
+    write!(
+        file,
+        "{}",
+        serde_json::json!({"auths": {registry.host.clone(): {"auth": encoded}}})
+    )?;
+    let output = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", "--authfile"])
+        .arg(&auth)
+        .arg(format!("docker://{image}"))
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "skopeo inspect {image}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    use sha2::Digest;
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(&output.stdout))
+    ))
+}
+
+/// A provider that boots nothing: it records each instance's user-data so a test can play
+/// the agent itself (or misbehave as one).
+#[derive(Default)]
+pub struct RecordingProvider {
+    pub created: Mutex<Vec<(String, MachineSpec)>>,
+    pub terminated: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Provider for RecordingProvider {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        let id = format!("rec-{}", created.len());
+        created.push((id.clone(), spec.clone()));
+        Ok(Instance {
+            id,
+            instance_type: "recording".into(),
+            host_arch: spec.arch,
+            emulated: false,
+            tags: spec.tags.clone(),
+        })
+    }
+
+    async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
+        self.terminated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(instance_id.to_string());
+        Ok(())
+    }
+
+    async fn list_instances(
+        &self,
+        _tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        let created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        let terminated = self.terminated.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(created
+            .iter()
+            .filter(|(id, _)| !terminated.contains(id))
+            .map(|(id, spec)| Instance {
+                id: id.clone(),
+                instance_type: "recording".into(),
+                host_arch: spec.arch,
+                emulated: false,
+                tags: spec.tags.clone(),
+            })
+            .collect())
+    }
+}
+
+impl RecordingProvider {
+    /// (job id tag, agent token) of every instance created so far.
+    pub fn tokens(&self) -> Vec<(String, String)> {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, spec)| {
+                let bootstrap = stagely_cloud_init::read_user_data(&spec.user_data)
+                    .expect("the core renders valid user-data");
+                (
+                    spec.tags.get("stagely:job").cloned().unwrap_or_default(),
+                    bootstrap.agent.token,
+                )
+            })
+            .collect()
+    }
+}
+
+/// Captures the process's tracing output so tests can check what the core logged.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// Installs (once per test binary) a global subscriber writing into the capture.
+    pub fn install() -> LogCapture {
+        static CAPTURE: std::sync::OnceLock<LogCapture> = std::sync::OnceLock::new();
+        CAPTURE
+            .get_or_init(|| {
+                let capture = LogCapture::default();
+                let writer = capture.clone();
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(
+                        "debug,sqlx=warn,hyper=info,tower=info",
+                    ))
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone())
+                    .try_init();
+                capture
+            })
+            .clone()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
