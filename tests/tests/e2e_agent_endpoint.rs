@@ -1,0 +1,471 @@
+//! The agent endpoint against a misbehaving or hand-driven agent. The provider here boots
+//! nothing and records user-data, so the test holds each instance's one-time token and plays
+//! the agent itself over a real WebSocket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use stagely_protocol::{
+    Arch, BuilderKind, Hello, JobState, Log, LogStream, Message, PROTOCOL_VERSION, Status, decode,
+    encode,
+};
+use stagely_tests::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message as Ws};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const FAKE_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+async fn connect(core: &TestCore, token: Option<&str>) -> Result<Socket, tungstenite::Error> {
+    let url = format!(
+        "{}/api/v1/agent/connect",
+        core.url.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(s, _)| s)
+}
+
+fn refused_with(result: Result<Socket, tungstenite::Error>, status: u16) {
+    match result {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), status),
+        Err(other) => panic!("expected HTTP {status}, got {other}"),
+        Ok(_) => panic!("expected HTTP {status}, but the upgrade succeeded"),
+    }
+}
+
+fn hello() -> String {
+    encode(&Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        instance_id: "hand-driven".into(),
+        arch: Arch::Amd64,
+        builders: vec![BuilderKind::Buildah],
+        emulated_arches: vec![],
+    }))
+}
+
+async fn next_message(socket: &mut Socket) -> Message {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Ws::Text(text)))) => {
+                let message = decode(text.as_bytes()).unwrap();
+                if !matches!(message, Message::Heartbeat(_)) {
+                    return message;
+                }
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+async fn close_reason(socket: &mut Socket) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Ws::Close(Some(frame))))) => {
+                return (frame.code.into(), frame.reason.to_string());
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+async fn submit_builds(core: &TestCore, names: &[&str]) -> stagely_core::api::RunView {
+    let mut yaml = String::from("builds:\n");
+    for name in names {
+        yaml.push_str(&format!(
+            "  {name}:\n    context: ./{name}\n    platform: linux/amd64\n"
+        ));
+    }
+    let (status, body) = core
+        .submit_raw(serde_json::json!({
+            "repo_url": "/nonexistent/repo",
+            "commit_hash": FAKE_COMMIT,
+            "branch": "main",
+            "environment_id": "pr-9",
+            "stagely_yaml": yaml,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+async fn tokens(provider: &RecordingProvider, count: usize) -> Vec<(String, String)> {
+    poll_until(
+        Duration::from_secs(10),
+        "instances to be created",
+        || async {
+            let tokens = provider.tokens();
+            let state = format!("{} instance(s)", tokens.len());
+            Ok(((tokens.len() == count).then_some(tokens), state))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let run = submit_builds(&core, &["api"]).await;
+    let tokens = tokens(&provider, 1).await;
+    let (job_id, token) = &tokens[0];
+    assert_eq!(job_id, &run.jobs[0].id);
+
+    refused_with(connect(&core, None).await, 401);
+    refused_with(connect(&core, Some("stg_wrong")).await, 401);
+    refused_with(connect(&core, Some(&format!("{token}x"))).await, 401);
+
+    let mut agent = connect(&core, Some(token))
+        .await
+        .expect("the right token is accepted");
+    // A second connection with the same token is refused: tokens are one-time.
+    refused_with(connect(&core, Some(token)).await, 401);
+
+    agent.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(build) = next_message(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    assert_eq!(build.job_id, *job_id);
+    assert_eq!(build.build_config.context_path, "api");
+    assert_eq!(build.build_config.platform, "linux/amd64");
+    assert_eq!(
+        build.registry_auth.as_ref().unwrap().password,
+        core.registry.password
+    );
+    assert!(build.registry.insecure);
+    let view = core.run(&run.id).await.unwrap();
+    assert_eq!(view.jobs[0].status, "running");
+
+    agent
+        .send(Ws::text(encode(&Message::Log(Log {
+            job_id: job_id.clone(),
+            stream: LogStream::Stderr,
+            data: "boom\n".into(),
+            seq: Some(1),
+        }))))
+        .await
+        .unwrap();
+    agent
+        .send(Ws::text(encode(&Message::Status(Status {
+            job_id: job_id.clone(),
+            state: JobState::Failed,
+            exit_code: Some(2),
+            artifact_url: None,
+            digest: None,
+            error: Some("builder exited with status 2".into()),
+            never_ran: None,
+            seq: Some(2),
+        }))))
+        .await
+        .unwrap();
+    let Message::Ack(ack) = next_message(&mut agent).await else {
+        panic!("expected ACK")
+    };
+    assert!(ack.seq >= 1);
+    let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
+    assert_eq!(view.jobs[0].status, "failed");
+    assert_eq!(view.jobs[0].exit_code, Some(2));
+    // The instance was terminated, and the spent token is still refused.
+    assert_eq!(
+        *provider.terminated.lock().unwrap(),
+        vec!["rec-0".to_string()]
+    );
+    refused_with(connect(&core, Some(token)).await, 401);
+    core.stop().await;
+
+    // Neither the token nor the registry password was stored anywhere on disk.
+    for file in files_under(core.data.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        for secret in [token.as_str(), core.registry.password.as_str()] {
+            assert!(
+                !contains(&bytes, secret.as_bytes()),
+                "{} contains a secret",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_frame_closes_only_that_connection_and_names_the_problem() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let logs = LogCapture::install();
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let run = submit_builds(&core, &["garbage", "unknown", "good"]).await;
+    let tokens = tokens(&provider, 3).await;
+    let job = |name: &str| run.jobs.iter().find(|j| j.name == name).unwrap().id.clone();
+    let token_of = |job_id: &str| tokens.iter().find(|(j, _)| j == job_id).unwrap().1.clone();
+
+    // Open all three first, so the bad ones misbehave while the good one is connected.
+    let mut garbage = connect(&core, Some(&token_of(&job("garbage"))))
+        .await
+        .unwrap();
+    let mut unknown = connect(&core, Some(&token_of(&job("unknown"))))
+        .await
+        .unwrap();
+    let mut good = connect(&core, Some(&token_of(&job("good")))).await.unwrap();
+    good.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(_) = next_message(&mut good).await else {
+        panic!("expected BUILD")
+    };
+
+    garbage.send(Ws::text("this is not json {")).await.unwrap();
+    let (code, reason) = close_reason(&mut garbage).await;
+    assert_eq!(code, 1008);
+    assert!(
+        reason.contains("malformed frame") && reason.contains("not valid JSON"),
+        "{reason}"
+    );
+
+    unknown.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(_) = next_message(&mut unknown).await else {
+        panic!("expected BUILD")
+    };
+    unknown
+        .send(Ws::text(r#"{"type":"DEPLOY","job_id":"x"}"#))
+        .await
+        .unwrap();
+    let (code, reason) = close_reason(&mut unknown).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("unknown frame type `DEPLOY`"), "{reason}");
+
+    // The good agent is unaffected: it streams (with a resent duplicate) and completes.
+    let good_id = job("good");
+    for seq in [1, 2, 2, 3] {
+        good.send(Ws::text(encode(&Message::Log(Log {
+            job_id: good_id.clone(),
+            stream: LogStream::Stdout,
+            data: format!("line {seq}\n"),
+            seq: Some(seq),
+        }))))
+        .await
+        .unwrap();
+    }
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    good.send(Ws::text(encode(&Message::Status(Status {
+        job_id: good_id.clone(),
+        state: JobState::Completed,
+        exit_code: Some(0),
+        artifact_url: Some(format!("{}/stagely/pr-9:good", core.registry.host)),
+        digest: Some(digest.clone()),
+        error: None,
+        never_ran: None,
+        seq: Some(4),
+    }))))
+    .await
+    .unwrap();
+    loop {
+        if let Message::Ack(ack) = next_message(&mut good).await
+            && ack.seq == 4
+        {
+            break;
+        }
+    }
+
+    let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
+    let by_name = |name: &str| view.jobs.iter().find(|j| j.name == name).unwrap();
+    assert_eq!(view.status, "failed");
+    assert_eq!(by_name("good").status, "completed");
+    assert_eq!(by_name("good").digest.as_deref(), Some(digest.as_str()));
+    let garbage_job = by_name("garbage");
+    assert_eq!(garbage_job.status, "failed");
+    assert!(
+        garbage_job
+            .error_message
+            .as_deref()
+            .unwrap()
+            .contains("malformed frame")
+    );
+    assert!(
+        by_name("unknown")
+            .error_message
+            .as_deref()
+            .unwrap()
+            .contains("unknown frame type `DEPLOY`")
+    );
+    let lines = core.logs(&good_id).await.unwrap();
+    assert_eq!(
+        lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>(),
+        ["line 1\n", "line 2\n", "line 3\n"],
+        "each line exactly once"
+    );
+    // The core logged the violation as an error naming the frame problem.
+    let text = logs.text();
+    assert!(
+        text.lines().any(|l| l.contains("ERROR")
+            && l.contains("closing agent connection")
+            && l.contains("not valid JSON")),
+        "core log lacks the violation:\n{text}"
+    );
+    let health = core
+        .client
+        .get(format!("{}/healthz", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(provider.terminated.lock().unwrap().len(), 3);
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_api_input_gets_a_precise_error_naming_the_field() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let base = serde_json::json!({
+        "repo_url": "/nonexistent/repo",
+        "commit_hash": FAKE_COMMIT,
+        "branch": "main",
+        "environment_id": "pr-1",
+        "stagely_yaml": "builds:\n  api:\n    context: ./api\n    platform: linux/amd64\n",
+    });
+    let with = |key: &str, value: serde_json::Value| {
+        let mut body = base.clone();
+        body[key] = value;
+        body
+    };
+    let cases = [
+        (
+            with(
+                "stagely_yaml",
+                "builds:\n  api:\n    context: ./api\n    platform: linux/mips\n".into(),
+            ),
+            422,
+            "stagely_yaml",
+            "builds.api.platform",
+        ),
+        (
+            with(
+                "stagely_yaml",
+                "builds:\n  api:\n    contxt: ./api\n".into(),
+            ),
+            422,
+            "stagely_yaml",
+            "contxt",
+        ),
+        (
+            with("commit_hash", "abc".into()),
+            422,
+            "commit_hash",
+            "40 or 64",
+        ),
+        (
+            with("environment_id", "PR 1".into()),
+            422,
+            "environment_id",
+            "lowercase",
+        ),
+        (with("trigger", "cron".into()), 422, "trigger", "cron"),
+        (
+            with("config_dir", "../up".into()),
+            422,
+            "config_dir",
+            "relative",
+        ),
+        (with("colour", "red".into()), 400, "", "colour"),
+    ];
+    for (body, status, field, needle) in cases {
+        let (got, answer) = core.submit_raw(body).await.unwrap();
+        assert_eq!(got, status, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{message} lacks {needle}");
+        if !field.is_empty() {
+            assert_eq!(answer["error"]["field"], field, "{answer}");
+        }
+    }
+    let mut missing = base.clone();
+    missing.as_object_mut().unwrap().remove("repo_url");
+    let (got, answer) = core.submit_raw(missing).await.unwrap();
+    assert_eq!(got, 400);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("repo_url"),
+        "{answer}"
+    );
+
+    // Without stagely_yaml the core reads the repository: a missing one is named.
+    let mut no_yaml = base.clone();
+    no_yaml.as_object_mut().unwrap().remove("stagely_yaml");
+    let (got, answer) = core.submit_raw(no_yaml).await.unwrap();
+    assert_eq!(got, 422, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/repo"),
+        "{answer}"
+    );
+
+    let response = core
+        .client
+        .get(format!("{}/api/v1/workflows/nope", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let response = core
+        .client
+        .get(format!("{}/api/v1/jobs/nope/logs", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    // Nothing was created by any of these.
+    assert!(provider.created.lock().unwrap().is_empty());
+    core.stop().await;
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
