@@ -392,4 +392,15 @@ impl Db {
         tx.commit().await?;
         Ok(jobs)
     }
+
+    /// (line count, total bytes) stored for a job.
+    pub async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {
+        let (count, bytes): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), SUM(LENGTH(CAST(line AS BLOB))) FROM build_logs WHERE build_job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((count, bytes.unwrap_or(0)))
+    }
 }
