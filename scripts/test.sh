@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Full check: machine setup, build every binary, run every test.
-# Honours CARGO_TARGET_DIR (and other CARGO_* settings) from the caller.
+# The whole test suite: machine setup, formatting, lints, every binary, every test.
+# `.ci/run` runs exactly this with CI=true, where a missing peer fails a test instead of
+# skipping it. Honours CARGO_TARGET_DIR (and other CARGO_* settings) from the caller.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
-cargo build --workspace --bins
-cargo test --workspace
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the stagely-agent binary, so build every binary first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked

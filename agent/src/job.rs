@@ -395,9 +395,9 @@ async fn run_commands(
 }
 
 fn human_duration(seconds: u64) -> String {
-    if seconds % 3600 == 0 && seconds > 0 {
+    if seconds.is_multiple_of(3600) && seconds > 0 {
         format!("{}h", seconds / 3600)
-    } else if seconds % 60 == 0 && seconds > 0 {
+    } else if seconds.is_multiple_of(60) && seconds > 0 {
         format!("{}m", seconds / 60)
     } else {
         format!("{seconds}s")

@@ -75,7 +75,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 
     // Deserialize the variant's struct directly (not the tagged enum, which buffers its
     // content and loses field paths), so errors name `context.repo_url`, not `repo_url`.
-    let parsed = match message_type {
+    match message_type {
         "HELLO" => typed(message_type, value).map(Message::Hello),
         "BUILD" => typed(message_type, value).map(Message::Build),
         "MERGE" => typed(message_type, value).map(Message::Merge),
@@ -84,8 +84,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         "CANCEL" => typed(message_type, value).map(Message::Cancel),
         "ACK" => typed(message_type, value).map(Message::Ack),
         _ => typed(message_type, value).map(Message::Heartbeat),
-    };
-    parsed
+    }
 }
 
 fn typed<T: serde::de::DeserializeOwned>(

@@ -40,6 +40,9 @@ pub use codec::{DecodeError, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Every frame that crosses the agent<->core WebSocket, tagged by its `type` field.
+// Frames are handled one at a time and never stored in bulk, so the size gap between a BUILD
+// and an ACK costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Message {
