@@ -44,6 +44,23 @@ pub enum ConnectError {
     Refused(u16),
     #[error("core_url `{0}` must be http(s):// (plain http only on loopback)")]
     BadUrl(String),
+    #[error("TLS with the core failed (check ca_file): {0}")]
+    Tls(String),
+}
+
+/// A TLS failure (bad or untrusted certificate) does not heal by retrying.
+fn tls_failure(error: &tungstenite::Error) -> Option<String> {
+    match error {
+        tungstenite::Error::Tls(tls) => Some(tls.to_string()),
+        tungstenite::Error::Io(io)
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>()) =>
+        {
+            Some(io.to_string())
+        }
+        _ => None,
+    }
 }
 
 /// The agent-side endpoint URL for a core base URL.
@@ -128,7 +145,10 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
             {
                 Err(anyhow!(ConnectError::Refused(response.status().as_u16())))
             }
-            Err(error) => Err(anyhow!(error).context(format!("connecting to {url}"))),
+            Err(error) => match tls_failure(&error) {
+                Some(detail) => Err(anyhow!(ConnectError::Tls(detail))),
+                None => Err(anyhow!(error).context(format!("connecting to {url}"))),
+            },
         }
     };
     let retried = attempt

@@ -404,3 +404,78 @@ impl Db {
         Ok((count, bytes.unwrap_or(0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn db_with_job() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        db.create_run(
+            "r1",
+            "env",
+            "manual",
+            "/repo",
+            "c0ffee",
+            "main",
+            "",
+            &[NewJob {
+                id: "j1".into(),
+                name: "api".into(),
+                architecture: "amd64".into(),
+                platform: "linux/amd64".into(),
+                machine: "medium".into(),
+                spec: "{}".into(),
+            }],
+        )
+        .await
+        .unwrap();
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn job_status_only_moves_forward_one_step_at_a_time() {
+        let (_dir, db) = db_with_job().await;
+        // queued → running and queued → completed are refused.
+        assert!(!db.mark_running("j1").await.unwrap());
+        assert!(!db.mark_completed("j1", "img", "sha256:x", 0).await.unwrap());
+        assert!(db.mark_provisioning("j1", "vm-1").await.unwrap());
+        assert!(!db.mark_provisioning("j1", "vm-2").await.unwrap());
+        assert!(db.mark_running("j1").await.unwrap());
+        assert!(db.mark_completed("j1", "img", "sha256:x", 0).await.unwrap());
+        // Final states are final.
+        assert!(!db.mark_failed("j1", Some(1), "late").await.unwrap());
+        let job = db.job("j1").await.unwrap().unwrap();
+        assert_eq!(job.status, "completed");
+        assert_eq!(job.vm_id.as_deref(), Some("vm-1"));
+    }
+
+    #[tokio::test]
+    async fn duplicate_log_lines_are_stored_once_and_the_schema_refuses_bad_values() {
+        let (_dir, db) = db_with_job().await;
+        let line = |seq| NewLogLine {
+            seq,
+            stream: "stdout",
+            line: format!("line {seq}\n"),
+        };
+        db.append_logs("j1", &[line(1), line(2)]).await.unwrap();
+        db.append_logs("j1", &[line(2), line(3)]).await.unwrap();
+        assert_eq!(db.last_log_seq("j1").await.unwrap(), 3);
+        let page = db.logs_page("j1", 0, 10).await.unwrap();
+        assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
+        assert!(db.set_run_status("r1", "exploded", None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn unfinished_work_is_failed_after_a_restart() {
+        let (_dir, db) = db_with_job().await;
+        db.record_instance("vm-1", "local", "j1").await.unwrap();
+        assert_eq!(db.live_instances().await.unwrap(), ["vm-1"]);
+        assert_eq!(db.fail_unfinished("restarted").await.unwrap(), 1);
+        assert_eq!(db.run("r1").await.unwrap().unwrap().status, "failed");
+        db.mark_instance_terminated("vm-1").await.unwrap();
+        assert!(db.live_instances().await.unwrap().is_empty());
+    }
+}
