@@ -575,3 +575,195 @@ impl Write for LogCapture {
         Ok(())
     }
 }
+
+/// `stagely serve` as a separate process (for crash and signal tests), with a port, a data
+/// directory and registry credentials in its environment.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub url: String,
+    port: u16,
+    data: PathBuf,
+    registry_host: String,
+    registry_username: String,
+    registry_password: String,
+    client: reqwest::Client,
+}
+
+impl ServeProcess {
+    /// Starts `stagely serve` on a free port and waits until `/healthz` answers.
+    pub async fn start(data: &Path, registry: &LocalRegistry) -> ServeProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let process = ServeProcess {
+            child: spawn_serve(
+                port,
+                data,
+                &registry.host,
+                &registry.username,
+                &registry.password,
+            ),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            data: data.to_path_buf(),
+            registry_host: registry.host.clone(),
+            registry_username: registry.username.clone(),
+            registry_password: registry.password.clone(),
+            client: reqwest::Client::new(),
+        };
+        process.wait_healthy().await;
+        process
+    }
+
+    /// Starts a new `stagely serve` on the same port, data and registry (a restart).
+    pub async fn restart(&mut self) {
+        self.child = spawn_serve(
+            self.port,
+            &self.data,
+            &self.registry_host,
+            &self.registry_username,
+            &self.registry_password,
+        );
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&self) {
+        poll_until(Duration::from_secs(30), "the core to serve", || async {
+            let ok = self
+                .client
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            Ok((ok.then_some(()), "not answering".into()))
+        })
+        .await
+    }
+
+    pub async fn submit(&self, repo: &TestRepo, environment: &str) -> RunView {
+        self.client
+            .post(format!("{}/api/v1/workflows", self.url))
+            .json(&serde_json::json!({
+                "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main",
+                "environment_id": environment,
+            }))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("submit")
+            .json()
+            .await
+            .expect("run view")
+    }
+
+    pub async fn run(&self, run_id: &str) -> RunView {
+        self.client
+            .get(format!("{}/api/v1/workflows/{run_id}", self.url))
+            .send()
+            .await
+            .expect("get run")
+            .json()
+            .await
+            .expect("run view")
+    }
+
+    /// Waits until a line of the job's log contains `text`.
+    pub async fn wait_for_line(&self, job_id: &str, text: &str) {
+        poll_until(Duration::from_secs(120), "a log line", || async {
+            let page: LogPage = self
+                .client
+                .get(format!(
+                    "{}/api/v1/jobs/{job_id}/logs?limit=10000",
+                    self.url
+                ))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let found = page.lines.iter().any(|l| l.line.contains(text));
+            Ok((
+                found.then_some(()),
+                format!("{} line(s), job {}", page.lines.len(), page.job_status),
+            ))
+        })
+        .await
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let mut status = None;
+        poll_until(Duration::from_secs(60), "the core to exit", || {
+            let exited = self.child.try_wait().ok().flatten();
+            status = status.or(exited);
+            async move { Ok((exited.map(|_| ()), "still running".to_string())) }
+        })
+        .await;
+        status.expect("exit status")
+    }
+
+    /// SIGKILL: a crash, no cleanup.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Instance directories that still hold a live instance record or its disk.
+    pub fn live_instance_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data.join("instances"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("instance.json").exists() || p.join("work").exists())
+            .collect()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+fn spawn_serve(
+    port: u16,
+    data: &Path,
+    registry_host: &str,
+    username: &str,
+    password: &str,
+) -> std::process::Child {
+    // Credentials go through the environment, never the command line.
+    std::process::Command::new(agent_binary().with_file_name("stagely"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--registry", registry_host])
+        .arg("--data-dir")
+        .arg(data)
+        .env("STAGELY_REGISTRY_USERNAME", username)
+        .env("STAGELY_REGISTRY_PASSWORD", password)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stagely serve starts")
+}
+
+/// Command lines of every process (pid, argv joined by spaces).
+pub fn cmdlines() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) {
+            out.push((pid, String::from_utf8_lossy(&bytes).replace('\0', " ")));
+        }
+    }
+    out
+}

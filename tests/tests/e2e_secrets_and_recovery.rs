@@ -6,22 +6,6 @@ use std::time::Duration;
 
 use stagely_tests::*;
 
-fn cmdlines() -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) {
-            out.push((pid, String::from_utf8_lossy(&bytes).replace('\0', " ")));
-        }
-    }
-    out
-}
-
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -118,117 +102,50 @@ async fn the_registry_password_never_reaches_argv_logs_or_the_database() {
     );
 }
 
+fn forever_repo() -> TestRepo {
+    let busybox = busybox("amd64").unwrap();
+    TestRepo::with_files(&[
+        ("stagely.yaml", b"builds:\n  forever:\n    context: .\n    platform: linux/amd64\n"),
+        ("Dockerfile", b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started; /bin/busybox sleep 600\"]\n"),
+        ("busybox", &busybox),
+    ])
+    .unwrap()
+}
+
+/// Processes whose command line mentions `dir` (agents and builders of its instances).
+fn processes_under(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().to_string();
+    cmdlines()
+        .into_iter()
+        .filter(|(_, c)| c.contains(&needle) && !c.contains(" serve "))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_core_killed_mid_build_leaks_no_instance() {
     if !require_build_peers() {
         return;
     }
-    let busybox = busybox("amd64").unwrap();
-    let repo = TestRepo::with_files(&[
-        ("stagely.yaml", b"builds:\n  forever:\n    context: .\n    platform: linux/amd64\n"),
-        ("Dockerfile", b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started; /bin/busybox sleep 600\"]\n"),
-        ("busybox", &busybox),
-    ])
-    .unwrap();
+    let repo = forever_repo();
     let registry = stagely_core::registry::LocalRegistry::start()
         .await
         .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let stagely = agent_binary().with_file_name("stagely");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let serve = || {
-        std::process::Command::new(&stagely)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--registry",
-                &registry.host,
-            ])
-            .arg("--data-dir")
-            .arg(data.path())
-            .env("STAGELY_REGISTRY_USERNAME", &registry.username)
-            .env("STAGELY_REGISTRY_PASSWORD", &registry.password)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let client = reqwest::Client::new();
-    let healthy = || async {
-        poll_until(Duration::from_secs(30), "the core to serve", || async {
-            let ok = client
-                .get(format!("{url}/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            Ok((ok.then_some(()), "not answering".into()))
-        })
-        .await
-    };
-    let mut first = serve();
-    healthy().await;
-    let response = client
-        .post(format!("{url}/api/v1/workflows"))
-        .json(&serde_json::json!({
-            "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main", "environment_id": "pr-6",
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let run: stagely_core::api::RunView = response.json().await.unwrap();
-    let job_id = run.jobs[0].id.clone();
-    poll_until(
-        Duration::from_secs(120),
-        "the build to be running its RUN step",
-        || async {
-            let page: stagely_core::api::LogPage = client
-                .get(format!("{url}/api/v1/jobs/{job_id}/logs?limit=10000"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let started = page.lines.iter().any(|l| l.line.contains("started"));
-            Ok((
-                started.then_some(()),
-                format!("{} line(s), job {}", page.lines.len(), page.job_status),
-            ))
-        },
-    )
-    .await;
+    let mut core = ServeProcess::start(data.path(), &registry).await;
+    let run = core.submit(&repo, "pr-6").await;
+    core.wait_for_line(&run.jobs[0].id, "started").await;
 
     // Crash: SIGKILL, no graceful shutdown, so nothing terminates the instance now.
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let instances = data.path().join("instances");
-    let leftover: Vec<_> = std::fs::read_dir(&instances)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().join("instance.json").exists())
-        .collect();
+    core.kill();
     assert_eq!(
-        leftover.len(),
+        core.live_instance_dirs().len(),
         1,
         "the killed core left its instance behind, as a crash does"
     );
 
     // The next core terminates it at start-up and fails the orphaned job.
-    let mut second = serve();
-    healthy().await;
-    let view: stagely_core::api::RunView = client
-        .get(format!("{url}/api/v1/workflows/{}", run.id))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    core.restart().await;
+    let view = core.run(&run.id).await;
     assert_eq!(view.status, "failed");
     assert_eq!(view.jobs[0].status, "failed");
     assert!(
@@ -238,37 +155,51 @@ async fn a_core_killed_mid_build_leaks_no_instance() {
             .unwrap()
             .contains("restarted")
     );
-    let remaining: Vec<_> = std::fs::read_dir(&instances)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().join("instance.json").exists() || e.path().join("work").exists())
-        .collect();
     assert!(
-        remaining.is_empty(),
-        "instance not terminated: {remaining:?}"
+        core.live_instance_dirs().is_empty(),
+        "instance not terminated"
     );
-    // No builder process of that instance survives.
     poll_until(
         Duration::from_secs(20),
         "the instance's processes to be gone",
         || async {
-            let alive: Vec<_> = cmdlines()
-                .into_iter()
-                .filter(|(_, c)| {
-                    c.contains(&data.path().to_string_lossy().to_string()) && !c.contains(" serve ")
-                })
-                .collect();
+            let alive = processes_under(data.path());
             Ok((alive.is_empty().then_some(()), format!("{alive:?}")))
         },
     )
     .await;
-    nix_kill(second.id());
-    second.wait().unwrap();
+    assert!(core.terminate().await.success());
 }
 
-fn nix_kill(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_build_stops_gracefully_terminating_the_instance() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = forever_repo();
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut core = ServeProcess::start(data.path(), &registry).await;
+    let run = core.submit(&repo, "pr-7").await;
+    core.wait_for_line(&run.jobs[0].id, "started").await;
+
+    let status = core.terminate().await;
+    assert!(status.success(), "the core did not exit cleanly: {status}");
+    // The graceful path itself terminated the instance (no reaper involved).
+    assert!(
+        core.live_instance_dirs().is_empty(),
+        "instance left after graceful shutdown"
+    );
+    let survivors = processes_under(data.path());
+    assert!(survivors.is_empty(), "processes survived: {survivors:?}");
+
+    // The job was failed with the reason.
+    core.restart().await;
+    let view = core.run(&run.id).await;
+    assert_eq!(view.status, "failed");
+    let message = view.jobs[0].error_message.clone().unwrap_or_default();
+    assert!(message.contains("the core shut down"), "{message}");
+    assert!(core.terminate().await.success());
 }
