@@ -74,14 +74,23 @@ impl Backend {
                 // The seed's command. `-f` is resolved against the working directory by
                 // docker, so it is given as a path inside the context; `--metadata-file`
                 // is added to learn the pushed digest.
+                // A plain-HTTP registry cannot be configured per command except through
+                // `registry.insecure=true` on the output and cache entries.
+                let insecure = if insecure_registry {
+                    ",registry.insecure=true"
+                } else {
+                    ""
+                };
                 let mut args: Vec<String> = vec!["buildx".into(), "build".into()];
                 args.push("--platform".into());
                 args.push(config.platform.clone());
                 for cache in &config.cache_from {
-                    args.push(format!("--cache-from=type=registry,ref={cache}"));
+                    args.push(format!("--cache-from=type=registry,ref={cache}{insecure}"));
                 }
                 if let Some(cache) = &config.cache_to {
-                    args.push(format!("--cache-to=type=registry,ref={cache},mode=max"));
+                    args.push(format!(
+                        "--cache-to=type=registry,ref={cache},mode=max{insecure}"
+                    ));
                 }
                 for (key, value) in &config.build_args {
                     args.push("--build-arg".into());
@@ -91,7 +100,14 @@ impl Backend {
                 args.push(config.target_image.clone());
                 args.push("-f".into());
                 args.push(path_text(&dockerfile));
-                args.push("--push".into());
+                if insecure_registry {
+                    args.push(format!(
+                        "--output=type=image,name={},push=true{insecure}",
+                        config.target_image
+                    ));
+                } else {
+                    args.push("--push".into());
+                }
                 args.push("--metadata-file".into());
                 args.push(path_text(&files.result_file));
                 args.push(path_text(&context));
@@ -425,6 +441,22 @@ mod tests {
                 "/var/lib/stagely/auth".to_string()
             )]
         );
+    }
+
+    #[test]
+    fn buildx_pushes_to_a_plain_http_registry_through_output_options() {
+        let commands =
+            Backend::Buildx.build_commands(&seed_config(), Path::new("/workspace"), true, &files());
+        let args = &commands[0].args;
+        assert!(!args.contains(&"--push".to_string()));
+        assert!(args.contains(
+            &"--output=type=image,name=registry.internal/proj-123/env-456:backend-amd64,push=true,registry.insecure=true"
+                .to_string()
+        ));
+        assert!(args.contains(
+            &"--cache-to=type=registry,ref=registry.internal/proj-123/cache:backend,mode=max,registry.insecure=true"
+                .to_string()
+        ));
     }
 
     #[test]

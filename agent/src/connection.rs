@@ -182,7 +182,7 @@ pub async fn serve(
         .await
         .context("sending HELLO")?;
 
-    let work = tokio::time::timeout(WORK_WAIT_LIMIT, async {
+    let wait_for_work = tokio::time::timeout(WORK_WAIT_LIMIT, async {
         loop {
             match receiver.next().await {
                 Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
@@ -200,9 +200,11 @@ pub async fn serve(
                 None => bail!("core closed the connection before sending work"),
             }
         }
-    })
-    .await
-    .map_err(|_| anyhow!("no BUILD or MERGE within {WORK_WAIT_LIMIT:?}"))??;
+    });
+    let work = tokio::select! {
+        work = wait_for_work => work.map_err(|_| anyhow!("no BUILD or MERGE within {WORK_WAIT_LIMIT:?}"))??,
+        () = shutdown.cancelled() => bail!("shut down before any work arrived"),
+    };
     let job_id = work.job_id().unwrap_or_default().to_string();
     let span = tracing::info_span!("job", job_id = %job_id);
     let _entered = span.enter();
@@ -349,8 +351,10 @@ pub async fn serve(
         }
     };
 
-    // Whatever happened, no build may outlive the connection.
+    // Whatever happened, no build may outlive the connection. Dropping the receiver first
+    // unblocks a job task waiting on a full channel (its sends now fail and are ignored).
     cancel.cancel();
+    drop(output_rx);
     let _ = job_task.await;
     let _ = sender.send(WsMessage::Close(None)).await;
     result?;

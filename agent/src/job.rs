@@ -574,6 +574,7 @@ async fn prepare_files(
             .mode(0o600)
             .open(&file)?;
         handle.write_all(text.as_bytes())?;
+        link_docker_state(&dir);
         match std::fs::remove_file(&result) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
             _ => Ok(()),
@@ -582,6 +583,26 @@ async fn prepare_files(
     .await
     .map_err(std::io::Error::other)??;
     Ok(files)
+}
+
+/// The job's docker config directory (`DOCKER_CONFIG` for buildx) holds only our auth file;
+/// link the host's buildx builders, CLI plugins and contexts into it so `docker buildx`
+/// still finds the configured builder (e.g. a docker-container builder with registry cache
+/// support) instead of falling back to the default driver.
+fn link_docker_state(job_config: &Path) {
+    let host_config = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".docker")));
+    let Some(host_config) = host_config else {
+        return;
+    };
+    for name in ["buildx", "cli-plugins", "contexts"] {
+        let source = host_config.join(name);
+        let link = job_config.join(name);
+        if source.is_dir() && !link.exists() {
+            let _ = std::os::unix::fs::symlink(&source, &link);
+        }
+    }
 }
 
 async fn remove_auth(files: &JobFiles) {

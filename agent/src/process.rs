@@ -10,6 +10,8 @@
 //! child has exited, readers get [`DRAIN_GRACE`] to finish, then the group is killed.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -121,12 +123,13 @@ impl RunningProcess {
     ) -> Result<Outcome, ProcessError> {
         let stdout = self.child.stdout.take();
         let stderr = self.child.stderr.take();
+        let progress = Arc::new(Progress::default());
         let mut readers = tokio::task::JoinSet::new();
         if let Some(out) = stdout {
-            readers.spawn(pump(out, LogStream::Stdout, sink.clone()));
+            readers.spawn(pump(out, LogStream::Stdout, sink.clone(), progress.clone()));
         }
         if let Some(err) = stderr {
-            readers.spawn(pump(err, LogStream::Stderr, sink));
+            readers.spawn(pump(err, LogStream::Stderr, sink, progress.clone()));
         }
 
         let deadline = async {
@@ -161,22 +164,34 @@ impl RunningProcess {
             }
         };
 
-        // Let the readers drain what the child wrote; a grandchild holding the pipe open
-        // gets DRAIN_GRACE, then the group is killed and the readers see EOF.
-        let drained = tokio::time::timeout(DRAIN_GRACE, async {
-            while readers.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            self.terminate();
-            if tokio::time::timeout(DRAIN_GRACE, async {
+        // Let the readers drain everything the child wrote. Waiting is bounded only when
+        // nothing moves: output still flowing, or a sink applying backpressure, is waited
+        // for (those lines must not be lost). No movement for DRAIN_GRACE means a grandchild
+        // holds the pipe open: kill the group; if even that leaves the pipe open (a process
+        // that escaped the group), give up on the readers.
+        let mut delivered = progress.delivered.load(Ordering::Relaxed);
+        let mut killed = false;
+        loop {
+            let finished = tokio::time::timeout(DRAIN_GRACE, async {
                 while readers.join_next().await.is_some() {}
             })
-            .await
-            .is_err()
-            {
-                readers.abort_all();
+            .await;
+            if finished.is_ok() {
+                break;
             }
+            let now = progress.delivered.load(Ordering::Relaxed);
+            let busy = progress.in_sink.load(Ordering::Relaxed) > 0 || now != delivered;
+            delivered = now;
+            if busy {
+                continue;
+            }
+            if !killed {
+                self.terminate();
+                killed = true;
+                continue;
+            }
+            readers.abort_all();
+            break;
         }
         // Nothing of this group may outlive the step.
         self.terminate();
@@ -192,16 +207,40 @@ fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-async fn pump<R: AsyncRead + Unpin, S: LineSink>(reader: R, stream: LogStream, sink: S) {
+/// How far the readers got, so draining can tell "still working" from "stuck".
+#[derive(Default)]
+struct Progress {
+    /// Readers currently waiting on the sink (backpressure).
+    in_sink: AtomicUsize,
+    /// Pieces handed to the sink so far.
+    delivered: AtomicU64,
+}
+
+async fn pump<R: AsyncRead + Unpin, S: LineSink>(
+    reader: R,
+    stream: LogStream,
+    sink: S,
+    progress: Arc<Progress>,
+) {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut buffer = Vec::with_capacity(4096);
+    let mut carry: Vec<u8> = Vec::new();
     loop {
         buffer.clear();
+        buffer.append(&mut carry);
         match read_line_capped(&mut reader, &mut buffer, MAX_LINE_BYTES).await {
             Ok(0) => break,
             Ok(_) => {
+                // A piece cut at the cap keeps a trailing incomplete UTF-8 character for the
+                // next piece, so lossy decoding does not mangle it.
+                if buffer.len() >= MAX_LINE_BYTES && buffer.last() != Some(&b'\n') {
+                    carry = buffer.split_off(utf8_safe_end(&buffer));
+                }
                 let text = String::from_utf8_lossy(&buffer).into_owned();
+                progress.in_sink.fetch_add(1, Ordering::Relaxed);
                 sink.line(stream, text).await;
+                progress.in_sink.fetch_sub(1, Ordering::Relaxed);
+                progress.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
                 sink.line(
@@ -221,7 +260,28 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(reader: R, stream: LogStream, s
     }
 }
 
-/// Reads up to and including `\n`, but never more than `cap` bytes; returns bytes read.
+/// The length of `bytes` without a trailing incomplete UTF-8 sequence (at most 3 bytes).
+fn utf8_safe_end(bytes: &[u8]) -> usize {
+    let len = bytes.len();
+    for back in 1..=3.min(len) {
+        let byte = bytes[len - back];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // continuation byte: keep looking for the lead byte
+        }
+        let needed = match byte {
+            0x00..=0x7F => 1,
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return len,
+        };
+        return if needed > back { len - back } else { len };
+    }
+    len
+}
+
+/// Reads up to and including `\n`, but never more than `cap` bytes in `buffer` (which may
+/// already hold carried bytes); returns the bytes now in `buffer` (0 at end of input).
 async fn read_line_capped<R: AsyncBufReadExt + Unpin>(
     reader: &mut R,
     buffer: &mut Vec<u8>,
@@ -232,7 +292,7 @@ async fn read_line_capped<R: AsyncBufReadExt + Unpin>(
         if available.is_empty() {
             return Ok(buffer.len());
         }
-        let room = cap - buffer.len();
+        let room = cap.saturating_sub(buffer.len());
         let window = &available[..available.len().min(room)];
         if let Some(newline) = window.iter().position(|b| *b == b'\n') {
             buffer.extend_from_slice(&window[..=newline]);
@@ -243,8 +303,7 @@ async fn read_line_capped<R: AsyncBufReadExt + Unpin>(
         buffer.extend_from_slice(window);
         reader.consume(taken);
         if buffer.len() >= cap {
-            // Cut here; the rest of the line follows as the next piece. Do not split a
-            // UTF-8 character if we can avoid it: lossy decoding would mangle it.
+            // Cut here; the rest of the line follows as the next piece.
             return Ok(buffer.len());
         }
     }
@@ -325,6 +384,66 @@ mod tests {
         );
         assert!(lines.iter().all(|(_, t)| t.len() <= MAX_LINE_BYTES));
         assert_eq!(lines[3].1, "\u{FFFD}tail\n");
+    }
+
+    #[test]
+    fn incomplete_utf8_at_the_end_is_held_back() {
+        assert_eq!(utf8_safe_end(b"abc"), 3);
+        assert_eq!(utf8_safe_end("aé".as_bytes()), 3);
+        assert_eq!(utf8_safe_end(&"aé".as_bytes()[..2]), 1);
+        let euro = "€".as_bytes();
+        assert_eq!(utf8_safe_end(&euro[..1]), 0);
+        assert_eq!(utf8_safe_end(&euro[..2]), 0);
+        assert_eq!(utf8_safe_end(euro), 3);
+    }
+
+    #[tokio::test]
+    async fn multibyte_characters_survive_the_line_cap() {
+        let sink = Collect::default();
+        // One line of 'é' (2 bytes each) longer than the cap, starting at an odd offset so a
+        // cut at MAX_LINE_BYTES would land inside a character.
+        let count = MAX_LINE_BYTES;
+        let script = format!(
+            "printf 'x'; i=0; s=''; while [ $i -lt {count} ]; do s=\"$s\"é; i=$((i+1)); done; printf '%s\\n' \"$s\""
+        );
+        let outcome = RunningProcess::spawn(sh(&script), "sh")
+            .unwrap()
+            .run(sink.clone(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        let joined: String = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert!(!joined.contains('\u{FFFD}'), "a character was cut in half");
+        assert_eq!(joined.chars().filter(|c| *c == 'é').count(), count);
+    }
+
+    /// A sink slower than DRAIN_GRACE per line must not lose the tail of the output.
+    #[derive(Clone, Default)]
+    struct Slow(Arc<Mutex<Vec<String>>>);
+
+    impl LineSink for Slow {
+        async fn line(&self, _stream: LogStream, text: String) {
+            tokio::time::sleep(DRAIN_GRACE + Duration::from_millis(500)).await;
+            self.0.lock().unwrap().push(text);
+        }
+    }
+
+    #[tokio::test]
+    async fn backpressure_after_exit_loses_no_lines() {
+        let sink = Slow::default();
+        let outcome = RunningProcess::spawn(sh("echo one; echo two; echo three"), "sh")
+            .unwrap()
+            .run(sink.clone(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Exited(0));
+        assert_eq!(*sink.0.lock().unwrap(), ["one\n", "two\n", "three\n"]);
     }
 
     #[tokio::test]

@@ -57,8 +57,17 @@ impl std::fmt::Debug for AgentConfig {
 impl AgentConfig {
     /// Parses `agent.toml` text.
     pub fn from_toml(text: &str) -> Result<AgentConfig, ReadError> {
-        toml::from_str(text).map_err(|error| ReadError::AgentConfig {
-            detail: error.to_string(),
+        // Only the position and message: toml's own rendering quotes the line, which may
+        // be the token.
+        toml::from_str(text).map_err(|error: toml::de::Error| {
+            let detail = match error.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {}", error.message())
+                }
+                None => error.message().to_string(),
+            };
+            ReadError::AgentConfig { detail }
         })
     }
 }
@@ -236,6 +245,15 @@ mod tests {
         let unknown = "#cloud-config\nwrite_files:\n  - path: /etc/stagely/agent.toml\n    content: |\n      core_url = \"x\"\n      token = \"t\"\n      colour = \"red\"\n";
         let error = read_user_data(unknown).unwrap_err().to_string();
         assert!(error.contains("colour"), "{error}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_token() {
+        let error = AgentConfig::from_toml("core_url = \"x\"\ntoken = \"stk_secret\" trailing\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("stk_secret"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

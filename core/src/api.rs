@@ -61,6 +61,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unprocessable(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -89,6 +91,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", None),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Internal(error) => {
                 tracing::error!("internal error: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
@@ -225,6 +228,18 @@ fn validate_submit(request: &SubmitRequest) -> Result<(String, String), ApiError
     if request.repo_url.starts_with('-') || request.repo_url.contains(['\n', '\0']) {
         return Err(invalid("repo_url", "is not a repository URL or path"));
     }
+    if let Some((_, rest)) = request.repo_url.split_once("://")
+        && rest
+            .split('/')
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+    {
+        // Credentials in the URL would be stored, shown by the API and logged by agents.
+        return Err(invalid(
+            "repo_url",
+            "must not embed credentials (user:token@host); the agent receives clone credentials separately",
+        ));
+    }
     let hash = &request.commit_hash;
     if !(hash.len() == 40 || hash.len() == 64) || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(invalid(
@@ -283,6 +298,9 @@ async fn submit_workflow(
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
     let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let (trigger, config_dir) = validate_submit(&request)?;
+    if state.scheduler.is_shutting_down() {
+        return Err(ApiError::Unavailable("the core is shutting down".into()));
+    }
     let text = match &request.stagely_yaml {
         Some(text) => text.clone(),
         None => source::read_config(&request.repo_url, &request.commit_hash, &config_dir)
@@ -319,7 +337,14 @@ async fn submit_workflow(
     )
     .await?;
     tracing::info!(run_id, jobs = jobs.len(), "run submitted");
-    state.scheduler.start_run(run_id.clone());
+    if let Err(error) = state.scheduler.start_run(run_id.clone()) {
+        db.set_run_status(&run_id, "failed", Some(&error.to_string()))
+            .await?;
+        for job in &jobs {
+            db.mark_failed(&job.id, None, &error.to_string()).await?;
+        }
+        return Err(ApiError::Unavailable(error.to_string()));
+    }
     let view = load_run(&state, &run_id).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }

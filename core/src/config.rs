@@ -11,6 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use stagely_protocol::RegistryAuth;
 
+/// Agents send a heartbeat every 10 s; the core waits at least this long.
+pub const MIN_HEARTBEAT_TIMEOUT_SECS: u64 = 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -130,8 +133,22 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.display().to_string(),
-            detail: error.to_string(),
+            detail: toml_error_without_source(&error, &text),
         })
+    }
+}
+
+/// A TOML error as `line L, column C: message`, without the quoted source line, which
+/// may hold a password.
+pub fn toml_error_without_source(error: &toml::de::Error, text: &str) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!("line {line}, column {column}: {}", error.message())
+        }
+        None => error.message().to_string(),
     }
 }
 
@@ -222,6 +239,22 @@ impl CoreConfig {
                 problem: "must be at least 1".into(),
             });
         }
+        let heartbeat_timeout = file.scheduler.heartbeat_timeout_secs.unwrap_or(60);
+        if heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT_SECS {
+            return Err(ConfigError::Invalid {
+                field: "scheduler.heartbeat_timeout_secs",
+                problem: format!(
+                    "{heartbeat_timeout} is too short: agents send a heartbeat every 10s; use at least {MIN_HEARTBEAT_TIMEOUT_SECS}"
+                ),
+            });
+        }
+        let agent_connect_timeout = file.scheduler.agent_connect_timeout_secs.unwrap_or(300);
+        if agent_connect_timeout == 0 {
+            return Err(ConfigError::Invalid {
+                field: "scheduler.agent_connect_timeout_secs",
+                problem: "must be at least 1 (instances need time to boot)".into(),
+            });
+        }
         Ok(CoreConfig {
             listen,
             data_dir,
@@ -236,12 +269,8 @@ impl CoreConfig {
             },
             agent_binary: file.provider.agent_binary,
             max_concurrent_jobs,
-            agent_connect_timeout: Duration::from_secs(
-                file.scheduler.agent_connect_timeout_secs.unwrap_or(300),
-            ),
-            heartbeat_timeout: Duration::from_secs(
-                file.scheduler.heartbeat_timeout_secs.unwrap_or(60),
-            ),
+            agent_connect_timeout: Duration::from_secs(agent_connect_timeout),
+            heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
         })
     }
 }
@@ -312,6 +341,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("registry.password"), "{error}");
+    }
+
+    #[test]
+    fn toml_errors_never_quote_the_secret_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stagely.toml");
+        std::fs::write(&path, "[registry]\npassword = \"hunter2-secret\" extra\n").unwrap();
+        let error = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(!error.contains("hunter2-secret"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

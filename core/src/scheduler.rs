@@ -41,6 +41,8 @@ const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 const TIMEOUT_GRACE: Duration = Duration::from_secs(60);
 /// How long a cancelled agent gets to send its final STATUS.
 const CANCEL_GRACE: Duration = Duration::from_secs(20);
+/// Longest a single frame may take to send before the agent counts as not reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Scheduler settings taken from the core configuration.
 #[derive(Debug, Clone)]
@@ -88,6 +90,11 @@ pub struct Scheduler {
     /// Cancelled on core shutdown; every task selects on it.
     shutdown: CancellationToken,
 }
+
+/// The core is stopping and takes no new work.
+#[derive(Debug, thiserror::Error)]
+#[error("the core is shutting down")]
+pub struct ShuttingDown;
 
 /// Why an agent connection was refused (before upgrade).
 #[derive(Debug, PartialEq, Eq)]
@@ -175,8 +182,17 @@ impl Scheduler {
         })
     }
 
-    /// Starts executing a created run in the background.
-    pub fn start_run(self: &Arc<Self>, run_id: String) {
+    /// True once shutdown began; no new runs are accepted.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Starts executing a created run in the background. Refused once shutdown began (the
+    /// task tracker may already have been waited on).
+    pub fn start_run(self: &Arc<Self>, run_id: String) -> Result<(), ShuttingDown> {
+        if self.shutdown.is_cancelled() || self.tasks.is_closed() {
+            return Err(ShuttingDown);
+        }
         let scheduler = self.clone();
         let span = tracing::info_span!("run", run_id = %run_id);
         self.tasks.spawn(
@@ -191,6 +207,7 @@ impl Scheduler {
             }
             .instrument(span),
         );
+        Ok(())
     }
 
     /// Stops every task: agents are cancelled, instances terminated, jobs failed.
@@ -378,6 +395,12 @@ impl Scheduler {
             digest: None,
         };
         let _permit = tokio::select! {
+            // Shutdown wins over a free slot: no new instance once the core is stopping.
+            biased;
+            () = self.shutdown.cancelled() => {
+                let _ = self.db.mark_failed(&job.id, None, "the core shut down before the job started").await;
+                return failed(());
+            }
             permit = self.slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -385,10 +408,6 @@ impl Scheduler {
                     return failed(());
                 }
             },
-            () = self.shutdown.cancelled() => {
-                let _ = self.db.mark_failed(&job.id, None, "the core shut down before the job started").await;
-                return failed(());
-            }
         };
 
         // One-time token: only its hash is kept, in memory.
@@ -454,12 +473,19 @@ impl Scheduler {
             user_data,
             tags: self.tags(&run.id, &job.id),
         };
-        let instance = tokio::select! {
-            created = self.provider.create_instance(&machine_spec) => {
-                created.map_err(|error| format!("provisioning a {} {} instance failed: {error}", job.machine, arch))?
-            }
-            () = self.shutdown.cancelled() => return Err("the core shut down while provisioning".into()),
-        };
+        // Never abandon a create call half-way: the provider may already have started the
+        // instance, and only a returned id lets us terminate it. Shutdown is honoured right
+        // after (serve_instance sees the cancelled token and terminates).
+        let instance = self
+            .provider
+            .create_instance(&machine_spec)
+            .await
+            .map_err(|error| {
+                format!(
+                    "provisioning a {} {} instance failed: {error}",
+                    job.machine, arch
+                )
+            })?;
         let instance_id = instance.id.clone();
         // From here on, every path terminates the instance.
         let recorded = self
@@ -532,8 +558,10 @@ impl Scheduler {
             () = self.shutdown.cancelled() => return Err("the core shut down while waiting for the agent".into()),
         };
         let work = self.work_message(run, job, spec, merge_sources);
+        let target_image = self.image_for(run, job, spec);
         let deadline = Duration::from_secs(spec.timeout_seconds) + TIMEOUT_GRACE;
-        self.drive_agent(job, socket, work, deadline).await
+        self.drive_agent(job, socket, work, &target_image, deadline)
+            .await
     }
 
     /// Runs the protocol session with one connected agent until its STATUS is stored.
@@ -542,6 +570,7 @@ impl Scheduler {
         job: &JobRow,
         mut socket: WebSocket,
         work: Message,
+        target_image: &str,
         limit: Duration,
     ) -> Result<JobOutcome, String> {
         let stored = self
@@ -568,10 +597,10 @@ impl Scheduler {
         loop {
             // Outputs first: frames the session wants sent.
             while let Some(frame) = session.poll_frame() {
-                if socket.send(WsMessage::text(encode(&frame))).await.is_err() {
+                if let Err(error) = send_frame(&mut socket, &frame).await {
                     self.flush(job, &mut batch, &mut batch_bytes, &mut session)
                         .await?;
-                    return Err("the agent connection broke while sending to it".into());
+                    return Err(error);
                 }
             }
             let heartbeat_due = session
@@ -616,7 +645,10 @@ impl Scheduler {
                 }
                 _ = heartbeat_tick.tick() => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(job.id.clone()) });
-                    let _ = socket.send(WsMessage::text(encode(&frame))).await;
+                    if let Err(error) = send_frame(&mut socket, &frame).await {
+                        self.flush(job, &mut batch, &mut batch_bytes, &mut session).await?;
+                        return Err(error);
+                    }
                 }
                 () = tokio::time::sleep_until(heartbeat_due) => {
                     if let Err(error) = session.handle_timeout(std::time::Instant::now()) {
@@ -675,12 +707,19 @@ impl Scheduler {
                     SessionEvent::Finished(status) => {
                         self.flush(job, &mut batch, &mut batch_bytes, &mut session)
                             .await?;
-                        let outcome = self.record_status(job, &status, &cancel_reason).await?;
+                        let outcome = self
+                            .record_status(job, &status, target_image, &cancel_reason)
+                            .await?;
+                        // The session always numbers STATUS (it assigns the next seq when the
+                        // agent did not), so this acknowledges it.
                         session.handle_persisted(status.seq.unwrap_or(0));
                         while let Some(frame) = session.poll_frame() {
-                            let _ = socket.send(WsMessage::text(encode(&frame))).await;
+                            // Best effort: the outcome is stored whatever the agent does now.
+                            let _ = send_frame(&mut socket, &frame).await;
                         }
-                        let _ = socket.send(WsMessage::Close(None)).await;
+                        let _ =
+                            tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::Close(None)))
+                                .await;
                         return Ok(outcome);
                     }
                 }
@@ -692,20 +731,28 @@ impl Scheduler {
         &self,
         job: &JobRow,
         status: &stagely_protocol::Status,
+        target_image: &str,
         cancel_reason: &str,
     ) -> Result<JobOutcome, String> {
         let db_error = |e: crate::db::DbError| e.to_string();
+        // Only the image the core asked for counts: an agent cannot point the run elsewhere.
         let complete = match (status.state, &status.artifact_url, &status.digest) {
-            (JobState::Completed, Some(url), Some(digest)) if valid_digest(digest) => {
+            (JobState::Completed, Some(url), Some(digest))
+                if valid_digest(digest) && url == target_image =>
+            {
                 Some((url.clone(), digest.clone()))
             }
             _ => None,
         };
         if let Some((url, digest)) = complete {
-            self.db
+            let stored = self
+                .db
                 .mark_completed(&job.id, &url, &digest, status.exit_code.unwrap_or(0))
                 .await
                 .map_err(db_error)?;
+            if !stored {
+                return Err("the job was no longer running when its STATUS arrived".into());
+            }
             tracing::info!(artifact_url = %url, digest = %digest, "job completed");
             return Ok(JobOutcome {
                 name: job.name.clone(),
@@ -715,9 +762,10 @@ impl Scheduler {
             });
         }
         let mut message = match (status.state, &status.error) {
-            (JobState::Completed, _) => {
-                "the agent reported completed without a valid artifact_url and digest".to_string()
-            }
+            (JobState::Completed, _) => format!(
+                "the agent reported completed without a valid digest for {target_image} (artifact_url {:?})",
+                status.artifact_url
+            ),
             (JobState::Failed, Some(error)) => error.clone(),
             (JobState::Failed, None) => match status.exit_code {
                 Some(code) => format!("the build failed with exit code {code}"),
@@ -780,13 +828,28 @@ impl Scheduler {
         while reason.len() > 123 {
             reason.pop();
         }
-        let _ = socket
-            .send(WsMessage::Close(Some(CloseFrame {
+        let _ = tokio::time::timeout(
+            SEND_TIMEOUT,
+            socket.send(WsMessage::Close(Some(CloseFrame {
                 code: 1008,
                 reason: reason.into(),
-            })))
-            .await;
+            }))),
+        )
+        .await;
         error
+    }
+}
+
+/// Sends one frame; an agent that stops reading cannot stall the job task.
+async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), String> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::text(encode(frame)))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("the agent connection broke while sending to it".into()),
+        Err(_) => Err(format!(
+            "the agent stopped reading: a {} frame could not be sent within {}s",
+            frame.type_name(),
+            SEND_TIMEOUT.as_secs()
+        )),
     }
 }
 

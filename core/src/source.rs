@@ -21,6 +21,12 @@ pub enum SourceError {
         commit: String,
         detail: String,
     },
+    #[error("{path} is {size} bytes; at most {max} are accepted")]
+    TooLarge {
+        path: String,
+        size: usize,
+        max: usize,
+    },
     #[error("{repo} has no {path} at commit {commit}")]
     NoConfig {
         repo: String,
@@ -95,6 +101,24 @@ pub async fn read_config(repo: &str, commit: &str, dir: &str) -> Result<String, 
         .map_err(|detail| error("fetch", detail))?;
     }
     let object = format!("{commit}:{path}");
+    let Ok(size) = git(scratch.path(), &["cat-file", "-s", &object]).await else {
+        return Err(SourceError::NoConfig {
+            repo: repo.to_string(),
+            commit: commit.to_string(),
+            path,
+        });
+    };
+    let size: usize = String::from_utf8_lossy(&size)
+        .trim()
+        .parse()
+        .unwrap_or(usize::MAX);
+    if size > crate::api::MAX_CONFIG_BYTES {
+        return Err(SourceError::TooLarge {
+            path,
+            size,
+            max: crate::api::MAX_CONFIG_BYTES,
+        });
+    }
     match git(scratch.path(), &["show", &object]).await {
         Ok(bytes) => {
             String::from_utf8(bytes).map_err(|_| error("show", format!("{path} is not UTF-8 text")))

@@ -118,13 +118,16 @@ pub fn parse(text: &str, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
     for (name, build) in file.builds {
         plans.extend(plan_build(&name, build, prefix)?);
     }
-    let mut seen = std::collections::BTreeSet::new();
+    // Jobs become image tags (lowercase, `_` → `-`): two names that map to one tag would
+    // overwrite each other's image.
+    let mut seen = std::collections::BTreeMap::new();
     for plan in &plans {
-        if !seen.insert(plan.name.clone()) {
+        let tag = plan.name.to_ascii_lowercase().replace('_', "-");
+        if let Some(other) = seen.insert(tag.clone(), plan.name.clone()) {
             return Err(ConfigError::Build {
                 build: plan.spec.service.clone(),
                 problem: format!(
-                    "expands to job `{}`, which another build already declares",
+                    "job `{}` would push the same image tag `{tag}` as job `{other}`",
                     plan.name
                 ),
             });
@@ -491,6 +494,18 @@ builds:
     fn merge_names_may_not_collide() {
         let text = "builds:\n  app:\n    context: .\n    platforms: [linux/amd64, linux/arm64]\n  app_merge:\n    context: .\n    platform: linux/amd64\n";
         assert!(error(text).contains("app_merge"));
+    }
+
+    #[test]
+    fn names_that_map_to_one_image_tag_are_refused() {
+        let text = "builds:\n  App:\n    context: .\n    platform: linux/amd64\n  app:\n    context: .\n    platform: linux/amd64\n";
+        assert!(
+            error(text).contains("same image tag `app`"),
+            "{}",
+            error(text)
+        );
+        let text = "builds:\n  app-amd64:\n    context: .\n    platform: linux/amd64\n  app:\n    context: .\n    platforms: [linux/amd64, linux/arm64]\n";
+        assert!(error(text).contains("app-amd64"), "{}", error(text));
     }
 
     #[test]

@@ -146,7 +146,10 @@ impl CoreSession {
                 got: frame,
             }),
             (Phase::Working, Message::Log(log)) => self.handle_log(log),
-            (Phase::Working, Message::Status(status)) => {
+            (Phase::Working, Message::Status(mut status)) => {
+                // A STATUS without `seq` (the seed's shape) takes the next position, so it
+                // can still be acknowledged.
+                status.seq.get_or_insert(self.delivered_seq + 1);
                 if let Some(seq) = status.seq
                     && seq != self.delivered_seq + 1
                 {

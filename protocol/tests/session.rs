@@ -262,3 +262,17 @@ fn cancel_queues_a_cancel_frame() {
         matches!(h.session.poll_frame(), Some(Message::Cancel(c)) if c.reason.as_deref() == Some("user asked"))
     );
 }
+
+#[test]
+fn a_status_without_seq_is_numbered_and_acknowledged() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.feed(log("j1", 1)).unwrap();
+    let Message::Status(mut bare) = status("j1", 0) else {
+        unreachable!()
+    };
+    bare.seq = None;
+    h.feed(Message::Status(bare)).unwrap();
+    assert_eq!(h.finished.as_ref().unwrap().seq, Some(2));
+    assert_eq!(h.last_ack(), Some(2));
+}

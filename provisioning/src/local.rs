@@ -35,10 +35,23 @@ pub struct LocalProvider {
 #[derive(Debug, Serialize, Deserialize)]
 struct InstanceRecord {
     id: String,
-    pid: i32,
     host_arch: Arch,
     requested_arch: Arch,
     tags: BTreeMap<String, String>,
+    /// Set once the agent is started. The record itself is written before the start, so a
+    /// crash in between still leaves an instance the reaper can find.
+    #[serde(default)]
+    agent: Option<AgentProcess>,
+}
+
+/// Identifies the agent process beyond its PID, which the kernel reuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentProcess {
+    pid: i32,
+    /// Field 22 of /proc/PID/stat: start time in clock ticks after boot.
+    start_time: u64,
+    /// /proc/sys/kernel/random/boot_id at start.
+    boot_id: String,
 }
 
 impl LocalProvider {
@@ -72,6 +85,17 @@ impl LocalProvider {
         }
     }
 
+    async fn write_record(&self, record: &InstanceRecord) -> Result<(), ProviderError> {
+        let path = self.instance_dir(&record.id).join("instance.json");
+        let text = serde_json::to_vec_pretty(record).map_err(|error| ProviderError::Instance {
+            id: record.id.clone(),
+            detail: error.to_string(),
+        })?;
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(Self::io_error(&path))
+    }
+
     fn read_record(&self, id: &str) -> Option<InstanceRecord> {
         let text = std::fs::read_to_string(self.instance_dir(id).join("instance.json")).ok()?;
         serde_json::from_str(&text).ok()
@@ -94,12 +118,23 @@ fn valid_instance_id(id: &str) -> bool {
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Every live process whose session id is `session`.
-fn session_members(session: i32) -> Vec<i32> {
+/// How long terminate keeps sending SIGKILL before it reports failure.
+const KILL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One process as /proc shows it.
+struct ProcessInfo {
+    pid: i32,
+    session: i32,
+    start_time: u64,
+    cmdline: String,
+}
+
+/// Every live (non-zombie) process.
+fn processes() -> Vec<ProcessInfo> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut members = Vec::new();
+    let mut out = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -112,7 +147,7 @@ fn session_members(session: i32) -> Vec<i32> {
             continue;
         };
         // Fields after the command name, which is wrapped in parentheses and may contain any
-        // character: state ppid pgrp session ...
+        // character: state(3) ppid(4) pgrp(5) session(6) ... starttime(22).
         let Some(after_comm) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
             continue;
         };
@@ -121,15 +156,82 @@ fn session_members(session: i32) -> Vec<i32> {
         if fields.first() == Some(&"Z") {
             continue;
         }
-        if fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(session) {
-            members.push(pid);
-        }
+        let (Some(session), Some(start_time)) = (
+            fields.get(3).and_then(|s| s.parse().ok()),
+            fields.get(19).and_then(|s| s.parse().ok()),
+        ) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+            .unwrap_or_default();
+        out.push(ProcessInfo {
+            pid,
+            session,
+            start_time,
+            cmdline,
+        });
     }
-    members
+    out
 }
 
-fn signal_session(session: i32, signal: Signal) -> usize {
-    let members = session_members(session);
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn agent_process(pid: i32) -> Option<AgentProcess> {
+    let start_time = processes()
+        .into_iter()
+        .find(|process| process.pid == pid)?
+        .start_time;
+    Some(AgentProcess {
+        pid,
+        start_time,
+        boot_id: boot_id(),
+    })
+}
+
+/// The sessions that belong to an instance: the recorded agent's (only if that PID still
+/// is our agent, or its session still exists: the kernel does not reuse a PID that is a
+/// live session id), and the session of every process whose command line names the
+/// instance's directory (agent, git, builder).
+fn instance_sessions(agent: Option<&AgentProcess>, dir: &Path, all: &[ProcessInfo]) -> Vec<i32> {
+    let mut sessions = std::collections::BTreeSet::new();
+    if let Some(agent) = agent
+        && agent.boot_id == boot_id()
+    {
+        let leader = all.iter().find(|p| p.pid == agent.pid);
+        let ours = match leader {
+            Some(process) => process.start_time == agent.start_time,
+            None => all.iter().any(|p| p.session == agent.pid),
+        };
+        if ours {
+            sessions.insert(agent.pid);
+        }
+    }
+    let needle = format!("{}/", dir.display());
+    for process in all {
+        if process.cmdline.contains(&needle) {
+            sessions.insert(process.session);
+        }
+    }
+    sessions.into_iter().collect()
+}
+
+/// Live processes in any of `sessions`.
+fn session_members(sessions: &[i32]) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|p| sessions.contains(&p.session))
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Signals every member of `sessions`; returns how many there were.
+fn signal_sessions(sessions: &[i32], signal: Signal) -> usize {
+    let members = session_members(sessions);
     for pid in &members {
         // The process may have exited between the scan and the signal: that is fine.
         let _ = kill(Pid::from_raw(*pid), signal);
@@ -182,6 +284,17 @@ impl Provider for LocalProvider {
             .await
             .map_err(Self::io_error(&config_path))?;
 
+        // The record exists before the agent does: a crash from here on still leaves an
+        // instance that list_instances (the reaper) finds.
+        let mut record = InstanceRecord {
+            id: id.clone(),
+            host_arch: self.host_arch,
+            requested_arch: spec.arch,
+            tags: spec.tags.clone(),
+            agent: None,
+        };
+        self.write_record(&record).await?;
+
         let log_path = dir.join("agent.log");
         let log = std::fs::File::create(&log_path).map_err(Self::io_error(&log_path))?;
         let log_err = log.try_clone().map_err(Self::io_error(&log_path))?;
@@ -215,23 +328,12 @@ impl Provider for LocalProvider {
             let mut child = child;
             let _ = child.wait();
         });
-
-        let record = InstanceRecord {
-            id: id.clone(),
-            pid,
-            host_arch: self.host_arch,
-            requested_arch: spec.arch,
-            tags: spec.tags.clone(),
-        };
-        let record_path = dir.join("instance.json");
-        let record_text =
-            serde_json::to_vec_pretty(&record).map_err(|error| ProviderError::Instance {
-                id: id.clone(),
-                detail: error.to_string(),
-            })?;
-        tokio::fs::write(&record_path, record_text)
-            .await
-            .map_err(Self::io_error(&record_path))?;
+        record.agent = agent_process(pid);
+        if let Err(error) = self.write_record(&record).await {
+            // Without a record nobody could terminate it later: stop it now.
+            let _ = self.terminate_instance(&id).await;
+            return Err(error);
+        }
 
         tracing::info!(instance_id = %id, pid, arch = %spec.arch, emulated, "local instance started");
         Ok(Instance {
@@ -254,17 +356,27 @@ impl Provider for LocalProvider {
             // Never created, or already terminated: idempotent success.
             return Ok(());
         };
-        let session = record.pid;
-        if signal_session(session, Signal::SIGTERM) > 0 {
-            let deadline = tokio::time::Instant::now() + TERMINATE_GRACE;
-            while !session_members(session).is_empty() && tokio::time::Instant::now() < deadline {
+        let dir = self.instance_dir(instance_id);
+        let sessions = instance_sessions(record.agent.as_ref(), &dir, &processes());
+        if signal_sessions(&sessions, Signal::SIGTERM) > 0 {
+            let grace = tokio::time::Instant::now() + TERMINATE_GRACE;
+            while !session_members(&sessions).is_empty() && tokio::time::Instant::now() < grace {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            while signal_session(session, Signal::SIGKILL) > 0 {
+            let deadline = tokio::time::Instant::now() + KILL_DEADLINE;
+            while signal_sessions(&sessions, Signal::SIGKILL) > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ProviderError::Instance {
+                        id: instance_id.to_string(),
+                        detail: format!(
+                            "processes of sessions {sessions:?} survived SIGKILL for {}s",
+                            KILL_DEADLINE.as_secs()
+                        ),
+                    });
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let dir = self.instance_dir(instance_id);
         // Drop the instance's disk but keep its agent.log for post-mortems.
         let work = dir.join("work");
         let removed = tokio::task::spawn_blocking(move || {
@@ -403,12 +515,12 @@ mod tests {
         let record = provider.read_record(&instance.id).unwrap();
         // Wait for the fake agent to start its children.
         for _ in 0..100 {
-            if session_members(record.pid).len() >= 2 {
+            if session_members(&[record.agent.as_ref().unwrap().pid]).len() >= 2 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let members = session_members(record.pid);
+        let members = session_members(&[record.agent.as_ref().unwrap().pid]);
         assert!(members.len() >= 2, "agent and grandchild run: {members:?}");
 
         let only = BTreeMap::from([("stagely-core".to_string(), "t1".to_string())]);
@@ -418,7 +530,7 @@ mod tests {
         assert!(provider.list_instances(&other).await.unwrap().is_empty());
 
         provider.terminate_instance(&instance.id).await.unwrap();
-        assert!(session_members(record.pid).is_empty());
+        assert!(session_members(&[record.agent.as_ref().unwrap().pid]).is_empty());
         assert!(provider.list_instances(&only).await.unwrap().is_empty());
         // Idempotent.
         provider.terminate_instance(&instance.id).await.unwrap();
@@ -431,6 +543,41 @@ mod tests {
         let idir = provider.instance_dir(&instance.id);
         assert!(!idir.join("agent.toml").exists());
         assert!(idir.join("agent.log").exists());
+    }
+
+    #[tokio::test]
+    async fn a_stale_record_never_kills_a_process_that_reused_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider =
+            LocalProvider::new(fake_agent(dir.path()), dir.path().join("instances")).unwrap();
+        // An unrelated session leader, as if it got the PID after our agent died.
+        let mut bystander = std::process::Command::new("setsid")
+            .args(["sleep", "300"])
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pid = bystander.id() as i32;
+        let id = "local-stale0000000000000000000000000";
+        std::fs::create_dir_all(provider.instance_dir(id)).unwrap();
+        let record = InstanceRecord {
+            id: id.into(),
+            host_arch: Arch::Amd64,
+            requested_arch: Arch::Amd64,
+            tags: BTreeMap::new(),
+            agent: Some(AgentProcess {
+                pid,
+                start_time: 1,
+                boot_id: boot_id(),
+            }),
+        };
+        provider.write_record(&record).await.unwrap();
+        provider.terminate_instance(id).await.unwrap();
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "terminate killed a process that was not the instance's"
+        );
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
     }
 
     #[tokio::test]

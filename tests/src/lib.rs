@@ -350,7 +350,7 @@ impl TestCore {
         self.provider
             .list_instances(&BTreeMap::new())
             .await
-            .unwrap_or_default()
+            .expect("the provider lists its instances")
     }
 
     pub async fn stop(&mut self) {
