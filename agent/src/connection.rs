@@ -33,6 +33,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const CORE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 const WORK_WAIT_LIMIT: Duration = Duration::from_secs(120);
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Longest one frame may take to send (the core batches database writes, so allow slack).
+const SEND_LIMIT: Duration = Duration::from_secs(60);
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -177,8 +179,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Report> {
     let (mut sender, mut receiver) = socket.split();
-    sender
-        .send(WsMessage::text(encode(&Message::Hello(hello))))
+    send_frame(&mut sender, &Message::Hello(hello))
         .await
         .context("sending HELLO")?;
 
@@ -272,13 +273,13 @@ pub async fn serve(
                             data: piece,
                             seq: Some(seq),
                         });
-                        if let Err(error) = sender.send(WsMessage::text(encode(&frame))).await {
+                        if let Err(error) = send_frame(&mut sender, &frame).await {
                             failed = Some(error);
                             break;
                         }
                     }
                     if let Some(error) = failed {
-                        break Err(anyhow!(error).context("sending LOG"));
+                        break Err(error.context("sending LOG"));
                     }
                 }
                 Some(Output::Finished(report)) => {
@@ -295,8 +296,8 @@ pub async fn serve(
                         seq: Some(seq),
                     });
                     final_report = Some(report);
-                    if let Err(error) = sender.send(WsMessage::text(encode(&status))).await {
-                        break Err(anyhow!(error).context("sending STATUS"));
+                    if let Err(error) = send_frame(&mut sender, &status).await {
+                        break Err(error.context("sending STATUS"));
                     }
                     ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
                 }
@@ -338,8 +339,8 @@ pub async fn serve(
             }
             _ = heartbeat.tick() => {
                 let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
-                if let Err(error) = sender.send(WsMessage::text(encode(&frame))).await {
-                    break Err(anyhow!(error).context("sending HEARTBEAT"));
+                if let Err(error) = send_frame(&mut sender, &frame).await {
+                    break Err(error.context("sending HEARTBEAT"));
                 }
             }
             () = silence => break Err(anyhow!("no frame from the core for {CORE_SILENCE_LIMIT:?}")),
@@ -356,9 +357,24 @@ pub async fn serve(
     cancel.cancel();
     drop(output_rx);
     let _ = job_task.await;
-    let _ = sender.send(WsMessage::Close(None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send(WsMessage::Close(None))).await;
     result?;
     final_report.ok_or_else(|| anyhow!("the job ended without a report"))
+}
+
+/// Sends one frame; a core that stops reading cannot stall the agent forever.
+async fn send_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(SEND_LIMIT, sender.send(WsMessage::text(encode(frame)))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(anyhow!(error)),
+        Err(_) => Err(anyhow!(
+            "the core did not take a {} frame within {SEND_LIMIT:?}",
+            frame.type_name()
+        )),
+    }
 }
 
 fn unreachable_report() -> Report {
