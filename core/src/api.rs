@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use stagely_protocol::MAX_FRAME_BYTES;
 
 use crate::db::{JobRow, LogRow, NewJob, RunRow};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{RunSecrets, Scheduler};
 use crate::source;
 use crate::stagely_yaml;
 
@@ -127,7 +127,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value
 }
 
 /// `POST /api/v1/workflows`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// A git URL, or a path on the core's machine (local provider).
@@ -147,6 +147,27 @@ pub struct SubmitRequest {
     /// contexts are relative to it.
     #[serde(default)]
     pub config_dir: Option<String>,
+    /// Token for a private HTTPS repository. Used for this run only: never stored, never
+    /// logged, never shown by the API.
+    #[serde(default)]
+    pub clone_token: Option<String>,
+}
+
+impl std::fmt::Debug for SubmitRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmitRequest")
+            .field("repo_url", &self.repo_url)
+            .field("commit_hash", &self.commit_hash)
+            .field("branch", &self.branch)
+            .field("environment_id", &self.environment_id)
+            .field("trigger", &self.trigger)
+            .field("config_dir", &self.config_dir)
+            .field(
+                "clone_token",
+                &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -278,6 +299,14 @@ fn validate_submit(request: &SubmitRequest) -> Result<(String, String), ApiError
             )
         })?,
     };
+    if let Some(token) = &request.clone_token
+        && (token.is_empty() || token.len() > 4096 || token.contains(|c: char| c.is_control()))
+    {
+        return Err(invalid(
+            "clone_token",
+            "must be 1-4096 printable characters",
+        ));
+    }
     if let Some(text) = &request.stagely_yaml
         && text.len() > MAX_CONFIG_BYTES
     {
@@ -303,9 +332,14 @@ async fn submit_workflow(
     }
     let text = match &request.stagely_yaml {
         Some(text) => text.clone(),
-        None => source::read_config(&request.repo_url, &request.commit_hash, &config_dir)
-            .await
-            .map_err(|error| ApiError::Unprocessable(error.to_string()))?,
+        None => source::read_config(
+            &request.repo_url,
+            &request.commit_hash,
+            &config_dir,
+            request.clone_token.as_deref(),
+        )
+        .await
+        .map_err(|error| ApiError::Unprocessable(error.to_string()))?,
     };
     let plans = stagely_yaml::parse(&text, &config_dir)
         .map_err(|error| invalid("stagely_yaml", error.to_string()))?;
@@ -337,7 +371,10 @@ async fn submit_workflow(
     )
     .await?;
     tracing::info!(run_id, jobs = jobs.len(), "run submitted");
-    if let Err(error) = state.scheduler.start_run(run_id.clone()) {
+    let secrets = RunSecrets {
+        clone_token: request.clone_token.clone(),
+    };
+    if let Err(error) = state.scheduler.start_run(run_id.clone(), secrets) {
         db.set_run_status(&run_id, "failed", Some(&error.to_string()))
             .await?;
         for job in &jobs {

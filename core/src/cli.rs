@@ -104,7 +104,8 @@ pub struct SubmitArgs {
     /// stagely.yaml to send; default: the core reads it from the repository.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// Directory of stagely.yaml inside the repository.
+    /// Directory of stagely.yaml inside the repository. A token for a private repository
+    /// is read from STAGELY_CLONE_TOKEN (never a flag).
     #[arg(long)]
     pub config_dir: Option<String>,
     #[arg(long, default_value = "manual")]
@@ -571,6 +572,8 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             "trigger": args.trigger,
             "stagely_yaml": stagely_yaml,
             "config_dir": args.config_dir,
+            // From the environment only: a flag would show the token in the process list.
+            "clone_token": std::env::var("STAGELY_CLONE_TOKEN").ok().filter(|t| !t.is_empty()),
         }))
         .send()
         .await?;

@@ -83,12 +83,34 @@ pub struct Scheduler {
     /// job tasks before they create an instance and removed on first use (one-time) or when
     /// the job task ends.
     pending: PendingAgents,
+    /// Secrets of runs in progress (clone tokens). Never stored: a run that outlives its
+    /// process (a core restart) is failed anyway. Entries are added by `start_run` and
+    /// removed when the run task ends.
+    run_secrets: Mutex<HashMap<String, RunSecrets>>,
     /// Limits instances alive at once (the seed's BuildQueue).
     slots: Arc<Semaphore>,
     /// Every run and job task; `shutdown` waits on it.
     tasks: TaskTracker,
     /// Cancelled on core shutdown; every task selects on it.
     shutdown: CancellationToken,
+}
+
+/// Secrets a run needs that must never be stored.
+#[derive(Clone, Default)]
+pub struct RunSecrets {
+    /// Token for cloning a private repository over HTTPS (sent as an HTTP header).
+    pub clone_token: Option<String>,
+}
+
+impl std::fmt::Debug for RunSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSecrets")
+            .field(
+                "clone_token",
+                &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// The core is stopping and takes no new work.
@@ -116,6 +138,7 @@ impl Scheduler {
             slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
             settings,
             pending: Arc::new(Mutex::new(HashMap::new())),
+            run_secrets: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -177,8 +200,10 @@ impl Scheduler {
         let mut pending = self.pending.lock().map_err(|_| ClaimError::Unauthorized)?;
         let slot = pending.remove(&hash).ok_or(ClaimError::Unauthorized)?;
         Ok(AgentClaim {
-            job_id: slot.job_id,
-            deliver: slot.deliver,
+            job_id: slot.job_id.clone(),
+            hash,
+            slot: Some(slot),
+            pending: self.pending.clone(),
         })
     }
 
@@ -189,15 +214,28 @@ impl Scheduler {
 
     /// Starts executing a created run in the background. Refused once shutdown began (the
     /// task tracker may already have been waited on).
-    pub fn start_run(self: &Arc<Self>, run_id: String) -> Result<(), ShuttingDown> {
+    pub fn start_run(
+        self: &Arc<Self>,
+        run_id: String,
+        secrets: RunSecrets,
+    ) -> Result<(), ShuttingDown> {
         if self.shutdown.is_cancelled() || self.tasks.is_closed() {
             return Err(ShuttingDown);
+        }
+        if secrets.clone_token.is_some()
+            && let Ok(mut all) = self.run_secrets.lock()
+        {
+            all.insert(run_id.clone(), secrets);
         }
         let scheduler = self.clone();
         let span = tracing::info_span!("run", run_id = %run_id);
         self.tasks.spawn(
             async move {
-                if let Err(error) = scheduler.execute_run(&run_id).await {
+                let result = scheduler.execute_run(&run_id).await;
+                if let Ok(mut all) = scheduler.run_secrets.lock() {
+                    all.remove(&run_id);
+                }
+                if let Err(error) = result {
                     tracing::error!("run failed internally: {error:#}");
                     let _ = scheduler
                         .db
@@ -359,7 +397,11 @@ impl Scheduler {
                         repo_url: run.repo_url.clone(),
                         commit_hash: run.commit_hash.clone(),
                         branch: run.branch.clone(),
-                        clone_token: None,
+                        clone_token: self
+                            .run_secrets
+                            .lock()
+                            .ok()
+                            .and_then(|all| all.get(&run.id).and_then(|s| s.clone_token.clone())),
                     },
                     build_config: BuildConfig {
                         context_path: spec.context_path.clone(),
@@ -854,15 +896,36 @@ async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), Strin
 }
 
 /// A claimed agent slot: the upgrade handler hands the socket to the waiting job task.
+///
+/// The token is spent when the socket is delivered. If the WebSocket handshake fails after
+/// the claim (the claim is dropped undelivered), the slot goes back, so the agent's retry
+/// with the same token is not refused for a connection that never happened.
 pub struct AgentClaim {
     pub job_id: String,
-    deliver: oneshot::Sender<WebSocket>,
+    hash: [u8; 32],
+    /// The waiting job's slot; `None` once delivered.
+    slot: Option<PendingAgent>,
+    pending: PendingAgents,
 }
 
 impl AgentClaim {
-    pub fn deliver(self, socket: WebSocket) {
-        // If the job task gave up meanwhile, the socket is dropped (closed).
-        let _ = self.deliver.send(socket);
+    pub fn deliver(mut self, socket: WebSocket) {
+        if let Some(slot) = self.slot.take() {
+            // If the job task gave up meanwhile, the socket is dropped (closed).
+            let _ = slot.deliver.send(socket);
+        }
+    }
+}
+
+impl Drop for AgentClaim {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take()
+            && !slot.deliver.is_closed()
+            && let Ok(mut pending) = self.pending.lock()
+        {
+            tracing::warn!(job_id = %slot.job_id, "agent handshake failed; its token stays valid for a retry");
+            pending.insert(self.hash, slot);
+        }
     }
 }
 

@@ -35,10 +35,28 @@ pub enum SourceError {
     },
 }
 
-async fn git(dir: &std::path::Path, args: &[&str]) -> Result<Vec<u8>, String> {
+async fn git(
+    dir: &std::path::Path,
+    args: &[&str],
+    clone_token: Option<&str>,
+) -> Result<Vec<u8>, String> {
+    let mut command = Command::new("git");
+    if let Some(token) = clone_token {
+        // As the agent does: an HTTP header through git's environment config, never argv.
+        use base64::Engine;
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        command
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {basic}"),
+            );
+    }
     let output = tokio::time::timeout(
         GIT_TIMEOUT,
-        Command::new("git")
+        command
             .arg("-C")
             .arg(dir)
             .args(args)
@@ -64,7 +82,12 @@ async fn git(dir: &std::path::Path, args: &[&str]) -> Result<Vec<u8>, String> {
 }
 
 /// Returns the text of `<dir>/stagely.yaml` in `repo` at `commit`.
-pub async fn read_config(repo: &str, commit: &str, dir: &str) -> Result<String, SourceError> {
+pub async fn read_config(
+    repo: &str,
+    commit: &str,
+    dir: &str,
+    clone_token: Option<&str>,
+) -> Result<String, SourceError> {
     let scratch = tempfile::tempdir().map_err(SourceError::Scratch)?;
     let path = if dir.is_empty() {
         "stagely.yaml".to_string()
@@ -77,12 +100,13 @@ pub async fn read_config(repo: &str, commit: &str, dir: &str) -> Result<String, 
         commit: commit.to_string(),
         detail,
     };
-    git(scratch.path(), &["init", "-q"])
+    git(scratch.path(), &["init", "-q"], clone_token)
         .await
         .map_err(|detail| error("init", detail))?;
     if git(
         scratch.path(),
         &["fetch", "-q", "--depth", "1", "--no-tags", repo, commit],
+        clone_token,
     )
     .await
     .is_err()
@@ -96,12 +120,13 @@ pub async fn read_config(repo: &str, commit: &str, dir: &str) -> Result<String, 
                 repo,
                 "+refs/heads/*:refs/remotes/origin/*",
             ],
+            clone_token,
         )
         .await
         .map_err(|detail| error("fetch", detail))?;
     }
     let object = format!("{commit}:{path}");
-    let Ok(size) = git(scratch.path(), &["cat-file", "-s", &object]).await else {
+    let Ok(size) = git(scratch.path(), &["cat-file", "-s", &object], clone_token).await else {
         return Err(SourceError::NoConfig {
             repo: repo.to_string(),
             commit: commit.to_string(),
@@ -119,7 +144,7 @@ pub async fn read_config(repo: &str, commit: &str, dir: &str) -> Result<String, 
             max: crate::api::MAX_CONFIG_BYTES,
         });
     }
-    match git(scratch.path(), &["show", &object]).await {
+    match git(scratch.path(), &["show", &object], clone_token).await {
         Ok(bytes) => {
             String::from_utf8(bytes).map_err(|_| error("show", format!("{path} is not UTF-8 text")))
         }

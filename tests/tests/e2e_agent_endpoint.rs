@@ -449,6 +449,73 @@ async fn bad_api_input_gets_a_precise_error_naming_the_field() {
     core.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_token_reaches_the_agent_and_nothing_else() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let clone_token = "ghp_clone_token_that_must_not_leak_0123456789";
+    let (status, body) = core
+        .submit_raw(serde_json::json!({
+            "repo_url": "https://git.example.invalid/private.git",
+            "commit_hash": FAKE_COMMIT,
+            "branch": "main",
+            "environment_id": "pr-10",
+            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
+            "clone_token": clone_token,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        !body.to_string().contains(clone_token),
+        "the API echoed the token"
+    );
+    let tokens = tokens(&provider, 1).await;
+    let mut agent = connect(&core, Some(&tokens[0].1)).await.unwrap();
+    agent.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(build) = next_message(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    assert_eq!(build.context.clone_token.as_deref(), Some(clone_token));
+    drop(agent);
+    let run_id = body["id"].as_str().unwrap().to_string();
+    let view = core.wait_finished(&run_id, Duration::from_secs(20)).await;
+    assert!(!serde_json::to_string(&view).unwrap().contains(clone_token));
+    core.stop().await;
+    for file in files_under(core.data.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !contains(&bytes, clone_token.as_bytes()),
+            "{} holds the clone token",
+            file.display()
+        );
+    }
+
+    // Credentials inside the URL are refused, naming the field.
+    let mut core = TestCore::start_with_provider(Arc::new(RecordingProvider::default()))
+        .await
+        .unwrap();
+    let (status, body) = core
+        .submit_raw(serde_json::json!({
+            "repo_url": "https://user:secret@git.example.invalid/private.git",
+            "commit_hash": FAKE_COMMIT,
+            "branch": "main",
+            "environment_id": "pr-10",
+            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 422);
+    assert_eq!(body["error"]["field"], "repo_url");
+    assert!(!body.to_string().contains("secret"));
+    core.stop().await;
+}
+
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
