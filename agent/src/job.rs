@@ -203,11 +203,9 @@ pub async fn run_build(
         ))
         .await;
     }
-    let Some(backend) = env.backend.clone() else {
-        let error =
-            "no builder backend: neither `docker buildx` nor `buildah` works here".to_string();
-        sink.system(format!("error: {error}")).await;
-        return Report::never_ran(NeverRan::NoBuilder, error);
+    let backend = match require_backend(env, sink).await {
+        Ok(backend) => backend,
+        Err(report) => return report,
     };
     if cancel.is_cancelled() {
         return Report::never_ran(
@@ -221,34 +219,17 @@ pub async fn run_build(
         return report;
     }
 
-    let files = match prepare_files(
-        &env.work_dir,
+    run_authenticated(
+        env,
+        backend.kind(),
         build.registry_auth.as_ref(),
         &config.target_image,
-    )
-    .await
-    {
-        Ok(files) => files,
-        Err(error) => {
-            let error = format!("preparing the registry auth file failed: {error}");
-            sink.system(format!("error: {error}")).await;
-            return Report::never_ran(NeverRan::AgentError, error);
-        }
-    };
-    let commands = backend.build_commands(config, &checkout, build.registry.insecure, &files);
-    let timeout = config.timeout_seconds.map(Duration::from_secs);
-    let report = run_commands(
-        &commands,
-        backend.kind(),
-        &config.target_image,
-        &files,
+        config.timeout_seconds,
         sink,
         cancel,
-        timeout,
+        |files| backend.build_commands(config, &checkout, build.registry.insecure, files),
     )
-    .await;
-    remove_auth(&files).await;
-    report
+    .await
 }
 
 /// Runs a MERGE to completion and returns its report.
@@ -258,47 +239,71 @@ pub async fn run_merge(
     sink: &OutputSink,
     cancel: &CancellationToken,
 ) -> Report {
-    let Some(backend) = env.backend.clone() else {
-        let error =
-            "no builder backend: neither `docker buildx` nor `buildah` works here".to_string();
-        sink.system(format!("error: {error}")).await;
-        return Report::never_ran(NeverRan::NoBuilder, error);
+    let backend = match require_backend(env, sink).await {
+        Ok(backend) => backend,
+        Err(report) => return report,
     };
     if merge.source_images.is_empty() {
         let error = "MERGE names no source_images".to_string();
         sink.system(format!("error: {error}")).await;
         return Report::never_ran(NeverRan::AgentError, error);
     }
-    let files = match prepare_files(
-        &env.work_dir,
+    run_authenticated(
+        env,
+        backend.kind(),
         merge.registry_auth.as_ref(),
         &merge.target_image,
+        merge.timeout_seconds,
+        sink,
+        cancel,
+        |files| {
+            backend.merge_commands(
+                &merge.source_images,
+                &merge.target_image,
+                merge.registry.insecure,
+                files,
+            )
+        },
     )
     .await
-    {
+}
+
+async fn require_backend(env: &JobEnvironment, sink: &OutputSink) -> Result<Backend, Report> {
+    match env.backend.clone() {
+        Some(backend) => Ok(backend),
+        None => {
+            let error =
+                "no builder backend: neither `docker buildx` nor `buildah` works here".to_string();
+            sink.system(format!("error: {error}")).await;
+            Err(Report::never_ran(NeverRan::NoBuilder, error))
+        }
+    }
+}
+
+/// Writes the registry auth file, runs the backend's commands, and removes the auth file
+/// whatever happened.
+#[allow(clippy::too_many_arguments)]
+async fn run_authenticated(
+    env: &JobEnvironment,
+    kind: BuilderKind,
+    auth: Option<&RegistryAuth>,
+    target_image: &str,
+    timeout_seconds: Option<u64>,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+    commands: impl FnOnce(&JobFiles) -> Vec<Invocation>,
+) -> Report {
+    let files = match prepare_files(&env.work_dir, auth, target_image).await {
         Ok(files) => files,
         Err(error) => {
             let error = format!("preparing the registry auth file failed: {error}");
+            sink.system(format!("error: {error}")).await;
             return Report::never_ran(NeverRan::AgentError, error);
         }
     };
-    let commands = backend.merge_commands(
-        &merge.source_images,
-        &merge.target_image,
-        merge.registry.insecure,
-        &files,
-    );
-    let timeout = merge.timeout_seconds.map(Duration::from_secs);
-    let report = run_commands(
-        &commands,
-        backend.kind(),
-        &merge.target_image,
-        &files,
-        sink,
-        cancel,
-        timeout,
-    )
-    .await;
+    let commands = commands(&files);
+    let timeout = timeout_seconds.map(Duration::from_secs);
+    let report = run_commands(&commands, kind, target_image, &files, sink, cancel, timeout).await;
     remove_auth(&files).await;
     report
 }

@@ -200,7 +200,7 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
         let bytes = std::fs::read(&file).unwrap();
         for secret in [token.as_str(), core.registry.password.as_str()] {
             assert!(
-                !contains(&bytes, secret.as_bytes()),
+                !contains_bytes(&bytes, secret.as_bytes()),
                 "{} contains a secret",
                 file.display()
             );
@@ -490,7 +490,7 @@ async fn a_clone_token_reaches_the_agent_and_nothing_else() {
     for file in files_under(core.data.path()) {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
-            !contains(&bytes, clone_token.as_bytes()),
+            !contains_bytes(&bytes, clone_token.as_bytes()),
             "{} holds the clone token",
             file.display()
         );
@@ -514,29 +514,4 @@ async fn a_clone_token_reaches_the_agent_and_nothing_else() {
     assert_eq!(body["error"]["field"], "repo_url");
     assert!(!body.to_string().contains("secret"));
     core.stop().await;
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
 }

@@ -6,34 +6,6 @@ use std::time::Duration;
 
 use stagely_tests::*;
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_symlink() {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_registry_password_never_reaches_argv_logs_or_the_database() {
     if !require_build_peers() {
@@ -91,7 +63,7 @@ async fn the_registry_password_never_reaches_argv_logs_or_the_database() {
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
-            !contains(&bytes, password.as_bytes()),
+            !contains_bytes(&bytes, password.as_bytes()),
             "{} contains the password",
             file.display()
         );
