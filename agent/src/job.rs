@@ -443,17 +443,7 @@ async fn fetch_source(
         command.arg("-C").arg(checkout).args(args);
         command.env("GIT_TERMINAL_PROMPT", "0");
         if let Some(token) = &source.clone_token {
-            // The token goes in an HTTP header through git's environment config, never in
-            // the URL or on the command line.
-            let basic =
-                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
-            command
-                .env("GIT_CONFIG_COUNT", "1")
-                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env(
-                    "GIT_CONFIG_VALUE_0",
-                    format!("Authorization: Basic {basic}"),
-                );
+            command.envs(stagely_protocol::git_auth_env(token));
         }
         command
     };

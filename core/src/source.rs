@@ -42,17 +42,7 @@ async fn git(
 ) -> Result<Vec<u8>, String> {
     let mut command = Command::new("git");
     if let Some(token) = clone_token {
-        // As the agent does: an HTTP header through git's environment config, never argv.
-        use base64::Engine;
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
-        command
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env(
-                "GIT_CONFIG_VALUE_0",
-                format!("Authorization: Basic {basic}"),
-            );
+        command.envs(stagely_protocol::git_auth_env(token));
     }
     let output = tokio::time::timeout(
         GIT_TIMEOUT,

@@ -376,6 +376,24 @@ pub struct Heartbeat {
     pub job_id: Option<String>,
 }
 
+/// How a `clone_token` is presented to git, for the core (reading `stagely.yaml`) and the
+/// agent (fetching the source) alike: an HTTP Basic header (`x-access-token:<token>`) passed
+/// through git's environment configuration, so it is never in a URL or on a command line.
+/// Returns the environment variables to set on the `git` process.
+pub fn git_auth_env(clone_token: &str) -> [(&'static str, String); 3] {
+    use base64::Engine;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{clone_token}"));
+    [
+        ("GIT_CONFIG_COUNT", "1".to_string()),
+        ("GIT_CONFIG_KEY_0", "http.extraHeader".to_string()),
+        (
+            "GIT_CONFIG_VALUE_0",
+            format!("Authorization: Basic {basic}"),
+        ),
+    ]
+}
+
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
     *value == T::default()
 }

@@ -98,19 +98,32 @@ fn processes_under(dir: &std::path::Path) -> Vec<(i32, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_core_killed_mid_build_leaks_no_instance() {
-    if !require_build_peers() {
-        return;
-    }
+/// A `stagely serve` process whose one job is inside a RUN step that never ends.
+async fn core_mid_build(
+    environment: &str,
+) -> (
+    stagely_core::registry::LocalRegistry,
+    tempfile::TempDir,
+    ServeProcess,
+    stagely_core::api::RunView,
+) {
     let repo = forever_repo();
     let registry = stagely_core::registry::LocalRegistry::start()
         .await
         .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut core = ServeProcess::start(data.path(), &registry).await;
-    let run = core.submit(&repo, "pr-6").await;
+    let core = ServeProcess::start(data.path(), &registry).await;
+    let run = core.submit(&repo, environment).await;
     core.wait_for_line(&run.jobs[0].id, "started").await;
+    (registry, data, core, run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_core_killed_mid_build_leaks_no_instance() {
+    if !require_build_peers() {
+        return;
+    }
+    let (_registry, data, mut core, run) = core_mid_build("pr-6").await;
 
     // Crash: SIGKILL, no graceful shutdown, so nothing terminates the instance now.
     core.kill();
@@ -153,14 +166,7 @@ async fn sigterm_mid_build_stops_gracefully_terminating_the_instance() {
     if !require_build_peers() {
         return;
     }
-    let repo = forever_repo();
-    let registry = stagely_core::registry::LocalRegistry::start()
-        .await
-        .unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut core = ServeProcess::start(data.path(), &registry).await;
-    let run = core.submit(&repo, "pr-7").await;
-    core.wait_for_line(&run.jobs[0].id, "started").await;
+    let (_registry, data, mut core, run) = core_mid_build("pr-7").await;
 
     let status = core.terminate().await;
     assert!(status.success(), "the core did not exit cleanly: {status}");
