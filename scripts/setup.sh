@@ -2,7 +2,7 @@
 # Stagely machine setup (Debian 12, run as root). Idempotent: installs only what
 # is missing, so a second run on a ready machine does nothing and takes < 2 s.
 #
-# Provides: git, buildah, skopeo, docker-registry (Distribution), qemu-user-static
+# Provides: git, buildah with runc (RUN steps in their own containers), skopeo, docker-registry (Distribution), qemu-user-static
 # + arm64 binfmt registration, static busybox for amd64 and arm64 at
 # /usr/local/lib/stagely/busybox-{amd64,arm64}, cloud-init (schema checks),
 # PostgreSQL running on 127.0.0.1:5432.
@@ -26,9 +26,10 @@ pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "insta
 # "command:package" pairs; a package is wanted only if its command is absent.
 wanted=()
 for pair in \
-    git:git curl:curl file:file buildah:buildah skopeo:skopeo \
+    git:git curl:curl file:file buildah:buildah runc:runc skopeo:skopeo \
     docker-registry:docker-registry qemu-aarch64-static:qemu-user-static \
-    cloud-init:cloud-init newuidmap:uidmap cc:gcc pkg-config:pkg-config; do
+    cloud-init:cloud-init newuidmap:uidmap cc:gcc pkg-config:pkg-config \
+    unshare:util-linux; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     have "$cmd" || wanted+=("$pkg")
 done

@@ -59,16 +59,16 @@ impl Backend {
         }
     }
 
-    /// The commands that build and push one image, in order.
+    /// The commands that build and push one image, in order. `context` and `dockerfile` are
+    /// the resolved paths inside the checkout (see `job::resolve_build_paths`).
     pub fn build_commands(
         &self,
         config: &BuildConfig,
-        checkout: &Path,
+        context: &Path,
+        dockerfile: &Path,
         insecure_registry: bool,
         files: &JobFiles,
     ) -> Vec<Invocation> {
-        let context = join_relative(checkout, &config.context_path);
-        let dockerfile = join_relative(&context, &config.dockerfile);
         match self {
             Backend::Buildx => {
                 // The seed's command. `-f` is resolved against the working directory by
@@ -99,7 +99,7 @@ impl Backend {
                 args.push("-t".into());
                 args.push(config.target_image.clone());
                 args.push("-f".into());
-                args.push(path_text(&dockerfile));
+                args.push(path_text(dockerfile));
                 if insecure_registry {
                     args.push(format!(
                         "--output=type=image,name={},push=true{insecure}",
@@ -110,7 +110,7 @@ impl Backend {
                 }
                 args.push("--metadata-file".into());
                 args.push(path_text(&files.result_file));
-                args.push(path_text(&context));
+                args.push(path_text(context));
                 vec![Invocation {
                     program: "docker".into(),
                     args,
@@ -121,11 +121,14 @@ impl Backend {
             }
             Backend::Buildah { .. } => {
                 let mut bud = self.buildah_global();
+                // Every RUN step in its own container (runc): its own PID, mount and network
+                // namespaces, so a build neither sees nor signals host processes nor reads
+                // another build's command line.
                 bud.extend(
                     [
                         "bud",
                         "--isolation",
-                        "chroot",
+                        "oci",
                         "--platform",
                         &config.platform,
                         "--layers",
@@ -133,7 +136,7 @@ impl Backend {
                     .map(String::from),
                 );
                 bud.push("-f".into());
-                bud.push(path_text(&dockerfile));
+                bud.push(path_text(dockerfile));
                 bud.push("-t".into());
                 bud.push(config.target_image.clone());
                 for (key, value) in &config.build_args {
@@ -154,7 +157,7 @@ impl Backend {
                 if insecure_registry {
                     bud.push("--tls-verify=false".into());
                 }
-                bud.push(path_text(&context));
+                bud.push(path_text(context));
 
                 let mut push = self.buildah_global();
                 push.push("push".into());
@@ -401,7 +404,8 @@ mod tests {
     fn buildx_runs_the_seed_command() {
         let commands = Backend::Buildx.build_commands(
             &seed_config(),
-            Path::new("/workspace"),
+            Path::new("/workspace/api"),
+            Path::new("/workspace/api/Dockerfile"),
             false,
             &files(),
         );
@@ -445,8 +449,13 @@ mod tests {
 
     #[test]
     fn buildx_pushes_to_a_plain_http_registry_through_output_options() {
-        let commands =
-            Backend::Buildx.build_commands(&seed_config(), Path::new("/workspace"), true, &files());
+        let commands = Backend::Buildx.build_commands(
+            &seed_config(),
+            Path::new("/workspace/api"),
+            Path::new("/workspace/api/Dockerfile"),
+            true,
+            &files(),
+        );
         let args = &commands[0].args;
         assert!(!args.contains(&"--push".to_string()));
         assert!(args.contains(
@@ -491,11 +500,17 @@ mod tests {
             root: "/w/storage".into(),
             runroot: "/w/run".into(),
         };
-        let commands = backend.build_commands(&seed_config(), Path::new("/w/src"), true, &files());
+        let commands = backend.build_commands(
+            &seed_config(),
+            Path::new("/w/src/api"),
+            Path::new("/w/src/api/Dockerfile"),
+            true,
+            &files(),
+        );
         let bud = commands[0].args.join(" ");
         assert_eq!(
             bud,
-            "--root /w/storage --runroot /w/run --storage-driver vfs bud --isolation chroot \
+            "--root /w/storage --runroot /w/run --storage-driver vfs bud --isolation oci \
              --platform linux/amd64 --layers -f /w/src/api/Dockerfile \
              -t registry.internal/proj-123/env-456:backend-amd64 --build-arg NODE_ENV=staging \
              --cache-from registry.internal/proj-123/cache --cache-to registry.internal/proj-123/cache \
@@ -519,9 +534,21 @@ mod tests {
             runroot: "/rr".into(),
         };
         for command in backend
-            .build_commands(&seed_config(), Path::new("/s"), false, &files())
+            .build_commands(
+                &seed_config(),
+                Path::new("/s"),
+                Path::new("/s/D"),
+                false,
+                &files(),
+            )
             .into_iter()
-            .chain(Backend::Buildx.build_commands(&seed_config(), Path::new("/s"), false, &files()))
+            .chain(Backend::Buildx.build_commands(
+                &seed_config(),
+                Path::new("/s"),
+                Path::new("/s/D"),
+                false,
+                &files(),
+            ))
         {
             for arg in &command.args {
                 assert!(!arg.contains("reg_token"), "{arg}");

@@ -229,7 +229,8 @@ pub async fn serve(
             .collect(),
         _ => Vec::new(),
     };
-    let redactor = Redactor::new(secrets);
+    // Host paths are the agent's business: the job log names the work directory `$WORK`.
+    let redactor = Redactor::new(secrets).with_path_alias(&env.work_dir, "$WORK");
 
     let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
     let cancel = CancellationToken::new();
@@ -413,9 +414,11 @@ fn split_data(data: &str) -> Vec<String> {
     pieces
 }
 
-/// Replaces known secrets in output with `[REDACTED]`.
+/// Replaces known secrets in output with `[REDACTED]`, and host paths with a short alias.
 pub struct Redactor {
     secrets: Vec<String>,
+    /// (host path prefix, alias); longest first so a canonical path wins over its prefix.
+    aliases: Vec<(String, String)>,
 }
 
 impl Redactor {
@@ -423,7 +426,26 @@ impl Redactor {
         // Very short "secrets" would redact ordinary text; they are too weak to matter.
         Redactor {
             secrets: secrets.into_iter().filter(|s| s.len() >= 4).collect(),
+            aliases: Vec::new(),
         }
+    }
+
+    /// Shows `path` (as given and as resolved) as `alias` in every scrubbed line.
+    pub fn with_path_alias(mut self, path: &std::path::Path, alias: &str) -> Self {
+        let mut forms = vec![path.to_string_lossy().into_owned()];
+        if let Ok(real) = path.canonicalize() {
+            forms.push(real.to_string_lossy().into_owned());
+        }
+        for form in forms {
+            let form = form.trim_end_matches('/').to_string();
+            // `/` or a one-letter directory would rewrite ordinary text.
+            if form.len() > 1 && !self.aliases.iter().any(|(known, _)| *known == form) {
+                self.aliases.push((form, alias.to_string()));
+            }
+        }
+        self.aliases
+            .sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        self
     }
 
     pub fn scrub(&self, text: &str) -> String {
@@ -431,6 +453,11 @@ impl Redactor {
         for secret in &self.secrets {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), "[REDACTED]");
+            }
+        }
+        for (path, alias) in &self.aliases {
+            if out.contains(path.as_str()) {
+                out = out.replace(path.as_str(), alias);
             }
         }
         out
@@ -480,6 +507,18 @@ mod tests {
         assert_eq!(
             redactor.scrub("login with hunter22 failed x"),
             "login with [REDACTED] failed x"
+        );
+    }
+
+    #[test]
+    fn host_paths_are_shown_as_an_alias() {
+        let redactor = Redactor::new(vec![]).with_path_alias(
+            std::path::Path::new("/tmp/stagely-core-x/instances/local-1/work"),
+            "$WORK",
+        );
+        assert_eq!(
+            redactor.scrub("step build: buildah --root /tmp/stagely-core-x/instances/local-1/work/buildah/storage bud /tmp/stagely-core-x/instances/local-1/work/src/api"),
+            "step build: buildah --root $WORK/buildah/storage bud $WORK/src/api"
         );
     }
 

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::{self, Backend, Invocation, JobFiles};
-use crate::process::{LineSink, Outcome, RunningProcess};
+use crate::process::{self, LineSink, Outcome, RunningProcess};
 
 /// What the job task hands to the connection: output lines, then exactly one report.
 #[derive(Debug)]
@@ -97,6 +97,8 @@ pub struct JobEnvironment {
     pub backend: Option<Backend>,
     pub host_arch: Arch,
     pub emulated_arches: Vec<Arch>,
+    /// git may fetch local paths and `file://` URLs (see `AgentConfig::allow_local_repos`).
+    pub allow_local_repos: bool,
 }
 
 /// Picks a backend: the configured one if given, else buildx when `docker buildx` works,
@@ -121,7 +123,7 @@ pub async fn detect_backend(preference: Option<&str>, work_dir: &Path) -> Option
 }
 
 async fn command_succeeds(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
+    process::command(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -215,9 +217,18 @@ pub async fn run_build(
     }
 
     let checkout = env.work_dir.join("src");
-    if let Err(report) = fetch_source(build, &checkout, sink, cancel).await {
+    if let Err(report) = fetch_source(build, &checkout, env.allow_local_repos, sink, cancel).await {
         return report;
     }
+    // The checkout is the boundary: what the build may read is resolved only now that the
+    // repository's own symbolic links exist, and refused if it leaves the checkout.
+    let (context, dockerfile) = match resolve_build_paths(&checkout, config) {
+        Ok(paths) => paths,
+        Err(error) => {
+            sink.system(format!("error: {error}")).await;
+            return Report::never_ran(NeverRan::SourceUnavailable, error);
+        }
+    };
 
     run_authenticated(
         env,
@@ -227,7 +238,15 @@ pub async fn run_build(
         config.timeout_seconds,
         sink,
         cancel,
-        |files| backend.build_commands(config, &checkout, build.registry.insecure, files),
+        |files| {
+            backend.build_commands(
+                config,
+                &context,
+                &dockerfile,
+                build.registry.insecure,
+                files,
+            )
+        },
     )
     .await
 }
@@ -327,7 +346,7 @@ async fn run_commands(
             invocation.args.join(" ")
         ))
         .await;
-        let mut command = Command::new(&invocation.program);
+        let mut command = process::command(&invocation.program);
         command.args(&invocation.args);
         for (key, value) in &invocation.env {
             command.env(key, value);
@@ -414,6 +433,7 @@ fn human_duration(seconds: u64) -> String {
 async fn fetch_source(
     build: &Build,
     checkout: &Path,
+    allow_local_repos: bool,
     sink: &OutputSink,
     cancel: &CancellationToken,
 ) -> Result<(), Report> {
@@ -439,9 +459,13 @@ async fn fetch_source(
     ))
     .await;
     let git = |args: &[&str]| {
-        let mut command = Command::new("git");
+        let mut command = process::command("git");
         command.arg("-C").arg(checkout).args(args);
         command.env("GIT_TERMINAL_PROMPT", "0");
+        command.env(
+            "GIT_ALLOW_PROTOCOL",
+            stagely_protocol::git_allowed_protocols(allow_local_repos),
+        );
         if let Some(token) = &source.clone_token {
             command.envs(stagely_protocol::git_auth_env(token));
         }
@@ -495,6 +519,81 @@ async fn fetch_source(
         cancel,
     )
     .await
+}
+
+/// Why a build path was refused. Messages name the BUILD field and never show host paths.
+fn outside(field: &str, value: &str, how: &str) -> String {
+    format!("{field} `{value}` {how}; a build may only read files inside the repository checkout")
+}
+
+/// Resolves `context_path` and `dockerfile` inside `checkout`, following every symbolic link
+/// the repository holds, and refuses any that end outside the checkout (a committed
+/// `ctx -> ..` or `ctx -> /` would otherwise hand the builder the agent's secrets or the
+/// host's files). Returns the resolved context directory and Dockerfile.
+pub fn resolve_build_paths(
+    checkout: &Path,
+    config: &stagely_protocol::BuildConfig,
+) -> Result<(PathBuf, PathBuf), String> {
+    const CONTEXT: &str = "build_config.context_path";
+    const DOCKERFILE: &str = "build_config.dockerfile";
+    let root = checkout
+        .canonicalize()
+        .map_err(|error| format!("the checkout cannot be resolved: {error}"))?;
+    let resolve = |field: &str, value: &str, base: &Path| -> Result<PathBuf, String> {
+        if !builder::stays_inside(value) {
+            return Err(outside(field, value, "is absolute or climbs out with `..`"));
+        }
+        let joined = builder::join_relative(base, value);
+        let resolved = joined.canonicalize().map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("{field} `{value}` does not exist in the repository at this commit")
+            }
+            _ => format!("{field} `{value}` cannot be resolved: {error}"),
+        })?;
+        if !resolved.starts_with(&root) {
+            return Err(outside(
+                field,
+                value,
+                "leads out of the checkout through a symbolic link",
+            ));
+        }
+        Ok(resolved)
+    };
+    let context = resolve(CONTEXT, &config.context_path, &root)?;
+    if !context.is_dir() {
+        return Err(format!(
+            "{CONTEXT} `{}` is not a directory",
+            config.context_path
+        ));
+    }
+    let dockerfile = resolve(DOCKERFILE, &config.dockerfile, &context)?;
+    if !dockerfile.is_file() {
+        return Err(format!(
+            "{DOCKERFILE} `{}` is not a regular file",
+            config.dockerfile
+        ));
+    }
+    // The builder reads these from the context itself; a link out would leak a host file
+    // into its error messages.
+    for ignore in [".dockerignore", ".containerignore"] {
+        let path = context.join(ignore);
+        if path.is_symlink() {
+            let target = path.canonicalize().map_err(|_| {
+                format!(
+                    "{CONTEXT} `{}`: {ignore} is a dangling symbolic link",
+                    config.context_path
+                )
+            })?;
+            if !target.starts_with(&root) {
+                return Err(outside(
+                    CONTEXT,
+                    &config.context_path,
+                    &format!("holds {ignore}, a symbolic link out of the checkout"),
+                ));
+            }
+        }
+    }
+    Ok((context, dockerfile))
 }
 
 async fn run_git(
@@ -602,4 +701,79 @@ fn link_docker_state(job_config: &Path) {
 
 async fn remove_auth(files: &JobFiles) {
     let _ = tokio::fs::remove_file(files.auth_file()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn config(context: &str, dockerfile: &str) -> stagely_protocol::BuildConfig {
+        stagely_protocol::BuildConfig {
+            context_path: context.into(),
+            dockerfile: dockerfile.into(),
+            target_image: "r/x:y".into(),
+            platform: "linux/amd64".into(),
+            build_args: BTreeMap::new(),
+            cache_from: vec![],
+            cache_to: None,
+            timeout_seconds: None,
+        }
+    }
+
+    #[test]
+    fn build_paths_resolve_inside_the_checkout_only() {
+        let work = tempfile::tempdir().unwrap();
+        let checkout = work.path().join("src");
+        std::fs::create_dir_all(checkout.join("api")).unwrap();
+        std::fs::write(checkout.join("api/Dockerfile"), "FROM scratch\n").unwrap();
+        std::fs::create_dir_all(work.path().join("auth")).unwrap();
+        std::fs::write(work.path().join("auth/config.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("..", checkout.join("up")).unwrap();
+        std::os::unix::fs::symlink("/", checkout.join("root")).unwrap();
+        std::os::unix::fs::symlink("api", checkout.join("alias")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", checkout.join("api/Dockerfile.out")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", checkout.join("api/.dockerignore")).unwrap();
+
+        // A link that stays inside is fine (the .dockerignore case is checked below).
+        std::fs::remove_file(checkout.join("api/.dockerignore")).unwrap();
+        let (context, dockerfile) =
+            resolve_build_paths(&checkout, &config("./alias", "Dockerfile")).unwrap();
+        assert!(context.ends_with("src/api"), "{}", context.display());
+        assert!(dockerfile.ends_with("src/api/Dockerfile"));
+
+        let error =
+            resolve_build_paths(&checkout, &config("up", "src/api/Dockerfile")).unwrap_err();
+        assert!(
+            error.starts_with(
+                "build_config.context_path `up` leads out of the checkout through a symbolic link"
+            ),
+            "{error}"
+        );
+        let error = resolve_build_paths(&checkout, &config("root", "etc/passwd")).unwrap_err();
+        assert!(
+            error.contains("build_config.context_path `root`"),
+            "{error}"
+        );
+        let error = resolve_build_paths(&checkout, &config("api", "Dockerfile.out")).unwrap_err();
+        assert!(
+            error.contains("build_config.dockerfile `Dockerfile.out`"),
+            "{error}"
+        );
+        let error =
+            resolve_build_paths(&checkout, &config("api", "../up/auth/config.json")).unwrap_err();
+        assert!(error.contains("climbs out"), "{error}");
+        let error = resolve_build_paths(&checkout, &config("missing", "Dockerfile")).unwrap_err();
+        assert!(error.contains("does not exist"), "{error}");
+        let error = resolve_build_paths(&checkout, &config("api", ".")).unwrap_err();
+        assert!(error.contains("not a regular file"), "{error}");
+        std::os::unix::fs::symlink("/etc/passwd", checkout.join("api/.dockerignore")).unwrap();
+        let error = resolve_build_paths(&checkout, &config("api", "Dockerfile")).unwrap_err();
+        assert!(error.contains(".dockerignore"), "{error}");
+        // No host path in any message.
+        assert!(
+            !error.contains(&work.path().display().to_string()),
+            "{error}"
+        );
+    }
 }

@@ -63,6 +63,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         emulated_arches: job::emulated_arches(host_arch),
         host_arch,
         work_dir,
+        allow_local_repos: config.allow_local_repos,
     };
     tracing::info!(
         instance_id,

@@ -62,6 +62,23 @@ pub enum ProcessError {
     },
 }
 
+/// A command for `program` with a minimal environment: only [`INHERITED_ENV`] passes from the
+/// agent to its children (git, the builder); anything a step needs beyond that is set on
+/// purpose by the caller. Secrets never travel by environment: they reach children through
+/// 0600 files.
+///
+/// [`INHERITED_ENV`]: stagely_protocol::INHERITED_ENV
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.env_clear();
+    for name in stagely_protocol::INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
 /// A started child in its own process group.
 pub struct RunningProcess {
     child: Child,

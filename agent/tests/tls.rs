@@ -87,6 +87,7 @@ fn config(port: u16, ca_file: Option<std::path::PathBuf>) -> AgentConfig {
         builder: None,
         work_dir: None,
         instance_id: None,
+        allow_local_repos: false,
     }
 }
 

@@ -39,6 +39,10 @@ pub struct AgentConfig {
     /// The instance id reported in HELLO. Default: `$STAGELY_INSTANCE_ID`, then the hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// Let git fetch local paths and `file://` URLs (the core's `allow_local_repos`: on for
+    /// `stagely run`, off for `stagely serve`). Off: https, ssh and git only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_local_repos: bool,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -50,6 +54,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("builder", &self.builder)
             .field("work_dir", &self.work_dir)
             .field("instance_id", &self.instance_id)
+            .field("allow_local_repos", &self.allow_local_repos)
             .finish()
     }
 }
@@ -188,6 +193,7 @@ mod tests {
                 builder: None,
                 work_dir: None,
                 instance_id: None,
+                allow_local_repos: false,
             },
             ca_pem: ca.map(str::to_string),
         }

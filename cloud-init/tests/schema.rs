@@ -38,6 +38,7 @@ fn rendered_user_data_passes_cloud_init_schema() {
                 builder: Some("buildx".into()),
                 work_dir: None,
                 instance_id: None,
+                allow_local_repos: false,
             },
             ca_pem: ca.map(str::to_string),
         })

@@ -9,6 +9,9 @@
 //! - `GET /api/v1/agent/connect` — the agents' WebSocket; `Authorization: Bearer <token>`
 //!   is checked before the upgrade, and a missing, wrong or spent token gets `401`.
 //!
+//! Every `/api/v1` route but the agent endpoint requires `Authorization: Bearer <token>`
+//! ([`ApiAuth`]); `/healthz` is open (it says nothing but "ok").
+//!
 //! Client errors are answered precisely (naming the field) and are not logged as errors;
 //! internal errors are logged with context and answered without details.
 
@@ -37,17 +40,101 @@ pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub scheduler: Arc<Scheduler>,
+    pub auth: Arc<ApiAuth>,
 }
 
 /// Every route of the core.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+    // Routes for API callers: each needs a token. The agent endpoint authenticates with its
+    // own one-time token instead, and `/healthz` is open.
+    let callers = Router::new()
         .route("/api/v1/workflows", post(submit_workflow))
         .route("/api/v1/workflows/{id}", get(get_workflow))
         .route("/api/v1/jobs/{id}/logs", get(get_logs))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_api_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
         .route("/api/v1/agent/connect", get(agent_connect))
+        .merge(callers)
         .with_state(state)
+}
+
+/// Who may call `/api/v1`: bearer tokens, of which only SHA-256 hashes are held, compared in
+/// constant time. With no token configured the API is open, which the configuration allows
+/// only on a loopback address.
+pub struct ApiAuth {
+    tokens: Vec<crate::config::ApiToken>,
+    /// Requests refused for a missing or wrong token since start.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ApiAuth {
+    pub fn new(tokens: Vec<crate::config::ApiToken>) -> ApiAuth {
+        ApiAuth {
+            tokens,
+            refused: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// No token is configured: every caller is let in.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// How many requests were refused (401) since the core started.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The name of the token `presented` is, if any. Every configured hash is compared, in
+    /// constant time, whichever matches.
+    pub fn check(&self, presented: &str) -> Option<&str> {
+        use subtle::ConstantTimeEq;
+        let hash = crate::config::hash_token(presented);
+        let mut found = None;
+        for token in &self.tokens {
+            if bool::from(token.sha256.ct_eq(&hash)) && found.is_none() {
+                found = Some(token.name.as_str());
+            }
+        }
+        found
+    }
+}
+
+async fn require_api_token(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let auth = &state.auth;
+    if auth.is_open() {
+        return next.run(request).await;
+    }
+    let reason = match bearer_token(request.headers()) {
+        None => "missing bearer token",
+        Some(token) => match auth.check(token) {
+            Some(name) => {
+                tracing::debug!(token = name, "API caller authenticated");
+                return next.run(request).await;
+            }
+            None => "unknown API token",
+        },
+    };
+    let refused = auth
+        .refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    // The presented token is never logged, not even in part.
+    tracing::warn!(
+        method = %request.method(),
+        path = %request.uri().path(),
+        refused_total = refused,
+        "API request refused: {reason}"
+    );
+    unauthorized_response(reason)
 }
 
 /// The one error type of the API.
@@ -242,25 +329,12 @@ impl RunView {
     }
 }
 
-fn validate_submit(request: &SubmitRequest) -> Result<(String, String), ApiError> {
-    if request.repo_url.trim().is_empty() {
-        return Err(invalid("repo_url", "must not be empty"));
-    }
-    if request.repo_url.starts_with('-') || request.repo_url.contains(['\n', '\0']) {
-        return Err(invalid("repo_url", "is not a repository URL or path"));
-    }
-    if let Some((_, rest)) = request.repo_url.split_once("://")
-        && rest
-            .split('/')
-            .next()
-            .is_some_and(|authority| authority.contains('@'))
-    {
-        // Credentials in the URL would be stored, shown by the API and logged by agents.
-        return Err(invalid(
-            "repo_url",
-            "must not embed credentials (user:token@host); the agent receives clone credentials separately",
-        ));
-    }
+fn validate_submit(
+    request: &SubmitRequest,
+    allow_local_repos: bool,
+) -> Result<(String, String), ApiError> {
+    crate::repo_url::check(&request.repo_url, allow_local_repos)
+        .map_err(|error| invalid("repo_url", error.to_string()))?;
     let hash = &request.commit_hash;
     if !(hash.len() == 40 || hash.len() == 64) || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(invalid(
@@ -326,7 +400,8 @@ async fn submit_workflow(
     request: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
     let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (trigger, config_dir) = validate_submit(&request)?;
+    let (trigger, config_dir) =
+        validate_submit(&request, state.scheduler.settings().allow_local_repos)?;
     if state.scheduler.is_shutting_down() {
         return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
@@ -337,6 +412,7 @@ async fn submit_workflow(
             &request.commit_hash,
             &config_dir,
             request.clone_token.as_deref(),
+            state.scheduler.settings().allow_local_repos,
         )
         .await
         .map_err(|error| ApiError::Unprocessable(error.to_string()))?,
@@ -548,6 +624,10 @@ async fn agent_connect(
 
 fn unauthorized(reason: &str) -> Response {
     tracing::warn!("agent connection refused: {reason}");
+    unauthorized_response(reason)
+}
+
+fn unauthorized_response(reason: &str) -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -38,6 +38,21 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a job's log.
     Logs(LogsArgs),
+    /// Make or hash API tokens for `[api.tokens]`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random API token, then the `[api.tokens]` line that accepts it.
+    New {
+        /// The token's name in `[api.tokens]` (shown in the core's logs).
+        #[arg(long, default_value = "operator")]
+        name: String,
+    },
+    /// Read a token on standard input and print its SHA-256, for `[api.tokens]`.
+    Hash,
 }
 
 #[derive(Debug, Args)]
@@ -139,7 +154,72 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit(args) => submit(args).await.map(|()| 0),
         Command::Status(args) => status(args).await,
         Command::Logs(args) => logs(args).await.map(|()| 0),
+        Command::Token(command) => token(command).map(|()| 0),
     }
+}
+
+/// A new random API token.
+pub fn new_api_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("stga_{}", hex::encode(bytes))
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::New { name } => {
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || name.is_empty()
+            {
+                bail!("--name must be letters, digits, `-` or `_`");
+            }
+            let token = new_api_token();
+            println!("{token}");
+            println!(
+                "{name} = \"{}\"",
+                hex::encode(crate::config::hash_token(&token))
+            );
+        }
+        TokenCommand::Hash => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token from standard input")?;
+            let token = line.trim_end_matches(['\r', '\n']);
+            if token.is_empty() {
+                bail!("no token on standard input (echo \"$TOKEN\" | stagely token hash)");
+            }
+            println!("{}", hex::encode(crate::config::hash_token(token)));
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP client for the API that presents `STAGELY_API_TOKEN` (from the environment only:
+/// a flag would show it in the process list) on every request.
+pub fn api_client() -> anyhow::Result<reqwest::Client> {
+    client_with_token(
+        std::env::var("STAGELY_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .as_deref(),
+    )
+}
+
+fn client_with_token(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("STAGELY_API_TOKEN holds characters that cannot go in an HTTP header")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 async fn shutdown_signal(token: CancellationToken) {
@@ -168,7 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listen: args.listen,
             data_dir: args.data_dir,
             registry: args.registry,
-            public_url: None,
+            ..Overrides::default()
         },
     )?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -193,7 +273,7 @@ struct Checkout {
 }
 
 async fn git_text(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::process::Command::new("git")
+    let output = crate::source::child_command("git")
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -394,6 +474,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());
     }
+    // The embedded core accepts only this process's own token, and local repositories (it
+    // builds the directory it was pointed at).
+    let api_token = new_api_token();
     let config = CoreConfig::resolve(
         file,
         Overrides {
@@ -401,8 +484,14 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             data_dir: Some(data_dir),
             registry: Some(registry_host.clone()),
             public_url: None,
+            allow_local_repos: Some(true),
+            api_token: Some(crate::config::ApiToken::from_secret(
+                "stagely run",
+                &api_token,
+            )),
         },
     )?;
+    let client = client_with_token(Some(&api_token))?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let provider = server::local_provider(&config)?;
     let core = server::start(config, listener, provider).await?;
@@ -417,6 +506,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
     let outcome = drive_run(
+        &client,
         &core.url(),
         &checkout,
         &text,
@@ -440,6 +530,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn drive_run(
+    client: &reqwest::Client,
     core_url: &str,
     checkout: &Checkout,
     text: &str,
@@ -447,7 +538,6 @@ async fn drive_run(
     stop: &CancellationToken,
     say: &impl Fn(String),
 ) -> anyhow::Result<RunView> {
-    let client = reqwest::Client::new();
     let response = client
         .post(format!("{core_url}/api/v1/workflows"))
         .json(&serde_json::json!({
@@ -494,7 +584,7 @@ async fn drive_run(
                     detail
                 ));
                 if job.status == "failed" {
-                    for line in tail_lines(&client, core_url, &job.id, 15).await {
+                    for line in tail_lines(client, core_url, &job.id, 15).await {
                         say(format!("    | {}", line.trim_end()));
                     }
                 }
@@ -562,7 +652,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let response = reqwest::Client::new()
+    let response = api_client()?
         .post(format!("{}/api/v1/workflows", args.core.core))
         .json(&serde_json::json!({
             "repo_url": args.repo,
@@ -589,7 +679,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let response = reqwest::Client::new()
+    let response = api_client()?
         .get(format!(
             "{}/api/v1/workflows/{}",
             args.core.core, args.run_id
@@ -616,7 +706,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
 }
 
 async fn logs(args: LogsArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = api_client()?;
     let mut after = 0;
     let mut out = std::io::stdout().lock();
     loop {

@@ -4,6 +4,7 @@
 //! Registry credentials come from the file or the environment (`STAGELY_REGISTRY_USERNAME`,
 //! `STAGELY_REGISTRY_PASSWORD`), never from flags, so they never appear in a process list.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,12 +42,27 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     /// Tag value marking this core's instances (default `stagely`).
     pub core_id: Option<String>,
+    /// Accept local paths and `file://` URLs as `repo_url` (default false; `stagely run`
+    /// turns it on for its own embedded core). Off, git may only use https, ssh and git.
+    pub allow_local_repos: Option<bool>,
+    #[serde(default)]
+    pub api: ApiFile,
     #[serde(default)]
     pub registry: RegistryFile,
     #[serde(default)]
     pub provider: ProviderFile,
     #[serde(default)]
     pub scheduler: SchedulerFile,
+}
+
+/// `[api]`: who may call the HTTP API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// Token name → SHA-256 of the token, 64 hex digits (`stagely token hash` prints one).
+    /// The tokens themselves are never written here.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +117,41 @@ impl std::fmt::Debug for RegistryConfig {
     }
 }
 
+/// One API token the core accepts: a name for logs, and only the SHA-256 of the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Even the hash stays out of logs: it is what an offline guess would be checked against.
+        f.debug_struct("ApiToken")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiToken {
+    /// The token named `name` whose secret is `token`.
+    pub fn from_secret(name: &str, token: &str) -> ApiToken {
+        ApiToken {
+            name: name.to_string(),
+            sha256: hash_token(token),
+        }
+    }
+}
+
+/// SHA-256 of an API token, as stored in `[api.tokens]` (hex) and compared at every request.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Shortest API token accepted from `STAGELY_API_TOKEN` (a guessable token is no token).
+pub const MIN_API_TOKEN_LEN: usize = 16;
+
 /// Fully resolved configuration.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -114,15 +165,23 @@ pub struct CoreConfig {
     pub max_concurrent_jobs: usize,
     pub agent_connect_timeout: Duration,
     pub heartbeat_timeout: Duration,
+    /// Local paths and `file://` repositories are accepted.
+    pub allow_local_repos: bool,
+    /// Tokens accepted on `/api/v1` (every route but the agent endpoint). Empty: the API is
+    /// open, which `serve` allows only on a loopback address.
+    pub api_tokens: Vec<ApiToken>,
 }
 
-/// Values given on the command line; they win over everything else.
+/// Values given on the command line (or by `stagely run`); they win over everything else.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub registry: Option<String>,
     pub public_url: Option<String>,
+    pub allow_local_repos: Option<bool>,
+    /// An extra accepted API token (`stagely run` mints one for its embedded core).
+    pub api_token: Option<ApiToken>,
 }
 
 impl FileConfig {
@@ -255,6 +314,42 @@ impl CoreConfig {
                 problem: "must be at least 1 (instances need time to boot)".into(),
             });
         }
+        let mut api_tokens = Vec::new();
+        for (name, hash) in &file.api.tokens {
+            let bytes = hex::decode(hash.trim())
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "api.tokens",
+                    problem: format!(
+                        "`{name}` must be the SHA-256 of a token as 64 hexadecimal digits (`stagely token hash` prints it), not the token itself"
+                    ),
+                })?;
+            api_tokens.push(ApiToken {
+                name: name.clone(),
+                sha256: bytes,
+            });
+        }
+        if let Some(token) = env_nonempty("STAGELY_API_TOKEN") {
+            if token.len() < MIN_API_TOKEN_LEN {
+                return Err(ConfigError::Invalid {
+                    field: "STAGELY_API_TOKEN",
+                    problem: format!(
+                        "is too short; use at least {MIN_API_TOKEN_LEN} random characters (`stagely token new` makes one)"
+                    ),
+                });
+            }
+            api_tokens.push(ApiToken::from_secret("STAGELY_API_TOKEN", &token));
+        }
+        api_tokens.extend(overrides.api_token);
+        if api_tokens.is_empty() && !listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                field: "api.tokens",
+                problem: format!(
+                    "listening on {listen}, off loopback, needs an API token: set STAGELY_API_TOKEN or [api.tokens] (`stagely token new` makes one)"
+                ),
+            });
+        }
         Ok(CoreConfig {
             listen,
             data_dir,
@@ -271,6 +366,11 @@ impl CoreConfig {
             max_concurrent_jobs,
             agent_connect_timeout: Duration::from_secs(agent_connect_timeout),
             heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
+            allow_local_repos: overrides
+                .allow_local_repos
+                .or(file.allow_local_repos)
+                .unwrap_or(false),
+            api_tokens,
         })
     }
 }

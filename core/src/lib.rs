@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod registry;
+pub mod repo_url;
 pub mod scheduler;
 pub mod server;
 pub mod source;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -59,7 +59,7 @@ fn random_hex(bytes: usize) -> String {
 impl LocalRegistry {
     /// Starts a registry on a free loopback port and waits until it answers.
     pub async fn start() -> Result<LocalRegistry, RegistryError> {
-        let found = Command::new("docker-registry")
+        let found = crate::source::child_command("docker-registry")
             .arg("--version")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -85,7 +85,7 @@ impl LocalRegistry {
             let config_path = dir.path().join("config.yml");
             std::fs::write(&config_path, config)?;
             let log = std::fs::File::create(dir.path().join("registry.log"))?;
-            let child = Command::new("docker-registry")
+            let child = crate::source::child_command("docker-registry")
                 .arg("serve")
                 .arg(&config_path)
                 .stdin(std::process::Stdio::null())

@@ -54,6 +54,8 @@ pub struct SchedulerSettings {
     pub max_concurrent_jobs: usize,
     pub agent_connect_timeout: Duration,
     pub heartbeat_timeout: Duration,
+    /// Local paths and `file://` repositories are accepted (and agents may fetch them).
+    pub allow_local_repos: bool,
 }
 
 /// An agent connection waiting to be claimed by its job task.
@@ -505,6 +507,7 @@ impl Scheduler {
                 builder: None,
                 work_dir: None,
                 instance_id: None,
+                allow_local_repos: self.settings.allow_local_repos,
             },
             ca_pem: None,
         })

@@ -14,7 +14,7 @@ use stagely_provisioning::local::LocalProvider;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AppState, app};
+use crate::api::{ApiAuth, AppState, app};
 use crate::config::CoreConfig;
 use crate::db::Db;
 use crate::scheduler::{Scheduler, SchedulerSettings};
@@ -23,6 +23,8 @@ use crate::scheduler::{Scheduler, SchedulerSettings};
 pub struct RunningCore {
     pub addr: SocketAddr,
     pub scheduler: Arc<Scheduler>,
+    /// The API's token check (and its count of refused requests).
+    pub auth: Arc<ApiAuth>,
     /// Cancelled by `stop`; the scheduler's tasks and the HTTP server watch it.
     shutdown: CancellationToken,
     /// The HTTP server task; ends after graceful shutdown.
@@ -105,6 +107,7 @@ pub async fn start(
             max_concurrent_jobs: config.max_concurrent_jobs,
             agent_connect_timeout: config.agent_connect_timeout,
             heartbeat_timeout: config.heartbeat_timeout,
+            allow_local_repos: config.allow_local_repos,
         },
         shutdown.child_token(),
     );
@@ -116,8 +119,15 @@ pub async fn start(
             "recovered from an earlier core: terminated leftover instances and failed unfinished jobs"
         );
     }
+    let auth = Arc::new(ApiAuth::new(config.api_tokens.clone()));
+    if auth.is_open() {
+        tracing::warn!(
+            "no API token is configured: anyone who can reach {addr} may call the API (set STAGELY_API_TOKEN or [api.tokens])"
+        );
+    }
     let router = app(AppState {
         scheduler: scheduler.clone(),
+        auth: auth.clone(),
     });
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -129,6 +139,7 @@ pub async fn start(
     Ok(RunningCore {
         addr,
         scheduler,
+        auth,
         shutdown,
         server,
     })

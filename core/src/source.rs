@@ -8,6 +8,20 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+/// A command for `program` that inherits only [`stagely_protocol::INHERITED_ENV`] from the
+/// core: the core's secrets (`STAGELY_REGISTRY_PASSWORD`, `STAGELY_API_TOKEN`) never reach a
+/// git or registry process it starts.
+pub fn child_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.env_clear();
+    for name in stagely_protocol::INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +53,13 @@ async fn git(
     dir: &std::path::Path,
     args: &[&str],
     clone_token: Option<&str>,
+    allow_local_repos: bool,
 ) -> Result<Vec<u8>, String> {
-    let mut command = Command::new("git");
+    let mut command = child_command("git");
+    command.env(
+        "GIT_ALLOW_PROTOCOL",
+        stagely_protocol::git_allowed_protocols(allow_local_repos),
+    );
     if let Some(token) = clone_token {
         command.envs(stagely_protocol::git_auth_env(token));
     }
@@ -61,14 +80,35 @@ async fn git(
     if output.status.success() {
         Ok(output.stdout)
     } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|line| !line.trim().is_empty())
-            .unwrap_or("no error output");
-        Err(last.chars().take(300).collect())
+        Err(git_error_text(&output.stderr, clone_token))
     }
+}
+
+/// Most of git's error output worth showing.
+const GIT_ERROR_CHARS: usize = 800;
+
+/// git's error output as one line: its `fatal:`/`error:` lines (and any others) without the
+/// `hint:` lines that often come last, capped, with the clone token scrubbed.
+fn git_error_text(stderr: &[u8], clone_token: Option<&str>) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("hint:"))
+        .collect();
+    if lines.is_empty() {
+        return "no error output".into();
+    }
+    let mut joined = lines.join(" | ");
+    if let Some(token) = clone_token.filter(|t| !t.is_empty()) {
+        joined = joined.replace(token, "[REDACTED]");
+    }
+    if joined.chars().count() > GIT_ERROR_CHARS {
+        // Keep the end: git's last lines say what finally failed.
+        let skip = joined.chars().count() - GIT_ERROR_CHARS;
+        joined = format!("…{}", joined.chars().skip(skip).collect::<String>());
+    }
+    joined
 }
 
 /// Returns the text of `<dir>/stagely.yaml` in `repo` at `commit`.
@@ -77,6 +117,7 @@ pub async fn read_config(
     commit: &str,
     dir: &str,
     clone_token: Option<&str>,
+    allow_local_repos: bool,
 ) -> Result<String, SourceError> {
     let scratch = tempfile::tempdir().map_err(SourceError::Scratch)?;
     let path = if dir.is_empty() {
@@ -90,13 +131,19 @@ pub async fn read_config(
         commit: commit.to_string(),
         detail,
     };
-    git(scratch.path(), &["init", "-q"], clone_token)
-        .await
-        .map_err(|detail| error("init", detail))?;
+    git(
+        scratch.path(),
+        &["init", "-q"],
+        clone_token,
+        allow_local_repos,
+    )
+    .await
+    .map_err(|detail| error("init", detail))?;
     if git(
         scratch.path(),
         &["fetch", "-q", "--depth", "1", "--no-tags", repo, commit],
         clone_token,
+        allow_local_repos,
     )
     .await
     .is_err()
@@ -111,12 +158,20 @@ pub async fn read_config(
                 "+refs/heads/*:refs/remotes/origin/*",
             ],
             clone_token,
+            allow_local_repos,
         )
         .await
         .map_err(|detail| error("fetch", detail))?;
     }
     let object = format!("{commit}:{path}");
-    let Ok(size) = git(scratch.path(), &["cat-file", "-s", &object], clone_token).await else {
+    let Ok(size) = git(
+        scratch.path(),
+        &["cat-file", "-s", &object],
+        clone_token,
+        allow_local_repos,
+    )
+    .await
+    else {
         return Err(SourceError::NoConfig {
             repo: repo.to_string(),
             commit: commit.to_string(),
@@ -134,7 +189,14 @@ pub async fn read_config(
             max: crate::api::MAX_CONFIG_BYTES,
         });
     }
-    match git(scratch.path(), &["show", &object], clone_token).await {
+    match git(
+        scratch.path(),
+        &["show", &object],
+        clone_token,
+        allow_local_repos,
+    )
+    .await
+    {
         Ok(bytes) => {
             String::from_utf8(bytes).map_err(|_| error("show", format!("{path} is not UTF-8 text")))
         }
@@ -143,5 +205,25 @@ pub async fn read_config(
             commit: commit.to_string(),
             path,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_errors_keep_every_line_but_hints() {
+        let stderr = b"error: RPC failed\nfatal: repository 'https://x/r/' not found\nhint: try this\nhint: or that\n";
+        assert_eq!(
+            git_error_text(stderr, None),
+            "error: RPC failed | fatal: repository 'https://x/r/' not found"
+        );
+        let long = format!("fatal: {}\n", "x".repeat(5000));
+        assert!(git_error_text(long.as_bytes(), None).chars().count() <= GIT_ERROR_CHARS + 1);
+        assert_eq!(
+            git_error_text(b"fatal: bad tok-3n-secret\n", Some("tok-3n-secret")),
+            "fatal: bad [REDACTED]"
+        );
     }
 }

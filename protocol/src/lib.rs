@@ -376,6 +376,39 @@ pub struct Heartbeat {
     pub job_id: Option<String>,
 }
 
+/// The only environment variables a child process (an agent started by the local provider,
+/// git, a builder) inherits from its parent: what a program needs to find its tools, its
+/// locale, its temporary directory, TLS roots and an operator's proxy. Everything else (the
+/// core's `STAGELY_REGISTRY_PASSWORD`, API tokens, cloud credentials) is dropped; a child
+/// gets a secret only through a 0600 file named on purpose, never by inheritance.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
+
+/// The value of `GIT_ALLOW_PROTOCOL` for every git the core or an agent runs: https, ssh
+/// and git only, plus `file` (local paths) when the operator allows local repositories.
+/// Transports such as `ext::` (runs a command) or `fd::` are refused by git itself.
+pub fn git_allowed_protocols(allow_local_repos: bool) -> &'static str {
+    if allow_local_repos {
+        "https:ssh:git:file"
+    } else {
+        "https:ssh:git"
+    }
+}
+
 /// How a `clone_token` is presented to git, for the core (reading `stagely.yaml`) and the
 /// agent (fetching the source) alike: an HTTP Basic header (`x-access-token:<token>`) passed
 /// through git's environment configuration, so it is never in a URL or on a command line.

@@ -7,6 +7,12 @@
 //! instance kills every process of that session, builder children included, the way powering
 //! off a VM would.
 //!
+//! An instance is made as separate as a VM can be made on one host: the agent starts with a
+//! minimal environment (nothing of the core's: no registry password, no API token), and,
+//! where the host allows it (root and util-linux `unshare`), as PID 1 of its own PID and mount
+//! namespaces with a private `/proc`, so neither it nor anything it starts sees or signals
+//! the core or another instance. Builds add their own container per `RUN` step on top.
+//!
 //! State is kept on disk (`<base_dir>/<id>/instance.json`), so a core that restarts after a
 //! crash can still list and terminate instances it started before.
 
@@ -20,6 +26,39 @@ use serde::{Deserialize, Serialize};
 use stagely_protocol::Arch;
 
 use crate::{Instance, MachineSpec, Provider, ProviderError};
+
+/// `PATH` of a local agent: what a builder VM's init gives it, not the core's.
+const AGENT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Run inside the new namespaces before the agent: a fresh `/proc` has no binfmt_misc mount,
+/// and the agent reads it to know which architectures QEMU emulates. Then the agent replaces
+/// the shell and is PID 1 of the namespace: when it dies, the kernel kills everything left
+/// inside.
+const NAMESPACE_INIT: &str = "if [ -d /proc/sys/fs/binfmt_misc ]; then mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null; fi; exec \"$0\" \"$@\"";
+
+/// Whether agents can be started in their own PID and mount namespaces here (probed once:
+/// it needs CAP_SYS_ADMIN and util-linux `unshare`).
+pub fn namespaces_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::process::Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--",
+                "true",
+            ])
+            .env_clear()
+            .env("PATH", AGENT_PATH)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    })
+}
 
 /// How long a terminated agent gets to stop its build before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
@@ -38,6 +77,9 @@ struct InstanceRecord {
     host_arch: Arch,
     requested_arch: Arch,
     tags: BTreeMap<String, String>,
+    /// The agent runs in its own PID and mount namespaces.
+    #[serde(default)]
+    namespaced: bool,
     /// Set once the agent is started. The record itself is written before the start, so a
     /// crash in between still leaves an instance the reaper can find.
     #[serde(default)]
@@ -291,6 +333,7 @@ impl Provider for LocalProvider {
             host_arch: self.host_arch,
             requested_arch: spec.arch,
             tags: spec.tags.clone(),
+            namespaced: namespaces_available(),
             agent: None,
         };
         self.write_record(&record).await?;
@@ -299,8 +342,26 @@ impl Provider for LocalProvider {
         let log = std::fs::File::create(&log_path).map_err(Self::io_error(&log_path))?;
         let log_err = log.try_clone().map_err(Self::io_error(&log_path))?;
 
-        let mut command = std::process::Command::new(&self.agent_binary);
+        let mut command = if record.namespaced {
+            let mut command = std::process::Command::new("unshare");
+            command
+                .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
+                .args(["/bin/sh", "-c", NAMESPACE_INIT])
+                .arg(&self.agent_binary);
+            command
+        } else {
+            tracing::warn!(
+                instance_id = %id,
+                "this host does not allow PID and mount namespaces (needs root and util-linux unshare); the agent shares the host's"
+            );
+            std::process::Command::new(&self.agent_binary)
+        };
+        // Nothing of the core's environment: an instance is a separate machine.
         command
+            .env_clear()
+            .env("PATH", AGENT_PATH)
+            .env("HOME", &dir)
+            .env("LANG", "C.UTF-8")
             .arg("--config")
             .arg(&config_path)
             .env("STAGELY_INSTANCE_ID", &id)
@@ -476,6 +537,7 @@ mod tests {
                     builder: None,
                     work_dir: None,
                     instance_id: None,
+                    allow_local_repos: false,
                 },
                 ca_pem: None,
             })
@@ -564,6 +626,7 @@ mod tests {
             host_arch: Arch::Amd64,
             requested_arch: Arch::Amd64,
             tags: BTreeMap::new(),
+            namespaced: false,
             agent: Some(AgentProcess {
                 pid,
                 start_time: 1,

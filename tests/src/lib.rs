@@ -50,6 +50,7 @@ pub fn require(program: &str, arg: &str) -> bool {
 /// Every peer a real build needs.
 pub fn require_build_peers() -> bool {
     require("buildah", "--version")
+        && require("runc", "--version")
         && require("docker-registry", "--version")
         && require("git", "--version")
         && require("skopeo", "--version")
@@ -183,6 +184,17 @@ impl TestRepo {
     pub fn url(&self) -> String {
         self.dir.path().to_string_lossy().into_owned()
     }
+
+    /// Commits whatever changed in the working tree (e.g. symbolic links added by a test).
+    pub fn commit_more(repo: TestRepo, message: &str) -> anyhow::Result<TestRepo> {
+        git(repo.dir.path(), &["add", "-A"])?;
+        git(repo.dir.path(), &["commit", "-q", "-m", message])?;
+        let commit = git(repo.dir.path(), &["rev-parse", "HEAD"])?;
+        Ok(TestRepo {
+            dir: repo.dir,
+            commit,
+        })
+    }
 }
 
 /// Static busybox for `arch` (installed by scripts/setup.sh), to give `FROM scratch`
@@ -192,12 +204,29 @@ pub fn busybox(arch: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(&path).with_context(|| format!("{path} is missing; run scripts/setup.sh"))
 }
 
+/// An HTTP client that presents `token` as the API bearer token on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("a token is header text"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// A running core plus its registry.
 pub struct TestCore {
     pub core: Option<RunningCore>,
     pub registry: LocalRegistry,
     pub data: tempfile::TempDir,
+    /// Sends [`TestCore::api_token`] on every request.
     pub client: reqwest::Client,
+    /// The API token this core accepts (for CLI runs: `STAGELY_API_TOKEN`).
+    pub api_token: String,
     pub provider: Arc<dyn Provider>,
     pub url: String,
 }
@@ -208,6 +237,19 @@ impl TestCore {
         let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
         let mut file = FileConfig::default();
         file.provider.agent_binary = Some(agent_binary());
+        let registry = LocalRegistry::start().await?;
+        Self::start_with(data, registry, file, None).await
+    }
+
+    /// A core with the local provider and a fresh registry, its file configuration edited by
+    /// `configure` first.
+    pub async fn start_configured(
+        configure: impl FnOnce(&mut FileConfig),
+    ) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let mut file = FileConfig::default();
+        file.provider.agent_binary = Some(agent_binary());
+        configure(&mut file);
         let registry = LocalRegistry::start().await?;
         Self::start_with(data, registry, file, None).await
     }
@@ -228,13 +270,19 @@ impl TestCore {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());
         file.scheduler.agent_connect_timeout_secs = Some(60);
+        // Test repositories are local directories.
+        file.allow_local_repos = file.allow_local_repos.or(Some(true));
+        let api_token = stagely_core::cli::new_api_token();
         let config = CoreConfig::resolve(
             file,
             Overrides {
                 listen: Some("127.0.0.1:0".into()),
                 data_dir: Some(data.path().to_path_buf()),
                 registry: Some(registry.host.clone()),
-                public_url: None,
+                api_token: Some(stagely_core::config::ApiToken::from_secret(
+                    "tests", &api_token,
+                )),
+                ..Overrides::default()
             },
         )?;
         let provider = match provider {
@@ -248,7 +296,8 @@ impl TestCore {
             core: Some(core),
             registry,
             data,
-            client: reqwest::Client::new(),
+            client: client_with_token(&api_token),
+            api_token,
             provider,
             url,
         })
@@ -581,6 +630,8 @@ impl Write for LogCapture {
 pub struct ServeProcess {
     pub child: std::process::Child,
     pub url: String,
+    /// The API token the process accepts (`STAGELY_API_TOKEN` in its environment).
+    pub api_token: String,
     port: u16,
     data: PathBuf,
     registry_host: String,
@@ -596,6 +647,7 @@ impl ServeProcess {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
+        let api_token = stagely_core::cli::new_api_token();
         let process = ServeProcess {
             child: spawn_serve(
                 port,
@@ -603,6 +655,7 @@ impl ServeProcess {
                 &registry.host,
                 &registry.username,
                 &registry.password,
+                &api_token,
             ),
             url: format!("http://127.0.0.1:{port}"),
             port,
@@ -610,7 +663,8 @@ impl ServeProcess {
             registry_host: registry.host.clone(),
             registry_username: registry.username.clone(),
             registry_password: registry.password.clone(),
-            client: reqwest::Client::new(),
+            client: client_with_token(&api_token),
+            api_token,
         };
         process.wait_healthy().await;
         process
@@ -624,6 +678,7 @@ impl ServeProcess {
             &self.registry_host,
             &self.registry_username,
             &self.registry_password,
+            &self.api_token,
         );
         self.wait_healthy().await;
     }
@@ -655,6 +710,54 @@ impl ServeProcess {
             .json()
             .await
             .expect("run view")
+    }
+
+    /// Submits a run of `repo` with `stagely_yaml` given in the request.
+    pub async fn submit_text(
+        &self,
+        repo: &TestRepo,
+        environment: &str,
+        stagely_yaml: &str,
+    ) -> RunView {
+        let response = self
+            .client
+            .post(format!("{}/api/v1/workflows", self.url))
+            .json(&serde_json::json!({
+                "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main",
+                "environment_id": environment, "stagely_yaml": stagely_yaml,
+            }))
+            .send()
+            .await
+            .expect("submit");
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status.as_u16(), 201, "submit answered {status}: {body}");
+        serde_json::from_str(&body).expect("run view")
+    }
+
+    /// Every stored line of a job with the time the core stored it (unix ms).
+    pub async fn log_lines(&self, job_id: &str) -> Vec<(i64, String)> {
+        let mut after = 0;
+        let mut lines = Vec::new();
+        loop {
+            let page: LogPage = self
+                .client
+                .get(format!(
+                    "{}/api/v1/jobs/{job_id}/logs?after={after}&limit=10000",
+                    self.url
+                ))
+                .send()
+                .await
+                .expect("logs")
+                .json()
+                .await
+                .expect("a log page");
+            if page.lines.is_empty() {
+                return lines;
+            }
+            after = page.next_after;
+            lines.extend(page.lines.into_iter().map(|l| (l.timestamp, l.line)));
+        }
     }
 
     pub async fn run(&self, run_id: &str) -> RunView {
@@ -736,15 +839,23 @@ fn spawn_serve(
     registry_host: &str,
     username: &str,
     password: &str,
+    api_token: &str,
 ) -> std::process::Child {
+    // Test repositories are local directories, which `serve` refuses unless told otherwise.
+    let config = data.join("stagely-test.toml");
+    std::fs::create_dir_all(data).expect("data dir");
+    std::fs::write(&config, "allow_local_repos = true\n").expect("test config");
     // Credentials go through the environment, never the command line.
     std::process::Command::new(agent_binary().with_file_name("stagely"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--registry", registry_host])
+        .arg("--config")
+        .arg(&config)
         .arg("--data-dir")
         .arg(data)
         .env("STAGELY_REGISTRY_USERNAME", username)
         .env("STAGELY_REGISTRY_PASSWORD", password)
+        .env("STAGELY_API_TOKEN", api_token)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

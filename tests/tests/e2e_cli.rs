@@ -132,8 +132,10 @@ async fn submit_status_and_logs_talk_to_a_running_core() {
     let url = core.url.clone();
     let dir = repo.url();
     let commit = repo.commit.clone();
+    let token = core.api_token.clone();
     let output = tokio::task::spawn_blocking(move || {
         stagely()
+            .env("STAGELY_API_TOKEN", &token)
             .args([
                 "submit",
                 "--core",
@@ -161,12 +163,15 @@ async fn submit_status_and_logs_talk_to_a_running_core() {
 
     let url = core.url.clone();
     let job_id = view.jobs[0].id.clone();
+    let token = core.api_token.clone();
     let (status, logs) = tokio::task::spawn_blocking(move || {
         let status = stagely()
+            .env("STAGELY_API_TOKEN", &token)
             .args(["status", "--core", &url, &run_id])
             .output()
             .unwrap();
         let logs = stagely()
+            .env("STAGELY_API_TOKEN", &token)
             .args(["logs", "--core", &url, &job_id])
             .output()
             .unwrap();

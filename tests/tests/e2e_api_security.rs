@@ -1,0 +1,171 @@
+//! The API as an attacker meets it: every `/api/v1` route but the agent endpoint needs a
+//! token; repositories the core must not touch are refused before git runs.
+
+use std::sync::Arc;
+
+use stagely_tests::*;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn submit_body(repo_url: &str) -> serde_json::Value {
+    serde_json::json!({
+        "repo_url": repo_url,
+        "commit_hash": COMMIT,
+        "branch": "main",
+        "environment_id": "pr-1",
+        "stagely_yaml": "builds:\n  a:\n    context: .\n    platform: linux/amd64\n",
+    })
+}
+
+#[tokio::test]
+async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider).await.unwrap();
+    let run = core
+        .submit_raw(submit_body("/srv/some/repo"))
+        .await
+        .unwrap();
+    assert_eq!(run.0, 201, "{}", run.1);
+    let run_id = run.1["id"].as_str().unwrap().to_string();
+    let job_id = run.1["jobs"][0]["id"].as_str().unwrap().to_string();
+
+    let anonymous = reqwest::Client::new();
+    let wrong = client_with_token("stga_not-the-right-token-at-all");
+    let routes = [
+        ("POST", "/api/v1/workflows".to_string()),
+        ("GET", format!("/api/v1/workflows/{run_id}")),
+        ("GET", format!("/api/v1/jobs/{job_id}/logs")),
+        ("GET", format!("/api/v1/jobs/{job_id}/logs?format=text")),
+    ];
+    let auth = core.core.as_ref().unwrap().auth.clone();
+    let refused_before = auth.refused();
+    for (client, who) in [(&anonymous, "no token"), (&wrong, "a wrong token")] {
+        for (method, path) in &routes {
+            let url = format!("{}{path}", core.url);
+            let request = match *method {
+                "POST" => client.post(&url).json(&submit_body("/srv/some/repo")),
+                _ => client.get(&url),
+            };
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{method} {path} with {who}");
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok()),
+                Some("Bearer")
+            );
+        }
+    }
+    assert_eq!(auth.refused() - refused_before, 8);
+    // A bare token without the scheme is not a bearer token either.
+    let response = anonymous
+        .get(format!("{}/api/v1/workflows/{run_id}", core.url))
+        .header("authorization", core.api_token.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // The right token passes; /healthz stays open.
+    for (_, path) in &routes[1..] {
+        let response = core
+            .client
+            .get(format!("{}{path}", core.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let health = anonymous
+        .get(format!("{}/healthz", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    core.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_from_the_config_file_are_hashes_and_work() {
+    let token = stagely_core::cli::new_api_token();
+    let hash = hex::encode(stagely_core::config::hash_token(&token));
+    let mut core = TestCore::start_configured(|file| {
+        file.api.tokens.insert("ci".into(), hash.clone());
+    })
+    .await
+    .unwrap();
+    let response = client_with_token(&token)
+        .get(format!("{}/api/v1/workflows/none", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "the configured token is accepted");
+    core.stop().await;
+
+    // `stagely token hash` prints what goes in the file.
+    let mut child = std::process::Command::new(agent_binary().with_file_name("stagely"))
+        .args(["token", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), hash);
+}
+
+#[test]
+fn serve_refuses_to_listen_off_loopback_without_a_token() {
+    let data = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(agent_binary().with_file_name("stagely"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("STAGELY_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("api.tokens") && stderr.contains("0.0.0.0"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn repositories_the_core_must_not_touch_are_refused_before_git_runs() {
+    // The default of `serve`: no local repositories.
+    let mut core = TestCore::start_configured(|file| file.allow_local_repos = Some(false))
+        .await
+        .unwrap();
+    let repo = TestRepo::with_files(&[("secret.txt", b"host file\n")]).unwrap();
+    let cases = [
+        (repo.url(), "allow_local_repos"),
+        (format!("file://{}", repo.url()), "allow_local_repos"),
+        ("fd::0".to_string(), "transport"),
+        ("ext::sh".to_string(), "transport"),
+        ("http://192.0.2.1/r.git".to_string(), "https"),
+        ("u:p@192.0.2.1:r.git".to_string(), "credentials"),
+        ("https://u:p@192.0.2.1/r.git".to_string(), "credentials"),
+        (
+            "https://192.0.2.1/r.git?access_token=abc".to_string(),
+            "access_token",
+        ),
+        ("-u/x".to_string(), "start with `-`"),
+    ];
+    for (url, expected) in cases {
+        let mut body = submit_body(&url);
+        // Without stagely_yaml the core would read it with git: refused before that.
+        body.as_object_mut().unwrap().remove("stagely_yaml");
+        let (status, answer) = core.submit_raw(body).await.unwrap();
+        assert_eq!(status, 422, "{url}: {answer}");
+        assert_eq!(answer["error"]["field"], "repo_url", "{url}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{url}: {message}");
+        // The URL may hold a secret: the answer never repeats it.
+        assert!(!message.contains(&url), "{message}");
+    }
+    core.stop().await;
+}
