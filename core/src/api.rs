@@ -20,7 +20,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -41,7 +40,14 @@ pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 pub struct AppState {
     pub scheduler: Arc<Scheduler>,
     pub auth: Arc<ApiAuth>,
+    pub limits: crate::config::ApiLimits,
+    /// Permits for reading `stagely.yaml` from git; sized `limits.max_concurrent_git_reads`.
+    pub git_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Largest `POST /api/v1/workflows` body (a `stagely.yaml` of [`MAX_CONFIG_BYTES`] and the
+/// other fields, JSON-escaped).
+pub const MAX_SUBMIT_BODY_BYTES: usize = 2 * MAX_CONFIG_BYTES + 64 * 1024;
 
 /// Every route of the core.
 pub fn app(state: AppState) -> Router {
@@ -150,6 +156,15 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -179,6 +194,11 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy", None),
+            ApiError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
+            }
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", None),
             ApiError::Internal(error) => {
                 tracing::error!("internal error: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
@@ -191,7 +211,15 @@ impl IntoResponse for ApiError {
                 field,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::Busy {
+            retry_after_secs, ..
+        } = &self
+            && let Ok(value) = header::HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 
@@ -395,11 +423,90 @@ fn validate_submit(
     Ok((trigger, config_dir))
 }
 
+/// Reads a JSON body of at most `limit` bytes within `timeout` and parses it into `T`:
+/// `413` over the limit, `408` too slow, `415` not JSON, `400` not JSON syntax, `422` naming
+/// the field that is missing, unknown or of the wrong type.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    request: axum::extract::Request,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<T, ApiError> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            let mime = value.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("application/json")
+        });
+    if !is_json {
+        return Err(ApiError::BadRequest(
+            "expected a JSON body (Content-Type: application/json)".into(),
+        ));
+    }
+    let body = request.into_body();
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            return Err(ApiError::Timeout(format!(
+                "the request body did not arrive within {}s",
+                timeout.as_secs()
+            )));
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request body is larger than {limit} bytes"
+            )));
+        }
+        Ok(Ok(bytes)) => bytes,
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    match parsed {
+        Ok(value) => {
+            deserializer
+                .end()
+                .map_err(|error| ApiError::BadRequest(format!("invalid JSON: {error}")))?;
+            Ok(value)
+        }
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return Err(ApiError::BadRequest(format!("invalid JSON: {inner}")));
+            }
+            let message = inner.to_string();
+            // Errors about the object itself name their field in the message.
+            let named = ["missing field `", "unknown field `"]
+                .iter()
+                .find_map(|prefix| message.split_once(prefix))
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(field, _)| field.to_string());
+            let field = match (path.as_str(), named) {
+                (".", Some(field)) => field,
+                (".", None) => "body".to_string(),
+                (path, Some(field)) if message.starts_with("missing") => format!("{path}.{field}"),
+                (path, _) => path.to_string(),
+            };
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_string();
+            Err(invalid(&field, message))
+        }
+    }
+}
+
 async fn submit_workflow(
     State(state): State<AppState>,
-    request: Result<Json<SubmitRequest>, JsonRejection>,
+    request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
-    let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let request: SubmitRequest = json_body(
+        request,
+        MAX_SUBMIT_BODY_BYTES,
+        state.limits.body_read_timeout,
+    )
+    .await?;
     let (trigger, config_dir) =
         validate_submit(&request, state.scheduler.settings().allow_local_repos)?;
     if state.scheduler.is_shutting_down() {
@@ -407,15 +514,34 @@ async fn submit_workflow(
     }
     let text = match &request.stagely_yaml {
         Some(text) => text.clone(),
-        None => source::read_config(
-            &request.repo_url,
-            &request.commit_hash,
-            &config_dir,
-            request.clone_token.as_deref(),
-            state.scheduler.settings().allow_local_repos,
-        )
-        .await
-        .map_err(|error| ApiError::Unprocessable(error.to_string()))?,
+        None => {
+            // Each read runs git: only a few at once, the rest are told to come back.
+            let Ok(_permit) = state.git_reads.clone().try_acquire_owned() else {
+                return Err(ApiError::Busy {
+                    message: format!(
+                        "{} submissions are already reading stagely.yaml from git; retry shortly or send stagely_yaml in the request",
+                        state.limits.max_concurrent_git_reads
+                    ),
+                    retry_after_secs: 5,
+                });
+            };
+            let read = source::read_config(
+                &request.repo_url,
+                &request.commit_hash,
+                &config_dir,
+                request.clone_token.as_deref(),
+                state.scheduler.settings().allow_local_repos,
+            );
+            match tokio::time::timeout(state.limits.git_read_timeout, read).await {
+                Ok(result) => result.map_err(|error| ApiError::Unprocessable(error.to_string()))?,
+                Err(_) => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "reading stagely.yaml from the repository took longer than {}s",
+                        state.limits.git_read_timeout.as_secs()
+                    )));
+                }
+            }
+        }
     };
     let plans = stagely_yaml::parse(&text, &config_dir)
         .map_err(|error| invalid("stagely_yaml", error.to_string()))?;
@@ -434,6 +560,52 @@ async fn submit_workflow(
             })
         })
         .collect::<Result<_, ApiError>>()?;
+    // Every work frame must fit the agent connection: refused now, not when it is sent.
+    let draft_run = RunRow {
+        id: run_id.clone(),
+        environment_id: request.environment_id.clone(),
+        trigger: trigger.clone(),
+        status: "pending".into(),
+        repo_url: request.repo_url.clone(),
+        commit_hash: request.commit_hash.clone(),
+        branch: request.branch.clone(),
+        config_path: config_dir.clone(),
+        error_message: None,
+        created_at: 0,
+        updated_at: 0,
+    };
+    for (plan, job) in plans.iter().zip(&jobs) {
+        let draft_job = JobRow {
+            id: job.id.clone(),
+            workflow_run_id: run_id.clone(),
+            name: job.name.clone(),
+            status: "queued".into(),
+            architecture: job.architecture.clone(),
+            platform: job.platform.clone(),
+            machine: job.machine.clone(),
+            spec: job.spec.clone(),
+            vm_id: None,
+            artifact_url: None,
+            digest: None,
+            created_at: 0,
+            started_at: None,
+            completed_at: None,
+            exit_code: None,
+            error_message: None,
+        };
+        let bytes = state
+            .scheduler
+            .work_frame_bytes(&draft_run, &draft_job, &plan.spec);
+        if bytes > MAX_FRAME_BYTES {
+            return Err(invalid(
+                "stagely_yaml",
+                format!(
+                    "builds.{}: the job's work frame would be {bytes} bytes; the agent connection carries at most {MAX_FRAME_BYTES} (shorten build_args)",
+                    plan.spec.service
+                ),
+            ));
+        }
+    }
     let db = state.scheduler.db();
     db.create_run(
         &run_id,

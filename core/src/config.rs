@@ -63,6 +63,18 @@ pub struct ApiFile {
     /// The tokens themselves are never written here.
     #[serde(default)]
     pub tokens: BTreeMap<String, String>,
+    /// Longest wait for a request's headers, and for the next request on an idle keep-alive
+    /// connection (default 10). Slow or silent clients are disconnected.
+    pub header_read_timeout_secs: Option<u64>,
+    /// Longest wait for a request body (default 30).
+    pub body_read_timeout_secs: Option<u64>,
+    /// Open HTTP connections at once (default 1024); more wait to be accepted.
+    pub max_connections: Option<usize>,
+    /// Submissions reading `stagely.yaml` from git at once (default 4); more get `503` with
+    /// `Retry-After`.
+    pub max_concurrent_git_reads: Option<usize>,
+    /// Longest time for reading `stagely.yaml` from git, all steps together (default 30).
+    pub git_read_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +101,9 @@ pub struct SchedulerFile {
     pub max_concurrent_jobs: Option<usize>,
     pub agent_connect_timeout_secs: Option<u64>,
     pub heartbeat_timeout_secs: Option<u64>,
+    /// Most log bytes stored per job (default 100 MiB); later output is dropped with a marker
+    /// line and the build goes on.
+    pub max_log_bytes_per_job: Option<u64>,
 }
 
 /// Where images go and how to log in.
@@ -170,6 +185,18 @@ pub struct CoreConfig {
     /// Tokens accepted on `/api/v1` (every route but the agent endpoint). Empty: the API is
     /// open, which `serve` allows only on a loopback address.
     pub api_tokens: Vec<ApiToken>,
+    pub limits: ApiLimits,
+    pub max_log_bytes_per_job: u64,
+}
+
+/// Bounds on what API callers can make the core do at once.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_concurrent_git_reads: usize,
+    pub git_read_timeout: Duration,
 }
 
 /// Values given on the command line (or by `stagely run`); they win over everything else.
@@ -350,6 +377,44 @@ impl CoreConfig {
                 ),
             });
         }
+        let positive = |field: &'static str, value: u64| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    field,
+                    problem: "must be at least 1".into(),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        let limits = ApiLimits {
+            header_read_timeout: Duration::from_secs(positive(
+                "api.header_read_timeout_secs",
+                file.api.header_read_timeout_secs.unwrap_or(10),
+            )?),
+            body_read_timeout: Duration::from_secs(positive(
+                "api.body_read_timeout_secs",
+                file.api.body_read_timeout_secs.unwrap_or(30),
+            )?),
+            max_connections: positive(
+                "api.max_connections",
+                file.api.max_connections.unwrap_or(1024) as u64,
+            )? as usize,
+            max_concurrent_git_reads: positive(
+                "api.max_concurrent_git_reads",
+                file.api.max_concurrent_git_reads.unwrap_or(4) as u64,
+            )? as usize,
+            git_read_timeout: Duration::from_secs(positive(
+                "api.git_read_timeout_secs",
+                file.api.git_read_timeout_secs.unwrap_or(30),
+            )?),
+        };
+        let max_log_bytes_per_job = positive(
+            "scheduler.max_log_bytes_per_job",
+            file.scheduler
+                .max_log_bytes_per_job
+                .unwrap_or(100 * 1024 * 1024),
+        )?;
         Ok(CoreConfig {
             listen,
             data_dir,
@@ -371,6 +436,8 @@ impl CoreConfig {
                 .or(file.allow_local_repos)
                 .unwrap_or(false),
             api_tokens,
+            limits,
+            max_log_bytes_per_job,
         })
     }
 }

@@ -56,6 +56,8 @@ pub struct SchedulerSettings {
     pub heartbeat_timeout: Duration,
     /// Local paths and `file://` repositories are accepted (and agents may fetch them).
     pub allow_local_repos: bool,
+    /// Most log bytes stored per job; later output is dropped with a marker line.
+    pub max_log_bytes_per_job: u64,
 }
 
 /// An agent connection waiting to be claimed by its job task.
@@ -371,6 +373,32 @@ impl Scheduler {
         )
     }
 
+    /// Size of the BUILD or MERGE frame `job` will be sent, counting the longest clone token
+    /// the API accepts and full digests for a merge's sources: checked when a run is
+    /// submitted, so a frame too large for the agent connection is refused then, not
+    /// discovered when it is sent.
+    pub fn work_frame_bytes(&self, run: &RunRow, job: &JobRow, spec: &JobSpec) -> usize {
+        const CLONE_TOKEN_ALLOWANCE: usize = 4096 + 64;
+        let merge_sources = match &spec.kind {
+            JobKind::Merge { sources } => Some(
+                sources
+                    .iter()
+                    .map(|source| {
+                        format!(
+                            "{}/{}/{}@sha256:{}",
+                            self.settings.registry.host,
+                            self.settings.registry.namespace,
+                            run.environment_id,
+                            "0".repeat(64 + source.len())
+                        )
+                    })
+                    .collect(),
+            ),
+            JobKind::Build => None,
+        };
+        encode(&self.work_message(run, job, spec, merge_sources)).len() + CLONE_TOKEN_ALLOWANCE
+    }
+
     fn work_message(
         &self,
         run: &RunRow,
@@ -632,6 +660,7 @@ impl Scheduler {
         );
         let mut batch: Vec<NewLogLine> = Vec::new();
         let mut batch_bytes = 0usize;
+        let mut log_budget = LogBudget::new(self.settings.max_log_bytes_per_job);
         let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
         let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
         heartbeat_tick.reset();
@@ -738,18 +767,27 @@ impl Scheduler {
                         }
                     }
                     SessionEvent::Log(log) => {
-                        batch_bytes += log.data.len();
-                        batch.push(NewLogLine {
-                            seq: log.seq.unwrap_or(0) as i64,
-                            stream: log.stream.as_str(),
-                            line: log.data,
-                        });
+                        let seq = log.seq.unwrap_or(0) as i64;
+                        let stream = log.stream.as_str();
+                        if let Some(line) = log_budget.admit(log.data) {
+                            batch_bytes += line.len();
+                            batch.push(NewLogLine { seq, stream, line });
+                        }
                         if batch.len() >= LOG_BATCH_LINES || batch_bytes >= LOG_BATCH_BYTES {
                             self.flush(job, &mut batch, &mut batch_bytes, &mut session)
                                 .await?;
                         }
                     }
                     SessionEvent::Finished(status) => {
+                        // What the cap dropped is said once more at the end, with the count;
+                        // the STATUS's sequence number is free for it (no LOG carries it).
+                        if let Some(summary) = log_budget.summary() {
+                            batch.push(NewLogLine {
+                                seq: status.seq.unwrap_or(0) as i64,
+                                stream: "system",
+                                line: summary,
+                            });
+                        }
                         self.flush(job, &mut batch, &mut batch_bytes, &mut session)
                             .await?;
                         let outcome = self
@@ -885,6 +923,73 @@ impl Scheduler {
     }
 }
 
+/// Longest line the core stores; longer ones are cut (agents already cut at 16 KiB, so only a
+/// misbehaving agent reaches this).
+pub const MAX_STORED_LINE_BYTES: usize = 16 * 1024;
+
+/// The core's own bounds on one job's log: lines cut at [`MAX_STORED_LINE_BYTES`], and at most
+/// `max_bytes` stored; past that, one marker line and the rest is counted, not stored. The
+/// build goes on either way.
+#[derive(Debug)]
+pub struct LogBudget {
+    max_bytes: u64,
+    stored_bytes: u64,
+    dropped_bytes: u64,
+    dropped_lines: u64,
+}
+
+impl LogBudget {
+    pub fn new(max_bytes: u64) -> LogBudget {
+        LogBudget {
+            max_bytes,
+            stored_bytes: 0,
+            dropped_bytes: 0,
+            dropped_lines: 0,
+        }
+    }
+
+    /// The text to store for this line, if any: cut when too long; the first line past the
+    /// cap becomes the marker.
+    pub fn admit(&mut self, mut line: String) -> Option<String> {
+        if self.dropped_lines > 0 {
+            self.dropped_lines += 1;
+            self.dropped_bytes += line.len() as u64;
+            return None;
+        }
+        if line.len() > MAX_STORED_LINE_BYTES {
+            let over = line.len() - MAX_STORED_LINE_BYTES;
+            let mut end = MAX_STORED_LINE_BYTES;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push_str(&format!(
+                " [stagely: line cut, {over} more bytes dropped]\n"
+            ));
+        }
+        if self.stored_bytes + line.len() as u64 > self.max_bytes {
+            self.dropped_lines = 1;
+            self.dropped_bytes = line.len() as u64;
+            return Some(format!(
+                "[stagely] this job's log reached its limit of {} bytes; further output is not stored (the build goes on)\n",
+                self.max_bytes
+            ));
+        }
+        self.stored_bytes += line.len() as u64;
+        Some(line)
+    }
+
+    /// The closing line when output was dropped.
+    pub fn summary(&self) -> Option<String> {
+        (self.dropped_lines > 0).then(|| {
+            format!(
+                "[stagely] {} bytes in {} lines of output were dropped after the log limit of {} bytes\n",
+                self.dropped_bytes, self.dropped_lines, self.max_bytes
+            )
+        })
+    }
+}
+
 /// Sends one frame; an agent that stops reading cannot stall the job task.
 async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), String> {
     match tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::text(encode(frame)))).await {
@@ -970,6 +1075,27 @@ mod tests {
         );
         assert!(valid_digest(&format!("sha256:{}", "0".repeat(64))));
         assert!(!valid_digest("sha256:abc"));
+    }
+
+    #[test]
+    fn the_log_budget_cuts_long_lines_and_stops_at_the_cap() {
+        let mut budget = LogBudget::new(40_000);
+        let long = format!("{}\n", "é".repeat(20_000));
+        let stored = budget.admit(long).unwrap();
+        assert!(stored.len() < MAX_STORED_LINE_BYTES + 100);
+        assert!(stored.contains("line cut") && stored.ends_with('\n'));
+        assert_eq!(budget.admit("short\n".into()).as_deref(), Some("short\n"));
+        assert!(budget.summary().is_none());
+        let _ = budget.admit("x".repeat(16_000));
+        let marker = budget.admit("y".repeat(16_000)).unwrap();
+        assert!(
+            marker.contains("reached its limit of 40000 bytes"),
+            "{marker}"
+        );
+        assert_eq!(budget.admit("z\n".into()), None);
+        assert_eq!(budget.admit("z\n".into()), None);
+        let summary = budget.summary().unwrap();
+        assert!(summary.contains("16004 bytes in 3 lines"), "{summary}");
     }
 
     #[test]

@@ -75,6 +75,83 @@ pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
     Ok(Arc::new(provider))
 }
 
+/// How long in-flight requests get to finish once shutdown began.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `router` on `listener` over HTTP/1.1 (with upgrades, for the agent WebSocket) until
+/// `shutdown`, with the bounds `axum::serve` cannot set: at most `max_connections` open at
+/// once (more wait in the kernel's backlog), and a client that does not send a request's
+/// headers within `header_read_timeout` (slowloris), or sends nothing on a kept-alive
+/// connection for that long, is disconnected.
+async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: crate::config::ApiLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // Every connection task, waited for (up to HTTP_DRAIN) at shutdown.
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accepting a connection failed: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::pin!(connection);
+            // Timeouts and resets end connections with an error: nothing to report.
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tasks.close();
+    if tokio::time::timeout(HTTP_DRAIN, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some HTTP connections were still open {}s after shutdown began",
+            HTTP_DRAIN.as_secs()
+        );
+    }
+    Ok(())
+}
+
 /// Opens the database, recovers from an earlier crash, and serves on `listener`.
 pub async fn start(
     config: CoreConfig,
@@ -108,6 +185,7 @@ pub async fn start(
             agent_connect_timeout: config.agent_connect_timeout,
             heartbeat_timeout: config.heartbeat_timeout,
             allow_local_repos: config.allow_local_repos,
+            max_log_bytes_per_job: config.max_log_bytes_per_job,
         },
         shutdown.child_token(),
     );
@@ -128,13 +206,17 @@ pub async fn start(
     let router = app(AppState {
         scheduler: scheduler.clone(),
         auth: auth.clone(),
+        limits: config.limits.clone(),
+        git_reads: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_concurrent_git_reads,
+        )),
     });
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-    });
+    let server = tokio::spawn(serve_http(
+        listener,
+        router,
+        config.limits.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(%addr, registry = %config.registry.host, "stagely core listening");
     Ok(RunningCore {
         addr,

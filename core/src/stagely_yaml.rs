@@ -22,6 +22,17 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(6 * 60 * 60);
 /// Most builds one file may declare.
 pub const MAX_BUILDS: usize = 100;
+/// Most bytes of text the parsed file may hold, anchors and aliases expanded: an alias
+/// repeats its anchor's text, so a small file can stand for a huge one.
+pub const MAX_EXPANDED_BYTES: usize = 256 * 1024;
+/// Most build arguments per build.
+pub const MAX_BUILD_ARGS: usize = 100;
+/// Longest build argument name.
+pub const MAX_BUILD_ARG_NAME: usize = 128;
+/// Longest build argument value (it goes on the builder's command line).
+pub const MAX_BUILD_ARG_VALUE: usize = 8 * 1024;
+/// Most aliases (`*name`) one file may use.
+const MAX_ALIASES: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -39,12 +50,56 @@ pub enum ConfigError {
     },
     #[error("stagely.yaml: builds.{build}: {problem}")]
     Build { build: String, problem: String },
+    #[error("stagely.yaml: builds.{build}.build_args.{name}: {problem}")]
+    BuildArg {
+        build: String,
+        name: String,
+        problem: String,
+    },
+    #[error(
+        "stagely.yaml: expands to {bytes} bytes of text (anchors and aliases repeated); at most {MAX_EXPANDED_BYTES} are accepted"
+    )]
+    TooLarge { bytes: usize },
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSyntax {
     builds: BTreeMap<String, BuildSyntax>,
+}
+
+impl FileSyntax {
+    /// Bytes of text the parsed file holds (what aliases made of it included).
+    fn expanded_bytes(&self) -> usize {
+        self.builds
+            .iter()
+            .map(|(name, build)| {
+                let optional = [
+                    &build.platform,
+                    &build.machine,
+                    &build.dockerfile,
+                    &build.timeout,
+                ]
+                .iter()
+                .map(|value| value.as_ref().map_or(0, String::len))
+                .sum::<usize>();
+                name.len()
+                    + build.context.len()
+                    + optional
+                    + build
+                        .platforms
+                        .iter()
+                        .flatten()
+                        .map(String::len)
+                        .sum::<usize>()
+                    + build
+                        .build_args
+                        .iter()
+                        .map(|(key, value)| key.len() + value.len())
+                        .sum::<usize>()
+            })
+            .sum()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,8 +159,17 @@ pub struct JobPlan {
 pub fn parse(text: &str, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_aliases = MAX_ALIASES;
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = 10_000;
+    options.alias_limits.max_replay_stack_depth = 16;
     let file: FileSyntax = serde_saphyr::from_str_with_options(text, options)
         .map_err(|error| ConfigError::Yaml(error.to_string()))?;
+    let bytes = file.expanded_bytes();
+    if bytes > MAX_EXPANDED_BYTES {
+        return Err(ConfigError::TooLarge { bytes });
+    }
     if file.builds.is_empty() {
         return Err(ConfigError::NoBuilds);
     }
@@ -202,15 +266,51 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
             format!("must be between 1s and {}h", MAX_TIMEOUT.as_secs() / 3600),
         ));
     }
-    for key in build.build_args.keys() {
+    if build.build_args.len() > MAX_BUILD_ARGS {
+        return Err(field(
+            name,
+            "build_args",
+            format!(
+                "{} arguments declared; at most {MAX_BUILD_ARGS} are allowed",
+                build.build_args.len()
+            ),
+        ));
+    }
+    for (key, value) in &build.build_args {
         if key.is_empty()
+            || key.len() > MAX_BUILD_ARG_NAME
             || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             || key.starts_with(|c: char| c.is_ascii_digit())
         {
+            let shown: String = key.chars().take(40).collect();
             return Err(field(
                 name,
                 "build_args",
-                format!("`{key}` is not a valid build argument name"),
+                format!(
+                    "`{shown}` is not a valid build argument name (letters, digits and `_`, not starting with a digit, at most {MAX_BUILD_ARG_NAME} characters)"
+                ),
+            ));
+        }
+        let arg_error = |problem: String| ConfigError::BuildArg {
+            build: name.to_string(),
+            name: key.clone(),
+            problem,
+        };
+        if value.len() > MAX_BUILD_ARG_VALUE {
+            return Err(arg_error(format!(
+                "the value is {} bytes; at most {MAX_BUILD_ARG_VALUE} are accepted",
+                value.len()
+            )));
+        }
+        if value.contains('\0') {
+            return Err(arg_error("the value contains a NUL byte".into()));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(arg_error(
+                "the value contains a control character (only newline and tab are allowed)".into(),
             ));
         }
     }
@@ -506,6 +606,50 @@ builds:
         );
         let text = "builds:\n  app-amd64:\n    context: .\n    platform: linux/amd64\n  app:\n    context: .\n    platforms: [linux/amd64, linux/arm64]\n";
         assert!(error(text).contains("app-amd64"), "{}", error(text));
+    }
+
+    #[test]
+    fn alias_amplification_is_refused() {
+        // One anchored 100 KB string repeated through 100 aliases would be ~10 MB of
+        // build_args per job.
+        let big = "x".repeat(100 * 1024);
+        let mut text = format!(
+            "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      A0: &big {big}\n"
+        );
+        for i in 1..=100 {
+            text.push_str(&format!("      A{i}: *big\n"));
+        }
+        let first = error(&text).to_lowercase();
+        assert!(first.contains("alias"), "{first}");
+        // Few aliases per anchor, but the expanded text is still too much: 20 anchored
+        // 8000-byte values, each repeated once (160 KB of file, 320 KB expanded).
+        let mut text =
+            "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n"
+                .to_string();
+        for i in 0..20 {
+            let value = format!("{i:02}").repeat(4000);
+            text.push_str(&format!("      A{i}: &v{i} {value}\n      B{i}: *v{i}\n"));
+        }
+        assert!(text.len() < 256 * 1024);
+        assert!(error(&text).contains("expands to"), "{}", error(&text));
+    }
+
+    #[test]
+    fn build_arg_values_are_bounded_and_printable() {
+        let nul = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      X: \"a\\0b\"\n";
+        assert_eq!(
+            error(nul),
+            "stagely.yaml: builds.a.build_args.X: the value contains a NUL byte"
+        );
+        let long = format!(
+            "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      X: {}\n",
+            "v".repeat(MAX_BUILD_ARG_VALUE + 1)
+        );
+        assert!(error(&long).starts_with("stagely.yaml: builds.a.build_args.X: the value is"));
+        let bell = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      X: \"a\\bb\"\n";
+        assert!(error(bell).contains("control character"), "{}", error(bell));
+        let ok = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      X: \"line1\\nline2\\tend\"\n";
+        assert!(parse(ok, "").is_ok());
     }
 
     #[test]

@@ -394,7 +394,8 @@ async fn bad_api_input_gets_a_precise_error_naming_the_field() {
             "config_dir",
             "relative",
         ),
-        (with("colour", "red".into()), 400, "", "colour"),
+        (with("colour", "red".into()), 422, "colour", "unknown field"),
+        (with("branch", 7.into()), 422, "branch", "invalid type"),
     ];
     for (body, status, field, needle) in cases {
         let (got, answer) = core.submit_raw(body).await.unwrap();
@@ -408,12 +409,13 @@ async fn bad_api_input_gets_a_precise_error_naming_the_field() {
     let mut missing = base.clone();
     missing.as_object_mut().unwrap().remove("repo_url");
     let (got, answer) = core.submit_raw(missing).await.unwrap();
-    assert_eq!(got, 400);
+    assert_eq!(got, 422, "a missing field is 422 naming it: {answer}");
+    assert_eq!(answer["error"]["field"], "repo_url", "{answer}");
     assert!(
         answer["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("repo_url"),
+            .contains("missing field `repo_url`"),
         "{answer}"
     );
 
@@ -513,5 +515,62 @@ async fn a_clone_token_reaches_the_agent_and_nothing_else() {
     assert_eq!(status, 422);
     assert_eq!(body["error"]["field"], "repo_url");
     assert!(!body.to_string().contains("secret"));
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let run = submit_builds(&core, &["api"]).await;
+    let tokens = tokens(&provider, 1).await;
+    let (job_id, token) = &tokens[0];
+    let mut agent = connect(&core, Some(token)).await.unwrap();
+    agent.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(_) = next_message(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    // Agents cut lines at 16 KiB; this one sends a 900 KB line.
+    let huge = format!("{}\n", "A".repeat(900 * 1024));
+    for (seq, data) in [(1, huge), (2, "after\n".to_string())] {
+        agent
+            .send(Ws::text(encode(&Message::Log(Log {
+                job_id: job_id.clone(),
+                stream: LogStream::Stdout,
+                data,
+                seq: Some(seq),
+            }))))
+            .await
+            .unwrap();
+    }
+    agent
+        .send(Ws::text(encode(&Message::Status(Status {
+            job_id: job_id.clone(),
+            state: JobState::Failed,
+            exit_code: Some(1),
+            artifact_url: None,
+            digest: None,
+            error: Some("done".into()),
+            never_ran: None,
+            seq: Some(3),
+        }))))
+        .await
+        .unwrap();
+    core.wait_finished(&run.id, Duration::from_secs(20)).await;
+    let lines = core.logs(job_id).await.unwrap();
+    assert_eq!(lines.len(), 2, "{}", lines.len());
+    let first = &lines[0].1;
+    assert!(
+        first.len() <= stagely_core::scheduler::MAX_STORED_LINE_BYTES + 100,
+        "stored {} bytes",
+        first.len()
+    );
+    assert!(first.contains("line cut"), "{}", &first[first.len() - 80..]);
+    assert_eq!(lines[1].1, "after\n");
     core.stop().await;
 }
