@@ -41,6 +41,9 @@ pub enum Backend {
 pub struct JobFiles {
     /// Directory holding `config.json` (docker-style auths), mode 0700/0600.
     pub auth_dir: PathBuf,
+    /// Secret build arguments: (name, 0600 file holding the value), handed to the builder
+    /// as `--secret id=NAME,src=FILE`.
+    pub secret_files: Vec<(String, PathBuf)>,
     /// Where the builder writes the pushed digest (buildah) or metadata (buildx).
     pub result_file: PathBuf,
 }
@@ -96,6 +99,10 @@ impl Backend {
                     args.push("--build-arg".into());
                     args.push(format!("{key}={value}"));
                 }
+                for (name, file) in &files.secret_files {
+                    args.push("--secret".into());
+                    args.push(format!("id={name},src={}", path_text(file)));
+                }
                 args.push("-t".into());
                 args.push(config.target_image.clone());
                 args.push("-f".into());
@@ -142,6 +149,10 @@ impl Backend {
                 for (key, value) in &config.build_args {
                     bud.push("--build-arg".into());
                     bud.push(format!("{key}={value}"));
+                }
+                for (name, file) in &files.secret_files {
+                    bud.push("--secret".into());
+                    bud.push(format!("id={name},src={}", path_text(file)));
                 }
                 // buildah's layer cache takes a repository, not a tag.
                 for cache in &config.cache_from {
@@ -390,12 +401,14 @@ mod tests {
             cache_from: vec!["registry.internal/proj-123/cache:backend".into()],
             cache_to: Some("registry.internal/proj-123/cache:backend".into()),
             timeout_seconds: None,
+            secrets: BTreeMap::new(),
         }
     }
 
     fn files() -> JobFiles {
         JobFiles {
             auth_dir: "/var/lib/stagely/auth".into(),
+            secret_files: vec![],
             result_file: "/var/lib/stagely/result".into(),
         }
     }
@@ -552,6 +565,42 @@ mod tests {
         {
             for arg in &command.args {
                 assert!(!arg.contains("reg_token"), "{arg}");
+            }
+        }
+    }
+
+    #[test]
+    fn secret_build_args_are_build_secrets_from_files_never_argv() {
+        let mut config = seed_config();
+        config.secrets.insert(
+            "NPM_TOKEN".into(),
+            stagely_protocol::Secret("npm_s3cret_value".into()),
+        );
+        let mut files = files();
+        files.secret_files = vec![(
+            "NPM_TOKEN".into(),
+            "/var/lib/stagely/auth/secrets/NPM_TOKEN".into(),
+        )];
+        let buildah = Backend::Buildah {
+            root: "/r".into(),
+            runroot: "/rr".into(),
+        };
+        for backend in [Backend::Buildx, buildah] {
+            let commands =
+                backend.build_commands(&config, Path::new("/s"), Path::new("/s/D"), false, &files);
+            let argv = commands[0].args.join(" ");
+            assert!(
+                argv.contains("--secret id=NPM_TOKEN,src=/var/lib/stagely/auth/secrets/NPM_TOKEN"),
+                "{argv}"
+            );
+            for command in &commands {
+                assert!(!command.args.join(" ").contains("npm_s3cret_value"));
+                assert!(
+                    command
+                        .env
+                        .iter()
+                        .all(|(_, v)| !v.contains("npm_s3cret_value"))
+                );
             }
         }
     }

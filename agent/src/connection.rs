@@ -220,6 +220,13 @@ pub async fn serve(
             if let Some(token) = &build.context.clone_token {
                 secrets.push(token.clone());
             }
+            secrets.extend(
+                build
+                    .build_config
+                    .secrets
+                    .values()
+                    .map(|value| value.expose().to_string()),
+            );
             secrets
         }
         Message::Merge(merge) => merge

@@ -234,6 +234,7 @@ pub async fn run_build(
         env,
         backend.kind(),
         build.registry_auth.as_ref(),
+        &config.secrets,
         &config.target_image,
         config.timeout_seconds,
         sink,
@@ -271,6 +272,7 @@ pub async fn run_merge(
         env,
         backend.kind(),
         merge.registry_auth.as_ref(),
+        &std::collections::BTreeMap::new(),
         &merge.target_image,
         merge.timeout_seconds,
         sink,
@@ -306,13 +308,14 @@ async fn run_authenticated(
     env: &JobEnvironment,
     kind: BuilderKind,
     auth: Option<&RegistryAuth>,
+    secrets: &std::collections::BTreeMap<String, stagely_protocol::Secret>,
     target_image: &str,
     timeout_seconds: Option<u64>,
     sink: &OutputSink,
     cancel: &CancellationToken,
     commands: impl FnOnce(&JobFiles) -> Vec<Invocation>,
 ) -> Report {
-    let files = match prepare_files(&env.work_dir, auth, target_image).await {
+    let files = match prepare_files(&env.work_dir, auth, secrets, target_image).await {
         Ok(files) => files,
         Err(error) => {
             let error = format!("preparing the registry auth file failed: {error}");
@@ -458,6 +461,20 @@ async fn fetch_source(
         source.repo_url, source.commit_hash, source.branch
     ))
     .await;
+    // A clone token reaches git through a 0600 config file beside the checkout (never its
+    // environment or argv), removed once the fetch is over.
+    let auth_config = checkout
+        .parent()
+        .unwrap_or(checkout)
+        .join("auth")
+        .join("git.conf");
+    if let Some(token) = &source.clone_token
+        && let Err(error) = write_git_auth(&auth_config, token).await
+    {
+        let error = format!("cannot write the git credentials file: {error}");
+        return Err(Report::never_ran(NeverRan::AgentError, error));
+    }
+    let with_token = source.clone_token.is_some();
     let git = |args: &[&str]| {
         let mut command = process::command("git");
         command.arg("-C").arg(checkout).args(args);
@@ -466,11 +483,51 @@ async fn fetch_source(
             "GIT_ALLOW_PROTOCOL",
             stagely_protocol::git_allowed_protocols(allow_local_repos),
         );
-        if let Some(token) = &source.clone_token {
-            command.envs(stagely_protocol::git_auth_env(token));
+        if with_token {
+            command.env("GIT_CONFIG_GLOBAL", &auth_config);
         }
         command
     };
+    let fetched = fetch_commit(source, &git, sink, cancel).await;
+    if with_token {
+        let _ = tokio::fs::remove_file(&auth_config).await;
+    }
+    fetched
+}
+
+/// Writes the git config holding the clone token's header: directory 0700, file 0600.
+async fn write_git_auth(path: &Path, token: &str) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    let text = stagely_protocol::git_auth_config(token);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(text.as_bytes())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// The git steps of a fetch: init, shallow fetch of the commit (full fetch as fallback),
+/// checkout.
+async fn fetch_commit(
+    source: &stagely_protocol::SourceContext,
+    git: &impl Fn(&[&str]) -> Command,
+    sink: &OutputSink,
+    cancel: &CancellationToken,
+) -> Result<(), Report> {
     run_git(git(&["init", "-q"]), sink, cancel).await?;
     let shallow = run_git(
         git(&[
@@ -634,10 +691,28 @@ async fn run_git(
 async fn prepare_files(
     work_dir: &Path,
     auth: Option<&RegistryAuth>,
+    secrets: &std::collections::BTreeMap<String, stagely_protocol::Secret>,
     target_image: &str,
 ) -> std::io::Result<JobFiles> {
+    let auth_dir = work_dir.join("auth");
+    let secret_dir = auth_dir.join("secrets");
+    let mut secret_values = Vec::new();
+    let mut secret_files = Vec::new();
+    for (name, value) in secrets {
+        // Names come from the core, which allows only letters, digits and `_`; check again
+        // before a name becomes a file name.
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(std::io::Error::other(format!(
+                "secret build argument name `{name}` is not letters, digits and `_`"
+            )));
+        }
+        let file = secret_dir.join(name);
+        secret_files.push((name.clone(), file.clone()));
+        secret_values.push((file, value.expose().to_string()));
+    }
     let files = JobFiles {
-        auth_dir: work_dir.join("auth"),
+        auth_dir,
+        secret_files,
         result_file: work_dir.join("result"),
     };
     let auth_json = match auth {
@@ -668,6 +743,21 @@ async fn prepare_files(
             .mode(0o600)
             .open(&file)?;
         handle.write_all(text.as_bytes())?;
+        if !secret_values.is_empty() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join("secrets"))?;
+        }
+        for (path, value) in &secret_values {
+            let mut secret = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)?;
+            secret.write_all(value.as_bytes())?;
+        }
         link_docker_state(&dir);
         match std::fs::remove_file(&result) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
@@ -701,6 +791,9 @@ fn link_docker_state(job_config: &Path) {
 
 async fn remove_auth(files: &JobFiles) {
     let _ = tokio::fs::remove_file(files.auth_file()).await;
+    for (_, file) in &files.secret_files {
+        let _ = tokio::fs::remove_file(file).await;
+    }
 }
 
 #[cfg(test)]
@@ -718,6 +811,7 @@ mod tests {
             cache_from: vec![],
             cache_to: None,
             timeout_seconds: None,
+            secrets: BTreeMap::new(),
         }
     }
 

@@ -266,6 +266,10 @@ pub struct SubmitRequest {
     /// logged, never shown by the API.
     #[serde(default)]
     pub clone_token: Option<String>,
+    /// Values of secret build arguments (`secret_build_args`), name → value. Like
+    /// `clone_token`: kept in memory for this run only, never stored or shown.
+    #[serde(default)]
+    pub secrets: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for SubmitRequest {
@@ -280,6 +284,13 @@ impl std::fmt::Debug for SubmitRequest {
             .field(
                 "clone_token",
                 &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "secrets",
+                &self
+                    .secrets
+                    .as_ref()
+                    .map(|all| all.keys().collect::<Vec<_>>()),
             )
             .finish_non_exhaustive()
     }
@@ -546,6 +557,12 @@ async fn submit_workflow(
     let plans = stagely_yaml::parse(&text, &config_dir)
         .map_err(|error| invalid("stagely_yaml", error.to_string()))?;
 
+    let build_secrets = resolve_build_secrets(
+        &plans,
+        request.secrets.as_ref(),
+        &state.scheduler.settings().build_secrets,
+    )?;
+
     let run_id = uuid::Uuid::new_v4().to_string();
     let jobs: Vec<NewJob> = plans
         .iter()
@@ -621,6 +638,7 @@ async fn submit_workflow(
     tracing::info!(run_id, jobs = jobs.len(), "run submitted");
     let secrets = RunSecrets {
         clone_token: request.clone_token.clone(),
+        build_secrets,
     };
     if let Err(error) = state.scheduler.start_run(run_id.clone(), secrets) {
         db.set_run_status(&run_id, "failed", Some(&error.to_string()))
@@ -632,6 +650,64 @@ async fn submit_workflow(
     }
     let view = load_run(&state, &run_id).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// The values of every secret build argument the plans declare: from the submission, else
+/// from the core's `[secrets]`. Every declared name needs a value, and every submitted value
+/// a declaring build (a typo would otherwise build without the secret).
+fn resolve_build_secrets(
+    plans: &[stagely_yaml::JobPlan],
+    submitted: Option<&std::collections::BTreeMap<String, String>>,
+    configured: &std::collections::BTreeMap<String, stagely_protocol::Secret>,
+) -> Result<std::collections::BTreeMap<String, stagely_protocol::Secret>, ApiError> {
+    let empty = std::collections::BTreeMap::new();
+    let submitted = submitted.unwrap_or(&empty);
+    for (name, value) in submitted {
+        let field = format!("secrets.{name}");
+        if !stagely_yaml::valid_arg_name(name) {
+            return Err(invalid("secrets", "names must be letters, digits and `_`"));
+        }
+        if value.is_empty() || value.len() > stagely_yaml::MAX_BUILD_ARG_VALUE {
+            return Err(invalid(
+                &field,
+                format!("must be 1 to {} bytes", stagely_yaml::MAX_BUILD_ARG_VALUE),
+            ));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(invalid(
+                &field,
+                "must not contain NUL or control characters",
+            ));
+        }
+        if !plans
+            .iter()
+            .any(|plan| plan.spec.secret_build_args.contains(name))
+        {
+            return Err(invalid(&field, "no build lists it in secret_build_args"));
+        }
+    }
+    let mut resolved = std::collections::BTreeMap::new();
+    for plan in plans {
+        for name in &plan.spec.secret_build_args {
+            let value = match submitted.get(name) {
+                Some(value) => stagely_protocol::Secret(value.clone()),
+                None => configured.get(name).cloned().ok_or_else(|| {
+                    invalid(
+                        "secrets",
+                        format!(
+                            "`{name}` is listed in builds.{}.secret_build_args but has no value: send it in `secrets` or set it in the core's [secrets]",
+                            plan.spec.service
+                        ),
+                    )
+                })?,
+            };
+            resolved.insert(name.clone(), value);
+        }
+    }
+    Ok(resolved)
 }
 
 async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {

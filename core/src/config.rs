@@ -53,6 +53,10 @@ pub struct FileConfig {
     pub provider: ProviderFile,
     #[serde(default)]
     pub scheduler: SchedulerFile,
+    /// Values of secret build arguments (`secret_build_args`) the core supplies when a
+    /// submission does not: name → value.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// `[api]`: who may call the HTTP API.
@@ -187,6 +191,8 @@ pub struct CoreConfig {
     pub api_tokens: Vec<ApiToken>,
     pub limits: ApiLimits,
     pub max_log_bytes_per_job: u64,
+    /// `[secrets]`: values of secret build arguments (never shown by `Debug`).
+    pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
 }
 
 /// Bounds on what API callers can make the core do at once.
@@ -415,6 +421,16 @@ impl CoreConfig {
                 .max_log_bytes_per_job
                 .unwrap_or(100 * 1024 * 1024),
         )?;
+        let mut build_secrets = BTreeMap::new();
+        for (name, value) in file.secrets {
+            if !crate::stagely_yaml::valid_arg_name(&name) {
+                return Err(ConfigError::Invalid {
+                    field: "secrets",
+                    problem: format!("`{name}` is not a build argument name"),
+                });
+            }
+            build_secrets.insert(name, stagely_protocol::Secret(value));
+        }
         Ok(CoreConfig {
             listen,
             data_dir,
@@ -438,6 +454,7 @@ impl CoreConfig {
             api_tokens,
             limits,
             max_log_bytes_per_job,
+            build_secrets,
         })
     }
 }

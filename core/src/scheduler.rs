@@ -58,6 +58,8 @@ pub struct SchedulerSettings {
     pub allow_local_repos: bool,
     /// Most log bytes stored per job; later output is dropped with a marker line.
     pub max_log_bytes_per_job: u64,
+    /// `[secrets]`: values of secret build arguments the core supplies.
+    pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
 }
 
 /// An agent connection waiting to be claimed by its job task.
@@ -93,6 +95,8 @@ pub struct Scheduler {
     run_secrets: Mutex<HashMap<String, RunSecrets>>,
     /// Limits instances alive at once (the seed's BuildQueue).
     slots: Arc<Semaphore>,
+    /// Confirms reported images in the registry before a job completes.
+    images: crate::image_check::ImageChecker,
     /// Every run and job task; `shutdown` waits on it.
     tasks: TaskTracker,
     /// Cancelled on core shutdown; every task selects on it.
@@ -104,6 +108,15 @@ pub struct Scheduler {
 pub struct RunSecrets {
     /// Token for cloning a private repository over HTTPS (sent as an HTTP header).
     pub clone_token: Option<String>,
+    /// Values of the run's secret build arguments (`secret_build_args`), from the submission
+    /// or the core's `[secrets]`.
+    pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
+}
+
+impl RunSecrets {
+    fn is_empty(&self) -> bool {
+        self.clone_token.is_none() && self.build_secrets.is_empty()
+    }
 }
 
 impl std::fmt::Debug for RunSecrets {
@@ -112,6 +125,10 @@ impl std::fmt::Debug for RunSecrets {
             .field(
                 "clone_token",
                 &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "build_secrets",
+                &self.build_secrets.keys().collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -140,6 +157,7 @@ impl Scheduler {
             db,
             provider,
             slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
+            images: crate::image_check::ImageChecker::new(&settings.registry),
             settings,
             pending: Arc::new(Mutex::new(HashMap::new())),
             run_secrets: Mutex::new(HashMap::new()),
@@ -226,7 +244,7 @@ impl Scheduler {
         if self.shutdown.is_cancelled() || self.tasks.is_closed() {
             return Err(ShuttingDown);
         }
-        if secrets.clone_token.is_some()
+        if !secrets.is_empty()
             && let Ok(mut all) = self.run_secrets.lock()
         {
             all.insert(run_id.clone(), secrets);
@@ -364,11 +382,15 @@ impl Scheduler {
         )
     }
 
-    fn cache_ref(&self, job: &JobRow) -> String {
+    /// The registry layer cache of one job of one repository: keyed by the repository's
+    /// identity as well as the job's name, so a build can read and write only its own
+    /// repository's cache, never another's that happens to use the same job name.
+    fn cache_ref(&self, run: &RunRow, job: &JobRow) -> String {
         format!(
-            "{}/{}/cache/{}:buildcache",
+            "{}/{}/cache/{}/{}:buildcache",
             self.settings.registry.host,
             self.settings.registry.namespace,
+            repository_key(&run.repo_url),
             tag_for(&job.name)
         )
     }
@@ -396,7 +418,15 @@ impl Scheduler {
             ),
             JobKind::Build => None,
         };
-        encode(&self.work_message(run, job, spec, merge_sources)).len() + CLONE_TOKEN_ALLOWANCE
+        // Secret values are not known yet; count each at its longest.
+        let secrets_allowance: usize = spec
+            .secret_build_args
+            .iter()
+            .map(|name| name.len() + crate::stagely_yaml::MAX_BUILD_ARG_VALUE + 16)
+            .sum();
+        encode(&self.work_message(run, job, spec, merge_sources)).len()
+            + CLONE_TOKEN_ALLOWANCE
+            + secrets_allowance
     }
 
     fn work_message(
@@ -420,18 +450,34 @@ impl Scheduler {
                 timeout_seconds: Some(spec.timeout_seconds),
             }),
             None => {
-                let cache = self.settings.registry.cache.then(|| self.cache_ref(job));
+                let cache = self
+                    .settings
+                    .registry
+                    .cache
+                    .then(|| self.cache_ref(run, job));
+                let run_secrets = self
+                    .run_secrets
+                    .lock()
+                    .ok()
+                    .and_then(|all| all.get(&run.id).cloned())
+                    .unwrap_or_default();
+                let secrets = spec
+                    .secret_build_args
+                    .iter()
+                    .filter_map(|name| {
+                        run_secrets
+                            .build_secrets
+                            .get(name)
+                            .map(|value| (name.clone(), value.clone()))
+                    })
+                    .collect();
                 Message::Build(Build {
                     job_id: job.id.clone(),
                     context: SourceContext {
                         repo_url: run.repo_url.clone(),
                         commit_hash: run.commit_hash.clone(),
                         branch: run.branch.clone(),
-                        clone_token: self
-                            .run_secrets
-                            .lock()
-                            .ok()
-                            .and_then(|all| all.get(&run.id).and_then(|s| s.clone_token.clone())),
+                        clone_token: run_secrets.clone_token,
                     },
                     build_config: BuildConfig {
                         context_path: spec.context_path.clone(),
@@ -442,6 +488,7 @@ impl Scheduler {
                         cache_from: cache.iter().cloned().collect(),
                         cache_to: cache,
                         timeout_seconds: Some(spec.timeout_seconds),
+                        secrets,
                     },
                     registry_auth: self.settings.registry.auth.clone(),
                     registry,
@@ -651,6 +698,8 @@ impl Scheduler {
             .last_log_seq(&job.id)
             .await
             .map_err(|e| e.to_string())?;
+        // The agent masks what it knows; the core masks again before anything is stored.
+        let masks = secret_values(&work);
         let mut session = CoreSession::new(
             job.id.clone(),
             work,
@@ -769,7 +818,7 @@ impl Scheduler {
                     SessionEvent::Log(log) => {
                         let seq = log.seq.unwrap_or(0) as i64;
                         let stream = log.stream.as_str();
-                        if let Some(line) = log_budget.admit(log.data) {
+                        if let Some(line) = log_budget.admit(mask_secrets(log.data, &masks)) {
                             batch_bytes += line.len();
                             batch.push(NewLogLine { seq, stream, line });
                         }
@@ -826,6 +875,26 @@ impl Scheduler {
                 Some((url.clone(), digest.clone()))
             }
             _ => None,
+        };
+        let complete = match complete {
+            Some((url, digest)) => match self.images.verify(&url, &digest).await {
+                Ok(()) => Some((url, digest)),
+                Err(error) => {
+                    let message = format!("the agent reported success, but {error}");
+                    self.db
+                        .mark_failed(&job.id, status.exit_code, &message)
+                        .await
+                        .map_err(db_error)?;
+                    tracing::warn!("job failed: {message}");
+                    return Ok(JobOutcome {
+                        name: job.name.clone(),
+                        completed: false,
+                        artifact_url: None,
+                        digest: None,
+                    });
+                }
+            },
+            None => None,
         };
         if let Some((url, digest)) = complete {
             let stored = self
@@ -921,6 +990,41 @@ impl Scheduler {
         .await;
         error
     }
+}
+
+/// Every secret a work frame carries (registry password, clone token, secret build args).
+fn secret_values(work: &Message) -> Vec<String> {
+    let mut values = Vec::new();
+    let auth = match work {
+        Message::Build(build) => {
+            values.extend(build.context.clone_token.clone());
+            values.extend(
+                build
+                    .build_config
+                    .secrets
+                    .values()
+                    .map(|secret| secret.expose().to_string()),
+            );
+            build.registry_auth.as_ref()
+        }
+        Message::Merge(merge) => merge.registry_auth.as_ref(),
+        _ => None,
+    };
+    values.extend(auth.map(|auth| auth.password.clone()));
+    // Too short to be a real secret, and would mask ordinary text.
+    values.retain(|value| value.len() >= 4);
+    values
+}
+
+/// `line` with every secret replaced by `[REDACTED]`.
+fn mask_secrets(line: String, secrets: &[String]) -> String {
+    let mut line = line;
+    for secret in secrets {
+        if line.contains(secret.as_str()) {
+            line = line.replace(secret.as_str(), "[REDACTED]");
+        }
+    }
+    line
 }
 
 /// Longest line the core stores; longer ones are cut (agents already cut at 16 KiB, so only a
@@ -1044,6 +1148,27 @@ fn new_token() -> String {
     format!("stg_{}", hex::encode(bytes))
 }
 
+/// A short, stable identity of a repository for registry paths: the first 16 hex digits of
+/// the SHA-256 of its URL, with the spellings git treats as one repository (a trailing `/`
+/// or `.git`, the host's case) made equal.
+pub fn repository_key(repo_url: &str) -> String {
+    let trimmed = repo_url.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_suffix(".git").unwrap_or(trimmed);
+    let normalized = match trimmed.split_once("://") {
+        Some((scheme, rest)) => {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            format!(
+                "{}://{}/{path}",
+                scheme.to_ascii_lowercase(),
+                host.to_ascii_lowercase()
+            )
+        }
+        None => trimmed.to_string(),
+    };
+    let digest = Sha256::digest(normalized.as_bytes());
+    hex::encode(&digest[..8])
+}
+
 /// Job or service name → image tag (`backend_amd64` → `backend-amd64`).
 pub fn tag_for(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
@@ -1096,6 +1221,16 @@ mod tests {
         assert_eq!(budget.admit("z\n".into()), None);
         let summary = budget.summary().unwrap();
         assert!(summary.contains("16004 bytes in 3 lines"), "{summary}");
+    }
+
+    #[test]
+    fn repositories_get_distinct_stable_cache_keys() {
+        let a = repository_key("https://github.com/acme/api.git");
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, repository_key("https://GitHub.com/acme/api/"));
+        assert_eq!(a, repository_key("https://github.com/acme/api"));
+        assert_ne!(a, repository_key("https://github.com/evil/api.git"));
+        assert_ne!(a, repository_key("https://github.com/acme/API.git"));
     }
 
     #[test]

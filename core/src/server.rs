@@ -186,6 +186,7 @@ pub async fn start(
             heartbeat_timeout: config.heartbeat_timeout,
             allow_local_repos: config.allow_local_repos,
             max_log_bytes_per_job: config.max_log_bytes_per_job,
+            build_secrets: config.build_secrets.clone(),
         },
         shutdown.child_token(),
     );

@@ -49,19 +49,29 @@ pub enum SourceError {
     },
 }
 
+/// How git authenticates: the clone token (for scrubbing errors) and the 0600 git config
+/// file holding its header (`GIT_CONFIG_GLOBAL`).
+#[derive(Clone, Copy)]
+struct GitAuth<'a> {
+    clone_token: Option<&'a str>,
+    config_file: Option<&'a std::path::Path>,
+}
+
 async fn git(
     dir: &std::path::Path,
     args: &[&str],
-    clone_token: Option<&str>,
+    auth: GitAuth<'_>,
     allow_local_repos: bool,
 ) -> Result<Vec<u8>, String> {
+    let clone_token = auth.clone_token;
     let mut command = child_command("git");
     command.env(
         "GIT_ALLOW_PROTOCOL",
         stagely_protocol::git_allowed_protocols(allow_local_repos),
     );
-    if let Some(token) = clone_token {
-        command.envs(stagely_protocol::git_auth_env(token));
+    // Only the file's path is in git's environment, never the token.
+    if let Some(file) = auth.config_file {
+        command.env("GIT_CONFIG_GLOBAL", file);
     }
     let output = tokio::time::timeout(
         GIT_TIMEOUT,
@@ -82,6 +92,19 @@ async fn git(
     } else {
         Err(git_error_text(&output.stderr, clone_token))
     }
+}
+
+/// Writes `text` to `path` readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 /// Most of git's error output worth showing.
@@ -120,6 +143,17 @@ pub async fn read_config(
     allow_local_repos: bool,
 ) -> Result<String, SourceError> {
     let scratch = tempfile::tempdir().map_err(SourceError::Scratch)?;
+    // The token's git config lives outside the scratch repository, mode 0600.
+    let secrets = tempfile::tempdir().map_err(SourceError::Scratch)?;
+    let config_file = secrets.path().join("gitconfig");
+    if let Some(token) = clone_token {
+        write_private(&config_file, &stagely_protocol::git_auth_config(token))
+            .map_err(SourceError::Scratch)?;
+    }
+    let auth = GitAuth {
+        clone_token,
+        config_file: clone_token.map(|_| config_file.as_path()),
+    };
     let path = if dir.is_empty() {
         "stagely.yaml".to_string()
     } else {
@@ -131,18 +165,13 @@ pub async fn read_config(
         commit: commit.to_string(),
         detail,
     };
-    git(
-        scratch.path(),
-        &["init", "-q"],
-        clone_token,
-        allow_local_repos,
-    )
-    .await
-    .map_err(|detail| error("init", detail))?;
+    git(scratch.path(), &["init", "-q"], auth, allow_local_repos)
+        .await
+        .map_err(|detail| error("init", detail))?;
     if git(
         scratch.path(),
         &["fetch", "-q", "--depth", "1", "--no-tags", repo, commit],
-        clone_token,
+        auth,
         allow_local_repos,
     )
     .await
@@ -157,7 +186,7 @@ pub async fn read_config(
                 repo,
                 "+refs/heads/*:refs/remotes/origin/*",
             ],
-            clone_token,
+            auth,
             allow_local_repos,
         )
         .await
@@ -167,7 +196,7 @@ pub async fn read_config(
     let Ok(size) = git(
         scratch.path(),
         &["cat-file", "-s", &object],
-        clone_token,
+        auth,
         allow_local_repos,
     )
     .await
@@ -189,14 +218,7 @@ pub async fn read_config(
             max: crate::api::MAX_CONFIG_BYTES,
         });
     }
-    match git(
-        scratch.path(),
-        &["show", &object],
-        clone_token,
-        allow_local_repos,
-    )
-    .await
-    {
+    match git(scratch.path(), &["show", &object], auth, allow_local_repos).await {
         Ok(bytes) => {
             String::from_utf8(bytes).map_err(|_| error("show", format!("{path} is not UTF-8 text")))
         }
@@ -211,6 +233,29 @@ pub async fn read_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_reads_the_clone_token_header_from_its_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gitconfig");
+        write_private(&file, &stagely_protocol::git_auth_config("tok-123")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let output = std::process::Command::new("git")
+            .args(["config", "--global", "--get", "http.extraheader"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("GIT_CONFIG_GLOBAL", &file)
+            .output()
+            .unwrap();
+        use base64::Engine;
+        let expected = format!(
+            "Authorization: Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("x-access-token:tok-123")
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), expected);
+    }
 
     #[test]
     fn git_errors_keep_every_line_but_hints() {

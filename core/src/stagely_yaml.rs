@@ -97,6 +97,11 @@ impl FileSyntax {
                         .iter()
                         .map(|(key, value)| key.len() + value.len())
                         .sum::<usize>()
+                    + build
+                        .secret_build_args
+                        .iter()
+                        .map(String::len)
+                        .sum::<usize>()
             })
             .sum()
     }
@@ -116,6 +121,10 @@ struct BuildSyntax {
     dockerfile: Option<String>,
     #[serde(default)]
     build_args: BTreeMap<String, String>,
+    /// Names of build arguments whose values are secrets: they come from the submission
+    /// (`secrets`) or the core's `[secrets]`, never from this file.
+    #[serde(default)]
+    secret_build_args: Vec<String>,
     #[serde(default)]
     timeout: Option<String>,
 }
@@ -130,6 +139,9 @@ pub struct JobSpec {
     pub context_path: String,
     pub dockerfile: String,
     pub build_args: BTreeMap<String, String>,
+    /// Names of secret build arguments (values are never stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_build_args: Vec<String>,
     pub timeout_seconds: u64,
 }
 
@@ -277,11 +289,7 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
         ));
     }
     for (key, value) in &build.build_args {
-        if key.is_empty()
-            || key.len() > MAX_BUILD_ARG_NAME
-            || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || key.starts_with(|c: char| c.is_ascii_digit())
-        {
+        if !valid_arg_name(key) {
             let shown: String = key.chars().take(40).collect();
             return Err(field(
                 name,
@@ -313,6 +321,41 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
                 "the value contains a control character (only newline and tab are allowed)".into(),
             ));
         }
+    }
+    let mut secret_names = Vec::new();
+    for secret in &build.secret_build_args {
+        if !valid_arg_name(secret) {
+            let shown: String = secret.chars().take(40).collect();
+            return Err(field(
+                name,
+                "secret_build_args",
+                format!("`{shown}` is not a valid build argument name"),
+            ));
+        }
+        if build.build_args.contains_key(secret) {
+            return Err(field(
+                name,
+                "secret_build_args",
+                format!(
+                    "`{secret}` is also in build_args; a secret's value must not be written in stagely.yaml"
+                ),
+            ));
+        }
+        if secret_names.contains(secret) {
+            return Err(field(
+                name,
+                "secret_build_args",
+                format!("`{secret}` is listed twice"),
+            ));
+        }
+        secret_names.push(secret.clone());
+    }
+    if secret_names.len() > MAX_BUILD_ARGS {
+        return Err(field(
+            name,
+            "secret_build_args",
+            format!("at most {MAX_BUILD_ARGS} are allowed"),
+        ));
     }
     let platforms: Vec<String> = match (build.platform, build.platforms) {
         (Some(_), Some(_)) => {
@@ -362,6 +405,7 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
         context_path: join_prefix(prefix, &context),
         dockerfile,
         build_args: build.build_args,
+        secret_build_args: secret_names,
         timeout_seconds: timeout.as_secs(),
     };
     if !multi {
@@ -397,6 +441,14 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
         },
     });
     Ok(plans)
+}
+
+/// A build argument name: letters, digits and `_`, not starting with a digit.
+pub fn valid_arg_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_BUILD_ARG_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// Normalises `./a/b/` to `a/b` and `.`/`./` to `.`; refuses absolute paths and `..`.
@@ -650,6 +702,21 @@ builds:
         assert!(error(bell).contains("control character"), "{}", error(bell));
         let ok = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args:\n      X: \"line1\\nline2\\tend\"\n";
         assert!(parse(ok, "").is_ok());
+    }
+
+    #[test]
+    fn secret_build_args_are_names_only() {
+        let text = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    secret_build_args: [NPM_TOKEN]\n";
+        assert_eq!(
+            parse(text, "").unwrap()[0].spec.secret_build_args,
+            ["NPM_TOKEN"]
+        );
+        let both = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    build_args: {NPM_TOKEN: x}\n    secret_build_args: [NPM_TOKEN]\n";
+        assert!(
+            error(both).contains("builds.a.secret_build_args: `NPM_TOKEN` is also in build_args")
+        );
+        let bad = "builds:\n  a:\n    context: .\n    platform: linux/amd64\n    secret_build_args: [\"A B\"]\n";
+        assert!(error(bad).contains("builds.a.secret_build_args"));
     }
 
     #[test]

@@ -184,8 +184,26 @@ pub struct Hello {
     pub emulated_arches: Vec<Arch>,
 }
 
+/// A secret value on the wire (a secret build argument): serialized as the plain string, but
+/// never shown by `Debug`, so it cannot reach a log line through `{:?}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Where the source comes from (`BUILD.context`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceContext {
     /// A git URL or, for local instances, a filesystem path.
     pub repo_url: String,
@@ -194,6 +212,20 @@ pub struct SourceContext {
     /// Token for cloning private repositories. Secret: never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_token: Option<String>,
+}
+
+impl std::fmt::Debug for SourceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceContext")
+            .field("repo_url", &self.repo_url)
+            .field("commit_hash", &self.commit_hash)
+            .field("branch", &self.branch)
+            .field(
+                "clone_token",
+                &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// How to build (`BUILD.build_config`).
@@ -214,6 +246,12 @@ pub struct BuildConfig {
     /// Addition: the job's time limit; the agent kills the build when it is exceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
+    /// Addition: secret build arguments (`secret_build_args` in stagely.yaml), name → value.
+    /// The agent hands them to the builder as build secrets (`--secret id=NAME,src=FILE`,
+    /// read in the Dockerfile with `RUN --mount=type=secret,id=NAME`), never as `--build-arg`:
+    /// they reach no command line, no environment, no image layer and no log line.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// Registry credentials (`registry_auth`). Secret: never logged, never on a command line.
@@ -410,21 +448,15 @@ pub fn git_allowed_protocols(allow_local_repos: bool) -> &'static str {
 }
 
 /// How a `clone_token` is presented to git, for the core (reading `stagely.yaml`) and the
-/// agent (fetching the source) alike: an HTTP Basic header (`x-access-token:<token>`) passed
-/// through git's environment configuration, so it is never in a URL or on a command line.
-/// Returns the environment variables to set on the `git` process.
-pub fn git_auth_env(clone_token: &str) -> [(&'static str, String); 3] {
+/// agent (fetching the source) alike: an HTTP Basic header (`x-access-token:<token>`) in a git
+/// configuration file. The caller writes the returned text to a file of mode 0600 and points
+/// git at it with `GIT_CONFIG_GLOBAL`, so the token is never in a URL, on a command line or
+/// in git's environment (only the file's path is).
+pub fn git_auth_config(clone_token: &str) -> String {
     use base64::Engine;
     let basic =
         base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{clone_token}"));
-    [
-        ("GIT_CONFIG_COUNT", "1".to_string()),
-        ("GIT_CONFIG_KEY_0", "http.extraHeader".to_string()),
-        (
-            "GIT_CONFIG_VALUE_0",
-            format!("Authorization: Basic {basic}"),
-        ),
-    ]
+    format!("[http]\n\textraHeader = Authorization: Basic {basic}\n")
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {

@@ -105,3 +105,19 @@ fn registry_password_is_redacted_from_debug_output() {
     let shown = format!("{message:?}");
     assert!(!shown.contains("reg_token_"), "{shown}");
 }
+
+#[test]
+fn debug_output_never_shows_secret_build_args_or_clone_tokens() {
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/build_secrets.json"),
+    )
+    .unwrap();
+    let Message::Build(mut build) = decode(&bytes).unwrap() else {
+        panic!("expected BUILD")
+    };
+    build.context.clone_token = Some("ghp_clone_token_value".into());
+    let shown = format!("{build:?}");
+    assert!(shown.contains("NPM_TOKEN"), "{shown}");
+    assert!(!shown.contains("npm_secret_value"), "{shown}");
+    assert!(!shown.contains("ghp_clone_token_value"), "{shown}");
+}

@@ -26,6 +26,7 @@ fn build(job: &str) -> Message {
             cache_from: vec![],
             cache_to: None,
             timeout_seconds: None,
+            secrets: Default::default(),
         },
         registry_auth: None,
         registry: Default::default(),

@@ -908,3 +908,119 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
         .windows(needle.len())
         .any(|window| window == needle)
 }
+
+/// Pushes a minimal image (an empty config, no layers) as `repository:tag` over the registry
+/// API and returns its manifest digest: what a hand-driven agent reports as its build.
+pub async fn push_test_image(
+    registry: &LocalRegistry,
+    repository: &str,
+    tag: &str,
+) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}/v2/{repository}", registry.host);
+    let sha = |bytes: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = sha(config);
+    let upload = client
+        .post(format!("{base}/blobs/uploads/"))
+        .basic_auth(&registry.username, Some(&registry.password))
+        .send()
+        .await?
+        .error_for_status()?;
+    let location = upload
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("no upload location")?
+        .to_string();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        format!("http://{}{location}", registry.host)
+    };
+    let separator = if location.contains('?') { '&' } else { '?' };
+    client
+        .put(format!("{location}{separator}digest={config_digest}"))
+        .basic_auth(&registry.username, Some(&registry.password))
+        .header("content-type", "application/octet-stream")
+        .body(config.to_vec())
+        .send()
+        .await?
+        .error_for_status()?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": [],
+    }))?;
+    client
+        .put(format!("{base}/manifests/{tag}"))
+        .basic_auth(&registry.username, Some(&registry.password))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(sha(&manifest))
+}
+
+/// Every blob (config and layers) of a single-platform image, fetched over the registry API:
+/// (layer digests, all bytes of manifest, config and layers, compressed and uncompressed,
+/// concatenated).
+pub async fn image_contents(
+    registry: &LocalRegistry,
+    image: &str,
+) -> anyhow::Result<(Vec<String>, Vec<u8>)> {
+    let client = reqwest::Client::new();
+    let rest = image
+        .strip_prefix(&format!("{}/", registry.host))
+        .with_context(|| format!("{image} is not in {}", registry.host))?;
+    let (repo, tag) = rest.rsplit_once(':').context("image has no tag")?;
+    let get = |path: String| {
+        client
+            .get(format!("http://{}/v2/{repo}/{path}", registry.host))
+            .basic_auth(&registry.username, Some(&registry.password))
+            .header(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+    };
+    let manifest = get(format!("manifests/{tag}"))
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let mut all = manifest.to_vec();
+    let mut layers = Vec::new();
+    let config = parsed["config"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    for layer in parsed["layers"].as_array().into_iter().flatten() {
+        layers.push(layer["digest"].as_str().unwrap_or_default().to_string());
+    }
+    for digest in std::iter::once(&config).chain(layers.iter()) {
+        let blob = get(format!("blobs/{digest}"))
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        all.extend_from_slice(&blob);
+        // Layers are gzip-compressed tars: search their contents too.
+        if blob.starts_with(&[0x1f, 0x8b]) {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut plain)?;
+            all.extend_from_slice(&plain);
+        }
+    }
+    Ok((layers, all))
+}

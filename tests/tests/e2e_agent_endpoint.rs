@@ -268,7 +268,10 @@ async fn a_malformed_frame_closes_only_that_connection_and_names_the_problem() {
         .await
         .unwrap();
     }
-    let digest = format!("sha256:{}", "ab".repeat(32));
+    // The core checks the registry: the image must really be there at that digest.
+    let digest = push_test_image(&core.registry, "stagely/pr-9", "good")
+        .await
+        .unwrap();
     good.send(Ws::text(encode(&Message::Status(Status {
         job_id: good_id.clone(),
         state: JobState::Completed,
@@ -572,5 +575,63 @@ async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
     );
     assert!(first.contains("line cut"), "{}", &first[first.len() - 80..]);
     assert_eq!(lines[1].1, "after\n");
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    let run = submit_builds(&core, &["ghost", "swapped"]).await;
+    let tokens = tokens(&provider, 2).await;
+    let real = push_test_image(&core.registry, "stagely/pr-9", "swapped")
+        .await
+        .unwrap();
+    let invented = format!("sha256:{}", "cd".repeat(32));
+    for (job_id, token) in &tokens {
+        let name = &run.jobs.iter().find(|j| &j.id == job_id).unwrap().name;
+        let mut agent = connect(&core, Some(token)).await.unwrap();
+        agent.send(Ws::text(hello())).await.unwrap();
+        let Message::Build(_) = next_message(&mut agent).await else {
+            panic!("expected BUILD")
+        };
+        // `ghost` was never pushed; `swapped` exists, but at another digest.
+        agent
+            .send(Ws::text(encode(&Message::Status(Status {
+                job_id: job_id.clone(),
+                state: JobState::Completed,
+                exit_code: Some(0),
+                artifact_url: Some(format!("{}/stagely/pr-9:{name}", core.registry.host)),
+                digest: Some(invented.clone()),
+                error: None,
+                never_ran: None,
+                seq: Some(1),
+            }))))
+            .await
+            .unwrap();
+    }
+    let view = core.wait_finished(&run.id, Duration::from_secs(30)).await;
+    let by_name = |name: &str| view.jobs.iter().find(|j| j.name == name).unwrap();
+    assert_eq!(view.status, "failed");
+    let ghost = by_name("ghost");
+    assert_eq!(ghost.status, "failed");
+    let message = ghost.error_message.clone().unwrap_or_default();
+    assert!(
+        message.contains("could not confirm") && message.contains(&invented),
+        "{message}"
+    );
+    let swapped = by_name("swapped");
+    assert_eq!(swapped.status, "failed");
+    let message = swapped.error_message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&format!("at {real}, not at the reported {invented}")),
+        "{message}"
+    );
+    assert!(!message.contains(&core.registry.password));
     core.stop().await;
 }

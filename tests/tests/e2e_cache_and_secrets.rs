@@ -1,0 +1,204 @@
+//! A repository's layer cache is its own, and secret build arguments reach the build as build
+//! secrets only: never a command line, an environment, the database, a log line or the image.
+
+use std::time::Duration;
+
+use stagely_tests::*;
+
+/// A Dockerfile whose RUN layer differs on every fresh build (a nanosecond timestamp), so a
+/// layer that was reused from a cache is recognisable by its digest.
+fn stamped_repo() -> TestRepo {
+    let busybox = busybox("amd64").unwrap();
+    TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  web:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox date +%s%N > /stamp\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap()
+}
+
+async fn build(core: &TestCore, repo: &TestRepo, environment: &str) -> (Vec<String>, String) {
+    let run = core.submit(repo, None, environment).await.unwrap();
+    let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
+    let log: String = core
+        .logs(&view.jobs[0].id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect();
+    let image = view.jobs[0].artifact_url.clone().unwrap();
+    let (layers, _) = image_contents(&core.registry, &image).await.unwrap();
+    (layers, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_repository_cannot_poison_anothers_layer_cache() {
+    if !require_build_peers() {
+        return;
+    }
+    let mut core = TestCore::start().await.unwrap();
+    // The attacker's repository: the same job name and the same Dockerfile, built first.
+    let attacker = stamped_repo();
+    let victim = stamped_repo();
+    let (attacker_layers, _) = build(&core, &attacker, "evil-1").await;
+    let (victim_layers, victim_log) = build(&core, &victim, "pr-1").await;
+    assert!(
+        !victim_log.contains("Using cache") && !victim_log.contains("Cache pulled"),
+        "the victim's build used a cache:\n{victim_log}"
+    );
+    assert_ne!(
+        attacker_layers.last(),
+        victim_layers.last(),
+        "the victim's RUN layer is the attacker's"
+    );
+    // The cache works within one repository: a rebuild reuses its own layer.
+    let (again_layers, again_log) = build(&core, &victim, "pr-2").await;
+    assert!(
+        again_log.contains("Using cache") || again_log.contains("Cache pulled"),
+        "a rebuild of the same repository did not use its cache:\n{again_log}"
+    );
+    assert_eq!(again_layers.last(), victim_layers.last());
+    // Two caches, one per repository.
+    let catalog: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/v2/_catalog", core.registry.host))
+        .basic_auth(&core.registry.username, Some(&core.registry.password))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let caches: Vec<&str> = catalog["repositories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .filter(|r| r.starts_with("stagely/cache/") && r.ends_with("/web"))
+        .collect();
+    assert_eq!(caches.len(), 2, "{catalog}");
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
+    if !require_build_peers() {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    let secret = format!("db-{}", stagely_core::cli::new_api_token());
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n    build_args: {MODE: test}\n    secret_build_args: [DB_PASSWORD]\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nARG MODE\nRUN --mount=type=secret,id=DB_PASSWORD [\"/bin/busybox\", \"sh\", \"-c\", \"echo secret-bytes=$(/bin/busybox wc -c < /run/secrets/DB_PASSWORD); /bin/busybox cat /run/secrets/DB_PASSWORD; echo; /bin/busybox sleep 3; echo mode=$MODE > /mode\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let body = |secrets: serde_json::Value| {
+        serde_json::json!({
+            "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main",
+            "environment_id": "pr-s", "secrets": secrets,
+        })
+    };
+    // Declared but not given: refused, naming it.
+    let (status, answer) = core.submit_raw(body(serde_json::json!({}))).await.unwrap();
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DB_PASSWORD"),
+        "{answer}"
+    );
+    // Given but declared by no build: refused (a typo would build without it).
+    let (status, answer) = core
+        .submit_raw(body(
+            serde_json::json!({"DB_PASSWORD": secret, "DB_PASWORD": "x1234"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["field"], "secrets.DB_PASWORD");
+
+    let (status, answer) = core
+        .submit_raw(body(serde_json::json!({"DB_PASSWORD": secret})))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{answer}");
+    let run_id = answer["id"].as_str().unwrap().to_string();
+
+    // While it builds: on no command line and in no environment.
+    let mut builder_seen = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let view = loop {
+        for (pid, cmdline) in cmdlines() {
+            assert!(
+                !cmdline.contains(&secret),
+                "pid {pid} has it on its command line"
+            );
+            builder_seen |= cmdline.starts_with("buildah ") && cmdline.contains(" bud ");
+            if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
+                assert!(
+                    !contains_bytes(&environ, secret.as_bytes()),
+                    "pid {pid} ({cmdline}) has it in its environment"
+                );
+            }
+        }
+        let view = core.run(&run_id).await.unwrap();
+        if matches!(view.status.as_str(), "completed" | "failed") {
+            break view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run did not finish");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    assert!(builder_seen, "the scan never saw buildah");
+    assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
+
+    // The build read it (its length), printed it, and the log holds only the mask.
+    let log: String = core
+        .logs(&view.jobs[0].id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect();
+    assert!(
+        log.contains(&format!("secret-bytes={}", secret.len())),
+        "{log}"
+    );
+    assert!(log.contains("[REDACTED]"), "{log}");
+    assert!(!log.contains(&secret));
+    // Not in the image, nor in any file the core or its instances wrote.
+    let image = view.jobs[0].artifact_url.clone().unwrap();
+    let (_, contents) = image_contents(&core.registry, &image).await.unwrap();
+    assert!(
+        contains_bytes(&contents, b"mode=test"),
+        "the image was read"
+    );
+    assert!(
+        !contains_bytes(&contents, secret.as_bytes()),
+        "the image holds the secret"
+    );
+    core.stop().await;
+    for file in files_under(core.data.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !contains_bytes(&bytes, secret.as_bytes()),
+            "{} holds the secret",
+            file.display()
+        );
+    }
+}
