@@ -641,8 +641,21 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Starts `stagely serve` on a free port and waits until `/healthz` answers.
+    /// Starts `stagely serve` on a free port and waits until `/healthz` answers. Its config
+    /// allows local repositories (test repositories are directories).
     pub async fn start(data: &Path, registry: &LocalRegistry) -> ServeProcess {
+        Self::start_with_config(data, registry, "allow_local_repos = true\n").await
+    }
+
+    /// Like [`ServeProcess::start`] with `config` as its `stagely.toml`.
+    pub async fn start_with_config(
+        data: &Path,
+        registry: &LocalRegistry,
+        config: &str,
+    ) -> ServeProcess {
+        let config_path = data.join("stagely-test.toml");
+        std::fs::create_dir_all(data).expect("data dir");
+        std::fs::write(&config_path, config).expect("test config");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -841,10 +854,8 @@ fn spawn_serve(
     password: &str,
     api_token: &str,
 ) -> std::process::Child {
-    // Test repositories are local directories, which `serve` refuses unless told otherwise.
+    // Written by `start_with_config`; a restart reuses it.
     let config = data.join("stagely-test.toml");
-    std::fs::create_dir_all(data).expect("data dir");
-    std::fs::write(&config, "allow_local_repos = true\n").expect("test config");
     // Credentials go through the environment, never the command line.
     std::process::Command::new(agent_binary().with_file_name("stagely"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])

@@ -19,6 +19,7 @@ fn submit_body(repo_url: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
+    let captured = LogCapture::install();
     let provider = Arc::new(RecordingProvider::default());
     let mut core = TestCore::start_with_provider(provider).await.unwrap();
     let run = core
@@ -83,6 +84,11 @@ async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
         .unwrap();
     assert_eq!(health.status(), 200);
     core.stop().await;
+    // Refusals are logged, tokens never.
+    let text = captured.text();
+    assert!(text.contains("API request refused"), "{text}");
+    assert!(!text.contains("stga_not-the-right-token-at-all"));
+    assert!(!text.contains(&core.api_token));
 }
 
 #[tokio::test]
@@ -168,4 +174,35 @@ async fn repositories_the_core_must_not_touch_are_refused_before_git_runs() {
         assert!(!message.contains(&url), "{message}");
     }
     core.stop().await;
+}
+
+#[tokio::test]
+async fn stagely_serve_refuses_local_repositories_by_default() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // An empty stagely.toml: serve's defaults.
+    let mut core = ServeProcess::start_with_config(data.path(), &registry, "").await;
+    let repo = TestRepo::with_files(&[("secret.txt", b"host file\n")]).unwrap();
+    let response = client_with_token(&core.api_token)
+        .post(format!("{}/api/v1/workflows", core.url))
+        .json(&submit_body(&repo.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["field"], "repo_url");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow_local_repos"),
+        "{answer}"
+    );
+    assert!(core.terminate().await.success());
 }

@@ -34,6 +34,10 @@ async fn build(core: &TestCore, repo: &TestRepo, environment: &str) -> (Vec<Stri
         .into_iter()
         .map(|(_, line)| line)
         .collect();
+    // Host paths stay the agent's business: the log shows the work directory as $WORK.
+    let data_dir = core.data.path().to_string_lossy().to_string();
+    assert!(!log.contains(&data_dir), "{log}");
+    assert!(log.contains("$WORK/src"), "{log}");
     let image = view.jobs[0].artifact_url.clone().unwrap();
     let (layers, _) = image_contents(&core.registry, &image).await.unwrap();
     (layers, log)

@@ -282,3 +282,43 @@ async fn a_jobs_log_is_capped_with_a_marker_and_the_build_goes_on() {
     assert_eq!(marker, texts.len() - 2, "marker, then only the summary");
     core.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_trickles_in_is_cut_with_408() {
+    let mut core = TestCore::start_configured(|file| {
+        file.api.body_read_timeout_secs = Some(1);
+    })
+    .await
+    .unwrap();
+    let addr = core.url.trim_start_matches("http://").to_string();
+    let token = core.api_token.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+        // Headers complete, a body of 1000 bytes promised, 10 sent, then silence.
+        write!(
+            socket,
+            "POST /api/v1/workflows HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"repo_url\""
+        )
+        .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(read) = socket.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..read]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 1s"), "{answer}");
+    core.stop().await;
+}
