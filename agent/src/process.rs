@@ -70,12 +70,9 @@ pub enum ProcessError {
 /// [`INHERITED_ENV`]: stagely_protocol::INHERITED_ENV
 pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new(program);
-    command.env_clear();
-    for name in stagely_protocol::INHERITED_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            command.env(name, value);
-        }
-    }
+    command
+        .env_clear()
+        .envs(stagely_protocol::inherited_env(std::env::var_os));
     command
 }
 

@@ -164,6 +164,8 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     Timeout(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -199,6 +201,11 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
             }
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", None),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                None,
+            ),
             ApiError::Internal(error) => {
                 tracing::error!("internal error: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
@@ -435,7 +442,7 @@ fn validate_submit(
 }
 
 /// Reads a JSON body of at most `limit` bytes within `timeout` and parses it into `T`:
-/// `413` over the limit, `408` too slow, `415` not JSON, `400` not JSON syntax, `422` naming
+/// `413` over the limit, `408` too slow, `415` not declared JSON, `400` not JSON syntax, `422` naming
 /// the field that is missing, unknown or of the wrong type.
 async fn json_body<T: serde::de::DeserializeOwned>(
     request: axum::extract::Request,
@@ -451,7 +458,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
             mime.eq_ignore_ascii_case("application/json")
         });
     if !is_json {
-        return Err(ApiError::BadRequest(
+        return Err(ApiError::UnsupportedMediaType(
             "expected a JSON body (Content-Type: application/json)".into(),
         ));
     }

@@ -13,12 +13,9 @@ use tokio::process::Command;
 /// git or registry process it starts.
 pub fn child_command(program: &str) -> Command {
     let mut command = Command::new(program);
-    command.env_clear();
-    for name in stagely_protocol::INHERITED_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            command.env(name, value);
-        }
-    }
+    command
+        .env_clear()
+        .envs(stagely_protocol::inherited_env(std::env::var_os));
     command
 }
 

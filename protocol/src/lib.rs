@@ -436,6 +436,17 @@ pub const INHERITED_ENV: &[&str] = &[
     "NO_PROXY",
 ];
 
+/// The [`INHERITED_ENV`] variables that are set, looked up with `lookup` (`std::env::var_os`
+/// in a process): what to give a child after clearing its environment.
+pub fn inherited_env<F>(lookup: F) -> impl Iterator<Item = (&'static str, std::ffi::OsString)>
+where
+    F: Fn(&'static str) -> Option<std::ffi::OsString>,
+{
+    INHERITED_ENV
+        .iter()
+        .filter_map(move |name| lookup(name).map(|value| (*name, value)))
+}
+
 /// The value of `GIT_ALLOW_PROTOCOL` for every git the core or an agent runs: https, ssh
 /// and git only, plus `file` (local paths) when the operator allows local repositories.
 /// Transports such as `ext::` (runs a command) or `fd::` are refused by git itself.

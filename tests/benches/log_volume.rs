@@ -68,7 +68,12 @@ async fn main() {
         ("busybox", &busybox),
     ])
     .expect("repo");
-    let mut core = TestCore::start().await.expect("core");
+    // This measures streaming, not the per-job log cap (100 MiB by default): lift the cap.
+    let mut core = TestCore::start_configured(|file| {
+        file.scheduler.max_log_bytes_per_job = Some(2 * bytes + 1024 * 1024);
+    })
+    .await
+    .expect("core");
     let data_dir = core.data.path().to_string_lossy().into_owned();
     let core_rss_before = status_kib("self", "VmRSS:").unwrap_or(0);
     let started = Instant::now();
