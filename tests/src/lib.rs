@@ -370,28 +370,13 @@ impl TestCore {
         .await
     }
 
-    /// Every stored line of a job, page by page.
+    /// Every stored line of a job, page by page: (stream, line).
     pub async fn logs(&self, job_id: &str) -> anyhow::Result<Vec<(String, String)>> {
-        let mut after = 0;
-        let mut lines = Vec::new();
-        loop {
-            let page: LogPage = self
-                .client
-                .get(format!(
-                    "{}/api/v1/jobs/{job_id}/logs?after={after}&limit=10000",
-                    self.url
-                ))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            if page.lines.is_empty() {
-                return Ok(lines);
-            }
-            after = page.next_after;
-            lines.extend(page.lines.into_iter().map(|l| (l.stream, l.line)));
-        }
+        Ok(all_log_lines(&self.client, &self.url, job_id)
+            .await?
+            .into_iter()
+            .map(|l| (l.stream, l.line))
+            .collect())
     }
 
     /// Instances the provider still has for this core (must be none after a run).
@@ -406,6 +391,32 @@ impl TestCore {
         if let Some(core) = self.core.take() {
             core.stop().await;
         }
+    }
+}
+
+/// Every stored line of a job from the core at `url`, page by page.
+pub async fn all_log_lines(
+    client: &reqwest::Client,
+    url: &str,
+    job_id: &str,
+) -> anyhow::Result<Vec<stagely_core::api::LogLineView>> {
+    let mut after = 0;
+    let mut lines = Vec::new();
+    loop {
+        let page: LogPage = client
+            .get(format!(
+                "{url}/api/v1/jobs/{job_id}/logs?after={after}&limit=10000"
+            ))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if page.lines.is_empty() {
+            return Ok(lines);
+        }
+        after = page.next_after;
+        lines.extend(page.lines);
     }
 }
 
@@ -750,27 +761,12 @@ impl ServeProcess {
 
     /// Every stored line of a job with the time the core stored it (unix ms).
     pub async fn log_lines(&self, job_id: &str) -> Vec<(i64, String)> {
-        let mut after = 0;
-        let mut lines = Vec::new();
-        loop {
-            let page: LogPage = self
-                .client
-                .get(format!(
-                    "{}/api/v1/jobs/{job_id}/logs?after={after}&limit=10000",
-                    self.url
-                ))
-                .send()
-                .await
-                .expect("logs")
-                .json()
-                .await
-                .expect("a log page");
-            if page.lines.is_empty() {
-                return lines;
-            }
-            after = page.next_after;
-            lines.extend(page.lines.into_iter().map(|l| (l.timestamp, l.line)));
-        }
+        all_log_lines(&self.client, &self.url, job_id)
+            .await
+            .expect("the job's log")
+            .into_iter()
+            .map(|l| (l.timestamp, l.line))
+            .collect()
     }
 
     pub async fn run(&self, run_id: &str) -> RunView {

@@ -102,6 +102,29 @@ async fn submit_builds(core: &TestCore, names: &[&str]) -> stagely_core::api::Ru
     serde_json::from_value(body).unwrap()
 }
 
+/// A core whose instances boot nothing: the test plays each agent.
+async fn hand_driven_core() -> (Arc<RecordingProvider>, TestCore) {
+    let provider = Arc::new(RecordingProvider::default());
+    let core = TestCore::start_with_provider(provider.clone())
+        .await
+        .unwrap();
+    (provider, core)
+}
+
+/// Connects with `token`, says HELLO and waits for the BUILD.
+async fn agent_with_build(core: &TestCore, token: &str) -> Socket {
+    let mut agent = connect(core, Some(token)).await.unwrap();
+    agent.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(_) = next_message(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    agent
+}
+
+async fn send(agent: &mut Socket, message: Message) {
+    agent.send(Ws::text(encode(&message))).await.unwrap();
+}
+
 async fn tokens(provider: &RecordingProvider, count: usize) -> Vec<(String, String)> {
     poll_until(
         Duration::from_secs(10),
@@ -526,44 +549,33 @@ async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
     if !require("docker-registry", "--version") {
         return;
     }
-    let provider = Arc::new(RecordingProvider::default());
-    let mut core = TestCore::start_with_provider(provider.clone())
-        .await
-        .unwrap();
+    let (provider, mut core) = hand_driven_core().await;
     let run = submit_builds(&core, &["api"]).await;
     let tokens = tokens(&provider, 1).await;
     let (job_id, token) = &tokens[0];
-    let mut agent = connect(&core, Some(token)).await.unwrap();
-    agent.send(Ws::text(hello())).await.unwrap();
-    let Message::Build(_) = next_message(&mut agent).await else {
-        panic!("expected BUILD")
-    };
+    let mut agent = agent_with_build(&core, token).await;
     // Agents cut lines at 16 KiB; this one sends a 900 KB line.
     let huge = format!("{}\n", "A".repeat(900 * 1024));
     for (seq, data) in [(1, huge), (2, "after\n".to_string())] {
-        agent
-            .send(Ws::text(encode(&Message::Log(Log {
-                job_id: job_id.clone(),
-                stream: LogStream::Stdout,
-                data,
-                seq: Some(seq),
-            }))))
-            .await
-            .unwrap();
-    }
-    agent
-        .send(Ws::text(encode(&Message::Status(Status {
+        let log = Log {
             job_id: job_id.clone(),
-            state: JobState::Failed,
-            exit_code: Some(1),
-            artifact_url: None,
-            digest: None,
-            error: Some("done".into()),
-            never_ran: None,
-            seq: Some(3),
-        }))))
-        .await
-        .unwrap();
+            stream: LogStream::Stdout,
+            data,
+            seq: Some(seq),
+        };
+        send(&mut agent, Message::Log(log)).await;
+    }
+    let status = Status {
+        job_id: job_id.clone(),
+        state: JobState::Failed,
+        exit_code: Some(1),
+        artifact_url: None,
+        digest: None,
+        error: Some("done".into()),
+        never_ran: None,
+        seq: Some(3),
+    };
+    send(&mut agent, Message::Status(status)).await;
     core.wait_finished(&run.id, Duration::from_secs(20)).await;
     let lines = core.logs(job_id).await.unwrap();
     assert_eq!(lines.len(), 2, "{}", lines.len());
@@ -583,10 +595,7 @@ async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
     if !require("docker-registry", "--version") {
         return;
     }
-    let provider = Arc::new(RecordingProvider::default());
-    let mut core = TestCore::start_with_provider(provider.clone())
-        .await
-        .unwrap();
+    let (provider, mut core) = hand_driven_core().await;
     let run = submit_builds(&core, &["ghost", "swapped"]).await;
     let tokens = tokens(&provider, 2).await;
     let real = push_test_image(&core.registry, "stagely/pr-9", "swapped")
@@ -595,25 +604,19 @@ async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
     let invented = format!("sha256:{}", "cd".repeat(32));
     for (job_id, token) in &tokens {
         let name = &run.jobs.iter().find(|j| &j.id == job_id).unwrap().name;
-        let mut agent = connect(&core, Some(token)).await.unwrap();
-        agent.send(Ws::text(hello())).await.unwrap();
-        let Message::Build(_) = next_message(&mut agent).await else {
-            panic!("expected BUILD")
-        };
+        let mut agent = agent_with_build(&core, token).await;
         // `ghost` was never pushed; `swapped` exists, but at another digest.
-        agent
-            .send(Ws::text(encode(&Message::Status(Status {
-                job_id: job_id.clone(),
-                state: JobState::Completed,
-                exit_code: Some(0),
-                artifact_url: Some(format!("{}/stagely/pr-9:{name}", core.registry.host)),
-                digest: Some(invented.clone()),
-                error: None,
-                never_ran: None,
-                seq: Some(1),
-            }))))
-            .await
-            .unwrap();
+        let status = Status {
+            job_id: job_id.clone(),
+            state: JobState::Completed,
+            exit_code: Some(0),
+            artifact_url: Some(format!("{}/stagely/pr-9:{name}", core.registry.host)),
+            digest: Some(invented.clone()),
+            error: None,
+            never_ran: None,
+            seq: Some(1),
+        };
+        send(&mut agent, Message::Status(status)).await;
     }
     let view = core.wait_finished(&run.id, Duration::from_secs(30)).await;
     let by_name = |name: &str| view.jobs.iter().find(|j| j.name == name).unwrap();
