@@ -416,9 +416,10 @@ pub struct Heartbeat {
 
 /// The only environment variables a child process (an agent started by the local provider,
 /// git, a builder) inherits from its parent: what a program needs to find its tools, its
-/// locale, its temporary directory, TLS roots and an operator's proxy. Everything else (the
-/// core's `STAGELY_REGISTRY_PASSWORD`, API tokens, cloud credentials) is dropped; a child
-/// gets a secret only through a 0600 file named on purpose, never by inheritance.
+/// locale, its temporary directory, TLS roots, an operator's proxy and builder daemon.
+/// Everything else (the core's `STAGELY_REGISTRY_PASSWORD`, API tokens, cloud credentials) is
+/// dropped; a child gets a secret only through a 0600 file named on purpose, never by
+/// inheritance.
 pub const INHERITED_ENV: &[&str] = &[
     "PATH",
     "HOME",
@@ -434,6 +435,14 @@ pub const INHERITED_ENV: &[&str] = &[
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
+    // Where an operator's builder lives on a golden image (not secrets: sockets and paths).
+    "DOCKER_HOST",
+    "DOCKER_CONTEXT",
+    "BUILDX_BUILDER",
+    "XDG_RUNTIME_DIR",
+    "CONTAINERS_CONF",
+    "CONTAINERS_STORAGE_CONF",
+    "CONTAINERS_REGISTRIES_CONF",
 ];
 
 /// The [`INHERITED_ENV`] variables that are set, looked up with `lookup` (`std::env::var_os`
