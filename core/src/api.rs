@@ -219,6 +219,14 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
+        // The request body was not read to its end: the connection cannot carry another
+        // request, and the client must not try (it would find it closed).
+        if matches!(self, ApiError::PayloadTooLarge(_) | ApiError::Timeout(_)) {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if let ApiError::Busy {
             retry_after_secs, ..
         } = &self

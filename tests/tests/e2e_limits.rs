@@ -29,6 +29,7 @@ async fn oversized_bodies_alias_bombs_and_bad_build_args_are_refused_precisely()
         .await
         .unwrap();
     assert_eq!(status, 413, "{answer}");
+    // The same client goes on: the refused connection is not reused.
 
     // The alias bomb: a 100 KB anchored string and 100 aliases of it.
     let mut bomb = format!(
