@@ -211,33 +211,8 @@ pub async fn serve(
     let _entered = span.enter();
     tracing::info!(kind = work.type_name(), "work received");
 
-    let secrets = match &work {
-        Message::Build(build) => {
-            let mut secrets = Vec::new();
-            if let Some(auth) = &build.registry_auth {
-                secrets.push(auth.password.clone());
-            }
-            if let Some(token) = &build.context.clone_token {
-                secrets.push(token.clone());
-            }
-            secrets.extend(
-                build
-                    .build_config
-                    .secrets
-                    .values()
-                    .map(|value| value.expose().to_string()),
-            );
-            secrets
-        }
-        Message::Merge(merge) => merge
-            .registry_auth
-            .iter()
-            .map(|auth| auth.password.clone())
-            .collect(),
-        _ => Vec::new(),
-    };
     // Host paths are the agent's business: the job log names the work directory `$WORK`.
-    let redactor = Redactor::new(secrets).with_path_alias(&env.work_dir, "$WORK");
+    let redactor = Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK");
 
     let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
     let cancel = CancellationToken::new();
@@ -423,16 +398,15 @@ fn split_data(data: &str) -> Vec<String> {
 
 /// Replaces known secrets in output with `[REDACTED]`, and host paths with a short alias.
 pub struct Redactor {
-    secrets: Vec<String>,
+    secrets: stagely_protocol::SecretMask,
     /// (host path prefix, alias); longest first so a canonical path wins over its prefix.
     aliases: Vec<(String, String)>,
 }
 
 impl Redactor {
-    pub fn new(secrets: Vec<String>) -> Self {
-        // Very short "secrets" would redact ordinary text; they are too weak to matter.
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
         Redactor {
-            secrets: secrets.into_iter().filter(|s| s.len() >= 4).collect(),
+            secrets: stagely_protocol::SecretMask::new(secrets),
             aliases: Vec::new(),
         }
     }
@@ -456,12 +430,7 @@ impl Redactor {
     }
 
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for secret in &self.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "[REDACTED]");
-            }
-        }
+        let mut out = self.secrets.mask(text.to_string());
         for (path, alias) in &self.aliases {
             if out.contains(path.as_str()) {
                 out = out.replace(path.as_str(), alias);
@@ -510,7 +479,7 @@ mod tests {
 
     #[test]
     fn secrets_are_scrubbed() {
-        let redactor = Redactor::new(vec!["hunter22".into(), "x".into()]);
+        let redactor = Redactor::new(["hunter22", "x"]);
         assert_eq!(
             redactor.scrub("login with hunter22 failed x"),
             "login with [REDACTED] failed x"
@@ -519,7 +488,7 @@ mod tests {
 
     #[test]
     fn host_paths_are_shown_as_an_alias() {
-        let redactor = Redactor::new(vec![]).with_path_alias(
+        let redactor = Redactor::new([]).with_path_alias(
             std::path::Path::new("/tmp/stagely-core-x/instances/local-1/work"),
             "$WORK",
         );

@@ -499,25 +499,29 @@ async fn fetch_source(
 async fn write_git_auth(path: &Path, token: &str) -> std::io::Result<()> {
     let path = path.to_path_buf();
     let text = stagely_protocol::git_auth_config(token);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?
-            .write_all(text.as_bytes())
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || write_private(&path, text.as_bytes()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Writes `bytes` to `path` readable by the agent only: missing parent directories are made
+/// with mode 0700, the file with 0600. Blocking.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// The git steps of a fetch: init, shallow fetch of the commit (full fetch as fallback),
@@ -730,33 +734,9 @@ async fn prepare_files(
     let result = files.result_file.clone();
     let text = auth_json.to_string();
     tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        let mut handle = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&file)?;
-        handle.write_all(text.as_bytes())?;
-        if !secret_values.is_empty() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir.join("secrets"))?;
-        }
+        write_private(&file, text.as_bytes())?;
         for (path, value) in &secret_values {
-            let mut secret = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)?;
-            secret.write_all(value.as_bytes())?;
+            write_private(path, value.as_bytes())?;
         }
         link_docker_state(&dir);
         match std::fs::remove_file(&result) {

@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use stagely_protocol::MAX_FRAME_BYTES;
 
-use crate::db::{JobRow, LogRow, NewJob, RunRow};
+use crate::db::{JobRow, LogRow, NewJob, NewRun, RunRow};
 use crate::scheduler::{RunSecrets, Scheduler};
 use crate::source;
 use crate::stagely_yaml;
@@ -592,69 +592,41 @@ async fn submit_workflow(
             })
         })
         .collect::<Result<_, ApiError>>()?;
-    // Every work frame must fit the agent connection: refused now, not when it is sent.
-    let draft_run = RunRow {
+    let run = NewRun {
         id: run_id.clone(),
         environment_id: request.environment_id.clone(),
-        trigger: trigger.clone(),
-        status: "pending".into(),
+        trigger,
         repo_url: request.repo_url.clone(),
         commit_hash: request.commit_hash.clone(),
         branch: request.branch.clone(),
-        config_path: config_dir.clone(),
-        error_message: None,
-        created_at: 0,
-        updated_at: 0,
+        config_path: config_dir,
     };
+    let secrets = RunSecrets {
+        clone_token: request.clone_token.clone(),
+        build_secrets,
+    };
+    // Every work frame must fit the agent connection: refused now, not when it is sent.
+    let draft_run = run.draft_row();
     for (plan, job) in plans.iter().zip(&jobs) {
-        let draft_job = JobRow {
-            id: job.id.clone(),
-            workflow_run_id: run_id.clone(),
-            name: job.name.clone(),
-            status: "queued".into(),
-            architecture: job.architecture.clone(),
-            platform: job.platform.clone(),
-            machine: job.machine.clone(),
-            spec: job.spec.clone(),
-            vm_id: None,
-            artifact_url: None,
-            digest: None,
-            created_at: 0,
-            started_at: None,
-            completed_at: None,
-            exit_code: None,
-            error_message: None,
-        };
-        let bytes = state
-            .scheduler
-            .work_frame_bytes(&draft_run, &draft_job, &plan.spec);
+        let bytes = state.scheduler.work_frame_bytes(
+            &draft_run,
+            &job.draft_row(&run_id),
+            &plan.spec,
+            &secrets,
+        );
         if bytes > MAX_FRAME_BYTES {
             return Err(invalid(
                 "stagely_yaml",
                 format!(
-                    "builds.{}: the job's work frame would be {bytes} bytes; the agent connection carries at most {MAX_FRAME_BYTES} (shorten build_args)",
+                    "builds.{}: the job's work frame would be {bytes} bytes; the agent connection carries at most {MAX_FRAME_BYTES} (shorten build_args or secrets)",
                     plan.spec.service
                 ),
             ));
         }
     }
     let db = state.scheduler.db();
-    db.create_run(
-        &run_id,
-        &request.environment_id,
-        &trigger,
-        &request.repo_url,
-        &request.commit_hash,
-        &request.branch,
-        &config_dir,
-        &jobs,
-    )
-    .await?;
+    db.create_run(&run, &jobs).await?;
     tracing::info!(run_id, jobs = jobs.len(), "run submitted");
-    let secrets = RunSecrets {
-        clone_token: request.clone_token.clone(),
-        build_secrets,
-    };
     if let Err(error) = state.scheduler.start_run(run_id.clone(), secrets) {
         db.set_run_status(&run_id, "failed", Some(&error.to_string()))
             .await?;
@@ -682,21 +654,10 @@ fn resolve_build_secrets(
         if !stagely_yaml::valid_arg_name(name) {
             return Err(invalid("secrets", "names must be letters, digits and `_`"));
         }
-        if value.is_empty() || value.len() > stagely_yaml::MAX_BUILD_ARG_VALUE {
-            return Err(invalid(
-                &field,
-                format!("must be 1 to {} bytes", stagely_yaml::MAX_BUILD_ARG_VALUE),
-            ));
+        if value.is_empty() {
+            return Err(invalid(&field, "must not be empty"));
         }
-        if value
-            .chars()
-            .any(|c| c.is_control() && c != '\n' && c != '\t')
-        {
-            return Err(invalid(
-                &field,
-                "must not contain NUL or control characters",
-            ));
-        }
+        stagely_yaml::check_arg_value(value).map_err(|problem| invalid(&field, problem))?;
         if !plans
             .iter()
             .any(|plan| plan.spec.secret_build_args.contains(name))

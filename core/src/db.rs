@@ -80,6 +80,37 @@ pub struct NewLogLine {
     pub line: String,
 }
 
+/// A run to create.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub environment_id: String,
+    pub trigger: String,
+    pub repo_url: String,
+    pub commit_hash: String,
+    pub branch: String,
+    pub config_path: String,
+}
+
+impl NewRun {
+    /// The row [`Db::create_run`] will store (`pending`; times are set when it is stored).
+    pub fn draft_row(&self) -> RunRow {
+        RunRow {
+            id: self.id.clone(),
+            environment_id: self.environment_id.clone(),
+            trigger: self.trigger.clone(),
+            status: "pending".into(),
+            repo_url: self.repo_url.clone(),
+            commit_hash: self.commit_hash.clone(),
+            branch: self.branch.clone(),
+            config_path: self.config_path.clone(),
+            error_message: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
 /// A job to create with its run.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -89,6 +120,30 @@ pub struct NewJob {
     pub platform: String,
     pub machine: String,
     pub spec: String,
+}
+
+impl NewJob {
+    /// The row [`Db::create_run`] will store for this job of run `run_id` (`queued`).
+    pub fn draft_row(&self, run_id: &str) -> JobRow {
+        JobRow {
+            id: self.id.clone(),
+            workflow_run_id: run_id.to_string(),
+            name: self.name.clone(),
+            status: "queued".into(),
+            architecture: self.architecture.clone(),
+            platform: self.platform.clone(),
+            machine: self.machine.clone(),
+            spec: self.spec.clone(),
+            vm_id: None,
+            artifact_url: None,
+            digest: None,
+            created_at: 0,
+            started_at: None,
+            completed_at: None,
+            exit_code: None,
+            error_message: None,
+        }
+    }
 }
 
 /// Handle to the database. Cheap to clone (a pool).
@@ -121,17 +176,8 @@ impl Db {
 
     /// Creates a run and its jobs atomically.
     #[allow(clippy::too_many_arguments)]
-    pub async fn create_run(
-        &self,
-        run_id: &str,
-        environment_id: &str,
-        trigger: &str,
-        repo_url: &str,
-        commit_hash: &str,
-        branch: &str,
-        config_path: &str,
-        jobs: &[NewJob],
-    ) -> Result<(), DbError> {
+    pub async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError> {
+        let run_id = &run.id;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -139,12 +185,12 @@ impl Db {
              VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8)",
         )
         .bind(run_id)
-        .bind(environment_id)
-        .bind(trigger)
-        .bind(repo_url)
-        .bind(commit_hash)
-        .bind(branch)
-        .bind(config_path)
+        .bind(&run.environment_id)
+        .bind(&run.trigger)
+        .bind(&run.repo_url)
+        .bind(&run.commit_hash)
+        .bind(&run.branch)
+        .bind(&run.config_path)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -412,14 +458,17 @@ mod tests {
     async fn db_with_job() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let run = NewRun {
+            id: "r1".into(),
+            environment_id: "env".into(),
+            trigger: "manual".into(),
+            repo_url: "/repo".into(),
+            commit_hash: "c0ffee".into(),
+            branch: "main".into(),
+            config_path: String::new(),
+        };
         db.create_run(
-            "r1",
-            "env",
-            "manual",
-            "/repo",
-            "c0ffee",
-            "main",
-            "",
+            &run,
             &[NewJob {
                 id: "j1".into(),
                 name: "api".into(),

@@ -395,12 +395,16 @@ impl Scheduler {
         )
     }
 
-    /// Size of the BUILD or MERGE frame `job` will be sent, counting the longest clone token
-    /// the API accepts and full digests for a merge's sources: checked when a run is
-    /// submitted, so a frame too large for the agent connection is refused then, not
-    /// discovered when it is sent.
-    pub fn work_frame_bytes(&self, run: &RunRow, job: &JobRow, spec: &JobSpec) -> usize {
-        const CLONE_TOKEN_ALLOWANCE: usize = 4096 + 64;
+    /// Size of the BUILD or MERGE frame `job` will be sent with `secrets`, counting full
+    /// digests for a merge's sources: checked when a run is submitted, so a frame too large
+    /// for the agent connection is refused then, not discovered when it is sent.
+    pub fn work_frame_bytes(
+        &self,
+        run: &RunRow,
+        job: &JobRow,
+        spec: &JobSpec,
+        secrets: &RunSecrets,
+    ) -> usize {
         let merge_sources = match &spec.kind {
             JobKind::Merge { sources } => Some(
                 sources
@@ -418,15 +422,16 @@ impl Scheduler {
             ),
             JobKind::Build => None,
         };
-        // Secret values are not known yet; count each at its longest.
-        let secrets_allowance: usize = spec
-            .secret_build_args
-            .iter()
-            .map(|name| name.len() + crate::stagely_yaml::MAX_BUILD_ARG_VALUE + 16)
-            .sum();
-        encode(&self.work_message(run, job, spec, merge_sources)).len()
-            + CLONE_TOKEN_ALLOWANCE
-            + secrets_allowance
+        encode(&self.work_message(run, job, spec, merge_sources, secrets)).len()
+    }
+
+    /// The secrets `start_run` holds for a run (none once it ended, or if it had none).
+    fn secrets_of(&self, run_id: &str) -> RunSecrets {
+        self.run_secrets
+            .lock()
+            .ok()
+            .and_then(|all| all.get(run_id).cloned())
+            .unwrap_or_default()
     }
 
     fn work_message(
@@ -435,6 +440,7 @@ impl Scheduler {
         job: &JobRow,
         spec: &JobSpec,
         merge_sources: Option<Vec<String>>,
+        run_secrets: &RunSecrets,
     ) -> Message {
         let registry = RegistryOptions {
             insecure: self.settings.registry.insecure,
@@ -455,12 +461,6 @@ impl Scheduler {
                     .registry
                     .cache
                     .then(|| self.cache_ref(run, job));
-                let run_secrets = self
-                    .run_secrets
-                    .lock()
-                    .ok()
-                    .and_then(|all| all.get(&run.id).cloned())
-                    .unwrap_or_default();
                 let secrets = spec
                     .secret_build_args
                     .iter()
@@ -477,7 +477,7 @@ impl Scheduler {
                         repo_url: run.repo_url.clone(),
                         commit_hash: run.commit_hash.clone(),
                         branch: run.branch.clone(),
-                        clone_token: run_secrets.clone_token,
+                        clone_token: run_secrets.clone_token.clone(),
                     },
                     build_config: BuildConfig {
                         context_path: spec.context_path.clone(),
@@ -677,7 +677,7 @@ impl Scheduler {
             }
             () = self.shutdown.cancelled() => return Err("the core shut down while waiting for the agent".into()),
         };
-        let work = self.work_message(run, job, spec, merge_sources);
+        let work = self.work_message(run, job, spec, merge_sources, &self.secrets_of(&run.id));
         let target_image = self.image_for(run, job, spec);
         let deadline = Duration::from_secs(spec.timeout_seconds) + TIMEOUT_GRACE;
         self.drive_agent(job, socket, work, &target_image, deadline)
@@ -699,7 +699,7 @@ impl Scheduler {
             .await
             .map_err(|e| e.to_string())?;
         // The agent masks what it knows; the core masks again before anything is stored.
-        let masks = secret_values(&work);
+        let mask = stagely_protocol::SecretMask::new(work.secrets());
         let mut session = CoreSession::new(
             job.id.clone(),
             work,
@@ -818,7 +818,7 @@ impl Scheduler {
                     SessionEvent::Log(log) => {
                         let seq = log.seq.unwrap_or(0) as i64;
                         let stream = log.stream.as_str();
-                        if let Some(line) = log_budget.admit(mask_secrets(log.data, &masks)) {
+                        if let Some(line) = log_budget.admit(mask.mask(log.data)) {
                             batch_bytes += line.len();
                             batch.push(NewLogLine { seq, stream, line });
                         }
@@ -876,27 +876,14 @@ impl Scheduler {
             }
             _ => None,
         };
-        let complete = match complete {
-            Some((url, digest)) => match self.images.verify(&url, &digest).await {
-                Ok(()) => Some((url, digest)),
-                Err(error) => {
-                    let message = format!("the agent reported success, but {error}");
-                    self.db
-                        .mark_failed(&job.id, status.exit_code, &message)
-                        .await
-                        .map_err(db_error)?;
-                    tracing::warn!("job failed: {message}");
-                    return Ok(JobOutcome {
-                        name: job.name.clone(),
-                        completed: false,
-                        artifact_url: None,
-                        digest: None,
-                    });
-                }
-            },
-            None => None,
-        };
-        if let Some((url, digest)) = complete {
+        // Trust but verify: the registry must hold what the agent says it pushed.
+        let mut rejected = None;
+        if let Some((url, digest)) = &complete
+            && let Err(error) = self.images.verify(url, digest).await
+        {
+            rejected = Some(format!("the agent reported success, but {error}"));
+        }
+        if let (Some((url, digest)), None) = (complete, &rejected) {
             let stored = self
                 .db
                 .mark_completed(&job.id, &url, &digest, status.exit_code.unwrap_or(0))
@@ -913,13 +900,14 @@ impl Scheduler {
                 digest: Some(digest),
             });
         }
-        let mut message = match (status.state, &status.error) {
-            (JobState::Completed, _) => format!(
+        let mut message = match (rejected, status.state, &status.error) {
+            (Some(rejected), _, _) => rejected,
+            (None, JobState::Completed, _) => format!(
                 "the agent reported completed without a valid digest for {target_image} (artifact_url {:?})",
                 status.artifact_url
             ),
-            (JobState::Failed, Some(error)) => error.clone(),
-            (JobState::Failed, None) => match status.exit_code {
+            (None, JobState::Failed, Some(error)) => error.clone(),
+            (None, JobState::Failed, None) => match status.exit_code {
                 Some(code) => format!("the build failed with exit code {code}"),
                 None => "the build failed".into(),
             },
@@ -992,41 +980,6 @@ impl Scheduler {
     }
 }
 
-/// Every secret a work frame carries (registry password, clone token, secret build args).
-fn secret_values(work: &Message) -> Vec<String> {
-    let mut values = Vec::new();
-    let auth = match work {
-        Message::Build(build) => {
-            values.extend(build.context.clone_token.clone());
-            values.extend(
-                build
-                    .build_config
-                    .secrets
-                    .values()
-                    .map(|secret| secret.expose().to_string()),
-            );
-            build.registry_auth.as_ref()
-        }
-        Message::Merge(merge) => merge.registry_auth.as_ref(),
-        _ => None,
-    };
-    values.extend(auth.map(|auth| auth.password.clone()));
-    // Too short to be a real secret, and would mask ordinary text.
-    values.retain(|value| value.len() >= 4);
-    values
-}
-
-/// `line` with every secret replaced by `[REDACTED]`.
-fn mask_secrets(line: String, secrets: &[String]) -> String {
-    let mut line = line;
-    for secret in secrets {
-        if line.contains(secret.as_str()) {
-            line = line.replace(secret.as_str(), "[REDACTED]");
-        }
-    }
-    line
-}
-
 /// Longest line the core stores; longer ones are cut (agents already cut at 16 KiB, so only a
 /// misbehaving agent reaches this).
 pub const MAX_STORED_LINE_BYTES: usize = 16 * 1024;
@@ -1062,11 +1015,7 @@ impl LogBudget {
         }
         if line.len() > MAX_STORED_LINE_BYTES {
             let over = line.len() - MAX_STORED_LINE_BYTES;
-            let mut end = MAX_STORED_LINE_BYTES;
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line.truncate(end);
+            line.truncate(line.floor_char_boundary(MAX_STORED_LINE_BYTES));
             line.push_str(&format!(
                 " [stagely: line cut, {over} more bytes dropped]\n"
             ));

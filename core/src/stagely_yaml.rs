@@ -299,28 +299,11 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
                 ),
             ));
         }
-        let arg_error = |problem: String| ConfigError::BuildArg {
+        check_arg_value(value).map_err(|problem| ConfigError::BuildArg {
             build: name.to_string(),
             name: key.clone(),
             problem,
-        };
-        if value.len() > MAX_BUILD_ARG_VALUE {
-            return Err(arg_error(format!(
-                "the value is {} bytes; at most {MAX_BUILD_ARG_VALUE} are accepted",
-                value.len()
-            )));
-        }
-        if value.contains('\0') {
-            return Err(arg_error("the value contains a NUL byte".into()));
-        }
-        if value
-            .chars()
-            .any(|c| c.is_control() && c != '\n' && c != '\t')
-        {
-            return Err(arg_error(
-                "the value contains a control character (only newline and tab are allowed)".into(),
-            ));
-        }
+        })?;
     }
     let mut secret_names = Vec::new();
     for secret in &build.secret_build_args {
@@ -449,6 +432,30 @@ pub fn valid_arg_name(name: &str) -> bool {
         && name.len() <= MAX_BUILD_ARG_NAME
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// Why a build argument value (plain or secret) cannot be handed to a builder, if it cannot:
+/// longer than [`MAX_BUILD_ARG_VALUE`], or holding NUL or a control character other than
+/// newline and tab.
+pub fn check_arg_value(value: &str) -> Result<(), String> {
+    if value.len() > MAX_BUILD_ARG_VALUE {
+        return Err(format!(
+            "the value is {} bytes; at most {MAX_BUILD_ARG_VALUE} are accepted",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Err("the value contains a NUL byte".into());
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(
+            "the value contains a control character (only newline and tab are allowed)".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Normalises `./a/b/` to `a/b` and `.`/`./` to `.`; refuses absolute paths and `..`.

@@ -100,6 +100,63 @@ impl Message {
             Message::Heartbeat(m) => m.job_id.as_deref(),
         }
     }
+
+    /// Every secret this frame carries: the registry password, the clone token and the
+    /// secret build arguments of a BUILD or MERGE. Both ends mask them in job output.
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut secrets = Vec::new();
+        let auth = match self {
+            Message::Build(build) => {
+                secrets.extend(build.context.clone_token.as_deref());
+                secrets.extend(build.build_config.secrets.values().map(Secret::expose));
+                build.registry_auth.as_ref()
+            }
+            Message::Merge(merge) => merge.registry_auth.as_ref(),
+            _ => None,
+        };
+        secrets.extend(auth.map(|auth| auth.password.as_str()));
+        secrets
+    }
+}
+
+/// Replaces known secrets in text with `[REDACTED]`: the one masking rule of the agent
+/// (before a line is sent) and the core (before it is stored).
+#[derive(Clone, Default)]
+pub struct SecretMask {
+    secrets: Vec<String>,
+}
+
+impl SecretMask {
+    /// Shortest secret masked: shorter strings are too weak to matter and would mask
+    /// ordinary text.
+    pub const MIN_SECRET_LEN: usize = 4;
+
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> SecretMask {
+        SecretMask {
+            secrets: secrets
+                .into_iter()
+                .filter(|secret| secret.len() >= Self::MIN_SECRET_LEN)
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    /// `text` with every secret replaced; returned unchanged (no copy) when it holds none.
+    pub fn mask(&self, text: String) -> String {
+        let mut text = text;
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[REDACTED]");
+            }
+        }
+        text
+    }
+}
+
+impl std::fmt::Debug for SecretMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretMask({} secrets)", self.secrets.len())
+    }
 }
 
 /// CPU architecture of a builder or of an image platform.
