@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod engine;
 pub mod image_check;
 pub mod registry;
 pub mod repo_url;
