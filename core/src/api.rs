@@ -2,7 +2,12 @@
 //!
 //! API boundary:
 //! - `POST /api/v1/workflows` — submit a run (see [`SubmitRequest`]); `201` with the run.
-//! - `GET /api/v1/workflows/{id}` — the run and its jobs.
+//! - `GET /api/v1/workflows/{id}` — the run, its jobs and every job's attempts.
+//! - `POST /api/v1/workflows/{id}/cancel` — cancel a run: `202` with the run; `409` when it
+//!   already finished.
+//! - `POST /api/v1/environments/{environment_id}/rebuild` — a new run from the environment's
+//!   latest run (same repository, commit and jobs): `201` with the run.
+//! - `GET /api/v1/queue` — jobs waiting for an instance, with their position.
 //! - `GET /api/v1/jobs/{id}/logs?after=SEQ&limit=N` — one page of log lines (JSON), or
 //!   `?format=text` for every line streamed as plain text.
 //! - `GET /healthz` — liveness and database reachability.
@@ -28,8 +33,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use stagely_protocol::MAX_FRAME_BYTES;
 
-use crate::db::{JobRow, LogRow, NewJob, NewRun, RunRow};
-use crate::scheduler::{RunSecrets, Scheduler};
+use crate::db::{AttemptRow, JobRow, LogRow, NewJob, NewRun, RunRow};
+use crate::engine::{CancelReason, CommandError};
+use crate::runner::{RunSecrets, Runner, RunnerError};
 use crate::source;
 use crate::stagely_yaml;
 
@@ -38,7 +44,7 @@ pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub scheduler: Arc<Scheduler>,
+    pub runner: Runner,
     pub auth: Arc<ApiAuth>,
     pub limits: crate::config::ApiLimits,
     /// Permits for reading `stagely.yaml` from git; sized `limits.max_concurrent_git_reads`.
@@ -56,6 +62,12 @@ pub fn app(state: AppState) -> Router {
     let callers = Router::new()
         .route("/api/v1/workflows", post(submit_workflow))
         .route("/api/v1/workflows/{id}", get(get_workflow))
+        .route("/api/v1/workflows/{id}/cancel", post(cancel_workflow))
+        .route(
+            "/api/v1/environments/{environment_id}/rebuild",
+            post(rebuild_environment),
+        )
+        .route("/api/v1/queue", get(get_queue))
         .route("/api/v1/jobs/{id}/logs", get(get_logs))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -167,6 +179,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Timeout(String),
+    /// The command is illegal in the current state (e.g. cancelling a finished run).
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -201,6 +216,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
             }
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", None),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -252,7 +268,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    state.scheduler.db().last_log_seq("healthz").await?;
+    state.runner.db().last_log_seq("healthz").await?;
     Ok(Json(serde_json::json!({ "status": "ok" })))
 }
 
@@ -325,7 +341,28 @@ pub struct RunView {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+    pub fail_fast: bool,
+    /// Why the run is being (or was) cancelled: `user`, `superseded:<run>`, `fail_fast:<job>`.
+    pub cancel_reason: Option<String>,
     pub jobs: Vec<JobView>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub number: i32,
+    /// The core that ran it.
+    pub owner: String,
+    pub instance_id: Option<String>,
+    /// For merges: `last_builder` or `fresh_instance`.
+    pub merge_path: Option<String>,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    pub connected_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    /// `completed`, `failed`, `cancelled` or `infrastructure` once ended.
+    pub outcome: Option<String>,
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -344,10 +381,32 @@ pub struct JobView {
     pub completed_at: Option<i64>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
+    /// Why it failed: `build`, `timeout`, `infrastructure` or `protocol`.
+    pub failure_kind: Option<String>,
+    /// For merges: where it ran (`last_builder` or `fresh_instance`).
+    pub merge_path: Option<String>,
+    pub attempts: Vec<AttemptView>,
 }
 
 impl RunView {
-    fn from_rows(run: RunRow, jobs: Vec<JobRow>) -> RunView {
+    fn from_rows(run: RunRow, jobs: Vec<JobRow>, attempts: Vec<AttemptRow>) -> RunView {
+        let mut by_job: std::collections::HashMap<String, Vec<AttemptView>> = Default::default();
+        for attempt in attempts {
+            by_job
+                .entry(attempt.build_job_id.clone())
+                .or_default()
+                .push(AttemptView {
+                    number: attempt.number,
+                    owner: attempt.owner,
+                    instance_id: attempt.instance_id,
+                    merge_path: attempt.merge_path,
+                    started_at: attempt.started_at,
+                    connected_at: attempt.connected_at,
+                    ended_at: attempt.ended_at,
+                    outcome: attempt.result,
+                    message: attempt.message,
+                });
+        }
         RunView {
             id: run.id,
             environment_id: run.environment_id,
@@ -360,9 +419,14 @@ impl RunView {
             error_message: run.error_message,
             created_at: run.created_at,
             updated_at: run.updated_at,
+            fail_fast: run.fail_fast,
+            cancel_reason: run.cancel_reason,
             jobs: jobs
                 .into_iter()
                 .map(|job| JobView {
+                    attempts: by_job.remove(&job.id).unwrap_or_default(),
+                    failure_kind: job.failure_kind,
+                    merge_path: job.merge_path,
                     id: job.id,
                     name: job.name,
                     status: job.status,
@@ -534,8 +598,8 @@ async fn submit_workflow(
     )
     .await?;
     let (trigger, config_dir) =
-        validate_submit(&request, state.scheduler.settings().allow_local_repos)?;
-    if state.scheduler.is_shutting_down() {
+        validate_submit(&request, state.runner.settings().allow_local_repos)?;
+    if state.runner.is_shutting_down() {
         return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
     let text = match &request.stagely_yaml {
@@ -556,7 +620,7 @@ async fn submit_workflow(
                 &request.commit_hash,
                 &config_dir,
                 request.clone_token.as_deref(),
-                state.scheduler.settings().allow_local_repos,
+                state.runner.settings().allow_local_repos,
             );
             match tokio::time::timeout(state.limits.git_read_timeout, read).await {
                 Ok(result) => result.map_err(|error| ApiError::Unprocessable(error.to_string()))?,
@@ -569,13 +633,14 @@ async fn submit_workflow(
             }
         }
     };
-    let plans = stagely_yaml::parse(&text, &config_dir)
+    let pipeline = stagely_yaml::parse_pipeline(&text, &config_dir)
         .map_err(|error| invalid("stagely_yaml", error.to_string()))?;
+    let plans = pipeline.jobs;
 
     let build_secrets = resolve_build_secrets(
         &plans,
         request.secrets.as_ref(),
-        &state.scheduler.settings().build_secrets,
+        &state.runner.settings().build_secrets,
     )?;
 
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -600,19 +665,35 @@ async fn submit_workflow(
         commit_hash: request.commit_hash.clone(),
         branch: request.branch.clone(),
         config_path: config_dir,
+        fail_fast: pipeline.fail_fast,
     };
     let secrets = RunSecrets {
         clone_token: request.clone_token.clone(),
         build_secrets,
     };
-    // Every work frame must fit the agent connection: refused now, not when it is sent.
+    check_work_frames(&state, &run, &plans, &jobs, &secrets)?;
+    start_run(&state, &run, &jobs, secrets).await?;
+    let view = load_run(&state, &run_id).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Every work frame must fit the agent connection: refused at submission, not discovered
+/// when it is sent.
+fn check_work_frames(
+    state: &AppState,
+    run: &NewRun,
+    plans: &[stagely_yaml::JobPlan],
+    jobs: &[NewJob],
+    secrets: &RunSecrets,
+) -> Result<(), ApiError> {
     let draft_run = run.draft_row();
-    for (plan, job) in plans.iter().zip(&jobs) {
-        let bytes = state.scheduler.work_frame_bytes(
+    for (plan, job) in plans.iter().zip(jobs) {
+        let bytes = crate::runner::work_frame_bytes(
+            state.runner.settings(),
             &draft_run,
-            &job.draft_row(&run_id),
+            &job.draft_row(&run.id),
             &plan.spec,
-            &secrets,
+            secrets,
         );
         if bytes > MAX_FRAME_BYTES {
             return Err(invalid(
@@ -624,19 +705,192 @@ async fn submit_workflow(
             ));
         }
     }
-    let db = state.scheduler.db();
-    db.create_run(&run, &jobs).await?;
-    tracing::info!(run_id, jobs = jobs.len(), "run submitted");
-    if let Err(error) = state.scheduler.start_run(run_id.clone(), secrets) {
-        db.set_run_status(&run_id, "failed", Some(&error.to_string()))
-            .await?;
-        for job in &jobs {
-            db.mark_failed(&job.id, None, &error.to_string()).await?;
+    Ok(())
+}
+
+/// Stores a run, supersedes the environment's older unfinished runs, and hands it to the
+/// runner.
+async fn start_run(
+    state: &AppState,
+    run: &NewRun,
+    jobs: &[NewJob],
+    secrets: RunSecrets,
+) -> Result<(), ApiError> {
+    let db = state.runner.db();
+    db.create_run(run, jobs).await?;
+    tracing::info!(run_id = %run.id, jobs = jobs.len(), "run submitted");
+    for older in db
+        .unfinished_runs_of_environment(&run.environment_id, &run.id)
+        .await?
+    {
+        let reason = CancelReason::Superseded { by: run.id.clone() };
+        match state.runner.cancel(&older, reason).await {
+            Ok(()) => tracing::info!(run_id = %older, by = %run.id, "run superseded"),
+            // It finished meanwhile: nothing to supersede.
+            Err(RunnerError::Command(_)) => {}
+            Err(error) => tracing::warn!(run_id = %older, "superseding failed: {error}"),
         }
-        return Err(ApiError::Unavailable(error.to_string()));
     }
-    let view = load_run(&state, &run_id).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    if state.runner.submitted(&run.id, secrets).await.is_err() {
+        return Err(ApiError::Unavailable("the core is shutting down".into()));
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/workflows/{id}/cancel`.
+async fn cancel_workflow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    match state.runner.cancel(&id, CancelReason::User).await {
+        Ok(()) => {}
+        Err(RunnerError::Command(CommandError::UnknownRun(_))) => {
+            return Err(ApiError::NotFound {
+                what: "workflow run",
+                id,
+            });
+        }
+        Err(RunnerError::Command(error)) => return Err(ApiError::Conflict(error.to_string())),
+        Err(RunnerError::ShuttingDown) => {
+            return Err(ApiError::Unavailable("the core is shutting down".into()));
+        }
+        Err(RunnerError::Db(error)) => return Err(error.into()),
+    }
+    tracing::info!(run_id = %id, "run cancelled by a user");
+    Ok((StatusCode::ACCEPTED, Json(load_run(&state, &id).await?)))
+}
+
+/// `POST /api/v1/environments/{environment_id}/rebuild` body (optional): the secrets the
+/// latest run was submitted with are not stored, so they are sent again.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildRequest {
+    #[serde(default)]
+    pub clone_token: Option<String>,
+    #[serde(default)]
+    pub secrets: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `POST /api/v1/environments/{environment_id}/rebuild`: a new run from the environment's
+/// latest run — same repository, commit, branch and jobs — executed from scratch.
+async fn rebuild_environment(
+    State(state): State<AppState>,
+    Path(environment_id): Path<String>,
+    request: axum::extract::Request,
+) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    let has_body = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|length| length != "0")
+        || request.headers().contains_key(header::TRANSFER_ENCODING);
+    let body: RebuildRequest = if has_body {
+        json_body(
+            request,
+            MAX_SUBMIT_BODY_BYTES,
+            state.limits.body_read_timeout,
+        )
+        .await?
+    } else {
+        RebuildRequest::default()
+    };
+    if state.runner.is_shutting_down() {
+        return Err(ApiError::Unavailable("the core is shutting down".into()));
+    }
+    let db = state.runner.db();
+    let latest = db
+        .latest_run_of_environment(&environment_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "environment",
+            id: environment_id.clone(),
+        })?;
+    let old_jobs = db.jobs_of_run(&latest.id).await?;
+    let mut plans = Vec::new();
+    for job in &old_jobs {
+        let spec: stagely_yaml::JobSpec =
+            serde_json::from_str(&job.spec).map_err(anyhow::Error::from)?;
+        plans.push(stagely_yaml::JobPlan {
+            name: job.name.clone(),
+            architecture: job.architecture.clone(),
+            platform: job.platform.clone(),
+            machine: stagely_provisioning::MachineSize::parse(&job.machine)
+                .unwrap_or(stagely_provisioning::MachineSize::Medium),
+            spec,
+        });
+    }
+    let build_secrets = resolve_build_secrets(
+        &plans,
+        body.secrets.as_ref(),
+        &state.runner.settings().build_secrets,
+    )?;
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let jobs: Vec<NewJob> = old_jobs
+        .iter()
+        .map(|job| NewJob {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: job.name.clone(),
+            architecture: job.architecture.clone(),
+            platform: job.platform.clone(),
+            machine: job.machine.clone(),
+            spec: job.spec.clone(),
+        })
+        .collect();
+    let run = NewRun {
+        id: run_id.clone(),
+        environment_id,
+        trigger: "manual".into(),
+        repo_url: latest.repo_url,
+        commit_hash: latest.commit_hash,
+        branch: latest.branch,
+        config_path: latest.config_path,
+        fail_fast: latest.fail_fast,
+    };
+    let secrets = RunSecrets {
+        clone_token: body.clone_token,
+        build_secrets,
+    };
+    check_work_frames(&state, &run, &plans, &jobs, &secrets)?;
+    start_run(&state, &run, &jobs, secrets).await?;
+    Ok((StatusCode::CREATED, Json(load_run(&state, &run_id).await?)))
+}
+
+/// `GET /api/v1/queue`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueueView {
+    pub jobs: Vec<QueueEntryView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueueEntryView {
+    pub position: usize,
+    pub run_id: String,
+    pub job_id: String,
+    pub job_name: String,
+    pub environment_id: String,
+    pub attempts: u32,
+    pub not_before: Option<i64>,
+}
+
+async fn get_queue(State(state): State<AppState>) -> Result<Json<QueueView>, ApiError> {
+    let entries = state
+        .runner
+        .queue()
+        .await
+        .map_err(|_| ApiError::Unavailable("the core is shutting down".into()))?;
+    Ok(Json(QueueView {
+        jobs: entries
+            .into_iter()
+            .map(|entry| QueueEntryView {
+                position: entry.position,
+                run_id: entry.run_id,
+                job_id: entry.job_id,
+                job_name: entry.job_name,
+                environment_id: entry.environment_id,
+                attempts: entry.attempts,
+                not_before: entry.not_before,
+            })
+            .collect(),
+    }))
 }
 
 /// The values of every secret build argument the plans declare: from the submission, else
@@ -687,13 +941,14 @@ fn resolve_build_secrets(
 }
 
 async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {
-    let db = state.scheduler.db();
+    let db = state.runner.db();
     let run = db.run(run_id).await?.ok_or_else(|| ApiError::NotFound {
         what: "workflow run",
         id: run_id.to_string(),
     })?;
     let jobs = db.jobs_of_run(run_id).await?;
-    Ok(RunView::from_rows(run, jobs))
+    let attempts = db.attempts_of_run(run_id).await?;
+    Ok(RunView::from_rows(run, jobs, attempts))
 }
 
 async fn get_workflow(
@@ -754,7 +1009,7 @@ async fn get_logs(
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let db = state.scheduler.db().clone();
+    let db = state.runner.db().clone();
     let job = db.job(&id).await?.ok_or_else(|| ApiError::NotFound {
         what: "job",
         id: id.clone(),
@@ -835,15 +1090,24 @@ async fn agent_connect(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let claim = match state.scheduler.claim_agent(token) {
-        Ok(claim) => claim,
-        Err(_) => return unauthorized("unknown or already used agent token"),
+    let (job_id, attempt) = match state.runner.authenticate_agent(token).await {
+        Ok(found) => found,
+        Err(crate::runner::ClaimError::Unauthorized) => {
+            return unauthorized("unknown or spent agent token");
+        }
+        Err(crate::runner::ClaimError::Unavailable) => {
+            return ApiError::Unavailable("the agent token cannot be checked right now".into())
+                .into_response();
+        }
     };
-    tracing::info!(job_id = %claim.job_id, "agent authenticated");
+    tracing::info!(%job_id, attempt, "agent authenticated");
+    let runner = state.runner.clone();
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| async move { claim.deliver(socket) })
+        .on_upgrade(
+            move |socket| async move { runner.agent_connected(job_id, attempt, socket).await },
+        )
 }
 
 fn unauthorized(reason: &str) -> Response {

@@ -38,6 +38,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a job's log.
     Logs(LogsArgs),
+    /// Cancel a workflow run: its builds are stopped and its instances terminated.
+    Cancel(CancelArgs),
     /// Make or hash API tokens for `[api.tokens]`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -137,6 +139,13 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub core: CoreArgs,
+    pub run_id: String,
+}
+
+#[derive(Debug, Args)]
 pub struct LogsArgs {
     #[command(flatten)]
     pub core: CoreArgs,
@@ -154,6 +163,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit(args) => submit(args).await.map(|()| 0),
         Command::Status(args) => status(args).await,
         Command::Logs(args) => logs(args).await.map(|()| 0),
+        Command::Cancel(args) => cancel(args).await.map(|()| 0),
         Command::Token(command) => token(command).map(|()| 0),
     }
 }
@@ -573,7 +583,7 @@ async fn drive_run(
                         job.artifact_url.as_deref().unwrap_or("-"),
                         job.digest.as_deref().unwrap_or("-")
                     ),
-                    "failed" => job.error_message.clone().unwrap_or_default(),
+                    "failed" | "cancelled" => job.error_message.clone().unwrap_or_default(),
                     _ => String::new(),
                 };
                 say(format!(
@@ -590,7 +600,7 @@ async fn drive_run(
                 }
             }
         }
-        if matches!(view.status.as_str(), "completed" | "failed") {
+        if matches!(view.status.as_str(), "completed" | "failed" | "cancelled") {
             return Ok(view);
         }
         tokio::select! {
@@ -678,6 +688,25 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    let response = api_client()?
+        .post(format!(
+            "{}/api/v1/workflows/{}/cancel",
+            args.core.core, args.run_id
+        ))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("the core refused to cancel: {}", response.text().await?);
+    }
+    let view: RunView = response.json().await?;
+    eprintln!(
+        "cancelling run {}: its builds are being stopped and their instances terminated",
+        view.id
+    );
+    Ok(())
+}
+
 async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let response = api_client()?
         .get(format!(
@@ -700,7 +729,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     }
     Ok(match view.status.as_str() {
         "completed" => 0,
-        "failed" => 1,
+        "failed" | "cancelled" => 1,
         _ => 2,
     })
 }
@@ -730,7 +759,10 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
         }
         after = page.next_after;
         if empty {
-            let finished = matches!(page.job_status.as_str(), "completed" | "failed");
+            let finished = matches!(
+                page.job_status.as_str(),
+                "completed" | "failed" | "cancelled"
+            );
             if !args.follow || finished {
                 return Ok(());
             }

@@ -108,6 +108,20 @@ pub struct SchedulerFile {
     /// Most log bytes stored per job (default 100 MiB); later output is dropped with a marker
     /// line and the build goes on.
     pub max_log_bytes_per_job: Option<u64>,
+    /// Most live instances per environment (default 20); more jobs wait `queued`.
+    pub max_live_per_environment: Option<usize>,
+    /// Infrastructure retries per job (default 2).
+    pub max_retries: Option<u32>,
+    /// Wait before the first retry, doubled for each further one (default 5).
+    pub retry_backoff_secs: Option<u64>,
+    /// How long a core's claim on a job holds without renewal (default 30).
+    pub lease_secs: Option<u64>,
+    /// SIGTERM-to-SIGKILL grace a cancelled build gets (default 10).
+    pub cancel_grace_secs: Option<u64>,
+    /// How often the core re-reads unfinished runs (other replicas' changes; default 1000).
+    pub sync_interval_ms: Option<u64>,
+    /// How often leftover instances are looked for and terminated (default 60).
+    pub reap_interval_secs: Option<u64>,
 }
 
 /// Where images go and how to log in.
@@ -193,6 +207,13 @@ pub struct CoreConfig {
     pub max_log_bytes_per_job: u64,
     /// `[secrets]`: values of secret build arguments (never shown by `Debug`).
     pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
+    pub max_live_per_environment: usize,
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+    pub lease: Duration,
+    pub cancel_grace: Duration,
+    pub sync_interval: Duration,
+    pub reap_interval: Duration,
 }
 
 /// Bounds on what API callers can make the core do at once.
@@ -347,6 +368,44 @@ impl CoreConfig {
                 problem: "must be at least 1 (instances need time to boot)".into(),
             });
         }
+        let positive = |value: Option<u64>, default: u64, field: &'static str| {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: "must be at least 1".into(),
+                });
+            }
+            Ok(value)
+        };
+        let scheduler = &file.scheduler;
+        let max_live_per_environment = positive(
+            scheduler.max_live_per_environment.map(|v| v as u64),
+            20,
+            "scheduler.max_live_per_environment",
+        )? as usize;
+        let retry_backoff = positive(
+            scheduler.retry_backoff_secs,
+            5,
+            "scheduler.retry_backoff_secs",
+        )?;
+        let lease = positive(scheduler.lease_secs, 30, "scheduler.lease_secs")?;
+        let cancel_grace = positive(
+            scheduler.cancel_grace_secs,
+            10,
+            "scheduler.cancel_grace_secs",
+        )?;
+        let sync_interval = positive(
+            scheduler.sync_interval_ms,
+            1000,
+            "scheduler.sync_interval_ms",
+        )?;
+        let reap_interval = positive(
+            scheduler.reap_interval_secs,
+            60,
+            "scheduler.reap_interval_secs",
+        )?;
+        let max_retries = scheduler.max_retries.unwrap_or(2);
         let mut api_tokens = Vec::new();
         for (name, hash) in &file.api.tokens {
             let bytes = hex::decode(hash.trim())
@@ -455,6 +514,13 @@ impl CoreConfig {
             limits,
             max_log_bytes_per_job,
             build_secrets,
+            max_live_per_environment,
+            max_retries,
+            retry_backoff: Duration::from_secs(retry_backoff),
+            lease: Duration::from_secs(lease),
+            cancel_grace: Duration::from_secs(cancel_grace),
+            sync_interval: Duration::from_millis(sync_interval),
+            reap_interval: Duration::from_secs(reap_interval),
         })
     }
 }

@@ -9,8 +9,23 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::engine::{
+    CancelReason, Claim, JobEnd, JobKind, JobSnapshot, JobStatus, RunSnapshot, RunStatus,
+    Timestamp, Transition,
+};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+
+/// An `UPDATE` ending an attempt, guarded by job, attempt ($2) and lease owner ($3).
+macro_rules! guarded_end {
+    ($set:literal) => {
+        concat!(
+            $set,
+            " WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status IN ('provisioning', 'running')"
+        )
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -18,6 +33,8 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database holds a value this version cannot read: {0}")]
+    Corrupt(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -41,6 +58,9 @@ pub struct RunRow {
     pub error_message: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub fail_fast: bool,
+    /// [`CancelReason::to_db`] once a cancel was requested.
+    pub cancel_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -62,6 +82,29 @@ pub struct JobRow {
     pub completed_at: Option<i64>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
+    pub ordinal: i32,
+    pub attempt: i32,
+    pub infra_failures: i32,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
+    pub not_before: Option<i64>,
+    pub failure_kind: Option<String>,
+    pub merge_path: Option<String>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub build_job_id: String,
+    pub number: i32,
+    pub owner: String,
+    pub instance_id: Option<String>,
+    pub merge_path: Option<String>,
+    pub started_at: i64,
+    pub connected_at: Option<i64>,
+    pub ended_at: Option<i64>,
+    pub result: Option<String>,
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -90,6 +133,7 @@ pub struct NewRun {
     pub commit_hash: String,
     pub branch: String,
     pub config_path: String,
+    pub fail_fast: bool,
 }
 
 impl NewRun {
@@ -107,6 +151,8 @@ impl NewRun {
             error_message: None,
             created_at: 0,
             updated_at: 0,
+            fail_fast: self.fail_fast,
+            cancel_reason: None,
         }
     }
 }
@@ -142,6 +188,14 @@ impl NewJob {
             completed_at: None,
             exit_code: None,
             error_message: None,
+            ordinal: 0,
+            attempt: 0,
+            infra_failures: 0,
+            lease_owner: None,
+            lease_until: None,
+            not_before: None,
+            failure_kind: None,
+            merge_path: None,
         }
     }
 }
@@ -181,8 +235,8 @@ impl Db {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO workflow_runs (id, environment_id, trigger, status, repo_url, commit_hash, branch, config_path, created_at, updated_at)
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8)",
+            "INSERT INTO workflow_runs (id, environment_id, trigger, status, repo_url, commit_hash, branch, config_path, created_at, updated_at, fail_fast)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8, $9)",
         )
         .bind(run_id)
         .bind(&run.environment_id)
@@ -192,12 +246,13 @@ impl Db {
         .bind(&run.branch)
         .bind(&run.config_path)
         .bind(now)
+        .bind(run.fail_fast)
         .execute(&mut *tx)
         .await?;
-        for job in jobs {
+        for (ordinal, job) in jobs.iter().enumerate() {
             sqlx::query(
-                "INSERT INTO build_jobs (id, workflow_run_id, name, status, architecture, platform, machine, spec, created_at)
-                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8)",
+                "INSERT INTO build_jobs (id, workflow_run_id, name, status, architecture, platform, machine, spec, created_at, ordinal)
+                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9)",
             )
             .bind(&job.id)
             .bind(run_id)
@@ -207,6 +262,7 @@ impl Db {
             .bind(&job.machine)
             .bind(&job.spec)
             .bind(now)
+            .bind(ordinal as i32)
             .execute(&mut *tx)
             .await?;
         }
@@ -225,7 +281,7 @@ impl Db {
 
     pub async fn jobs_of_run(&self, run_id: &str) -> Result<Vec<JobRow>, DbError> {
         Ok(sqlx::query_as::<_, JobRow>(
-            "SELECT * FROM build_jobs WHERE workflow_run_id = $1 ORDER BY name",
+            "SELECT * FROM build_jobs WHERE workflow_run_id = $1 ORDER BY ordinal, name",
         )
         .bind(run_id)
         .fetch_all(&self.pool)
@@ -239,90 +295,6 @@ impl Db {
                 .fetch_optional(&self.pool)
                 .await?,
         )
-    }
-
-    pub async fn set_run_status(
-        &self,
-        run_id: &str,
-        status: &str,
-        error_message: Option<&str>,
-    ) -> Result<(), DbError> {
-        sqlx::query(
-            "UPDATE workflow_runs SET status = $2, error_message = COALESCE($3, error_message), updated_at = $4 WHERE id = $1",
-        )
-        .bind(run_id)
-        .bind(status)
-        .bind(error_message)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// `queued → provisioning`, recording the instance.
-    pub async fn mark_provisioning(&self, job_id: &str, vm_id: &str) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "UPDATE build_jobs SET status = 'provisioning', vm_id = $2 WHERE id = $1 AND status = 'queued'",
-        )
-        .bind(job_id)
-        .bind(vm_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    /// `provisioning → running`.
-    pub async fn mark_running(&self, job_id: &str) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "UPDATE build_jobs SET status = 'running', started_at = $2 WHERE id = $1 AND status = 'provisioning'",
-        )
-        .bind(job_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    /// `running → completed`.
-    pub async fn mark_completed(
-        &self,
-        job_id: &str,
-        artifact_url: &str,
-        digest: &str,
-        exit_code: i32,
-    ) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "UPDATE build_jobs SET status = 'completed', artifact_url = $2, digest = $3, exit_code = $4, completed_at = $5
-             WHERE id = $1 AND status = 'running'",
-        )
-        .bind(job_id)
-        .bind(artifact_url)
-        .bind(digest)
-        .bind(exit_code)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    /// Any non-final state → `failed`. A finished job is left alone.
-    pub async fn mark_failed(
-        &self,
-        job_id: &str,
-        exit_code: Option<i32>,
-        error_message: &str,
-    ) -> Result<bool, DbError> {
-        let result = sqlx::query(
-            "UPDATE build_jobs SET status = 'failed', exit_code = $2, error_message = $3, completed_at = $4
-             WHERE id = $1 AND status IN ('queued', 'provisioning', 'running')",
-        )
-        .bind(job_id)
-        .bind(exit_code)
-        .bind(error_message)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
     }
 
     /// Stores a batch of lines in one transaction; duplicates (same seq) are ignored.
@@ -376,25 +348,6 @@ impl Db {
         .await?)
     }
 
-    pub async fn record_instance(
-        &self,
-        instance_id: &str,
-        provider: &str,
-        job_id: &str,
-    ) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO builder_instances (id, provider, build_job_id, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(instance_id)
-        .bind(provider)
-        .bind(job_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE builder_instances SET terminated_at = $2 WHERE id = $1")
             .bind(instance_id)
@@ -402,41 +355,6 @@ impl Db {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    /// Instances recorded as started and never terminated.
-    pub async fn live_instances(&self) -> Result<Vec<String>, DbError> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM builder_instances WHERE terminated_at IS NULL ORDER BY created_at",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// After a restart: fails every job and run an earlier process left unfinished.
-    /// Returns how many jobs were failed.
-    pub async fn fail_unfinished(&self, reason: &str) -> Result<u64, DbError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let jobs = sqlx::query(
-            "UPDATE build_jobs SET status = 'failed', error_message = $1, completed_at = $2
-             WHERE status IN ('queued', 'provisioning', 'running')",
-        )
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query(
-            "UPDATE workflow_runs SET status = 'failed', error_message = $1, updated_at = $2
-             WHERE status IN ('pending', 'building', 'deploying', 'testing')",
-        )
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(jobs)
     }
 
     /// (line count, total bytes) stored for a job.
@@ -449,82 +367,509 @@ impl Db {
         .await?;
         Ok((count, bytes.unwrap_or(0)))
     }
+
+    // ---- the engine's store ----
+
+    /// Every run not final, with its jobs, as the engine loads them.
+    pub async fn unfinished_runs(&self) -> Result<Vec<RunSnapshot>, DbError> {
+        let runs = sqlx::query_as::<_, RunRow>(
+            "SELECT * FROM workflow_runs WHERE status IN ('pending', 'building') ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs = sqlx::query_as::<_, JobRow>(
+            "SELECT j.* FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+             WHERE r.status IN ('pending', 'building') ORDER BY j.workflow_run_id, j.ordinal",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_run: std::collections::HashMap<String, Vec<JobRow>> = Default::default();
+        for job in jobs {
+            by_run
+                .entry(job.workflow_run_id.clone())
+                .or_default()
+                .push(job);
+        }
+        runs.into_iter()
+            .map(|run| {
+                let jobs = by_run.remove(&run.id).unwrap_or_default();
+                snapshot(run, jobs)
+            })
+            .collect()
+    }
+
+    /// One run as the engine loads it.
+    pub async fn run_snapshot(&self, run_id: &str) -> Result<Option<RunSnapshot>, DbError> {
+        let Some(run) = self.run(run_id).await? else {
+            return Ok(None);
+        };
+        let jobs = self.jobs_of_run(run_id).await?;
+        snapshot(run, jobs).map(Some)
+    }
+
+    /// Writes one engine transition with its guard. `Ok(false)`: the guard did not hold (the
+    /// row moved meanwhile, e.g. another replica took the job); nothing was written.
+    pub async fn apply(&self, transition: &Transition, now: Timestamp) -> Result<bool, DbError> {
+        let now = now.millis();
+        let affected = match transition {
+            Transition::RunStarted { run_id } => sqlx::query(
+                "UPDATE workflow_runs SET status = 'building', updated_at = $2 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(run_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Transition::RunCancelRequested { run_id, reason } => sqlx::query(
+                "UPDATE workflow_runs SET cancel_reason = COALESCE(cancel_reason, $2), updated_at = $3
+                 WHERE id = $1 AND status IN ('pending', 'building')",
+            )
+            .bind(run_id)
+            .bind(reason.to_db())
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Transition::RunFinished {
+                run_id,
+                status,
+                message,
+            } => sqlx::query(
+                "UPDATE workflow_runs SET status = $2, error_message = $3, updated_at = $4
+                 WHERE id = $1 AND status IN ('pending', 'building')",
+            )
+            .bind(run_id)
+            .bind(status.as_str())
+            .bind(message)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Transition::JobSkipped {
+                job_id,
+                status,
+                message,
+            } => sqlx::query(
+                "UPDATE build_jobs SET status = $2, error_message = $3, completed_at = $4
+                 WHERE id = $1 AND status = 'queued'",
+            )
+            .bind(job_id)
+            .bind(status.as_str())
+            .bind(message)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            Transition::InstanceStarted {
+                job_id,
+                attempt,
+                instance_id,
+                merge_path,
+            } => {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(
+                    "UPDATE build_jobs SET vm_id = $3, merge_path = COALESCE($4, merge_path)
+                     WHERE id = $1 AND attempt = $2 AND status IN ('provisioning', 'running')",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(instance_id)
+                .bind(merge_path.map(|p| p.as_str()))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query(
+                    "UPDATE job_attempts SET instance_id = $3, merge_path = $4 WHERE build_job_id = $1 AND number = $2",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(instance_id)
+                .bind(merge_path.map(|p| p.as_str()))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows
+            }
+            Transition::JobRunning { job_id, attempt } => {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(
+                    "UPDATE build_jobs SET status = 'running', started_at = COALESCE(started_at, $3)
+                     WHERE id = $1 AND attempt = $2 AND status IN ('provisioning', 'running')",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query(
+                    "UPDATE job_attempts SET connected_at = COALESCE(connected_at, $3) WHERE build_job_id = $1 AND number = $2",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows
+            }
+            Transition::AttemptEnded {
+                job_id,
+                attempt,
+                owner,
+                result,
+                message,
+                end,
+            } => {
+                let mut tx = self.pool.begin().await?;
+                let query = match end {
+                    JobEnd::Requeued {
+                        not_before,
+                        infra_failures,
+                    } => sqlx::query(guarded_end!(
+                        "UPDATE build_jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, vm_id = NULL,
+                         not_before = $4, infra_failures = $5 "
+                    ))
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .bind(not_before.millis())
+                    .bind(*infra_failures as i32),
+                    JobEnd::Completed {
+                        artifact_url,
+                        digest,
+                        exit_code,
+                    } => sqlx::query(guarded_end!(
+                        "UPDATE build_jobs SET status = 'completed', lease_owner = NULL, lease_until = NULL,
+                         artifact_url = $4, digest = $5, exit_code = $6, completed_at = $7, error_message = NULL "
+                    ))
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .bind(artifact_url)
+                    .bind(digest)
+                    .bind(*exit_code)
+                    .bind(now),
+                    JobEnd::Failed {
+                        kind,
+                        exit_code,
+                        message,
+                        infra_failures,
+                    } => sqlx::query(guarded_end!(
+                        "UPDATE build_jobs SET status = 'failed', lease_owner = NULL, lease_until = NULL,
+                         failure_kind = $4, exit_code = $5, error_message = $6, infra_failures = $7, completed_at = $8 "
+                    ))
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .bind(kind.as_str())
+                    .bind(*exit_code)
+                    .bind(message)
+                    .bind(*infra_failures as i32)
+                    .bind(now),
+                    JobEnd::Cancelled { message } => sqlx::query(guarded_end!(
+                        "UPDATE build_jobs SET status = 'cancelled', lease_owner = NULL, lease_until = NULL,
+                         error_message = $4, completed_at = $5 "
+                    ))
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .bind(message)
+                    .bind(now),
+                };
+                let rows = query.execute(&mut *tx).await?.rows_affected();
+                if rows == 1 {
+                    // The attempt's agent token dies with it.
+                    sqlx::query(
+                        "UPDATE job_attempts SET ended_at = $3, result = $4, message = $5, token_hash = NULL
+                         WHERE build_job_id = $1 AND number = $2",
+                    )
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(now)
+                    .bind(result.as_str())
+                    .bind(message)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                }
+                rows
+            }
+            Transition::LeasesRenewed {
+                owner,
+                job_ids,
+                until,
+            } => {
+                let mut total = 0;
+                for chunk in job_ids.chunks(500) {
+                    let mut builder: QueryBuilder<Sqlite> =
+                        QueryBuilder::new("UPDATE build_jobs SET lease_until = ");
+                    builder.push_bind(until.millis());
+                    builder.push(" WHERE lease_owner = ");
+                    builder.push_bind(owner);
+                    builder.push(" AND id IN (");
+                    let mut ids = builder.separated(", ");
+                    for id in chunk {
+                        ids.push_bind(id);
+                    }
+                    builder.push(")");
+                    total += builder.build().execute(&self.pool).await?.rows_affected();
+                }
+                // A renewal that finds fewer rows means a job moved away: the caller reloads.
+                return Ok(total == job_ids.len() as u64);
+            }
+        };
+        Ok(affected == 1)
+    }
+
+    /// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
+    /// job is still queued at the expected attempt and (unless it reuses a live instance)
+    /// the live jobs across every core stay within the limits. Returns (won, lost).
+    pub async fn claim(
+        &self,
+        owner: &str,
+        claims: &[Claim],
+        lease_until: Timestamp,
+        max_live_instances: usize,
+        max_live_per_environment: usize,
+        now: Timestamp,
+    ) -> Result<(Vec<String>, Vec<String>), DbError> {
+        // IMMEDIATE: the write lock is taken before the counts are read, so no other writer
+        // (another process on this file) can claim between the count and the update.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut live,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let per_env: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+             WHERE j.status IN ('provisioning', 'running') GROUP BY r.environment_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut per_env: std::collections::HashMap<String, i64> = per_env.into_iter().collect();
+        let mut won = Vec::new();
+        let mut lost = Vec::new();
+        for claim in claims {
+            let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
+            if !claim.reuses_instance
+                && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
+            {
+                lost.push(claim.job_id.clone());
+                continue;
+            }
+            let rows = sqlx::query(
+                "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
+                 not_before = NULL, vm_id = NULL
+                 WHERE id = $1 AND status = 'queued' AND attempt = $5",
+            )
+            .bind(&claim.job_id)
+            .bind(claim.attempt as i32)
+            .bind(owner)
+            .bind(lease_until.millis())
+            .bind(claim.expected_attempt as i32)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if rows != 1 {
+                lost.push(claim.job_id.clone());
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO job_attempts (build_job_id, number, owner, started_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&claim.job_id)
+            .bind(claim.attempt as i32)
+            .bind(owner)
+            .bind(now.millis())
+            .execute(&mut *tx)
+            .await?;
+            if !claim.reuses_instance {
+                live += 1;
+                *per_env.entry(claim.environment_id.clone()).or_default() += 1;
+            }
+            won.push(claim.job_id.clone());
+        }
+        tx.commit().await?;
+        Ok((won, lost))
+    }
+
+    /// Binds an agent token (its SHA-256, hex) to a live attempt.
+    pub async fn set_attempt_token(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        token_hash: &str,
+    ) -> Result<bool, DbError> {
+        let rows = sqlx::query(
+            "UPDATE job_attempts SET token_hash = $3 WHERE build_job_id = $1 AND number = $2 AND ended_at IS NULL",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(token_hash)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(rows == 1)
+    }
+
+    /// The live attempt an agent token belongs to.
+    pub async fn attempt_for_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<(String, u32)>, DbError> {
+        let row: Option<(String, i32)> = sqlx::query_as(
+            "SELECT build_job_id, number FROM job_attempts WHERE token_hash = $1 AND ended_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(job, number)| (job, number as u32)))
+    }
+
+    /// Every attempt of a run's jobs, oldest first.
+    pub async fn attempts_of_run(&self, run_id: &str) -> Result<Vec<AttemptRow>, DbError> {
+        Ok(sqlx::query_as::<_, AttemptRow>(
+            "SELECT a.build_job_id, a.number, a.owner, a.instance_id, a.merge_path, a.started_at, a.connected_at,
+                    a.ended_at, a.result, a.message
+             FROM job_attempts a JOIN build_jobs j ON j.id = a.build_job_id
+             WHERE j.workflow_run_id = $1 ORDER BY a.build_job_id, a.number",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records an instance the moment the provider returned it (before anything else can
+    /// fail), so no path forgets it.
+    pub async fn record_instance(
+        &self,
+        instance_id: &str,
+        provider: &str,
+        job_id: &str,
+        attempt: u32,
+        owner: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO builder_instances (id, provider, build_job_id, created_at, attempt, owner) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(instance_id)
+        .bind(provider)
+        .bind(job_id)
+        .bind(crate::db::now_ms())
+        .bind(attempt as i32)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Instances to terminate: alive, and their attempt ended, or their job's lease expired
+    /// (its core is gone), or they belong to no attempt at all. Never an instance of a live
+    /// attempt whose lease holds, whichever replica owns it.
+    pub async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError> {
+        Ok(sqlx::query_scalar(
+            "SELECT i.id FROM builder_instances i
+             LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
+             LEFT JOIN build_jobs j ON j.id = i.build_job_id
+             WHERE i.terminated_at IS NULL
+               AND (a.number IS NULL OR a.ended_at IS NOT NULL OR j.id IS NULL
+                    OR j.attempt <> i.attempt OR j.lease_until IS NULL OR j.lease_until < $1)
+             ORDER BY i.created_at",
+        )
+        .bind(now.millis())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Instances recorded and not terminated (diagnostics and tests).
+    pub async fn live_instances(&self) -> Result<Vec<String>, DbError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM builder_instances WHERE terminated_at IS NULL ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The newest run of an environment.
+    pub async fn latest_run_of_environment(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<RunRow>, DbError> {
+        Ok(sqlx::query_as::<_, RunRow>(
+            "SELECT * FROM workflow_runs WHERE environment_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .bind(environment_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Unfinished runs of an environment other than `except`.
+    pub async fn unfinished_runs_of_environment(
+        &self,
+        environment_id: &str,
+        except: &str,
+    ) -> Result<Vec<String>, DbError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM workflow_runs WHERE environment_id = $1 AND id <> $2 AND status IN ('pending', 'building')
+             ORDER BY created_at",
+        )
+        .bind(environment_id)
+        .bind(except)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A stored value the engine cannot read: the database holds something this version never
+/// writes.
+fn corrupt(what: &str, value: &str) -> DbError {
+    DbError::Corrupt(format!("{what} `{value}`"))
+}
 
-    async fn db_with_job() -> (tempfile::TempDir, Db) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
-        let run = NewRun {
-            id: "r1".into(),
-            environment_id: "env".into(),
-            trigger: "manual".into(),
-            repo_url: "/repo".into(),
-            commit_hash: "c0ffee".into(),
-            branch: "main".into(),
-            config_path: String::new(),
-        };
-        db.create_run(
-            &run,
-            &[NewJob {
-                id: "j1".into(),
-                name: "api".into(),
-                architecture: "amd64".into(),
-                platform: "linux/amd64".into(),
-                machine: "medium".into(),
-                spec: "{}".into(),
-            }],
-        )
-        .await
-        .unwrap();
-        (dir, db)
-    }
-
-    #[tokio::test]
-    async fn job_status_only_moves_forward_one_step_at_a_time() {
-        let (_dir, db) = db_with_job().await;
-        // queued → running and queued → completed are refused.
-        assert!(!db.mark_running("j1").await.unwrap());
-        assert!(!db.mark_completed("j1", "img", "sha256:x", 0).await.unwrap());
-        assert!(db.mark_provisioning("j1", "vm-1").await.unwrap());
-        assert!(!db.mark_provisioning("j1", "vm-2").await.unwrap());
-        assert!(db.mark_running("j1").await.unwrap());
-        assert!(db.mark_completed("j1", "img", "sha256:x", 0).await.unwrap());
-        // Final states are final.
-        assert!(!db.mark_failed("j1", Some(1), "late").await.unwrap());
-        let job = db.job("j1").await.unwrap().unwrap();
-        assert_eq!(job.status, "completed");
-        assert_eq!(job.vm_id.as_deref(), Some("vm-1"));
-    }
-
-    #[tokio::test]
-    async fn duplicate_log_lines_are_stored_once_and_the_schema_refuses_bad_values() {
-        let (_dir, db) = db_with_job().await;
-        let line = |seq| NewLogLine {
-            seq,
-            stream: "stdout",
-            line: format!("line {seq}\n"),
-        };
-        db.append_logs("j1", &[line(1), line(2)]).await.unwrap();
-        db.append_logs("j1", &[line(2), line(3)]).await.unwrap();
-        assert_eq!(db.last_log_seq("j1").await.unwrap(), 3);
-        let page = db.logs_page("j1", 0, 10).await.unwrap();
-        assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
-        assert!(db.set_run_status("r1", "exploded", None).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn unfinished_work_is_failed_after_a_restart() {
-        let (_dir, db) = db_with_job().await;
-        db.record_instance("vm-1", "local", "j1").await.unwrap();
-        assert_eq!(db.live_instances().await.unwrap(), ["vm-1"]);
-        assert_eq!(db.fail_unfinished("restarted").await.unwrap(), 1);
-        assert_eq!(db.run("r1").await.unwrap().unwrap().status, "failed");
-        db.mark_instance_terminated("vm-1").await.unwrap();
-        assert!(db.live_instances().await.unwrap().is_empty());
-    }
+/// Rows → the engine's snapshot.
+fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> {
+    let status = RunStatus::parse(&run.status).ok_or_else(|| corrupt("run status", &run.status))?;
+    let cancel = match &run.cancel_reason {
+        Some(text) => {
+            Some(CancelReason::from_db(text).ok_or_else(|| corrupt("cancel reason", text))?)
+        }
+        None => None,
+    };
+    let jobs = jobs
+        .into_iter()
+        .map(|job| {
+            let spec: crate::stagely_yaml::JobSpec = serde_json::from_str(&job.spec)
+                .map_err(|error| corrupt("job spec", &error.to_string()))?;
+            let kind = match spec.kind {
+                crate::stagely_yaml::JobKind::Build => JobKind::Build,
+                crate::stagely_yaml::JobKind::Merge { sources } => JobKind::Merge { sources },
+            };
+            Ok(JobSnapshot {
+                status: JobStatus::parse(&job.status)
+                    .ok_or_else(|| corrupt("job status", &job.status))?,
+                id: job.id,
+                name: job.name,
+                kind,
+                attempt: job.attempt.max(0) as u32,
+                infra_failures: job.infra_failures.max(0) as u32,
+                lease_owner: job.lease_owner,
+                lease_until: job.lease_until.map(Timestamp),
+                not_before: job.not_before.map(Timestamp),
+                timeout: std::time::Duration::from_secs(spec.timeout_seconds),
+                instance_id: job.vm_id,
+            })
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    Ok(RunSnapshot {
+        id: run.id,
+        environment_id: run.environment_id,
+        status,
+        fail_fast: run.fail_fast,
+        created_at: Timestamp(run.created_at),
+        cancel,
+        jobs,
+    })
 }

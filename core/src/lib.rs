@@ -1,17 +1,19 @@
 //! The Stagely core: HTTP API, agent endpoint, scheduler, persistence, and the `stagely` CLI.
 //!
 //! Entry points: [`server::start`] runs a core on a listener; [`cli`] implements the
-//! `stagely` commands (`serve`, `run`, `submit`, `status`, `logs`).
+//! `stagely` commands (`serve`, `run`, `submit`, `status`, `logs`, `cancel`).
 
+pub mod agent_link;
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod engine;
 pub mod image_check;
+pub mod images;
 pub mod registry;
 pub mod repo_url;
-pub mod scheduler;
+pub mod runner;
 pub mod server;
 pub mod source;
 pub mod stagely_yaml;

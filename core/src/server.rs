@@ -17,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ApiAuth, AppState, app};
 use crate::config::CoreConfig;
 use crate::db::Db;
-use crate::scheduler::{Scheduler, SchedulerSettings};
+use crate::engine::EngineConfig;
+use crate::runner::{Runner, RunnerSettings};
 
 /// A core serving on a socket.
 pub struct RunningCore {
     pub addr: SocketAddr,
-    pub scheduler: Arc<Scheduler>,
+    pub runner: Runner,
     /// The API's token check (and its count of refused requests).
     pub auth: Arc<ApiAuth>,
     /// Cancelled by `stop`; the scheduler's tasks and the HTTP server watch it.
@@ -37,16 +38,18 @@ impl RunningCore {
         format!("http://{}", self.addr)
     }
 
-    /// Graceful shutdown: cancel jobs, terminate instances, stop serving, close the database.
+    /// Graceful shutdown: stop claiming, hand this core's live jobs back to the queue (another
+    /// core, or this one started again, takes them over), terminate their instances, stop
+    /// serving, close the database.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.scheduler.shutdown().await;
+        self.runner.shutdown().await;
         match self.server.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!("HTTP server ended with an error: {error}"),
             Err(error) => tracing::error!("HTTP server task failed: {error}"),
         }
-        self.scheduler.db().close().await;
+        self.runner.db().close().await;
     }
 }
 
@@ -174,30 +177,36 @@ pub async fn start(
         format!("http://{host}:{}", addr.port())
     });
     let shutdown = CancellationToken::new();
-    let scheduler = Scheduler::new(
+    // One lease owner per process: a restarted core is a new incarnation of the same
+    // `core_id` and takes its predecessor's jobs over at once.
+    let incarnation = uuid::Uuid::new_v4().simple().to_string();
+    let owner = format!("{}/{}", config.core_id, &incarnation[..12]);
+    let mut engine = EngineConfig::with_owner(&config.core_id, &owner);
+    engine.max_live_instances = config.max_concurrent_jobs;
+    engine.max_live_per_environment = config.max_live_per_environment;
+    engine.max_retries = config.max_retries;
+    engine.retry_backoff = config.retry_backoff;
+    engine.boot_timeout = config.agent_connect_timeout;
+    engine.lease_duration = config.lease;
+    engine.cancel_grace = config.cancel_grace;
+    let runner = Runner::start(
         db,
         provider,
-        SchedulerSettings {
+        RunnerSettings {
             public_url,
             core_id: config.core_id.clone(),
             registry: config.registry.clone(),
-            max_concurrent_jobs: config.max_concurrent_jobs,
-            agent_connect_timeout: config.agent_connect_timeout,
             heartbeat_timeout: config.heartbeat_timeout,
             allow_local_repos: config.allow_local_repos,
             max_log_bytes_per_job: config.max_log_bytes_per_job,
             build_secrets: config.build_secrets.clone(),
+            engine,
+            sync_interval: config.sync_interval,
+            reap_interval: config.reap_interval,
         },
         shutdown.child_token(),
     );
-    let (terminated, failed) = scheduler.recover().await?;
-    if terminated > 0 || failed > 0 {
-        tracing::warn!(
-            terminated,
-            failed,
-            "recovered from an earlier core: terminated leftover instances and failed unfinished jobs"
-        );
-    }
+    tracing::info!(owner, "runner started");
     let auth = Arc::new(ApiAuth::new(config.api_tokens.clone()));
     if auth.is_open() {
         tracing::warn!(
@@ -205,7 +214,7 @@ pub async fn start(
         );
     }
     let router = app(AppState {
-        scheduler: scheduler.clone(),
+        runner: runner.clone(),
         auth: auth.clone(),
         limits: config.limits.clone(),
         git_reads: Arc::new(tokio::sync::Semaphore::new(
@@ -221,7 +230,7 @@ pub async fn start(
     tracing::info!(%addr, registry = %config.registry.host, "stagely core listening");
     Ok(RunningCore {
         addr,
-        scheduler,
+        runner,
         auth,
         shutdown,
         server,

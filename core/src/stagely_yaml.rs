@@ -65,6 +65,9 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSyntax {
+    /// Cancel the run's other jobs on the first failure (default true).
+    #[serde(default)]
+    fail_fast: Option<bool>,
     builds: BTreeMap<String, BuildSyntax>,
 }
 
@@ -166,9 +169,22 @@ pub struct JobPlan {
     pub spec: JobSpec,
 }
 
+/// A parsed `stagely.yaml`: its jobs and run-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    pub jobs: Vec<JobPlan>,
+    /// `fail_fast` (default true): the first failed job cancels the others.
+    pub fail_fast: bool,
+}
+
 /// Parses `stagely.yaml` text. `prefix` is the directory of the file inside the repository
 /// (`""` at the root); contexts are relative to it.
 pub fn parse(text: &str, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
+    parse_pipeline(text, prefix).map(|pipeline| pipeline.jobs)
+}
+
+/// Like [`parse`], with the run-wide settings.
+pub fn parse_pipeline(text: &str, prefix: &str) -> Result<Pipeline, ConfigError> {
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
     let mut budget = serde_saphyr::Budget::default();
@@ -209,7 +225,10 @@ pub fn parse(text: &str, prefix: &str) -> Result<Vec<JobPlan>, ConfigError> {
             });
         }
     }
-    Ok(plans)
+    Ok(Pipeline {
+        jobs: plans,
+        fail_fast: file.fail_fast.unwrap_or(true),
+    })
 }
 
 fn field(build: &str, field: &'static str, problem: impl Into<String>) -> ConfigError {

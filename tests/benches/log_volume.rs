@@ -100,8 +100,8 @@ async fn main() {
     let elapsed = started.elapsed();
     let view = core.run(&run.id).await.expect("run");
     let job = &view.jobs[0];
-    let scheduler = &core.core.as_ref().expect("core").scheduler;
-    let (lines, stored_bytes) = scheduler.db().log_stats(&job.id).await.expect("stats");
+    let runner = &core.core.as_ref().expect("core").runner;
+    let (lines, stored_bytes) = runner.db().log_stats(&job.id).await.expect("stats");
     core.stop().await;
 
     println!("log_volume: {mib} MiB printed by a RUN step, streamed agent -> core -> SQLite");

@@ -782,7 +782,48 @@ impl ServeProcess {
 
     /// Waits until a line of the job's log contains `text`.
     pub async fn wait_for_line(&self, job_id: &str, text: &str) {
-        poll_until(Duration::from_secs(120), "a log line", || async {
+        self.wait_for_lines(job_id, text, 1).await
+    }
+
+    /// `POST /api/v1/workflows/{id}/cancel`: (status, body).
+    pub async fn cancel(&self, run_id: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .post(format!("{}/api/v1/workflows/{run_id}/cancel", self.url))
+            .send()
+            .await
+            .expect("cancel");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
+    /// Waits for the run to reach `status`.
+    pub async fn wait_for_status(&self, run_id: &str, status: &str, timeout: Duration) -> RunView {
+        poll_until(timeout, "the run's status", || async {
+            let view: RunView = self
+                .client
+                .get(format!("{}/api/v1/workflows/{run_id}", self.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let seen = format!(
+                "run {} [{}]",
+                view.status,
+                view.jobs
+                    .iter()
+                    .map(|j| format!("{}={} attempts={}", j.name, j.status, j.attempts.len()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(((view.status == status).then_some(view), seen))
+        })
+        .await
+    }
+
+    /// Waits until `count` lines of the job's log contain `text`.
+    pub async fn wait_for_lines(&self, job_id: &str, text: &str, count: usize) {
+        poll_until(Duration::from_secs(120), "log lines", || async {
             let page: LogPage = self
                 .client
                 .get(format!(
@@ -793,7 +834,7 @@ impl ServeProcess {
                 .await?
                 .json()
                 .await?;
-            let found = page.lines.iter().any(|l| l.line.contains(text));
+            let found = page.lines.iter().filter(|l| l.line.contains(text)).count() >= count;
             Ok((
                 found.then_some(()),
                 format!("{} line(s), job {}", page.lines.len(), page.job_status),

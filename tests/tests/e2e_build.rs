@@ -98,7 +98,7 @@ async fn a_failing_dockerfile_fails_the_job_and_the_run_with_the_builders_error(
     }
     let busybox = busybox("amd64").unwrap();
     let repo = TestRepo::with_files(&[
-        ("stagely.yaml", b"builds:\n  good:\n    context: ./good\n    platform: linux/amd64\n  broken:\n    context: ./broken\n    platform: linux/amd64\n"),
+        ("stagely.yaml", b"fail_fast: false\nbuilds:\n  good:\n    context: ./good\n    platform: linux/amd64\n  broken:\n    context: ./broken\n    platform: linux/amd64\n"),
         ("good/Dockerfile", b"FROM scratch\nCOPY hello.txt /hello.txt\n"),
         ("good/hello.txt", b"hello\n"),
         ("broken/Dockerfile", b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo about to fail; echo failing-on-purpose >&2; exit 3\"]\n"),

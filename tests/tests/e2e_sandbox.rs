@@ -21,7 +21,8 @@ fn escaping_repo() -> TestRepo {
     let repo = TestRepo::with_files(&[
         (
             "stagely.yaml",
-            b"builds:
+            b"fail_fast: false
+builds:
   up:
     context: ./workup
     dockerfile: src/Dockerfile.steal

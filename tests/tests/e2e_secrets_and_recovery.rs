@@ -106,6 +106,7 @@ async fn core_mid_build(
     tempfile::TempDir,
     ServeProcess,
     stagely_core::api::RunView,
+    TestRepo,
 ) {
     let repo = forever_repo();
     let registry = stagely_core::registry::LocalRegistry::start()
@@ -115,36 +116,84 @@ async fn core_mid_build(
     let core = ServeProcess::start(data.path(), &registry).await;
     let run = core.submit(&repo, environment).await;
     core.wait_for_line(&run.jobs[0].id, "started").await;
-    (registry, data, core, run)
+    (registry, data, core, run, repo)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_core_killed_mid_build_leaks_no_instance() {
+async fn a_core_killed_mid_build_is_taken_over_by_its_restart_and_can_be_cancelled() {
     if !require_build_peers() {
         return;
     }
-    let (_registry, data, mut core, run) = core_mid_build("pr-6").await;
+    // The repository stays: the second attempt fetches it again.
+    let (_registry, data, mut core, run, _repo) = core_mid_build("pr-6").await;
+    let job_id = run.jobs[0].id.clone();
 
     // Crash: SIGKILL, no graceful shutdown, so nothing terminates the instance now.
     core.kill();
+    let leftover = core.live_instance_dirs();
     assert_eq!(
-        core.live_instance_dirs().len(),
+        leftover.len(),
         1,
         "the killed core left its instance behind, as a crash does"
     );
 
-    // The next core terminates it at start-up and fails the orphaned job.
+    // The next incarnation takes the job over at once: the old instance is terminated and
+    // the job gets exactly one new attempt, which builds again.
     core.restart().await;
+    poll_until(
+        Duration::from_secs(120),
+        "the second attempt to build",
+        || async {
+            let view = core.run(&run.id).await;
+            let lines = core.log_lines(&job_id).await;
+            let started = lines.iter().filter(|(_, l)| l.contains("started")).count();
+            Ok((
+                (started >= 2).then_some(()),
+                format!(
+                    "{started} started; {view:?}; {:?}",
+                    lines.iter().rev().take(8).collect::<Vec<_>>()
+                ),
+            ))
+        },
+    )
+    .await;
     let view = core.run(&run.id).await;
-    assert_eq!(view.status, "failed");
-    assert_eq!(view.jobs[0].status, "failed");
+    assert_eq!(view.status, "building");
+    let job = &view.jobs[0];
+    assert_eq!(job.status, "running");
+    assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+    let first = &job.attempts[0];
+    assert_eq!(first.outcome.as_deref(), Some("infrastructure"));
     assert!(
-        view.jobs[0]
-            .error_message
+        first
+            .message
             .as_deref()
-            .unwrap()
-            .contains("restarted")
+            .unwrap_or("")
+            .contains("lease_expired"),
+        "{first:?}"
     );
+    assert_ne!(first.instance_id, job.attempts[1].instance_id);
+    poll_until(
+        Duration::from_secs(20),
+        "the crashed core's instance to go",
+        || async {
+            let live = core.live_instance_dirs();
+            Ok((
+                (!live.iter().any(|d| leftover.contains(d))).then_some(()),
+                format!("{live:?}"),
+            ))
+        },
+    )
+    .await;
+
+    // A user cancel stops the build: no builder process left, every instance terminated.
+    let (status, body) = core.cancel(&run.id).await;
+    assert_eq!(status, 202, "{body}");
+    let view = core
+        .wait_for_status(&run.id, "cancelled", Duration::from_secs(60))
+        .await;
+    assert_eq!(view.jobs[0].status, "cancelled");
+    assert_eq!(view.cancel_reason.as_deref(), Some("user"));
     assert!(
         core.live_instance_dirs().is_empty(),
         "instance not terminated"
@@ -158,15 +207,33 @@ async fn a_core_killed_mid_build_leaks_no_instance() {
         },
     )
     .await;
+    // Cancelling a finished run is a conflict, named as such.
+    let (status, body) = core.cancel(&run.id).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("already finished"), "{body}");
     assert!(core.terminate().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_mid_build_stops_gracefully_terminating_the_instance() {
+async fn sigterm_hands_the_job_back_and_the_restarted_core_completes_it() {
     if !require_build_peers() {
         return;
     }
-    let (_registry, data, mut core, run) = core_mid_build("pr-7").await;
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        ("stagely.yaml", b"builds:\n  slow:\n    context: .\n    platform: linux/amd64\n"),
+        ("Dockerfile", b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started; /bin/busybox sleep 6\"]\n"),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut core = ServeProcess::start(data.path(), &registry).await;
+    let run = core.submit(&repo, "pr-7").await;
+    let job_id = run.jobs[0].id.clone();
+    core.wait_for_line(&job_id, "started").await;
 
     let status = core.terminate().await;
     assert!(status.success(), "the core did not exit cleanly: {status}");
@@ -178,11 +245,25 @@ async fn sigterm_mid_build_stops_gracefully_terminating_the_instance() {
     let survivors = processes_under(data.path());
     assert!(survivors.is_empty(), "processes survived: {survivors:?}");
 
-    // The job was failed with the reason.
+    // The job went back to the queue, not failed; the restarted core runs it to the end.
     core.restart().await;
-    let view = core.run(&run.id).await;
-    assert_eq!(view.status, "failed");
-    let message = view.jobs[0].error_message.clone().unwrap_or_default();
-    assert!(message.contains("the core shut down"), "{message}");
+    let view = core
+        .wait_for_status(&run.id, "completed", Duration::from_secs(120))
+        .await;
+    let job = &view.jobs[0];
+    assert_eq!(job.status, "completed");
+    assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+    assert_eq!(job.attempts[0].outcome.as_deref(), Some("infrastructure"));
+    assert!(
+        job.attempts[0]
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("core_shutdown"),
+        "{:?}",
+        job.attempts[0]
+    );
+    assert_eq!(job.attempts[1].outcome.as_deref(), Some("completed"));
+    assert!(core.live_instance_dirs().is_empty());
     assert!(core.terminate().await.success());
 }

@@ -1,0 +1,475 @@
+//! One agent's WebSocket session: drives the protocol's [`CoreSession`] for one attempt,
+//! stores its LOG lines (bounded, masked, numbered after the job's earlier attempts), checks
+//! its STATUS against the registry, and returns how the attempt ended. It takes the socket,
+//! the work frame and a store handle; it never calls back into the runner except through
+//! the outcome it returns.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use stagely_protocol::session::{CoreSession, SessionEvent};
+use stagely_protocol::{Heartbeat, JobState, Message, NeverRan, decode, encode};
+use tokio::sync::mpsc;
+
+use crate::db::{Db, NewLogLine};
+use crate::engine::{AttemptOutcome, InfraKind};
+use crate::image_check::ImageChecker;
+use crate::images::valid_digest;
+
+/// Lines buffered before a database write; also flushed every [`LOG_FLUSH_EVERY`].
+const LOG_BATCH_LINES: usize = 1000;
+const LOG_BATCH_BYTES: usize = 1024 * 1024;
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
+const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
+/// Longest a single frame may take to send before the agent counts as not reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the runner tells a link while it runs.
+#[derive(Debug)]
+pub enum LinkCommand {
+    /// The work for this attempt (first) — or, after STATUS, work handed over to this agent.
+    Work(Box<WorkOrder>),
+    /// Stop the build: CANCEL to the agent (SIGTERM, SIGKILL after its grace).
+    Cancel(String),
+}
+
+/// One attempt's work.
+#[derive(Debug)]
+pub struct WorkOrder {
+    pub job_id: String,
+    pub attempt: u32,
+    pub work: Message,
+    /// The only image the agent may report.
+    pub target_image: String,
+}
+
+/// What the link needs from the core.
+#[derive(Clone)]
+pub struct LinkContext {
+    pub db: Db,
+    pub images: std::sync::Arc<ImageChecker>,
+    pub heartbeat_timeout: Duration,
+    pub max_log_bytes_per_job: u64,
+}
+
+/// Runs one attempt over `socket`. Returns the outcome and the socket when it is still
+/// usable (STATUS acknowledged, connection open). `None` outcome: the runner closed the link
+/// (the attempt was ended by the engine), nothing to report.
+pub async fn serve_attempt(
+    context: &LinkContext,
+    mut socket: WebSocket,
+    order: WorkOrder,
+    commands: &mut mpsc::Receiver<LinkCommand>,
+) -> (Option<AttemptOutcome>, Option<WebSocket>) {
+    let mut link = Link::new(context, &order).await;
+    match link.run(&mut socket, order, commands).await {
+        Ok(Ended::Status(outcome)) => (Some(outcome), Some(socket)),
+        Ok(Ended::Closed) => {
+            close(&mut socket, None).await;
+            (None, None)
+        }
+        Err(Failure::Lost(message)) => (
+            Some(AttemptOutcome::Infrastructure {
+                kind: InfraKind::AgentLost,
+                message,
+            }),
+            None,
+        ),
+        Err(Failure::Violation(message)) => {
+            tracing::error!("closing agent connection: {message}");
+            let mut reason = message.clone();
+            while reason.len() > 123 {
+                reason.pop();
+            }
+            close(
+                &mut socket,
+                Some(CloseFrame {
+                    code: 1008,
+                    reason: reason.into(),
+                }),
+            )
+            .await;
+            (Some(AttemptOutcome::Protocol { message }), None)
+        }
+        Err(Failure::Store(message)) => {
+            close(&mut socket, None).await;
+            (
+                Some(AttemptOutcome::Infrastructure {
+                    kind: InfraKind::AgentLost,
+                    message,
+                }),
+                None,
+            )
+        }
+    }
+}
+
+/// Closes the connection, not waiting long for a peer that stopped reading.
+pub async fn close(socket: &mut WebSocket, frame: Option<CloseFrame>) {
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::Close(frame))).await;
+}
+
+enum Ended {
+    Status(AttemptOutcome),
+    Closed,
+}
+
+enum Failure {
+    /// The connection broke or went silent: infrastructure.
+    Lost(String),
+    /// The agent broke the protocol.
+    Violation(String),
+    /// Storing lines failed.
+    Store(String),
+}
+
+struct Link<'a> {
+    context: &'a LinkContext,
+    job_id: String,
+    /// Stored seq = `base` + the agent's seq: a retried attempt's lines follow the earlier
+    /// attempts' instead of colliding with them.
+    base: i64,
+    batch: Vec<NewLogLine>,
+    batch_bytes: usize,
+    budget: LogBudget,
+}
+
+impl<'a> Link<'a> {
+    async fn new(context: &'a LinkContext, order: &WorkOrder) -> Link<'a> {
+        let mut link = Link {
+            context,
+            job_id: order.job_id.clone(),
+            base: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            budget: LogBudget::new(context.max_log_bytes_per_job),
+        };
+        let stored = context.db.last_log_seq(&order.job_id).await.unwrap_or(0);
+        if stored > 0 {
+            // Earlier attempts wrote lines: this one says where it starts.
+            link.base = stored + 1;
+            let line = NewLogLine {
+                seq: stored + 1,
+                stream: "system",
+                line: format!(
+                    "[stagely] attempt {} of this job starts here, on a new instance\n",
+                    order.attempt
+                ),
+            };
+            let _ = context.db.append_logs(&order.job_id, &[line]).await;
+        }
+        link
+    }
+
+    async fn flush(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
+        let Some(last) = self.batch.last().map(|line| line.seq) else {
+            return Ok(());
+        };
+        self.context
+            .db
+            .append_logs(&self.job_id, &self.batch)
+            .await
+            .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
+        self.batch.clear();
+        if self.batch.capacity() > 4 * LOG_BATCH_LINES {
+            self.batch.shrink_to(LOG_BATCH_LINES);
+        }
+        self.batch_bytes = 0;
+        session.handle_persisted((last - self.base) as u64);
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        socket: &mut WebSocket,
+        order: WorkOrder,
+        commands: &mut mpsc::Receiver<LinkCommand>,
+    ) -> Result<Ended, Failure> {
+        // The agent masks what it knows; the core masks again before anything is stored.
+        let mask = stagely_protocol::SecretMask::new(order.work.secrets());
+        let mut session = CoreSession::new(
+            order.job_id.clone(),
+            order.work,
+            0,
+            self.context.heartbeat_timeout,
+            std::time::Instant::now(),
+        );
+        let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
+        let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
+        heartbeat_tick.reset();
+        loop {
+            while let Some(frame) = session.poll_frame() {
+                if let Err(error) = send_frame(socket, &frame).await {
+                    self.flush(&mut session).await?;
+                    return Err(Failure::Lost(error));
+                }
+            }
+            let heartbeat_due = session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                incoming = socket.recv() => {
+                    let now = std::time::Instant::now();
+                    match incoming {
+                        Some(Ok(WsMessage::Text(text))) => {
+                            let handled = decode(text.as_bytes())
+                                .map_err(|error| format!("agent sent a malformed frame: {error}"))
+                                .and_then(|message| {
+                                    session
+                                        .handle_frame(now, message)
+                                        .map_err(|error| format!("agent broke the protocol: {error}"))
+                                });
+                            if let Err(error) = handled {
+                                let _ = self.flush(&mut session).await;
+                                return Err(Failure::Violation(error));
+                            }
+                        }
+                        Some(Ok(WsMessage::Binary(_))) => {
+                            let _ = self.flush(&mut session).await;
+                            return Err(Failure::Violation(
+                                "agent sent a binary frame; the protocol is JSON text frames".into(),
+                            ));
+                        }
+                        Some(Ok(WsMessage::Close(_))) | None => {
+                            self.flush(&mut session).await?;
+                            return Err(Failure::Lost("the agent disconnected before reporting STATUS".into()));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            self.flush(&mut session).await?;
+                            return Err(Failure::Lost(format!("the agent connection failed: {error}")));
+                        }
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(LinkCommand::Cancel(reason)) => session.cancel(reason),
+                    Some(LinkCommand::Work(_)) => {
+                        tracing::warn!("work for a link that is already busy was dropped");
+                    }
+                    None => {
+                        // The engine ended this attempt (terminate): store what arrived, go.
+                        let _ = self.flush(&mut session).await;
+                        return Ok(Ended::Closed);
+                    }
+                },
+                _ = flush_tick.tick() => self.flush(&mut session).await?,
+                _ = heartbeat_tick.tick() => {
+                    let frame = Message::Heartbeat(Heartbeat { job_id: Some(self.job_id.clone()) });
+                    if let Err(error) = send_frame(socket, &frame).await {
+                        self.flush(&mut session).await?;
+                        return Err(Failure::Lost(error));
+                    }
+                }
+                () = tokio::time::sleep_until(heartbeat_due) => {
+                    if let Err(error) = session.handle_timeout(std::time::Instant::now()) {
+                        let _ = self.flush(&mut session).await;
+                        return Err(Failure::Lost(format!("agent lost: {error}")));
+                    }
+                }
+            }
+
+            while let Some(event) = session.poll_event() {
+                match event {
+                    SessionEvent::Started(hello) => {
+                        tracing::info!(
+                            agent_instance = %hello.instance_id,
+                            agent_arch = %hello.arch,
+                            agent_version = %hello.agent_version,
+                            builders = ?hello.builders,
+                            "agent started the job"
+                        );
+                    }
+                    SessionEvent::Log(log) => {
+                        let seq = self.base + log.seq.unwrap_or(0) as i64;
+                        let stream = log.stream.as_str();
+                        if let Some(line) = self.budget.admit(mask.mask(log.data)) {
+                            self.batch_bytes += line.len();
+                            self.batch.push(NewLogLine { seq, stream, line });
+                        }
+                        if self.batch.len() >= LOG_BATCH_LINES
+                            || self.batch_bytes >= LOG_BATCH_BYTES
+                        {
+                            self.flush(&mut session).await?;
+                        }
+                    }
+                    SessionEvent::Finished(status) => {
+                        // What the cap dropped is said once more at the end, with the count;
+                        // the STATUS's sequence number is free for it (no LOG carries it).
+                        if let Some(summary) = self.budget.summary() {
+                            self.batch.push(NewLogLine {
+                                seq: self.base + status.seq.unwrap_or(0) as i64,
+                                stream: "system",
+                                line: summary,
+                            });
+                        }
+                        self.flush(&mut session).await?;
+                        let outcome = self.outcome(&status, &order.target_image).await;
+                        // The session numbers STATUS, so this acknowledges it.
+                        session.handle_persisted(status.seq.unwrap_or(0));
+                        while let Some(frame) = session.poll_frame() {
+                            // Best effort: the outcome is decided whatever the agent does now.
+                            let _ = send_frame(socket, &frame).await;
+                        }
+                        return Ok(Ended::Status(outcome));
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a STATUS means. Only the image the core asked for counts, and only when the
+    /// registry holds it (trust but verify).
+    async fn outcome(
+        &self,
+        status: &stagely_protocol::Status,
+        target_image: &str,
+    ) -> AttemptOutcome {
+        match status.state {
+            JobState::Completed => {
+                let (Some(url), Some(digest)) = (&status.artifact_url, &status.digest) else {
+                    return AttemptOutcome::Protocol {
+                        message: format!(
+                            "the agent reported completed without a digest for {target_image}"
+                        ),
+                    };
+                };
+                if url != target_image || !valid_digest(digest) {
+                    return AttemptOutcome::Protocol {
+                        message: format!(
+                            "the agent reported completed without a valid digest for {target_image} (artifact_url {url:?})"
+                        ),
+                    };
+                }
+                if let Err(error) = self.context.images.verify(url, digest).await {
+                    return AttemptOutcome::Protocol {
+                        message: format!("the agent reported success, but {error}"),
+                    };
+                }
+                tracing::info!(artifact_url = %url, digest = %digest, "attempt completed");
+                AttemptOutcome::Completed {
+                    artifact_url: url.clone(),
+                    digest: digest.clone(),
+                    exit_code: status.exit_code.unwrap_or(0),
+                }
+            }
+            JobState::Failed => {
+                let message = match (&status.error, status.exit_code) {
+                    (Some(error), _) => error.clone(),
+                    (None, Some(code)) => format!("the build failed with exit code {code}"),
+                    (None, None) => "the build failed".into(),
+                };
+                tracing::warn!(exit_code = ?status.exit_code, "attempt failed: {message}");
+                match status.never_ran {
+                    Some(NeverRan::Cancelled) => AttemptOutcome::Cancelled { message },
+                    _ => AttemptOutcome::BuildFailed {
+                        exit_code: status.exit_code,
+                        message,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Sends one frame; an agent that stops reading cannot stall the link.
+async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), String> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::text(encode(frame)))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("the agent connection broke while sending to it".into()),
+        Err(_) => Err(format!(
+            "the agent stopped reading: a {} frame could not be sent within {}s",
+            frame.type_name(),
+            SEND_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Longest line the core stores; longer ones are cut (agents already cut at 16 KiB, so only a
+/// misbehaving agent reaches this).
+pub const MAX_STORED_LINE_BYTES: usize = 16 * 1024;
+
+/// The core's own bounds on one job's log: lines cut at [`MAX_STORED_LINE_BYTES`], and at most
+/// `max_bytes` stored; past that, one marker line and the rest is counted, not stored. The
+/// build goes on either way.
+#[derive(Debug)]
+pub struct LogBudget {
+    max_bytes: u64,
+    stored_bytes: u64,
+    dropped_bytes: u64,
+    dropped_lines: u64,
+}
+
+impl LogBudget {
+    pub fn new(max_bytes: u64) -> LogBudget {
+        LogBudget {
+            max_bytes,
+            stored_bytes: 0,
+            dropped_bytes: 0,
+            dropped_lines: 0,
+        }
+    }
+
+    /// The text to store for this line, if any: cut when too long; the first line past the
+    /// cap becomes the marker.
+    pub fn admit(&mut self, mut line: String) -> Option<String> {
+        if self.dropped_lines > 0 {
+            self.dropped_lines += 1;
+            self.dropped_bytes += line.len() as u64;
+            return None;
+        }
+        if line.len() > MAX_STORED_LINE_BYTES {
+            let over = line.len() - MAX_STORED_LINE_BYTES;
+            line.truncate(line.floor_char_boundary(MAX_STORED_LINE_BYTES));
+            line.push_str(&format!(
+                " [stagely: line cut, {over} more bytes dropped]\n"
+            ));
+        }
+        if self.stored_bytes + line.len() as u64 > self.max_bytes {
+            self.dropped_lines = 1;
+            self.dropped_bytes = line.len() as u64;
+            return Some(format!(
+                "[stagely] this job's log reached its limit of {} bytes; further output is not stored (the build goes on)\n",
+                self.max_bytes
+            ));
+        }
+        self.stored_bytes += line.len() as u64;
+        Some(line)
+    }
+
+    /// The closing line when output was dropped.
+    pub fn summary(&self) -> Option<String> {
+        (self.dropped_lines > 0).then(|| {
+            format!(
+                "[stagely] {} bytes in {} lines of output were dropped after the log limit of {} bytes\n",
+                self.dropped_bytes, self.dropped_lines, self.max_bytes
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_budget_cuts_long_lines_and_stops_at_the_cap() {
+        let mut budget = LogBudget::new(40_000);
+        let long = format!("{}\n", "é".repeat(20_000));
+        let stored = budget.admit(long).unwrap();
+        assert!(stored.len() < MAX_STORED_LINE_BYTES + 100);
+        assert!(stored.contains("line cut") && stored.ends_with('\n'));
+        assert_eq!(budget.admit("short\n".into()).as_deref(), Some("short\n"));
+        assert!(budget.summary().is_none());
+        let _ = budget.admit("x".repeat(16_000));
+        let marker = budget.admit("y".repeat(16_000)).unwrap();
+        assert!(
+            marker.contains("reached its limit of 40000 bytes"),
+            "{marker}"
+        );
+        assert_eq!(budget.admit("z\n".into()), None);
+        assert_eq!(budget.admit("z\n".into()), None);
+        let summary = budget.summary().unwrap();
+        assert!(summary.contains("16004 bytes in 3 lines"), "{summary}");
+    }
+}

@@ -1,0 +1,1191 @@
+//! The runner: the I/O loop around the [`Engine`]. One task owns the engine; it feeds it
+//! commands (API), events (provider calls, agent links) and store snapshots, and applies the
+//! actions it drains: guarded writes and claims on the store, instance creation and
+//! termination on the provider, work and cancels to agent links.
+//!
+//! Who owns what: the loop task owns the engine and the map of agent links (one command
+//! channel per live attempt; dropping the sender closes the link). Provider calls, work-frame
+//! assembly and link sessions run as tasks in one [`TaskTracker`], each reporting back through
+//! the loop's bounded channel. [`Runner::shutdown`] drains the engine (this core's live jobs
+//! are handed back to the queue and their instances terminated), stops the loop and waits for
+//! every task.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::WebSocket;
+use sha2::{Digest, Sha256};
+use stagely_cloud_init::{AgentConfig, Bootstrap};
+use stagely_protocol::{Build, BuildConfig, Merge, Message, RegistryOptions, SourceContext};
+use stagely_provisioning::{MachineSize, MachineSpec, Provider};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::agent_link::{self, LinkCommand, LinkContext, WorkOrder};
+use crate::config::RegistryConfig;
+use crate::db::{Db, JobRow, RunRow};
+use crate::engine::{
+    Action, AttemptOutcome, CancelReason, CommandError, Engine, EngineConfig, InfraKind, Input,
+    QueueEntry, Timestamp, Transition, Via,
+};
+use crate::images::{repository_key, strip_tag, tag_for};
+use crate::stagely_yaml::{JobKind, JobSpec};
+
+/// Messages queued for the loop before senders wait.
+const LOOP_QUEUE: usize = 4096;
+/// Commands queued for one agent link.
+const LINK_QUEUE: usize = 16;
+/// How long a created link waits for its work frame.
+const WORK_WAIT: Duration = Duration::from_secs(60);
+
+/// Runner settings taken from the core configuration.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// URL agents dial (`http://127.0.0.1:PORT` for local instances).
+    pub public_url: String,
+    pub core_id: String,
+    pub registry: RegistryConfig,
+    pub heartbeat_timeout: Duration,
+    /// Local paths and `file://` repositories are accepted (and agents may fetch them).
+    pub allow_local_repos: bool,
+    pub max_log_bytes_per_job: u64,
+    /// `[secrets]`: values of secret build arguments the core supplies.
+    pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
+    pub engine: EngineConfig,
+    /// How often unfinished runs are re-read from the store.
+    pub sync_interval: Duration,
+    /// How often leftover instances are reaped.
+    pub reap_interval: Duration,
+}
+
+/// Secrets a run needs that must never be stored.
+#[derive(Clone, Default)]
+pub struct RunSecrets {
+    /// Token for cloning a private repository over HTTPS (sent as an HTTP header).
+    pub clone_token: Option<String>,
+    /// Values of the run's secret build arguments (`secret_build_args`), from the submission
+    /// or the core's `[secrets]`.
+    pub build_secrets: BTreeMap<String, stagely_protocol::Secret>,
+}
+
+impl std::fmt::Debug for RunSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSecrets")
+            .field(
+                "clone_token",
+                &self.clone_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "build_secrets",
+                &self.build_secrets.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The core is stopping and takes no new work.
+#[derive(Debug, thiserror::Error)]
+#[error("the core is shutting down")]
+pub struct ShuttingDown;
+
+/// Why an agent connection was refused (before upgrade).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClaimError {
+    /// No, wrong, or spent token (its attempt ended).
+    Unauthorized,
+    /// The store could not be asked.
+    Unavailable,
+}
+
+/// A command from the API that the engine may refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("the core is shutting down")]
+    ShuttingDown,
+    #[error("database: {0}")]
+    Db(#[from] crate::db::DbError),
+}
+
+enum Msg {
+    Input(Input),
+    /// A run was created: load it.
+    Submitted(String),
+    Cancel {
+        run_id: String,
+        reason: CancelReason,
+        reply: oneshot::Sender<Result<(), RunnerError>>,
+    },
+    Queue(oneshot::Sender<Vec<QueueEntry>>),
+    Agent {
+        job_id: String,
+        attempt: u32,
+        socket: WebSocket,
+    },
+    /// A link's session ended with its socket still open (STATUS acknowledged): keep it for a
+    /// handover, or close it.
+    Idle {
+        job_id: String,
+        attempt: u32,
+        socket: WebSocket,
+    },
+}
+
+struct Shared {
+    db: Db,
+    provider: Arc<dyn Provider>,
+    settings: RunnerSettings,
+    link: LinkContext,
+    /// Secrets of runs this core accepted (clone tokens, submitted secret values). Never
+    /// stored: a run taken over by another core (or after a restart) gets the core's
+    /// `[secrets]` only. Added by `submitted`, removed when the run finishes.
+    run_secrets: Mutex<HashMap<String, RunSecrets>>,
+    /// Attempts whose agent has connected to this core: a token is good for one connection
+    /// (agents do not reconnect yet), spent at authentication.
+    connected: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Every task the runner started; `shutdown` waits on it.
+    tasks: TaskTracker,
+    /// Cancelled by `shutdown`: the loop drains the engine and stops.
+    shutdown: CancellationToken,
+}
+
+/// Handle to the runner; cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    shared: Arc<Shared>,
+    /// To the loop task; closed when the loop ends.
+    tx: mpsc::Sender<Msg>,
+    /// Completed when the loop task has ended.
+    stopped: Arc<tokio::sync::Notify>,
+    loop_done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Runner {
+    /// Starts the loop: loads every unfinished run, reaps leftover instances, then serves.
+    pub fn start(
+        db: Db,
+        provider: Arc<dyn Provider>,
+        settings: RunnerSettings,
+        shutdown: CancellationToken,
+    ) -> Runner {
+        let link = LinkContext {
+            db: db.clone(),
+            images: Arc::new(crate::image_check::ImageChecker::new(&settings.registry)),
+            heartbeat_timeout: settings.heartbeat_timeout,
+            max_log_bytes_per_job: settings.max_log_bytes_per_job,
+        };
+        let shared = Arc::new(Shared {
+            db,
+            provider,
+            link,
+            settings,
+            run_secrets: Mutex::new(HashMap::new()),
+            connected: Mutex::new(std::collections::HashSet::new()),
+            tasks: TaskTracker::new(),
+            shutdown,
+        });
+        let (tx, rx) = mpsc::channel(LOOP_QUEUE);
+        let runner = Runner {
+            shared: shared.clone(),
+            tx: tx.clone(),
+            stopped: Arc::new(tokio::sync::Notify::new()),
+            loop_done: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let engine = Engine::new(shared.settings.engine.clone());
+        let stopped = runner.stopped.clone();
+        let done = runner.loop_done.clone();
+        let span = tracing::info_span!("runner", owner = %shared.settings.engine.owner);
+        let tasks = shared.tasks.clone();
+        tasks.spawn(
+            async move {
+                let mut state = LoopState {
+                    shared: shared.clone(),
+                    engine,
+                    links: HashMap::new(),
+                    idle: HashMap::new(),
+                    terminating: HashMap::new(),
+                    tx,
+                };
+                state.run(rx).await;
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                stopped.notify_waiters();
+            }
+            .instrument(span),
+        );
+        runner
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    pub fn settings(&self) -> &RunnerSettings {
+        &self.shared.settings
+    }
+
+    /// True once shutdown began; no new runs are accepted.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// A run was stored: keep its secrets (memory only) and hand it to the engine.
+    pub async fn submitted(&self, run_id: &str, secrets: RunSecrets) -> Result<(), ShuttingDown> {
+        if self.is_shutting_down() {
+            return Err(ShuttingDown);
+        }
+        if let Ok(mut all) = self.shared.run_secrets.lock() {
+            all.insert(run_id.to_string(), secrets);
+        }
+        self.tx
+            .send(Msg::Submitted(run_id.to_string()))
+            .await
+            .map_err(|_| ShuttingDown)
+    }
+
+    /// Cancels a run (its jobs end `cancelled`, their instances are terminated).
+    pub async fn cancel(&self, run_id: &str, reason: CancelReason) -> Result<(), RunnerError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Cancel {
+                run_id: run_id.to_string(),
+                reason,
+                reply,
+            })
+            .await
+            .map_err(|_| RunnerError::ShuttingDown)?;
+        answer.await.map_err(|_| RunnerError::ShuttingDown)?
+    }
+
+    /// Jobs waiting for an instance, in claim order.
+    pub async fn queue(&self) -> Result<Vec<QueueEntry>, ShuttingDown> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Queue(reply))
+            .await
+            .map_err(|_| ShuttingDown)?;
+        answer.await.map_err(|_| ShuttingDown)
+    }
+
+    /// The live attempt an agent token was issued for.
+    pub async fn authenticate_agent(&self, token: &str) -> Result<(String, u32), ClaimError> {
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        match self.shared.db.attempt_for_token(&hash).await {
+            Ok(Some(found)) => {
+                let mut connected = self
+                    .shared
+                    .connected
+                    .lock()
+                    .map_err(|_| ClaimError::Unavailable)?;
+                if !connected.insert(found.clone()) {
+                    return Err(ClaimError::Unauthorized);
+                }
+                Ok(found)
+            }
+            Ok(None) => Err(ClaimError::Unauthorized),
+            Err(error) => {
+                tracing::error!("looking up an agent token failed: {error}");
+                Err(ClaimError::Unavailable)
+            }
+        }
+    }
+
+    /// Hands an upgraded agent connection to the loop.
+    pub async fn agent_connected(&self, job_id: String, attempt: u32, socket: WebSocket) {
+        let _ = self
+            .tx
+            .send(Msg::Agent {
+                job_id,
+                attempt,
+                socket,
+            })
+            .await;
+    }
+
+    /// Graceful stop: this core's live jobs go back to the queue (not counted as failures),
+    /// their instances are terminated, and every task has ended when this returns.
+    pub async fn shutdown(&self) {
+        let stopped = self.stopped.notified();
+        self.shared.shutdown.cancel();
+        if !self.loop_done.load(std::sync::atomic::Ordering::SeqCst) {
+            stopped.await;
+        }
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp(crate::db::now_ms())
+}
+
+/// The loop task's state.
+struct LoopState {
+    shared: Arc<Shared>,
+    engine: Engine,
+    /// Command channels of the live attempts' agent links.
+    links: HashMap<(String, u32), mpsc::Sender<LinkCommand>>,
+    /// Sockets of finished attempts kept for a handover (merge on the last builder).
+    idle: HashMap<(String, u32), WebSocket>,
+    /// Terminations in flight, by job: a run is stored as finished only once its instances
+    /// are gone, so a final run never has a live instance.
+    terminating: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl LoopState {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Msg>) {
+        self.sync().await;
+        self.spawn_reaper(true);
+        self.apply().await;
+        let mut sync_tick = tokio::time::interval(self.shared.settings.sync_interval);
+        sync_tick.reset();
+        let mut reap_tick = tokio::time::interval(self.shared.settings.reap_interval);
+        reap_tick.reset();
+        loop {
+            let wake = self
+                .engine
+                .poll_timeout()
+                .map(|at| tokio::time::Instant::now() + now().until(at))
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                () = self.shared.shutdown.cancelled() => break,
+                message = rx.recv() => match message {
+                    Some(message) => self.handle(message).await,
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => self.engine.handle_timeout(now()),
+                _ = sync_tick.tick() => self.sync().await,
+                _ = reap_tick.tick() => self.spawn_reaper(false),
+            }
+            self.apply().await;
+        }
+        // Drain: hand this core's jobs back and terminate their instances.
+        let _ = self.engine.handle(Input::Drain, now());
+        self.apply().await;
+        self.links.clear();
+        for (_, mut socket) in self.idle.drain() {
+            agent_link::close(&mut socket, None).await;
+        }
+        rx.close();
+        // Late reports (an instance created after the drain) must not leak instances.
+        while let Some(message) = rx.recv().await {
+            if let Msg::Input(Input::InstanceCreated { instance_id, .. }) = message {
+                drop(self.spawn_terminate(instance_id));
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: Msg) {
+        let at = now();
+        match message {
+            Msg::Input(input) => {
+                let _ = self.engine.handle(input, at);
+            }
+            Msg::Submitted(run_id) => self.reload(&run_id).await,
+            Msg::Cancel {
+                run_id,
+                reason,
+                reply,
+            } => {
+                let mut result = self.engine.handle(
+                    Input::Cancel {
+                        run_id: run_id.clone(),
+                        reason: reason.clone(),
+                    },
+                    at,
+                );
+                if let Err(CommandError::UnknownRun(_)) = &result {
+                    // Not in view (finished, or created an instant ago): ask the store.
+                    match self.shared.db.run_snapshot(&run_id).await {
+                        Ok(Some(snapshot)) if snapshot.status.is_final() => {
+                            result = Err(CommandError::RunFinished {
+                                run: run_id.clone(),
+                                status: snapshot.status,
+                            });
+                        }
+                        Ok(Some(snapshot)) => {
+                            let _ = self.engine.handle(Input::Load(snapshot), at);
+                            result = self.engine.handle(Input::Cancel { run_id, reason }, at);
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            let _ = reply.send(Err(error.into()));
+                            return;
+                        }
+                    }
+                }
+                let _ = reply.send(result.map_err(RunnerError::from));
+            }
+            Msg::Queue(reply) => {
+                let _ = reply.send(self.engine.queue());
+            }
+            Msg::Agent {
+                job_id,
+                attempt,
+                socket,
+            } => {
+                let key = (job_id.clone(), attempt);
+                if self.links.contains_key(&key) {
+                    tracing::warn!(%job_id, attempt, "a second agent connection for one attempt was refused");
+                    self.spawn_close(socket);
+                    return;
+                }
+                let (commands, receiver) = mpsc::channel(LINK_QUEUE);
+                self.links.insert(key, commands);
+                self.spawn_link(job_id.clone(), attempt, socket, receiver);
+                let _ = self
+                    .engine
+                    .handle(Input::AgentConnected { job_id, attempt }, at);
+            }
+            Msg::Idle {
+                job_id,
+                attempt,
+                socket,
+            } => {
+                self.idle.insert((job_id, attempt), socket);
+            }
+        }
+    }
+
+    /// Re-reads every unfinished run (other replicas' changes, cancels made elsewhere).
+    async fn sync(&mut self) {
+        match self.shared.db.unfinished_runs().await {
+            Ok(snapshots) => {
+                let at = now();
+                let fresh: std::collections::HashSet<String> =
+                    snapshots.iter().map(|run| run.id.clone()).collect();
+                let gone: Vec<String> = self
+                    .engine
+                    .run_ids()
+                    .filter(|id| !fresh.contains(*id))
+                    .map(str::to_string)
+                    .collect();
+                for run_id in gone {
+                    let _ = self.engine.handle(Input::Unload { run_id }, at);
+                }
+                for snapshot in snapshots {
+                    let _ = self.engine.handle(Input::Load(snapshot), at);
+                }
+            }
+            Err(error) => tracing::error!("reading unfinished runs failed: {error}"),
+        }
+    }
+
+    async fn reload(&mut self, run_id: &str) {
+        let at = now();
+        match self.shared.db.run_snapshot(run_id).await {
+            Ok(Some(snapshot)) => {
+                let _ = self.engine.handle(Input::Load(snapshot), at);
+            }
+            Ok(None) => {
+                let _ = self.engine.handle(
+                    Input::Unload {
+                        run_id: run_id.to_string(),
+                    },
+                    at,
+                );
+            }
+            Err(error) => tracing::error!(run_id, "reloading a run failed: {error}"),
+        }
+    }
+
+    async fn reload_job(&mut self, job_id: &str) {
+        match self.shared.db.job(job_id).await {
+            Ok(Some(job)) => self.reload(&job.workflow_run_id).await,
+            Ok(None) => {}
+            Err(error) => tracing::error!(job_id, "reloading a job failed: {error}"),
+        }
+    }
+
+    /// Applies every action the engine has, in order.
+    async fn apply(&mut self) {
+        while let Some(action) = self.engine.poll_action() {
+            match action {
+                Action::Persist(Transition::RunFinished {
+                    run_id,
+                    status,
+                    message,
+                }) => self.finish_run(run_id, status, message).await,
+                Action::Persist(transition) => self.persist(transition).await,
+                Action::Claim {
+                    claims,
+                    lease_until,
+                    max_live_instances,
+                    max_live_per_environment,
+                } => {
+                    let owner = self.shared.settings.engine.owner.clone();
+                    let result = self
+                        .shared
+                        .db
+                        .claim(
+                            &owner,
+                            &claims,
+                            lease_until,
+                            max_live_instances,
+                            max_live_per_environment,
+                            now(),
+                        )
+                        .await;
+                    let (won, lost) = match result {
+                        Ok(answer) => answer,
+                        Err(error) => {
+                            tracing::error!("claiming jobs failed: {error}");
+                            (
+                                Vec::new(),
+                                claims.iter().map(|c| c.job_id.clone()).collect(),
+                            )
+                        }
+                    };
+                    let reload: Vec<String> = lost.clone();
+                    let _ = self.engine.handle(Input::Claimed { won, lost }, now());
+                    for job_id in reload {
+                        self.reload_job(&job_id).await;
+                    }
+                }
+                Action::CreateInstance {
+                    job_id,
+                    run_id,
+                    attempt,
+                } => self.spawn_provision(job_id, run_id, attempt),
+                Action::SendWork {
+                    job_id,
+                    run_id,
+                    attempt,
+                    via,
+                } => self.send_work(job_id, run_id, attempt, via).await,
+                Action::SendCancel {
+                    job_id,
+                    attempt,
+                    reason,
+                } => {
+                    if let Some(link) = self.links.get(&(job_id, attempt)) {
+                        let _ = link.try_send(LinkCommand::Cancel(reason));
+                    }
+                }
+                Action::Terminate {
+                    job_id,
+                    attempt,
+                    instance_id,
+                } => {
+                    let key = (job_id, attempt);
+                    // Dropping the sender closes the link. The attempt is over: its token no
+                    // longer resolves, so the spent-token entry can go.
+                    self.links.remove(&key);
+                    if let Ok(mut connected) = self.shared.connected.lock() {
+                        connected.remove(&key);
+                    }
+                    if let Some(socket) = self.idle.remove(&key) {
+                        self.spawn_close(socket);
+                    }
+                    if let Some(instance_id) = instance_id {
+                        let handle = self.spawn_terminate(instance_id);
+                        let pending = self.terminating.entry(key.0).or_default();
+                        pending.retain(|handle| !handle.is_finished());
+                        pending.push(handle);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores a run's end once the terminations of its jobs' instances are done (in a task:
+    /// the loop does not wait).
+    async fn finish_run(
+        &mut self,
+        run_id: String,
+        status: crate::engine::RunStatus,
+        message: Option<String>,
+    ) {
+        let jobs = match self.shared.db.jobs_of_run(&run_id).await {
+            Ok(jobs) => jobs,
+            Err(error) => {
+                tracing::error!(run_id, "reading a finished run's jobs failed: {error}");
+                Vec::new()
+            }
+        };
+        let handles: Vec<_> = jobs
+            .iter()
+            .filter_map(|job| self.terminating.remove(&job.id))
+            .flatten()
+            .collect();
+        if let Ok(mut all) = self.shared.run_secrets.lock() {
+            all.remove(&run_id);
+        }
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            for handle in handles {
+                let _ = handle.await;
+            }
+            let transition = Transition::RunFinished {
+                run_id: run_id.clone(),
+                status,
+                message: message.clone(),
+            };
+            match shared.db.apply(&transition, now()).await {
+                Ok(true) => tracing::info!(
+                    run_id,
+                    %status,
+                    message = message.as_deref().unwrap_or(""),
+                    "run finished"
+                ),
+                Ok(false) => {}
+                Err(error) => tracing::error!(run_id, "storing a run's end failed: {error}"),
+            }
+        });
+    }
+
+    async fn persist(&mut self, transition: Transition) {
+        let result = self.shared.db.apply(&transition, now()).await;
+        let applied = match result {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::error!(?transition, "storing a transition failed: {error}");
+                false
+            }
+        };
+        if applied {
+            return;
+        }
+        // The row moved (another replica, a cancel elsewhere): load the truth.
+        match &transition {
+            Transition::RunStarted { run_id } | Transition::RunCancelRequested { run_id, .. } => {
+                let run_id = run_id.clone();
+                self.reload(&run_id).await;
+            }
+            Transition::RunFinished { .. } => {}
+            Transition::JobSkipped { job_id, .. }
+            | Transition::InstanceStarted { job_id, .. }
+            | Transition::JobRunning { job_id, .. }
+            | Transition::AttemptEnded { job_id, .. } => {
+                let job_id = job_id.clone();
+                tracing::warn!(job_id, "a guarded write found the job changed; reloading");
+                self.reload_job(&job_id).await;
+            }
+            Transition::LeasesRenewed { .. } => self.sync().await,
+        }
+    }
+
+    fn spawn_link(
+        &self,
+        job_id: String,
+        attempt: u32,
+        socket: WebSocket,
+        mut commands: mpsc::Receiver<LinkCommand>,
+    ) {
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        let span = tracing::info_span!("agent", job_id = %job_id, attempt);
+        self.shared.tasks.spawn(
+            async move {
+                let mut socket = socket;
+                let order = tokio::select! {
+                    command = commands.recv() => match command {
+                        Some(LinkCommand::Work(order)) => *order,
+                        _ => {
+                            agent_link::close(&mut socket, None).await;
+                            return;
+                        }
+                    },
+                    () = tokio::time::sleep(WORK_WAIT) => {
+                        tracing::error!("no work arrived for a connected agent");
+                        agent_link::close(&mut socket, None).await;
+                        return;
+                    }
+                };
+                let (outcome, socket) =
+                    agent_link::serve_attempt(&shared.link, socket, order, &mut commands).await;
+                if let Some(socket) = socket {
+                    let _ = tx
+                        .send(Msg::Idle {
+                            job_id: job_id.clone(),
+                            attempt,
+                            socket,
+                        })
+                        .await;
+                }
+                if let Some(outcome) = outcome {
+                    let _ = tx
+                        .send(Msg::Input(Input::Finished {
+                            job_id,
+                            attempt,
+                            outcome,
+                        }))
+                        .await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Builds the attempt's BUILD or MERGE and hands it to the agent link.
+    async fn send_work(&mut self, job_id: String, run_id: String, attempt: u32, via: Via) {
+        let key = match &via {
+            Via::OwnAgent => (job_id.clone(), attempt),
+            Via::AgentOf { job_id, attempt } => (job_id.clone(), *attempt),
+        };
+        let order = match work_order(&self.shared, &job_id, &run_id, attempt).await {
+            Ok(order) => order,
+            Err(message) => {
+                let _ = self.engine.handle(
+                    Input::Finished {
+                        job_id,
+                        attempt,
+                        outcome: AttemptOutcome::BuildFailed {
+                            exit_code: None,
+                            message,
+                        },
+                    },
+                    now(),
+                );
+                return;
+            }
+        };
+        match via {
+            Via::OwnAgent => match self.links.get(&key) {
+                Some(link) if link.try_send(LinkCommand::Work(Box::new(order))).is_ok() => {}
+                _ => {
+                    let _ = self.engine.handle(
+                        Input::Finished {
+                            job_id,
+                            attempt,
+                            outcome: AttemptOutcome::Infrastructure {
+                                kind: InfraKind::AgentLost,
+                                message: "the agent connection closed before its work was sent"
+                                    .into(),
+                            },
+                        },
+                        now(),
+                    );
+                }
+            },
+            Via::AgentOf { .. } => {
+                // Agents of this protocol version end after one job: the merge goes to a fresh
+                // instance. The finished agent's socket is closed by the engine's Terminate.
+                if let Some(socket) = self.idle.remove(&key) {
+                    self.spawn_close(socket);
+                }
+                let _ = self
+                    .engine
+                    .handle(Input::HandoverFailed { job_id, attempt }, now());
+            }
+        }
+    }
+
+    fn spawn_provision(&self, job_id: String, run_id: String, attempt: u32) {
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        let span = tracing::info_span!("job", run_id = %run_id, job_id = %job_id, attempt);
+        self.shared.tasks.spawn(
+            async move {
+                let input = match provision(&shared, &job_id, &run_id, attempt).await {
+                    Ok(instance_id) => Input::InstanceCreated {
+                        job_id,
+                        attempt,
+                        instance_id,
+                    },
+                    Err(message) => {
+                        tracing::warn!("provisioning failed: {message}");
+                        Input::InstanceFailed {
+                            job_id,
+                            attempt,
+                            message,
+                        }
+                    }
+                };
+                if let Err(mpsc::error::SendError(Msg::Input(Input::InstanceCreated {
+                    instance_id,
+                    ..
+                }))) = tx.send(Msg::Input(input)).await
+                {
+                    // The loop is gone (shutdown): the instance must not outlive it.
+                    terminate(&shared, &instance_id).await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Closes a socket without holding up the loop (a peer that stopped reading).
+    fn spawn_close(&self, mut socket: WebSocket) {
+        self.shared.tasks.spawn(async move {
+            agent_link::close(&mut socket, None).await;
+        });
+    }
+
+    fn spawn_terminate(&self, instance_id: String) -> tokio::task::JoinHandle<()> {
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            terminate(&shared, &instance_id).await;
+        })
+    }
+
+    /// Terminates instances whose attempt ended or whose owner's lease expired; at start,
+    /// also instances the provider reports under this core's id that the store does not know
+    /// (a crash between create and record).
+    fn spawn_reaper(&self, at_start: bool) {
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            let reap = async {
+                for instance_id in shared.db.instances_to_reap(now()).await? {
+                    tracing::info!(instance_id, "reaping a leftover instance");
+                    terminate(&shared, &instance_id).await;
+                }
+                if at_start {
+                    let ours = BTreeMap::from([(
+                        "stagely:core".to_string(),
+                        shared.settings.core_id.clone(),
+                    )]);
+                    let known: std::collections::HashSet<String> =
+                        shared.db.live_instances().await?.into_iter().collect();
+                    match shared.provider.list_instances(&ours).await {
+                        Ok(instances) => {
+                            for instance in instances {
+                                if !known.contains(&instance.id) {
+                                    tracing::info!(instance_id = %instance.id, "terminating an unrecorded instance");
+                                    terminate(&shared, &instance.id).await;
+                                }
+                            }
+                        }
+                        Err(error) => tracing::error!("listing instances failed: {error}"),
+                    }
+                }
+                Ok::<(), crate::db::DbError>(())
+            };
+            tokio::select! {
+                result = reap => if let Err(error) = result {
+                    tracing::error!("reaping instances failed: {error}");
+                },
+                () = shared.shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn work_order(
+    shared: &Shared,
+    job_id: &str,
+    run_id: &str,
+    attempt: u32,
+) -> Result<WorkOrder, String> {
+    let db = &shared.db;
+    let internal = |error: crate::db::DbError| format!("reading the job failed: {error}");
+    let run = db
+        .run(run_id)
+        .await
+        .map_err(internal)?
+        .ok_or("the run vanished")?;
+    let job = db
+        .job(job_id)
+        .await
+        .map_err(internal)?
+        .ok_or("the job vanished")?;
+    let spec: JobSpec = serde_json::from_str(&job.spec)
+        .map_err(|error| format!("the stored job spec is unreadable: {error}"))?;
+    let secrets = secrets_for(shared, &run, &spec)?;
+    let merge_sources = match &spec.kind {
+        JobKind::Merge { sources } => {
+            let jobs = db.jobs_of_run(run_id).await.map_err(internal)?;
+            let mut images = Vec::new();
+            for source in sources {
+                let found = jobs.iter().find(|j| &j.name == source);
+                match found.and_then(|j| Some((j.artifact_url.as_ref()?, j.digest.as_ref()?))) {
+                    Some((url, digest)) => images.push(format!("{}@{digest}", strip_tag(url))),
+                    None => return Err(format!("platform job {source} has no image")),
+                }
+            }
+            Some(images)
+        }
+        JobKind::Build => None,
+    };
+    let settings = &shared.settings;
+    let work = work_message(settings, &run, &job, &spec, merge_sources, &secrets);
+    Ok(WorkOrder {
+        job_id: job_id.to_string(),
+        attempt,
+        work,
+        target_image: image_for(settings, &run, &job, &spec),
+    })
+}
+
+/// The run's secrets: what this core holds for it, else the core's `[secrets]`. A run
+/// whose submitted secret values were held by a core that is gone cannot be built.
+fn secrets_for(shared: &Shared, run: &RunRow, spec: &JobSpec) -> Result<RunSecrets, String> {
+    let held = shared
+        .run_secrets
+        .lock()
+        .ok()
+        .and_then(|all| all.get(&run.id).cloned());
+    let secrets = held.unwrap_or_else(|| RunSecrets {
+        clone_token: None,
+        build_secrets: shared.settings.build_secrets.clone(),
+    });
+    let missing: Vec<&String> = spec
+        .secret_build_args
+        .iter()
+        .filter(|name| !secrets.build_secrets.contains_key(*name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "secret build argument(s) {} were submitted with the run and held only in the memory of the core that accepted it, which stopped; submit the run again (or set them in the core's [secrets])",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(secrets)
+}
+
+/// Creates the attempt's instance with a fresh agent token bound to the attempt.
+async fn provision(
+    shared: &Shared,
+    job_id: &str,
+    run_id: &str,
+    attempt: u32,
+) -> Result<String, String> {
+    let db = &shared.db;
+    let job = db
+        .job(job_id)
+        .await
+        .map_err(|error| format!("reading the job failed: {error}"))?
+        .ok_or("the job vanished")?;
+    let token = new_token();
+    let hash = hex::encode(Sha256::digest(token.as_bytes()));
+    if !db
+        .set_attempt_token(job_id, attempt, &hash)
+        .await
+        .map_err(|error| format!("storing the agent token failed: {error}"))?
+    {
+        return Err("the attempt ended before its instance was created".into());
+    }
+    let arch = match job.architecture.as_str() {
+        "arm64" => stagely_protocol::Arch::Arm64,
+        "amd64" => stagely_protocol::Arch::Amd64,
+        // A merge runs anywhere; the seed picks a small VM of any arch.
+        _ => stagely_protocol::Arch::from_rust_arch(std::env::consts::ARCH)
+            .unwrap_or(stagely_protocol::Arch::Amd64),
+    };
+    let settings = &shared.settings;
+    let user_data = stagely_cloud_init::render_user_data(&Bootstrap {
+        agent: AgentConfig {
+            core_url: settings.public_url.clone(),
+            token,
+            ca_file: None,
+            builder: None,
+            work_dir: None,
+            instance_id: None,
+            allow_local_repos: settings.allow_local_repos,
+        },
+        ca_pem: None,
+    })
+    .map_err(|error| format!("rendering user-data failed: {error}"))?;
+    let spec = MachineSpec {
+        size: MachineSize::parse(&job.machine).unwrap_or(MachineSize::Medium),
+        arch,
+        user_data,
+        tags: BTreeMap::from([
+            ("stagely:core".to_string(), settings.core_id.clone()),
+            ("stagely:run".to_string(), run_id.to_string()),
+            ("stagely:job".to_string(), job_id.to_string()),
+            ("stagely:attempt".to_string(), attempt.to_string()),
+        ]),
+    };
+    // Never abandon a create call half-way: the provider may already have started the
+    // instance, and only a returned id lets us terminate it.
+    let instance = shared
+        .provider
+        .create_instance(&spec)
+        .await
+        .map_err(|error| {
+            format!(
+                "provisioning a {} {} instance failed: {error}",
+                job.machine, arch
+            )
+        })?;
+    if let Err(error) = db
+        .record_instance(
+            &instance.id,
+            shared.provider.name(),
+            job_id,
+            attempt,
+            &settings.engine.owner,
+        )
+        .await
+    {
+        tracing::error!(instance_id = %instance.id, "recording the instance failed: {error}");
+    }
+    tracing::info!(instance_id = %instance.id, emulated = instance.emulated, "instance created");
+    Ok(instance.id)
+}
+
+/// Terminates an instance (idempotent), retrying a few times; the reaper retries later.
+async fn terminate(shared: &Shared, instance_id: &str) {
+    for attempt in 1..=3u32 {
+        match shared.provider.terminate_instance(instance_id).await {
+            Ok(()) => {
+                if let Err(error) = shared.db.mark_instance_terminated(instance_id).await {
+                    tracing::error!(instance_id, "instance terminated but not recorded: {error}");
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(instance_id, attempt, "terminating instance failed: {error}");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+            }
+        }
+    }
+    tracing::error!(
+        instance_id,
+        "instance could not be terminated; the reaper will retry"
+    );
+}
+
+fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("stg_{}", hex::encode(bytes))
+}
+
+/// The image a job pushes: `<registry>/<namespace>/<environment>:<job tag>`.
+pub fn image_for(settings: &RunnerSettings, run: &RunRow, job: &JobRow, spec: &JobSpec) -> String {
+    let tag = match spec.kind {
+        JobKind::Merge { .. } => tag_for(&spec.service),
+        JobKind::Build => tag_for(&job.name),
+    };
+    format!(
+        "{}/{}/{}:{}",
+        settings.registry.host, settings.registry.namespace, run.environment_id, tag
+    )
+}
+
+/// The registry layer cache of one job of one repository: keyed by the repository's identity
+/// as well as the job's name, so a build reads and writes only its own repository's cache.
+fn cache_ref(settings: &RunnerSettings, run: &RunRow, job: &JobRow) -> String {
+    format!(
+        "{}/{}/cache/{}/{}:buildcache",
+        settings.registry.host,
+        settings.registry.namespace,
+        repository_key(&run.repo_url),
+        tag_for(&job.name)
+    )
+}
+
+/// Size of the BUILD or MERGE frame `job` will be sent with `secrets`, counting full digests
+/// for a merge's sources: checked when a run is submitted, so a frame too large for the agent
+/// connection is refused then, not discovered when it is sent.
+pub fn work_frame_bytes(
+    settings: &RunnerSettings,
+    run: &RunRow,
+    job: &JobRow,
+    spec: &JobSpec,
+    secrets: &RunSecrets,
+) -> usize {
+    let merge_sources = match &spec.kind {
+        JobKind::Merge { sources } => Some(
+            sources
+                .iter()
+                .map(|source| {
+                    format!(
+                        "{}/{}/{}@sha256:{}",
+                        settings.registry.host,
+                        settings.registry.namespace,
+                        run.environment_id,
+                        "0".repeat(64 + source.len())
+                    )
+                })
+                .collect(),
+        ),
+        JobKind::Build => None,
+    };
+    stagely_protocol::encode(&work_message(
+        settings,
+        run,
+        job,
+        spec,
+        merge_sources,
+        secrets,
+    ))
+    .len()
+}
+
+fn work_message(
+    settings: &RunnerSettings,
+    run: &RunRow,
+    job: &JobRow,
+    spec: &JobSpec,
+    merge_sources: Option<Vec<String>>,
+    run_secrets: &RunSecrets,
+) -> Message {
+    let registry = RegistryOptions {
+        insecure: settings.registry.insecure,
+    };
+    let target_image = image_for(settings, run, job, spec);
+    match merge_sources {
+        Some(source_images) => Message::Merge(Merge {
+            job_id: job.id.clone(),
+            source_images,
+            target_image,
+            registry_auth: settings.registry.auth.clone(),
+            registry,
+            timeout_seconds: Some(spec.timeout_seconds),
+        }),
+        None => {
+            let cache = settings
+                .registry
+                .cache
+                .then(|| cache_ref(settings, run, job));
+            let secrets = spec
+                .secret_build_args
+                .iter()
+                .filter_map(|name| {
+                    run_secrets
+                        .build_secrets
+                        .get(name)
+                        .map(|value| (name.clone(), value.clone()))
+                })
+                .collect();
+            Message::Build(Build {
+                job_id: job.id.clone(),
+                context: SourceContext {
+                    repo_url: run.repo_url.clone(),
+                    commit_hash: run.commit_hash.clone(),
+                    branch: run.branch.clone(),
+                    clone_token: run_secrets.clone_token.clone(),
+                },
+                build_config: BuildConfig {
+                    context_path: spec.context_path.clone(),
+                    dockerfile: spec.dockerfile.clone(),
+                    target_image,
+                    platform: job.platform.clone(),
+                    build_args: spec.build_args.clone(),
+                    cache_from: cache.iter().cloned().collect(),
+                    cache_to: cache,
+                    timeout_seconds: Some(spec.timeout_seconds),
+                    secrets,
+                },
+                registry_auth: settings.registry.auth.clone(),
+                registry,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_long_and_distinct() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 64);
+    }
+}
