@@ -873,3 +873,163 @@ fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> {
         jobs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{AttemptResult, FailureKind, JobEnd};
+
+    async fn db_with_jobs(jobs: &[&str]) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let run = NewRun {
+            id: "r1".into(),
+            environment_id: "env".into(),
+            trigger: "manual".into(),
+            repo_url: "/repo".into(),
+            commit_hash: "c0ffee".into(),
+            branch: "main".into(),
+            config_path: String::new(),
+            fail_fast: true,
+        };
+        let spec = r#"{"service":"api","kind":{"type":"build"},"context_path":".","dockerfile":"Dockerfile","build_args":{},"timeout_seconds":60}"#;
+        let jobs: Vec<NewJob> = jobs
+            .iter()
+            .map(|id| NewJob {
+                id: id.to_string(),
+                name: id.to_string(),
+                architecture: "amd64".into(),
+                platform: "linux/amd64".into(),
+                machine: "medium".into(),
+                spec: spec.into(),
+            })
+            .collect();
+        db.create_run(&run, &jobs).await.unwrap();
+        (dir, db)
+    }
+
+    fn claim(job: &str, expected: u32) -> Claim {
+        Claim {
+            job_id: job.into(),
+            environment_id: "env".into(),
+            attempt: expected + 1,
+            expected_attempt: expected,
+            reuses_instance: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_are_guarded_by_status_attempt_and_the_limits() {
+        let (_dir, db) = db_with_jobs(&["a", "b", "c"]).await;
+        let now = Timestamp(1_000);
+        let lease = Timestamp(31_000);
+        let (won, lost) = db
+            .claim(
+                "core/1",
+                &[claim("a", 0), claim("b", 0), claim("c", 0)],
+                lease,
+                2,
+                10,
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(won, ["a", "b"]);
+        assert_eq!(lost, ["c"], "the global limit holds inside the claim");
+        // A second claim of a job already claimed loses (exactly-once dispatch).
+        let (won, lost) = db
+            .claim("core/2", &[claim("a", 0)], lease, 10, 10, now)
+            .await
+            .unwrap();
+        assert!(won.is_empty() && lost == ["a"]);
+        let snapshot = db.run_snapshot("r1").await.unwrap().unwrap();
+        let a = snapshot.jobs.iter().find(|j| j.id == "a").unwrap();
+        assert_eq!(a.status, JobStatus::Provisioning);
+        assert_eq!(a.attempt, 1);
+        assert_eq!(a.lease_owner.as_deref(), Some("core/1"));
+        // Per-environment limit.
+        let (won, _) = db
+            .claim("core/1", &[claim("c", 0)], lease, 10, 2, now)
+            .await
+            .unwrap();
+        assert!(won.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it() {
+        let (_dir, db) = db_with_jobs(&["a"]).await;
+        let now = Timestamp(1_000);
+        db.claim("core/1", &[claim("a", 0)], Timestamp(31_000), 10, 10, now)
+            .await
+            .unwrap();
+        assert!(db.set_attempt_token("a", 1, "hash-1").await.unwrap());
+        assert_eq!(
+            db.attempt_for_token("hash-1").await.unwrap(),
+            Some(("a".to_string(), 1))
+        );
+        db.record_instance("i-1", "local", "a", 1, "core/1")
+            .await
+            .unwrap();
+        assert!(
+            db.instances_to_reap(now).await.unwrap().is_empty(),
+            "lease holds"
+        );
+        assert_eq!(
+            db.instances_to_reap(Timestamp(40_000)).await.unwrap(),
+            ["i-1"]
+        );
+        let end = |owner: &str, attempt: u32| Transition::AttemptEnded {
+            job_id: "a".into(),
+            attempt,
+            owner: owner.into(),
+            result: AttemptResult::Failed,
+            message: Some("exit 1".into()),
+            end: JobEnd::Failed {
+                kind: FailureKind::Build,
+                exit_code: Some(1),
+                message: "exit 1".into(),
+                infra_failures: 0,
+            },
+        };
+        assert!(
+            !db.apply(&end("core/2", 1), now).await.unwrap(),
+            "wrong owner"
+        );
+        assert!(
+            !db.apply(&end("core/1", 2), now).await.unwrap(),
+            "wrong attempt"
+        );
+        assert!(db.apply(&end("core/1", 1), now).await.unwrap());
+        assert!(
+            !db.apply(&end("core/1", 1), now).await.unwrap(),
+            "final is final"
+        );
+        assert_eq!(db.attempt_for_token("hash-1").await.unwrap(), None);
+        assert_eq!(db.instances_to_reap(now).await.unwrap(), ["i-1"]);
+        let job = db.job("a").await.unwrap().unwrap();
+        assert_eq!(job.status, "failed");
+        assert_eq!(job.failure_kind.as_deref(), Some("build"));
+        let attempts = db.attempts_of_run("r1").await.unwrap();
+        assert_eq!(attempts[0].result.as_deref(), Some("failed"));
+    }
+
+    #[tokio::test]
+    async fn duplicate_log_lines_are_stored_once_and_the_schema_refuses_bad_values() {
+        let (_dir, db) = db_with_jobs(&["j1"]).await;
+        let line = |seq| NewLogLine {
+            seq,
+            stream: "stdout",
+            line: format!("line {seq}\n"),
+        };
+        db.append_logs("j1", &[line(1), line(2)]).await.unwrap();
+        db.append_logs("j1", &[line(2), line(3)]).await.unwrap();
+        assert_eq!(db.last_log_seq("j1").await.unwrap(), 3);
+        let page = db.logs_page("j1", 0, 10).await.unwrap();
+        assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
+        let bad = sqlx::query("UPDATE workflow_runs SET status = 'exploded' WHERE id = 'r1'")
+            .execute(&db.pool)
+            .await;
+        assert!(bad.is_err());
+    }
+}

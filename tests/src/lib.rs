@@ -254,6 +254,24 @@ impl TestCore {
         Self::start_with(data, registry, file, None).await
     }
 
+    /// A core whose local provider is wrapped by `wrap` (to inject failures), its file
+    /// configuration edited by `configure` first.
+    pub async fn start_wrapped(
+        configure: impl FnOnce(&mut FileConfig),
+        wrap: impl FnOnce(Arc<dyn Provider>) -> Arc<dyn Provider>,
+    ) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let mut file = FileConfig::default();
+        file.provider.agent_binary = Some(agent_binary());
+        configure(&mut file);
+        let registry = LocalRegistry::start().await?;
+        let local = Arc::new(stagely_provisioning::local::LocalProvider::new(
+            agent_binary(),
+            data.path().join("instances"),
+        )?);
+        Self::start_with(data, registry, file, Some(wrap(local))).await
+    }
+
     /// A core with `provider` instead of the local one (agents are then the test's job).
     pub async fn start_with_provider(provider: Arc<dyn Provider>) -> anyhow::Result<TestCore> {
         let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
@@ -269,7 +287,8 @@ impl TestCore {
     ) -> anyhow::Result<TestCore> {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());
-        file.scheduler.agent_connect_timeout_secs = Some(60);
+        file.scheduler.agent_connect_timeout_secs =
+            file.scheduler.agent_connect_timeout_secs.or(Some(60));
         // Test repositories are local directories.
         file.allow_local_repos = file.allow_local_repos.or(Some(true));
         let api_token = stagely_core::cli::new_api_token();
