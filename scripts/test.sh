@@ -11,3 +11,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the stagely-agent binary, so build every binary first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+# The end-to-end suite again on PostgreSQL (127.0.0.1:5432, a fresh database per core): every
+# behaviour holds on both stores. The store's unit tests already run on both.
+STAGELY_TEST_DATABASE=postgres cargo test -p stagely-tests --locked

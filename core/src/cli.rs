@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// STAGELY_REGISTRY_USERNAME / STAGELY_REGISTRY_PASSWORD, never from flags.
     #[arg(long)]
     pub registry: Option<String>,
+    /// PostgreSQL instead of SQLite: postgres://USER@HOST:PORT/DATABASE. A password goes in
+    /// STAGELY_DATABASE_URL or the config file's database_url, never on the command line.
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +262,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listen: args.listen,
             data_dir: args.data_dir,
             registry: args.registry,
+            database_url: args.database_url,
             ..Overrides::default()
         },
     )?;
@@ -269,7 +274,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
     stop.cancelled().await;
-    tracing::info!("shutting down: cancelling jobs and terminating instances");
+    tracing::info!("shutting down: handing this core's jobs back and terminating their instances");
     core.stop().await;
     Ok(())
 }
@@ -499,8 +504,12 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
                 "stagely run",
                 &api_token,
             )),
+            database_url: None,
         },
     )?;
+    // `stagely run` is self-contained: its own SQLite, whatever STAGELY_DATABASE_URL says.
+    let mut config = config;
+    config.database_url = None;
     let client = client_with_token(Some(&api_token))?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let provider = server::local_provider(&config)?;

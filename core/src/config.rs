@@ -40,8 +40,13 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// URL agents dial back to (default: `http://<listen address>`).
     pub public_url: Option<String>,
-    /// Tag value marking this core's instances (default `stagely`).
+    /// Tag value marking this core's instances (default `stagely`). Replicas sharing one
+    /// database need distinct ids: a core taking over jobs of an earlier incarnation of its
+    /// own id does so at once, without waiting for their leases.
     pub core_id: Option<String>,
+    /// PostgreSQL URL (`postgres://user:password@host:port/database`) for production and
+    /// replicas; default: SQLite at `<data_dir>/stagely.db`. Also `STAGELY_DATABASE_URL`.
+    pub database_url: Option<String>,
     /// Accept local paths and `file://` URLs as `repo_url` (default false; `stagely run`
     /// turns it on for its own embedded core). Off, git may only use https, ssh and git.
     pub allow_local_repos: Option<bool>,
@@ -185,6 +190,28 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 /// Shortest API token accepted from `STAGELY_API_TOKEN` (a guessable token is no token).
 pub const MIN_API_TOKEN_LEN: usize = 16;
 
+/// A PostgreSQL URL; `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url_password_span(&self.0) {
+            Some((start, end)) => write!(f, "{}***{}", &self.0[..start], &self.0[end..]),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+/// Byte range of the password in `scheme://user:password@host...`, if there is one.
+pub fn url_password_span(url: &str) -> Option<(usize, usize)> {
+    let after_scheme = url.find("://")? + 3;
+    let rest = &url[after_scheme..];
+    let at = rest.find('@')?;
+    let colon = rest[..at].find(':')?;
+    Some((after_scheme + colon + 1, after_scheme + at))
+}
+
 /// Fully resolved configuration.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -192,6 +219,8 @@ pub struct CoreConfig {
     pub data_dir: PathBuf,
     pub public_url: Option<String>,
     pub core_id: String,
+    /// PostgreSQL; `None`: SQLite in `data_dir`.
+    pub database_url: Option<DatabaseUrl>,
     pub registry: RegistryConfig,
     /// `stagely-agent` for the local provider (default: next to the running executable).
     pub agent_binary: Option<PathBuf>,
@@ -236,6 +265,8 @@ pub struct Overrides {
     pub allow_local_repos: Option<bool>,
     /// An extra accepted API token (`stagely run` mints one for its embedded core).
     pub api_token: Option<ApiToken>,
+    /// `--database-url` (never with a password: a command line is public).
+    pub database_url: Option<String>,
 }
 
 impl FileConfig {
@@ -406,6 +437,28 @@ impl CoreConfig {
             "scheduler.reap_interval_secs",
         )?;
         let max_retries = scheduler.max_retries.unwrap_or(2);
+        if let Some(url) = &overrides.database_url
+            && url_password_span(url).is_some()
+        {
+            return Err(ConfigError::Invalid {
+                field: "--database-url",
+                problem: "holds a password, which a command line shows to every user of the machine; set STAGELY_DATABASE_URL or database_url in the config file instead".into(),
+            });
+        }
+        let database_url = overrides
+            .database_url
+            .clone()
+            .or_else(|| env_nonempty("STAGELY_DATABASE_URL"))
+            .or(file.database_url.clone());
+        if let Some(url) = &database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid {
+                field: "database_url",
+                problem: "must be a postgres:// URL (SQLite is the default when it is unset)"
+                    .into(),
+            });
+        }
         let mut api_tokens = Vec::new();
         for (name, hash) in &file.api.tokens {
             let bytes = hex::decode(hash.trim())
@@ -495,6 +548,7 @@ impl CoreConfig {
             data_dir,
             public_url: overrides.public_url.or(file.public_url),
             core_id: file.core_id.unwrap_or_else(|| "stagely".into()),
+            database_url: database_url.map(DatabaseUrl),
             registry: RegistryConfig {
                 host,
                 insecure,

@@ -163,10 +163,17 @@ pub async fn start(
 ) -> anyhow::Result<RunningCore> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let db_path = config.data_dir.join("stagely.db");
-    let db = Db::open_sqlite(&db_path)
-        .await
-        .with_context(|| format!("opening database {}", db_path.display()))?;
+    let db = match &config.database_url {
+        Some(url) => Db::open_postgres(&url.0)
+            .await
+            .with_context(|| format!("opening PostgreSQL database {url:?}"))?,
+        None => {
+            let db_path = config.data_dir.join("stagely.db");
+            Db::open_sqlite(&db_path)
+                .await
+                .with_context(|| format!("opening database {}", db_path.display()))?
+        }
+    };
     let addr = listener.local_addr()?;
     let public_url = config.public_url.clone().unwrap_or_else(|| {
         let host = if addr.ip().is_unspecified() {

@@ -219,8 +219,111 @@ pub fn client_with_token(token: &str) -> reqwest::Client {
 }
 
 /// A running core plus its registry.
+/// Which store the tests run against: `STAGELY_TEST_DATABASE=postgres` for PostgreSQL on
+/// 127.0.0.1:5432 (a fresh database per core, dropped after), else SQLite.
+pub fn testing_postgres() -> bool {
+    std::env::var("STAGELY_TEST_DATABASE").is_ok_and(|v| v == "postgres")
+}
+
+/// The server every test database is created on.
+pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A PostgreSQL database of one test, dropped (with its connections) when this is dropped.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        use sqlx::Connection;
+        let name = format!("stagely_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
+            .await
+            .expect("PostgreSQL answers on 127.0.0.1:5432 (run scripts/setup.sh)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("creating the test database");
+        let _ = admin.close().await;
+        TestDatabase {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        }
+    }
+
+    /// Only when the tests run against PostgreSQL.
+    pub async fn for_tests() -> Option<TestDatabase> {
+        if testing_postgres() {
+            Some(TestDatabase::create().await)
+        } else {
+            None
+        }
+    }
+}
+
+impl TestDatabase {
+    /// Every row of every table as text: what a secret scan of the database reads.
+    pub async fn dump(&self) -> Vec<u8> {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("the test database answers");
+        let mut out = Vec::new();
+        for table in [
+            "workflow_runs",
+            "build_jobs",
+            "build_logs",
+            "job_attempts",
+            "builder_instances",
+        ] {
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT t::text FROM {table} t"
+            )))
+            .fetch_all(&mut connection)
+            .await
+            .expect("dumping a table");
+            for row in rows {
+                out.extend_from_slice(row.as_bytes());
+                out.push(b'\n');
+            }
+        }
+        let _ = connection.close().await;
+        out
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee: a small one of its own, on a thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                    let _ = admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 pub struct TestCore {
     pub core: Option<RunningCore>,
+    /// The PostgreSQL database when the tests run against it; dropped with the core.
+    pub database: Option<TestDatabase>,
     pub registry: LocalRegistry,
     pub data: tempfile::TempDir,
     /// Sends [`TestCore::api_token`] on every request.
@@ -289,6 +392,10 @@ impl TestCore {
         file.registry.password = Some(registry.password.clone());
         file.scheduler.agent_connect_timeout_secs =
             file.scheduler.agent_connect_timeout_secs.or(Some(60));
+        let database = TestDatabase::for_tests().await;
+        if let Some(database) = &database {
+            file.database_url = Some(database.url.clone());
+        }
         // Test repositories are local directories.
         file.allow_local_repos = file.allow_local_repos.or(Some(true));
         let api_token = stagely_core::cli::new_api_token();
@@ -313,6 +420,7 @@ impl TestCore {
         let url = core.url();
         Ok(TestCore {
             core: Some(core),
+            database,
             registry,
             data,
             client: client_with_token(&api_token),
@@ -396,6 +504,25 @@ impl TestCore {
             .into_iter()
             .map(|l| (l.stream, l.line))
             .collect())
+    }
+
+    /// Everything the core stored: every file under its data directory (SQLite, WAL,
+    /// instance directories, agent logs) and, on PostgreSQL, a dump of every table.
+    pub async fn stored(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out: Vec<(PathBuf, Vec<u8>)> = files_under(self.data.path())
+            .into_iter()
+            .map(|file| {
+                let bytes = std::fs::read(&file).unwrap_or_default();
+                (file, bytes)
+            })
+            .collect();
+        if let Some(database) = &self.database {
+            out.push((
+                PathBuf::from(format!("postgres:{}", database.name)),
+                database.dump().await,
+            ));
+        }
+        out
     }
 
     /// Instances the provider still has for this core (must be none after a run).
@@ -668,6 +795,8 @@ pub struct ServeProcess {
     registry_username: String,
     registry_password: String,
     client: reqwest::Client,
+    /// The PostgreSQL database when the tests run against it (kept across restarts).
+    pub database: Option<TestDatabase>,
 }
 
 impl ServeProcess {
@@ -685,6 +814,12 @@ impl ServeProcess {
     ) -> ServeProcess {
         let config_path = data.join("stagely-test.toml");
         std::fs::create_dir_all(data).expect("data dir");
+        let database = TestDatabase::for_tests().await;
+        let config = match &database {
+            // Top-level keys go before any table.
+            Some(database) => format!("database_url = \"{}\"\n{config}", database.url),
+            None => config.to_string(),
+        };
         std::fs::write(&config_path, config).expect("test config");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -708,6 +843,7 @@ impl ServeProcess {
             registry_password: registry.password.clone(),
             client: client_with_token(&api_token),
             api_token,
+            database,
         };
         process.wait_healthy().await;
         process

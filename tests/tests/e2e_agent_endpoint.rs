@@ -220,8 +220,7 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
     core.stop().await;
 
     // Neither the token nor the registry password was stored anywhere on disk.
-    for file in files_under(core.data.path()) {
-        let bytes = std::fs::read(&file).unwrap();
+    for (file, bytes) in core.stored().await {
         for secret in [token.as_str(), core.registry.password.as_str()] {
             assert!(
                 !contains_bytes(&bytes, secret.as_bytes()),
@@ -530,8 +529,7 @@ async fn a_clone_token_reaches_the_agent_and_nothing_else() {
     let view = core.wait_finished(&run_id, Duration::from_secs(20)).await;
     assert!(!serde_json::to_string(&view).unwrap().contains(clone_token));
     core.stop().await;
-    for file in files_under(core.data.path()) {
-        let bytes = std::fs::read(&file).unwrap();
+    for (file, bytes) in core.stored().await {
         assert!(
             !contains_bytes(&bytes, clone_token.as_bytes()),
             "{} holds the clone token",

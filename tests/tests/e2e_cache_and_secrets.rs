@@ -197,8 +197,7 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
         "the image holds the secret"
     );
     core.stop().await;
-    for file in files_under(core.data.path()) {
-        let bytes = std::fs::read(&file).unwrap();
+    for (file, bytes) in core.stored().await {
         assert!(
             !contains_bytes(&bytes, secret.as_bytes()),
             "{} holds the secret",

@@ -57,11 +57,14 @@ async fn the_registry_password_never_reaches_argv_logs_or_the_database() {
     assert!(logs.iter().any(|(_, l)| l.contains("working")));
     assert!(logs.iter().all(|(_, l)| !l.contains(&password)));
     core.stop().await;
-    let files = files_under(core.data.path());
-    assert!(files.iter().any(|f| f.ends_with("stagely.db")));
-    assert!(files.iter().any(|f| f.ends_with("agent.log")));
-    for file in files {
-        let bytes = std::fs::read(&file).unwrap();
+    let stored = core.stored().await;
+    let database = match &core.database {
+        Some(database) => format!("postgres:{}", database.name),
+        None => "stagely.db".into(),
+    };
+    assert!(stored.iter().any(|(f, _)| f.ends_with(&database)));
+    assert!(stored.iter().any(|(f, _)| f.ends_with("agent.log")));
+    for (file, bytes) in stored {
         assert!(
             !contains_bytes(&bytes, password.as_bytes()),
             "{} contains the password",

@@ -1,21 +1,22 @@
-//! Persistence: the seed's `workflow_runs`, `build_jobs` and `build_logs` tables.
+//! Persistence: the seed's `workflow_runs`, `build_jobs` and `build_logs` tables, plus the
+//! engine's `job_attempts` and `builder_instances`, behind one [`Store`] trait with two
+//! backends: SQLite (embedded default) and PostgreSQL (`--database-url postgres://...`), each
+//! with its own migrations (`core/migrations/{sqlite,postgres}`).
 //!
 //! Architecture invariant: this is the only module that knows SQL. Rows are their own types
-//! ([`RunRow`], [`JobRow`], [`LogRow`]); the API and the protocol convert explicitly. The SQL is
-//! kept portable (`$n` parameters, `RETURNING`, `ON CONFLICT`, BIGINT unix-ms times) so the
-//! PostgreSQL backend can share it.
+//! ([`RunRow`], [`JobRow`], [`LogRow`]); the API and the engine convert explicitly
+//! ([`snapshot`]). Every engine transition is one guarded write ([`Store::apply`]).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::engine::{
-    CancelReason, Claim, JobEnd, JobKind, JobSnapshot, JobStatus, RunSnapshot, RunStatus,
-    Timestamp, Transition,
+    CancelReason, Claim, JobKind, JobSnapshot, JobStatus, RunSnapshot, RunStatus, Timestamp,
+    Transition,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 /// An `UPDATE` ending an attempt, guarded by job, attempt ($2) and lease owner ($3).
 macro_rules! guarded_end {
@@ -35,6 +36,8 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database holds a value this version cannot read: {0}")]
     Corrupt(String),
+    #[error("database configuration: {0}")]
+    Config(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -200,37 +203,167 @@ impl NewJob {
     }
 }
 
-/// Handle to the database. Cheap to clone (a pool).
+/// Handle to the store, whichever backend. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Db {
-    pool: SqlitePool,
+pub struct Db(Arc<dyn Store>);
+
+impl std::ops::Deref for Db {
+    type Target = dyn Store;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
+    }
 }
 
 impl Db {
     /// Opens (creating if needed) the SQLite database at `path` and migrates it.
     pub async fn open_sqlite(path: &Path) -> Result<Db, DbError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Db { pool })
+        Ok(Db(Arc::new(sqlite::SqliteStore::open(path).await?)))
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await;
+    /// Connects to PostgreSQL at `url` (`postgres://...`) and migrates it.
+    pub async fn open_postgres(url: &str) -> Result<Db, DbError> {
+        Ok(Db(Arc::new(postgres::PostgresStore::open(url).await?)))
     }
+}
+
+/// The store: the only place that knows SQL. Two backends implement it — SQLite
+/// ([`sqlite::SqliteStore`], the embedded default) and PostgreSQL
+/// ([`postgres::PostgresStore`]) — sharing the portable statements (`$n` parameters,
+/// `RETURNING`-free guarded `UPDATE`s, `ON CONFLICT`, BIGINT unix-ms times) through
+/// [`impl_shared_store!`]; what differs (connection, migrations, the claim's locking, byte
+/// counts) each backend writes itself.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    async fn close(&self);
 
     /// Creates a run and its jobs atomically.
     #[allow(clippy::too_many_arguments)]
-    pub async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError> {
+    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError>;
+
+    async fn run(&self, run_id: &str) -> Result<Option<RunRow>, DbError>;
+
+    async fn jobs_of_run(&self, run_id: &str) -> Result<Vec<JobRow>, DbError>;
+
+    async fn job(&self, job_id: &str) -> Result<Option<JobRow>, DbError>;
+
+    /// Stores a batch of lines in one transaction; duplicates (same seq) are ignored.
+    async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError>;
+
+    /// Highest stored seq for a job (0 when none).
+    async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError>;
+
+    /// One page of lines with `seq > after`, at most `limit`.
+    async fn logs_page(&self, job_id: &str, after: i64, limit: i64)
+    -> Result<Vec<LogRow>, DbError>;
+
+    async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError>;
+
+    /// (line count, total bytes) stored for a job.
+    async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError>;
+
+    // ---- the engine's store ----
+
+    /// Every run not final, with its jobs, as the engine loads them.
+    async fn unfinished_runs(&self) -> Result<Vec<RunSnapshot>, DbError>;
+
+    /// One run as the engine loads it.
+    async fn run_snapshot(&self, run_id: &str) -> Result<Option<RunSnapshot>, DbError>;
+
+    /// Writes one engine transition with its guard. `Ok(false)`: the guard did not hold (the
+    /// row moved meanwhile, e.g. another replica took the job); nothing was written.
+    async fn apply(&self, transition: &Transition, now: Timestamp) -> Result<bool, DbError>;
+
+    /// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
+    /// job is still queued at the expected attempt and (unless it reuses a live instance)
+    /// the live jobs across every core stay within the limits. Returns (won, lost).
+    async fn claim(
+        &self,
+        owner: &str,
+        claims: &[Claim],
+        lease_until: Timestamp,
+        max_live_instances: usize,
+        max_live_per_environment: usize,
+        now: Timestamp,
+    ) -> Result<(Vec<String>, Vec<String>), DbError>;
+
+    /// Binds an agent token (its SHA-256, hex) to a live attempt.
+    async fn set_attempt_token(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        token_hash: &str,
+    ) -> Result<bool, DbError>;
+
+    /// The live attempt an agent token belongs to.
+    async fn attempt_for_token(&self, token_hash: &str) -> Result<Option<(String, u32)>, DbError>;
+
+    /// Every attempt of a run's jobs, oldest first.
+    async fn attempts_of_run(&self, run_id: &str) -> Result<Vec<AttemptRow>, DbError>;
+
+    /// Records an instance the moment the provider returned it (before anything else can
+    /// fail), so no path forgets it.
+    async fn record_instance(
+        &self,
+        instance_id: &str,
+        provider: &str,
+        job_id: &str,
+        attempt: u32,
+        owner: &str,
+    ) -> Result<(), DbError>;
+
+    /// Instances to terminate: alive, and their attempt ended, or their job's lease expired
+    /// (its core is gone), or they belong to no attempt at all. Never an instance of a live
+    /// attempt whose lease holds, whichever replica owns it.
+    async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError>;
+
+    /// Instances recorded and not terminated (diagnostics and tests).
+    async fn live_instances(&self) -> Result<Vec<String>, DbError>;
+
+    /// The newest run of an environment.
+    async fn latest_run_of_environment(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<RunRow>, DbError>;
+
+    /// Unfinished runs of an environment other than `except`.
+    async fn unfinished_runs_of_environment(
+        &self,
+        environment_id: &str,
+        except: &str,
+    ) -> Result<Vec<String>, DbError>;
+}
+
+/// The statements both backends share, as an `impl Store` for `$store` over sqlx database
+/// `$db`. The backend supplies `close`, `claim` and `log_stats`.
+macro_rules! impl_shared_store {
+    ($store:ident, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::db::Store for $store {
+            async fn close(&self) {
+                self.pool.close().await;
+            }
+
+            async fn claim(
+                &self,
+                owner: &str,
+                claims: &[Claim],
+                lease_until: Timestamp,
+                max_live_instances: usize,
+                max_live_per_environment: usize,
+                now: Timestamp,
+            ) -> Result<(Vec<String>, Vec<String>), DbError> {
+                self.claim_jobs(owner, claims, lease_until, max_live_instances, max_live_per_environment, now)
+                    .await
+            }
+
+            async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {
+                self.log_byte_stats(job_id).await
+            }
+
+    /// Creates a run and its jobs atomically.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError> {
         let run_id = &run.id;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -270,7 +403,7 @@ impl Db {
         Ok(())
     }
 
-    pub async fn run(&self, run_id: &str) -> Result<Option<RunRow>, DbError> {
+    async fn run(&self, run_id: &str) -> Result<Option<RunRow>, DbError> {
         Ok(
             sqlx::query_as::<_, RunRow>("SELECT * FROM workflow_runs WHERE id = $1")
                 .bind(run_id)
@@ -279,7 +412,7 @@ impl Db {
         )
     }
 
-    pub async fn jobs_of_run(&self, run_id: &str) -> Result<Vec<JobRow>, DbError> {
+    async fn jobs_of_run(&self, run_id: &str) -> Result<Vec<JobRow>, DbError> {
         Ok(sqlx::query_as::<_, JobRow>(
             "SELECT * FROM build_jobs WHERE workflow_run_id = $1 ORDER BY ordinal, name",
         )
@@ -288,7 +421,7 @@ impl Db {
         .await?)
     }
 
-    pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, DbError> {
+    async fn job(&self, job_id: &str) -> Result<Option<JobRow>, DbError> {
         Ok(
             sqlx::query_as::<_, JobRow>("SELECT * FROM build_jobs WHERE id = $1")
                 .bind(job_id)
@@ -298,14 +431,14 @@ impl Db {
     }
 
     /// Stores a batch of lines in one transaction; duplicates (same seq) are ignored.
-    pub async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
+    async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
         if lines.is_empty() {
             return Ok(());
         }
         let now = now_ms();
         // SQLite allows 32766 bound parameters; 5 per row keeps a chunk well below that.
         for chunk in lines.chunks(1000) {
-            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+            let mut builder: QueryBuilder<$db> = QueryBuilder::new(
                 "INSERT INTO build_logs (build_job_id, seq, timestamp, stream, line) ",
             );
             builder.push_values(chunk, |mut row, line| {
@@ -322,7 +455,7 @@ impl Db {
     }
 
     /// Highest stored seq for a job (0 when none).
-    pub async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError> {
+    async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError> {
         let max: Option<i64> =
             sqlx::query_scalar("SELECT MAX(seq) FROM build_logs WHERE build_job_id = $1")
                 .bind(job_id)
@@ -332,7 +465,7 @@ impl Db {
     }
 
     /// One page of lines with `seq > after`, at most `limit`.
-    pub async fn logs_page(
+    async fn logs_page(
         &self,
         job_id: &str,
         after: i64,
@@ -348,7 +481,7 @@ impl Db {
         .await?)
     }
 
-    pub async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
+    async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
         sqlx::query("UPDATE builder_instances SET terminated_at = $2 WHERE id = $1")
             .bind(instance_id)
             .bind(now_ms())
@@ -357,21 +490,10 @@ impl Db {
         Ok(())
     }
 
-    /// (line count, total bytes) stored for a job.
-    pub async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {
-        let (count, bytes): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), SUM(LENGTH(CAST(line AS BLOB))) FROM build_logs WHERE build_job_id = $1",
-        )
-        .bind(job_id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((count, bytes.unwrap_or(0)))
-    }
-
     // ---- the engine's store ----
 
     /// Every run not final, with its jobs, as the engine loads them.
-    pub async fn unfinished_runs(&self) -> Result<Vec<RunSnapshot>, DbError> {
+    async fn unfinished_runs(&self) -> Result<Vec<RunSnapshot>, DbError> {
         let runs = sqlx::query_as::<_, RunRow>(
             "SELECT * FROM workflow_runs WHERE status IN ('pending', 'building') ORDER BY created_at, id",
         )
@@ -393,23 +515,23 @@ impl Db {
         runs.into_iter()
             .map(|run| {
                 let jobs = by_run.remove(&run.id).unwrap_or_default();
-                snapshot(run, jobs)
+                $crate::db::snapshot(run, jobs)
             })
             .collect()
     }
 
     /// One run as the engine loads it.
-    pub async fn run_snapshot(&self, run_id: &str) -> Result<Option<RunSnapshot>, DbError> {
+    async fn run_snapshot(&self, run_id: &str) -> Result<Option<RunSnapshot>, DbError> {
         let Some(run) = self.run(run_id).await? else {
             return Ok(None);
         };
         let jobs = self.jobs_of_run(run_id).await?;
-        snapshot(run, jobs).map(Some)
+        $crate::db::snapshot(run, jobs).map(Some)
     }
 
     /// Writes one engine transition with its guard. `Ok(false)`: the guard did not hold (the
     /// row moved meanwhile, e.g. another replica took the job); nothing was written.
-    pub async fn apply(&self, transition: &Transition, now: Timestamp) -> Result<bool, DbError> {
+    async fn apply(&self, transition: &Transition, now: Timestamp) -> Result<bool, DbError> {
         let now = now.millis();
         let affected = match transition {
             Transition::RunStarted { run_id } => sqlx::query(
@@ -602,7 +724,7 @@ impl Db {
             } => {
                 let mut total = 0;
                 for chunk in job_ids.chunks(500) {
-                    let mut builder: QueryBuilder<Sqlite> =
+                    let mut builder: QueryBuilder<$db> =
                         QueryBuilder::new("UPDATE build_jobs SET lease_until = ");
                     builder.push_bind(until.millis());
                     builder.push(" WHERE lease_owner = ");
@@ -622,81 +744,8 @@ impl Db {
         Ok(affected == 1)
     }
 
-    /// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
-    /// job is still queued at the expected attempt and (unless it reuses a live instance)
-    /// the live jobs across every core stay within the limits. Returns (won, lost).
-    pub async fn claim(
-        &self,
-        owner: &str,
-        claims: &[Claim],
-        lease_until: Timestamp,
-        max_live_instances: usize,
-        max_live_per_environment: usize,
-        now: Timestamp,
-    ) -> Result<(Vec<String>, Vec<String>), DbError> {
-        // IMMEDIATE: the write lock is taken before the counts are read, so no other writer
-        // (another process on this file) can claim between the count and the update.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (mut live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let per_env: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-             WHERE j.status IN ('provisioning', 'running') GROUP BY r.environment_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut per_env: std::collections::HashMap<String, i64> = per_env.into_iter().collect();
-        let mut won = Vec::new();
-        let mut lost = Vec::new();
-        for claim in claims {
-            let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
-            if !claim.reuses_instance
-                && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
-            {
-                lost.push(claim.job_id.clone());
-                continue;
-            }
-            let rows = sqlx::query(
-                "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
-                 not_before = NULL, vm_id = NULL
-                 WHERE id = $1 AND status = 'queued' AND attempt = $5",
-            )
-            .bind(&claim.job_id)
-            .bind(claim.attempt as i32)
-            .bind(owner)
-            .bind(lease_until.millis())
-            .bind(claim.expected_attempt as i32)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if rows != 1 {
-                lost.push(claim.job_id.clone());
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO job_attempts (build_job_id, number, owner, started_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&claim.job_id)
-            .bind(claim.attempt as i32)
-            .bind(owner)
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?;
-            if !claim.reuses_instance {
-                live += 1;
-                *per_env.entry(claim.environment_id.clone()).or_default() += 1;
-            }
-            won.push(claim.job_id.clone());
-        }
-        tx.commit().await?;
-        Ok((won, lost))
-    }
-
     /// Binds an agent token (its SHA-256, hex) to a live attempt.
-    pub async fn set_attempt_token(
+    async fn set_attempt_token(
         &self,
         job_id: &str,
         attempt: u32,
@@ -715,7 +764,7 @@ impl Db {
     }
 
     /// The live attempt an agent token belongs to.
-    pub async fn attempt_for_token(
+    async fn attempt_for_token(
         &self,
         token_hash: &str,
     ) -> Result<Option<(String, u32)>, DbError> {
@@ -729,7 +778,7 @@ impl Db {
     }
 
     /// Every attempt of a run's jobs, oldest first.
-    pub async fn attempts_of_run(&self, run_id: &str) -> Result<Vec<AttemptRow>, DbError> {
+    async fn attempts_of_run(&self, run_id: &str) -> Result<Vec<AttemptRow>, DbError> {
         Ok(sqlx::query_as::<_, AttemptRow>(
             "SELECT a.build_job_id, a.number, a.owner, a.instance_id, a.merge_path, a.started_at, a.connected_at,
                     a.ended_at, a.result, a.message
@@ -743,7 +792,7 @@ impl Db {
 
     /// Records an instance the moment the provider returned it (before anything else can
     /// fail), so no path forgets it.
-    pub async fn record_instance(
+    async fn record_instance(
         &self,
         instance_id: &str,
         provider: &str,
@@ -769,7 +818,7 @@ impl Db {
     /// Instances to terminate: alive, and their attempt ended, or their job's lease expired
     /// (its core is gone), or they belong to no attempt at all. Never an instance of a live
     /// attempt whose lease holds, whichever replica owns it.
-    pub async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError> {
+    async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError> {
         Ok(sqlx::query_scalar(
             "SELECT i.id FROM builder_instances i
              LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
@@ -785,7 +834,7 @@ impl Db {
     }
 
     /// Instances recorded and not terminated (diagnostics and tests).
-    pub async fn live_instances(&self) -> Result<Vec<String>, DbError> {
+    async fn live_instances(&self) -> Result<Vec<String>, DbError> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM builder_instances WHERE terminated_at IS NULL ORDER BY created_at",
         )
@@ -794,7 +843,7 @@ impl Db {
     }
 
     /// The newest run of an environment.
-    pub async fn latest_run_of_environment(
+    async fn latest_run_of_environment(
         &self,
         environment_id: &str,
     ) -> Result<Option<RunRow>, DbError> {
@@ -807,7 +856,7 @@ impl Db {
     }
 
     /// Unfinished runs of an environment other than `except`.
-    pub async fn unfinished_runs_of_environment(
+    async fn unfinished_runs_of_environment(
         &self,
         environment_id: &str,
         except: &str,
@@ -821,7 +870,12 @@ impl Db {
         .fetch_all(&self.pool)
         .await?)
     }
+        }
+    };
 }
+
+pub mod postgres;
+pub mod sqlite;
 
 /// A stored value the engine cannot read: the database holds something this version never
 /// writes.
@@ -830,7 +884,7 @@ fn corrupt(what: &str, value: &str) -> DbError {
 }
 
 /// Rows → the engine's snapshot.
-fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> {
+pub fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> {
     let status = RunStatus::parse(&run.status).ok_or_else(|| corrupt("run status", &run.status))?;
     let cancel = match &run.cancel_reason {
         Some(text) => {
@@ -878,10 +932,88 @@ fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> {
 mod tests {
     use super::*;
     use crate::engine::{AttemptResult, FailureKind, JobEnd};
+    use crate::engine::{Claim, JobStatus, Timestamp, Transition};
 
-    async fn db_with_jobs(jobs: &[&str]) -> (tempfile::TempDir, Db) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+    /// A PostgreSQL database for one test, dropped after it.
+    struct PgScratch {
+        name: String,
+    }
+
+    const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    impl Drop for PgScratch {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut admin) = sqlx::PgConnection::connect(ADMIN).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut admin)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// Which backend a test runs on. PostgreSQL must answer in CI; elsewhere its tests skip,
+    /// saying why.
+    #[derive(Clone, Copy)]
+    enum Backend {
+        Sqlite,
+        Postgres,
+    }
+
+    /// Keeps the backend's files or database alive for the test.
+    #[allow(dead_code)]
+    enum Scratch {
+        Dir(tempfile::TempDir),
+        Pg(PgScratch),
+    }
+
+    async fn open(backend: Backend) -> Option<(Scratch, Db)> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+                Some((Scratch::Dir(dir), db))
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let mut admin = match sqlx::PgConnection::connect(ADMIN).await {
+                    Ok(admin) => admin,
+                    Err(error) if std::env::var("CI").is_err() => {
+                        eprintln!(
+                            "skipping: PostgreSQL is not reachable on 127.0.0.1:5432 ({error})"
+                        );
+                        return None;
+                    }
+                    Err(error) => panic!("PostgreSQL is required in CI: {error}"),
+                };
+                let name = format!("stagely_unit_{}", uuid::Uuid::new_v4().simple());
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                let scratch = PgScratch { name: name.clone() };
+                let db = Db::open_postgres(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+                    .await
+                    .unwrap();
+                Some((Scratch::Pg(scratch), db))
+            }
+        }
+    }
+
+    async fn db_with_jobs(backend: Backend, jobs: &[&str]) -> Option<(Scratch, Db)> {
+        let (dir, db) = open(backend).await?;
         let run = NewRun {
             id: "r1".into(),
             environment_id: "env".into(),
@@ -905,7 +1037,7 @@ mod tests {
             })
             .collect();
         db.create_run(&run, &jobs).await.unwrap();
-        (dir, db)
+        Some((dir, db))
     }
 
     fn claim(job: &str, expected: u32) -> Claim {
@@ -918,9 +1050,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn claims_are_guarded_by_status_attempt_and_the_limits() {
-        let (_dir, db) = db_with_jobs(&["a", "b", "c"]).await;
+    /// Each store test, once per backend.
+    macro_rules! on_both_backends {
+        ($name:ident) => {
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            }
+        };
+    }
+
+    on_both_backends!(claims_are_guarded_by_status_attempt_and_the_limits);
+    on_both_backends!(an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it);
+    on_both_backends!(duplicate_log_lines_are_stored_once);
+
+    async fn claims_are_guarded_by_status_attempt_and_the_limits(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["a", "b", "c"]).await else {
+            return;
+        };
         let now = Timestamp(1_000);
         let lease = Timestamp(31_000);
         let (won, lost) = db
@@ -955,9 +1109,10 @@ mod tests {
         assert!(won.is_empty());
     }
 
-    #[tokio::test]
-    async fn an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it() {
-        let (_dir, db) = db_with_jobs(&["a"]).await;
+    async fn an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["a"]).await else {
+            return;
+        };
         let now = Timestamp(1_000);
         db.claim("core/1", &[claim("a", 0)], Timestamp(31_000), 10, 10, now)
             .await
@@ -1013,9 +1168,10 @@ mod tests {
         assert_eq!(attempts[0].result.as_deref(), Some("failed"));
     }
 
-    #[tokio::test]
-    async fn duplicate_log_lines_are_stored_once_and_the_schema_refuses_bad_values() {
-        let (_dir, db) = db_with_jobs(&["j1"]).await;
+    async fn duplicate_log_lines_are_stored_once(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["j1"]).await else {
+            return;
+        };
         let line = |seq| NewLogLine {
             seq,
             stream: "stdout",
@@ -1027,9 +1183,20 @@ mod tests {
         let page = db.logs_page("j1", 0, 10).await.unwrap();
         assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
-        let bad = sqlx::query("UPDATE workflow_runs SET status = 'exploded' WHERE id = 'r1'")
-            .execute(&db.pool)
-            .await;
+    }
+
+    #[tokio::test]
+    async fn the_schema_refuses_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite::SqliteStore::open(&dir.path().join("raw.db"))
+            .await
+            .unwrap();
+        let bad = sqlx::query(
+            "INSERT INTO workflow_runs (id, environment_id, trigger, status, repo_url, commit_hash, branch, created_at, updated_at)
+             VALUES ('x', 'e', 'manual', 'exploded', '/r', 'c', 'main', 0, 0)",
+        )
+        .execute(&store.pool)
+        .await;
         assert!(bad.is_err());
     }
 }
