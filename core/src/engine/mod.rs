@@ -313,6 +313,8 @@ enum Stop {
 /// What only this core knows about one of its live attempts.
 #[derive(Debug, Clone, Default)]
 struct Local {
+    /// An agent is serving the attempt (its own, or the last builder's for a merge).
+    connected: bool,
     boot_deadline: Option<Timestamp>,
     deadline: Option<Timestamp>,
     stop: Option<(Stop, Timestamp)>,
@@ -461,9 +463,7 @@ impl Engine {
         let mut due = Vec::new();
         for (id, job) in &self.jobs {
             let Some(local) = &job.local else { continue };
-            if job.snapshot.status == JobStatus::Provisioning
-                && local.boot_deadline.is_some_and(|at| at <= now)
-            {
+            if !local.connected && local.boot_deadline.is_some_and(|at| at <= now) {
                 due.push((id.clone(), Due::Boot));
             } else if let Some((_, at)) = &local.stop {
                 if *at <= now {
@@ -742,6 +742,7 @@ impl Engine {
             let mut local = Local::default();
             match reuse {
                 Some((from_job, from_attempt, instance_id)) => {
+                    local.connected = true;
                     local.reused_from = Some((from_job.clone(), from_attempt));
                     local.deadline = Some(now.plus(job.snapshot.timeout));
                     job.snapshot.instance_id = Some(instance_id.clone());
@@ -840,15 +841,17 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
-        if job.snapshot.status != JobStatus::Provisioning {
+        let deadline = now.plus(job.snapshot.timeout);
+        let Some(local) = job.local.as_mut() else {
+            return;
+        };
+        if local.connected {
             return;
         }
+        local.connected = true;
+        local.boot_deadline = None;
+        local.deadline = Some(deadline);
         job.snapshot.status = JobStatus::Running;
-        let deadline = now.plus(job.snapshot.timeout);
-        if let Some(local) = job.local.as_mut() {
-            local.boot_deadline = None;
-            local.deadline = Some(deadline);
-        }
         let run_id = job.run_id.clone();
         self.actions.extend([
             Action::Persist(Transition::JobRunning {
@@ -877,9 +880,10 @@ impl Engine {
         let Some((from_job, from_attempt)) = local.reused_from.take() else {
             return;
         };
-        // The last builder's agent was gone: a fresh instance for the same attempt.
+        // The last builder's agent was gone: a fresh instance for the same attempt. The job
+        // stays `running` (as stored); only the agent is awaited again.
         local.deadline = None;
-        job.snapshot.status = JobStatus::Provisioning;
+        local.connected = false;
         let old_instance = job.snapshot.instance_id.take();
         let run_id = job.run_id.clone();
         self.actions.extend([
@@ -917,7 +921,7 @@ impl Engine {
         if local.stop.is_some() {
             return;
         }
-        if job.snapshot.status == JobStatus::Provisioning && local.reused_from.is_none() {
+        if !local.connected {
             // No agent yet: nothing to stop gracefully.
             let outcome = match &why {
                 Stop::Cancel(reason) => AttemptOutcome::Cancelled {

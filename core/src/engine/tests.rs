@@ -1075,8 +1075,11 @@ impl RandomWorld {
         }
         // Rebuild pending work from what is outstanding.
         let mut wanted: Vec<Pending> = Vec::new();
+        // Only attempts the engine still drives have I/O in flight: the runner closes the
+        // links and ignores the provider calls of the others.
+        let driven = self.world.engine.own_live();
         for (job, stored) in &self.world.jobs {
-            if !stored.status.is_live() {
+            if !stored.status.is_live() || !driven.contains(&(job.clone(), stored.attempt)) {
                 continue;
             }
             let key = (job.clone(), stored.attempt);
