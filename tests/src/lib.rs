@@ -791,6 +791,10 @@ pub struct ServeProcess {
     pub api_token: String,
     port: u16,
     data: PathBuf,
+    /// Its `stagely.toml` (a restart reuses it).
+    config: PathBuf,
+    /// Where its stderr goes (replicas), else nowhere.
+    log: Option<PathBuf>,
     registry_host: String,
     registry_username: String,
     registry_password: String,
@@ -830,14 +834,18 @@ impl ServeProcess {
             child: spawn_serve(
                 port,
                 data,
+                &config_path,
                 &registry.host,
                 &registry.username,
                 &registry.password,
                 &api_token,
+                None,
             ),
             url: format!("http://127.0.0.1:{port}"),
             port,
             data: data.to_path_buf(),
+            config: config_path.clone(),
+            log: None,
             registry_host: registry.host.clone(),
             registry_username: registry.username.clone(),
             registry_password: registry.password.clone(),
@@ -849,15 +857,68 @@ impl ServeProcess {
         process
     }
 
+    /// One of several cores sharing `database_url` (PostgreSQL) and `data` (the local
+    /// provider's instances, so any replica can terminate any instance, as on a cloud):
+    /// `core_id = name`, config `<data>/<name>.toml` (with `extra` appended), stderr in
+    /// `<data>/<name>.log`.
+    pub async fn start_replica(
+        data: &Path,
+        name: &str,
+        registry: &LocalRegistry,
+        database_url: &str,
+        extra: &str,
+    ) -> ServeProcess {
+        std::fs::create_dir_all(data).expect("data dir");
+        let config_path = data.join(format!("{name}.toml"));
+        let log = data.join(format!("{name}.log"));
+        std::fs::write(
+            &config_path,
+            format!("core_id = \"{name}\"\ndatabase_url = \"{database_url}\"\nallow_local_repos = true\n{extra}"),
+        )
+        .expect("replica config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let api_token = stagely_core::cli::new_api_token();
+        let process = ServeProcess {
+            child: spawn_serve(
+                port,
+                data,
+                &config_path,
+                &registry.host,
+                &registry.username,
+                &registry.password,
+                &api_token,
+                Some(&log),
+            ),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            data: data.to_path_buf(),
+            config: config_path,
+            log: Some(log),
+            registry_host: registry.host.clone(),
+            registry_username: registry.username.clone(),
+            registry_password: registry.password.clone(),
+            client: client_with_token(&api_token),
+            api_token,
+            database: None,
+        };
+        process.wait_healthy().await;
+        process
+    }
+
     /// Starts a new `stagely serve` on the same port, data and registry (a restart).
     pub async fn restart(&mut self) {
         self.child = spawn_serve(
             self.port,
             &self.data,
+            &self.config,
             &self.registry_host,
             &self.registry_username,
             &self.registry_password,
             &self.api_token,
+            self.log.as_deref(),
         );
         self.wait_healthy().await;
     }
@@ -1038,29 +1099,41 @@ impl Drop for ServeProcess {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_serve(
     port: u16,
     data: &Path,
+    config: &Path,
     registry_host: &str,
     username: &str,
     password: &str,
     api_token: &str,
+    log: Option<&Path>,
 ) -> std::process::Child {
-    // Written by `start_with_config`; a restart reuses it.
-    let config = data.join("stagely-test.toml");
+    let stderr = match log.and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    }) {
+        Some(file) => std::process::Stdio::from(file),
+        None => std::process::Stdio::null(),
+    };
     // Credentials go through the environment, never the command line.
     std::process::Command::new(agent_binary().with_file_name("stagely"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--registry", registry_host])
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .arg("--data-dir")
         .arg(data)
         .env("STAGELY_REGISTRY_USERNAME", username)
         .env("STAGELY_REGISTRY_PASSWORD", password)
         .env("STAGELY_API_TOKEN", api_token)
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("stagely serve starts")
 }

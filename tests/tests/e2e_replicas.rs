@@ -1,0 +1,159 @@
+//! Two `stagely serve` processes on one PostgreSQL database: both take work, every job
+//! attempt is dispatched exactly once, and when one core is SIGKILLed the other takes its
+//! jobs over once their leases expire and finishes every run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sqlx::Connection;
+use stagely_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill() {
+    if !require_build_peers() {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // Short leases so the survivor takes over quickly; fast syncs so both see every run.
+    let extra = "[scheduler]\nlease_secs = 3\nsync_interval_ms = 200\nretry_backoff_secs = 1\n";
+    let mut a =
+        ServeProcess::start_replica(data.path(), "core-a", &registry, &database.url, extra).await;
+    let mut b =
+        ServeProcess::start_replica(data.path(), "core-b", &registry, &database.url, extra).await;
+
+    let busybox = busybox("amd64").unwrap();
+    let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo replicas; /bin/busybox sleep 3\"]\n";
+    let yaml = "builds:\n  one:\n    context: .\n    platform: linux/amd64\n  two:\n    context: .\n    platform: linux/amd64\n";
+    let repo = TestRepo::with_files(&[
+        ("stagely.yaml", yaml.as_bytes()),
+        ("Dockerfile", dockerfile.as_bytes()),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    // Ten runs of two jobs, submitted alternately to each core.
+    let mut runs = Vec::new();
+    for index in 0..10 {
+        let core = if index % 2 == 0 { &a } else { &b };
+        runs.push(core.submit(&repo, &format!("env-{index}")).await.id);
+    }
+
+    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    // Wait until both cores hold live attempts, then kill one.
+    poll_until(Duration::from_secs(120), "both cores to be building", || {
+        let url = database.url.clone();
+        async move {
+            let mut connection = sqlx::PgConnection::connect(&url).await?;
+            let owners: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT split_part(lease_owner, '/', 1) FROM build_jobs WHERE status = 'running'",
+            )
+            .fetch_all(&mut connection)
+            .await?;
+            let both = owners.len() == 2;
+            Ok((both.then_some(()), format!("running under {owners:?}")))
+        }
+    })
+    .await;
+    a.kill();
+
+    // The survivor finishes every run.
+    for run_id in &runs {
+        let view = b
+            .wait_for_status(run_id, "completed", Duration::from_secs(300))
+            .await;
+        assert!(
+            view.jobs.iter().all(|j| j.status == "completed"),
+            "{view:?}"
+        );
+    }
+
+    // Exactly one instance per job attempt, and every created instance recorded.
+    let per_attempt: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT build_job_id, attempt, COUNT(*) FROM builder_instances GROUP BY build_job_id, attempt",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_attempt.iter().filter(|(_, _, n)| *n != 1).count(),
+        0,
+        "{per_attempt:?}"
+    );
+    let attempts: Vec<(String, i32, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT build_job_id, number, owner, result, message FROM job_attempts ORDER BY build_job_id, number",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let mut by_job: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for attempt in &attempts {
+        by_job
+            .entry(attempt.0.clone())
+            .or_default()
+            .push(attempt.clone());
+    }
+    assert_eq!(by_job.len(), 20);
+    let owners: std::collections::BTreeSet<String> = attempts
+        .iter()
+        .map(|a| a.2.split('/').next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(owners.len(), 2, "both cores took work: {owners:?}");
+    let mut taken_over = 0;
+    for (job, attempts) in &by_job {
+        // Exactly one completed attempt per job; any earlier one was core-a's, ended by the
+        // lease that expired when it was killed.
+        let completed = attempts
+            .iter()
+            .filter(|a| a.3.as_deref() == Some("completed"))
+            .count();
+        assert_eq!(completed, 1, "{job}: {attempts:?}");
+        assert!(attempts.len() <= 2, "{job}: {attempts:?}");
+        if attempts.len() == 2 {
+            taken_over += 1;
+            assert!(attempts[0].2.starts_with("core-a/"), "{attempts:?}");
+            assert_eq!(attempts[0].3.as_deref(), Some("infrastructure"));
+            assert!(
+                attempts[0]
+                    .4
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("lease_expired"),
+                "{attempts:?}"
+            );
+            assert!(attempts[1].2.starts_with("core-b/"), "{attempts:?}");
+        }
+    }
+    assert!(taken_over > 0, "the kill interrupted nothing: {by_job:?}");
+    let instance_dirs = std::fs::read_dir(data.path().join("instances"))
+        .unwrap()
+        .flatten()
+        .count();
+    assert_eq!(
+        instance_dirs,
+        per_attempt.len(),
+        "an instance was created that the store does not know"
+    );
+    // Nothing left running: every instance was terminated, core-a's too.
+    poll_until(
+        Duration::from_secs(30),
+        "every instance to be terminated",
+        || {
+            let url = database.url.clone();
+            async move {
+                let mut connection = sqlx::PgConnection::connect(&url).await?;
+                let live: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM builder_instances WHERE terminated_at IS NULL",
+                )
+                .fetch_all(&mut connection)
+                .await?;
+                Ok((live.is_empty().then_some(()), format!("{live:?}")))
+            }
+        },
+    )
+    .await;
+    let _ = connection.close().await;
+    assert!(b.terminate().await.success());
+}
