@@ -8,6 +8,9 @@ use std::time::Duration;
 use sqlx::Connection;
 use stagely_tests::*;
 
+/// (job, number, owner, result, message) of `job_attempts`.
+type AttemptRow = (String, i32, String, Option<String>, Option<String>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill() {
     if !require_build_peers() {
@@ -82,7 +85,7 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
         0,
         "{per_attempt:?}"
     );
-    let attempts: Vec<(String, i32, String, Option<String>, Option<String>)> = sqlx::query_as(
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
         "SELECT build_job_id, number, owner, result, message FROM job_attempts ORDER BY build_job_id, number",
     )
     .fetch_all(&mut connection)
