@@ -33,6 +33,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 const CORE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 const WORK_WAIT_LIMIT: Duration = Duration::from_secs(120);
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long an agent whose job finished waits for the core to hand it more work.
+const NEXT_WORK_WAIT: Duration = Duration::from_secs(30);
 /// Longest one frame may take to send (the core batches database writes, so allow slack).
 const SEND_LIMIT: Duration = Duration::from_secs(60);
 
@@ -171,7 +173,10 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
     }
 }
 
-/// Serves one job over `socket` and returns once its STATUS is acknowledged.
+/// Serves jobs over `socket`: the first work frame, then — since HELLO says the agent accepts
+/// more — any further one the core hands over after a STATUS is acknowledged (merge on the
+/// last builder), until the core closes the connection or sends nothing for
+/// [`NEXT_WORK_WAIT`]. Returns the last job's report.
 pub async fn serve(
     socket: Socket,
     hello: Hello,
@@ -182,30 +187,77 @@ pub async fn serve(
     send_frame(&mut sender, &Message::Hello(hello))
         .await
         .context("sending HELLO")?;
+    let mut last: Option<Report> = None;
+    let result = loop {
+        let limit = if last.is_some() {
+            NEXT_WORK_WAIT
+        } else {
+            WORK_WAIT_LIMIT
+        };
+        let work = match next_work(&mut receiver, limit, &shutdown, last.is_some()).await {
+            Ok(Some(work)) => work,
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error),
+        };
+        match serve_job(&mut sender, &mut receiver, work, env.clone(), &shutdown).await {
+            Ok(report) => last = Some(report),
+            Err(error) => break Err(error),
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send(WsMessage::Close(None))).await;
+    result?;
+    last.ok_or_else(|| anyhow!("the connection ended without a job"))
+}
 
-    let wait_for_work = tokio::time::timeout(WORK_WAIT_LIMIT, async {
+/// Waits for a BUILD or MERGE. After a finished job (`more`), a close or silence is the
+/// normal end (`None`); before the first, they are errors.
+async fn next_work(
+    receiver: &mut futures_util::stream::SplitStream<Socket>,
+    limit: Duration,
+    shutdown: &CancellationToken,
+    more: bool,
+) -> anyhow::Result<Option<Message>> {
+    let wait_for_work = tokio::time::timeout(limit, async {
         loop {
             match receiver.next().await {
                 Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                    Ok(message @ (Message::Build(_) | Message::Merge(_))) => return Ok(message),
-                    Ok(Message::Heartbeat(_)) => continue,
+                    Ok(message @ (Message::Build(_) | Message::Merge(_))) => {
+                        return Ok(Some(message));
+                    }
+                    Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
                     Ok(other) => bail!("core sent {} before any work", other.type_name()),
                     Err(error) => bail!("core sent a malformed frame: {error}"),
                 },
+                Some(Ok(WsMessage::Close(_))) | None if more => return Ok(None),
                 Some(Ok(WsMessage::Close(frame))) => bail!(
                     "core closed the connection before sending work: {}",
                     close_reason(frame.as_ref())
                 ),
                 Some(Ok(_)) => continue,
+                Some(Err(_)) if more => return Ok(None),
                 Some(Err(error)) => bail!("connection failed before work arrived: {error}"),
                 None => bail!("core closed the connection before sending work"),
             }
         }
     });
-    let work = tokio::select! {
-        work = wait_for_work => work.map_err(|_| anyhow!("no BUILD or MERGE within {WORK_WAIT_LIMIT:?}"))??,
-        () = shutdown.cancelled() => bail!("shut down before any work arrived"),
-    };
+    tokio::select! {
+        work = wait_for_work => match work {
+            Ok(result) => result,
+            Err(_) if more => Ok(None),
+            Err(_) => Err(anyhow!("no BUILD or MERGE within {WORK_WAIT_LIMIT:?}")),
+        },
+        () = shutdown.cancelled() => if more { Ok(None) } else { bail!("shut down before any work arrived") },
+    }
+}
+
+/// Runs one job and returns once its STATUS is acknowledged.
+async fn serve_job(
+    sender: &mut futures_util::stream::SplitSink<Socket, WsMessage>,
+    receiver: &mut futures_util::stream::SplitStream<Socket>,
+    work: Message,
+    env: JobEnvironment,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Report> {
     let job_id = work.job_id().unwrap_or_default().to_string();
     let span = tracing::info_span!("job", job_id = %job_id);
     let _entered = span.enter();
@@ -256,7 +308,7 @@ pub async fn serve(
                             data: piece,
                             seq: Some(seq),
                         });
-                        if let Err(error) = send_frame(&mut sender, &frame).await {
+                        if let Err(error) = send_frame(sender, &frame).await {
                             failed = Some(error);
                             break;
                         }
@@ -279,7 +331,7 @@ pub async fn serve(
                         seq: Some(seq),
                     });
                     final_report = Some(report);
-                    if let Err(error) = send_frame(&mut sender, &status).await {
+                    if let Err(error) = send_frame(sender, &status).await {
                         break Err(error.context("sending STATUS"));
                     }
                     ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
@@ -322,7 +374,7 @@ pub async fn serve(
             }
             _ = heartbeat.tick() => {
                 let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
-                if let Err(error) = send_frame(&mut sender, &frame).await {
+                if let Err(error) = send_frame(sender, &frame).await {
                     break Err(error.context("sending HEARTBEAT"));
                 }
             }
@@ -340,7 +392,6 @@ pub async fn serve(
     cancel.cancel();
     drop(output_rx);
     let _ = job_task.await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send(WsMessage::Close(None))).await;
     result?;
     final_report.ok_or_else(|| anyhow!("the job ended without a report"))
 }
@@ -449,6 +500,7 @@ pub fn hello(instance_id: String, env: &JobEnvironment) -> Hello {
         arch: env.host_arch,
         builders: env.backend.iter().map(|b| b.kind()).collect(),
         emulated_arches: env.emulated_arches.clone(),
+        accepts_more_work: true,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct WorkOrder {
     pub work: Message,
     /// The only image the agent may report.
     pub target_image: String,
+    /// Sent on a connection whose agent already finished another job (no new HELLO).
+    pub handed_over: bool,
 }
 
 /// What the link needs from the core.
@@ -52,9 +54,9 @@ pub struct LinkContext {
     pub max_log_bytes_per_job: u64,
 }
 
-/// Runs one attempt over `socket`. Returns the outcome and the socket when it is still
-/// usable (STATUS acknowledged, connection open). `None` outcome: the runner closed the link
-/// (the attempt was ended by the engine), nothing to report.
+/// Runs one attempt over `socket`. Returns the outcome and the socket when it can carry more
+/// work (STATUS acknowledged, the agent's HELLO said it accepts more). `None` outcome: the
+/// runner closed the link (the attempt was ended by the engine), nothing to report.
 pub async fn serve_attempt(
     context: &LinkContext,
     mut socket: WebSocket,
@@ -62,8 +64,15 @@ pub async fn serve_attempt(
     commands: &mut mpsc::Receiver<LinkCommand>,
 ) -> (Option<AttemptOutcome>, Option<WebSocket>) {
     let mut link = Link::new(context, &order).await;
+    let reusable = order.handed_over;
     match link.run(&mut socket, order, commands).await {
-        Ok(Ended::Status(outcome)) => (Some(outcome), Some(socket)),
+        Ok(Ended::Status(outcome)) if reusable || link.accepts_more_work => {
+            (Some(outcome), Some(socket))
+        }
+        Ok(Ended::Status(outcome)) => {
+            close(&mut socket, None).await;
+            (Some(outcome), None)
+        }
         Ok(Ended::Closed) => {
             close(&mut socket, None).await;
             (None, None)
@@ -132,6 +141,8 @@ struct Link<'a> {
     batch: Vec<NewLogLine>,
     batch_bytes: usize,
     budget: LogBudget,
+    /// The agent's HELLO said it takes more work after a STATUS.
+    accepts_more_work: bool,
 }
 
 impl<'a> Link<'a> {
@@ -143,6 +154,7 @@ impl<'a> Link<'a> {
             batch: Vec::new(),
             batch_bytes: 0,
             budget: LogBudget::new(context.max_log_bytes_per_job),
+            accepts_more_work: false,
         };
         let stored = context.db.last_log_seq(&order.job_id).await.unwrap_or(0);
         if stored > 0 {
@@ -187,13 +199,22 @@ impl<'a> Link<'a> {
     ) -> Result<Ended, Failure> {
         // The agent masks what it knows; the core masks again before anything is stored.
         let mask = stagely_protocol::SecretMask::new(order.work.secrets());
-        let mut session = CoreSession::new(
-            order.job_id.clone(),
-            order.work,
-            0,
-            self.context.heartbeat_timeout,
-            std::time::Instant::now(),
-        );
+        let mut session = if order.handed_over {
+            CoreSession::handed_over(
+                order.job_id.clone(),
+                order.work,
+                self.context.heartbeat_timeout,
+                std::time::Instant::now(),
+            )
+        } else {
+            CoreSession::new(
+                order.job_id.clone(),
+                order.work,
+                0,
+                self.context.heartbeat_timeout,
+                std::time::Instant::now(),
+            )
+        };
         let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
         let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
         heartbeat_tick.reset();
@@ -272,6 +293,7 @@ impl<'a> Link<'a> {
             while let Some(event) = session.poll_event() {
                 match event {
                     SessionEvent::Started(hello) => {
+                        self.accepts_more_work = hello.accepts_more_work;
                         tracing::info!(
                             agent_instance = %hello.instance_id,
                             agent_arch = %hello.arch,

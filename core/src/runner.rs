@@ -582,12 +582,12 @@ impl LoopState {
                     if let Some(socket) = self.idle.remove(&key) {
                         self.spawn_close(socket);
                     }
-                    if let Some(instance_id) = instance_id {
-                        let handle = self.spawn_terminate(instance_id);
-                        let pending = self.terminating.entry(key.0).or_default();
-                        pending.retain(|handle| !handle.is_finished());
-                        pending.push(handle);
-                    }
+                    // The instance the engine knows, and any other recorded for the attempt
+                    // (one whose creation a killed core never reported).
+                    let handle = self.spawn_terminate_attempt(key.0.clone(), key.1, instance_id);
+                    let pending = self.terminating.entry(key.0).or_default();
+                    pending.retain(|handle| !handle.is_finished());
+                    pending.push(handle);
                 }
             }
         }
@@ -649,6 +649,21 @@ impl LoopState {
             }
         };
         if applied {
+            if let Transition::AttemptEnded {
+                job_id,
+                attempt,
+                takeover: true,
+                ..
+            } = &transition
+            {
+                // A dead core's attempt: its instances go now.
+                tracing::info!(job_id, attempt, "took over an attempt whose lease expired");
+                let handle = self.spawn_terminate_attempt(job_id.clone(), *attempt, None);
+                self.terminating
+                    .entry(job_id.clone())
+                    .or_default()
+                    .push(handle);
+            }
             return;
         }
         // The row moved (another replica, a cancel elsewhere): load the truth.
@@ -728,7 +743,7 @@ impl LoopState {
             Via::OwnAgent => (job_id.clone(), attempt),
             Via::AgentOf { job_id, attempt } => (job_id.clone(), *attempt),
         };
-        let order = match work_order(&self.shared, &job_id, &run_id, attempt).await {
+        let mut order = match work_order(&self.shared, &job_id, &run_id, attempt).await {
             Ok(order) => order,
             Err(message) => {
                 let _ = self.engine.handle(
@@ -763,16 +778,25 @@ impl LoopState {
                     );
                 }
             },
-            Via::AgentOf { .. } => {
-                // Agents of this protocol version end after one job: the merge goes to a fresh
-                // instance. The finished agent's socket is closed by the engine's Terminate.
-                if let Some(socket) = self.idle.remove(&key) {
-                    self.spawn_close(socket);
+            Via::AgentOf { .. } => match self.idle.remove(&key) {
+                // The last builder's agent takes the merge on its open connection.
+                Some(socket) => {
+                    order.handed_over = true;
+                    let (commands, receiver) = mpsc::channel(LINK_QUEUE);
+                    let _ = commands.try_send(LinkCommand::Work(Box::new(order)));
+                    self.links.insert((job_id.clone(), attempt), commands);
+                    // The finished job's link entry is done with.
+                    self.links.remove(&key);
+                    tracing::info!(job_id, from = %key.0, "merge handed to the last builder's agent");
+                    self.spawn_link(job_id, attempt, socket, receiver);
                 }
-                let _ = self
-                    .engine
-                    .handle(Input::HandoverFailed { job_id, attempt }, now());
-            }
+                // Gone (or it does not take more work): a fresh instance.
+                None => {
+                    let _ = self
+                        .engine
+                        .handle(Input::HandoverFailed { job_id, attempt }, now());
+                }
+            },
         }
     }
 
@@ -815,6 +839,33 @@ impl LoopState {
         self.shared.tasks.spawn(async move {
             agent_link::close(&mut socket, None).await;
         });
+    }
+
+    fn spawn_terminate_attempt(
+        &self,
+        job_id: String,
+        attempt: u32,
+        instance_id: Option<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            let mut instances: Vec<String> = instance_id.into_iter().collect();
+            match shared.db.instances_of_attempt(&job_id, attempt).await {
+                Ok(recorded) => {
+                    for id in recorded {
+                        if !instances.contains(&id) {
+                            instances.push(id);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(job_id, "listing an attempt's instances failed: {error}")
+                }
+            }
+            for instance_id in instances {
+                terminate(&shared, &instance_id).await;
+            }
+        })
     }
 
     fn spawn_terminate(&self, instance_id: String) -> tokio::task::JoinHandle<()> {
@@ -909,6 +960,7 @@ async fn work_order(
         attempt,
         work,
         target_image: image_for(settings, &run, &job, &spec),
+        handed_over: false,
     })
 }
 

@@ -23,7 +23,12 @@
 //!    group, then SIGKILL after a grace period) and still finishes with a `STATUS`.
 //! 7. The agent ends the job with exactly one [`Status`], sent only after every `LOG`
 //!    frame of the job. After `STATUS` the core acknowledges it (an `ACK` whose `seq` is the
-//!    status frame's `seq`), terminates the instance, and the agent exits.
+//!    status frame's `seq`). Then either the core closes the connection, terminates the
+//!    instance and the agent exits; or — only if the agent's `HELLO` set
+//!    `accepts_more_work` — the core sends another work frame (a `MERGE`: merge on the last
+//!    builder) for another job on the same connection, without a new `HELLO`; that job's
+//!    frames start again at `seq` 1 and follow steps 4 to 7. An agent waits a bounded time
+//!    for more work and exits when it does not come.
 //!
 //! Seed fields are never renamed; everything this crate adds is a new, optional field.
 
@@ -239,6 +244,10 @@ pub struct Hello {
     /// Architectures the host can build for by user emulation (QEMU binfmt_misc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub emulated_arches: Vec<Arch>,
+    /// Addition: after a job's STATUS is acknowledged, the agent takes another work frame on
+    /// the same connection (see the lifecycle, step 7).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepts_more_work: bool,
 }
 
 /// A secret value on the wire (a secret build argument): serialized as the plain string, but

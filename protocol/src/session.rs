@@ -104,6 +104,22 @@ impl CoreSession {
         }
     }
 
+    /// A session for another job on a connection whose agent already said HELLO and
+    /// accepts more work: `work` is sent at once, and the job's frames start at `seq` 1.
+    pub fn handed_over(
+        job_id: impl Into<String>,
+        work: Message,
+        heartbeat_timeout: Duration,
+        now: Instant,
+    ) -> Self {
+        let mut session = CoreSession::new(job_id, work, 0, heartbeat_timeout, now);
+        session.phase = Phase::Working;
+        if let Some(work) = session.work.take() {
+            session.outgoing.push_back(work);
+        }
+        session
+    }
+
     pub fn job_id(&self) -> &str {
         &self.job_id
     }

@@ -41,6 +41,7 @@ fn hello() -> Message {
         arch: Arch::Amd64,
         builders: vec![BuilderKind::Buildah],
         emulated_arches: vec![],
+        accepts_more_work: false,
     })
 }
 

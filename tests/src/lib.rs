@@ -573,6 +573,8 @@ pub struct RegistryImage {
     pub media_type: String,
     /// `os/arch` of a single image; one entry per child for an index.
     pub platforms: Vec<String>,
+    /// The children's digests, for an index.
+    pub children: Vec<String>,
 }
 
 /// Reads a manifest (and its config or children) over the registry API.
@@ -605,8 +607,10 @@ pub async fn inspect_image(registry: &LocalRegistry, image: &str) -> anyhow::Res
     let manifest: serde_json::Value = response.json().await?;
     let media_type = manifest["mediaType"].as_str().unwrap_or("").to_string();
     let mut platforms = Vec::new();
+    let mut child_digests = Vec::new();
     if let Some(children) = manifest["manifests"].as_array() {
         for child in children {
+            child_digests.push(child["digest"].as_str().unwrap_or("?").to_string());
             platforms.push(format!(
                 "{}/{}",
                 child["platform"]["os"].as_str().unwrap_or("?"),
@@ -632,6 +636,7 @@ pub async fn inspect_image(registry: &LocalRegistry, image: &str) -> anyhow::Res
         digest,
         media_type,
         platforms,
+        children: child_digests,
     })
 }
 
@@ -1028,7 +1033,13 @@ impl ServeProcess {
                 view.status,
                 view.jobs
                     .iter()
-                    .map(|j| format!("{}={} attempts={}", j.name, j.status, j.attempts.len()))
+                    .map(|j| format!(
+                        "{}={} attempts={} error={:?}",
+                        j.name,
+                        j.status,
+                        j.attempts.len(),
+                        j.error_message
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             );

@@ -51,6 +51,7 @@ fn hello() -> String {
         arch: Arch::Amd64,
         builders: vec![BuilderKind::Buildah],
         emulated_arches: vec![],
+        accepts_more_work: false,
     }))
 }
 

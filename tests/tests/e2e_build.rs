@@ -205,6 +205,37 @@ async fn arm64_run_steps_execute_under_qemu_and_a_multi_arch_build_merges_into_o
     let mut platforms = stored.platforms.clone();
     platforms.sort();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    // The index holds exactly the platform jobs' images.
+    let mut children = stored.children.clone();
+    children.sort();
+    let mut platform_digests: Vec<String> = run
+        .jobs
+        .iter()
+        .filter(|j| j.name != "app_merge")
+        .map(|j| j.digest.clone().unwrap())
+        .collect();
+    platform_digests.sort();
+    assert_eq!(children, platform_digests);
+    // Merge on the last builder: the platform job that finished last ran the MERGE on its own
+    // instance, so no third instance booted.
+    assert_eq!(merge.merge_path.as_deref(), Some("last_builder"));
+    let last = run
+        .jobs
+        .iter()
+        .filter(|j| j.name != "app_merge")
+        .max_by_key(|j| j.completed_at)
+        .unwrap();
+    assert_eq!(merge.attempts.len(), 1);
+    assert_eq!(merge.attempts[0].instance_id, last.attempts[0].instance_id);
+    assert_eq!(
+        merge.attempts[0].merge_path.as_deref(),
+        Some("last_builder")
+    );
+    let instance_dirs = std::fs::read_dir(core.data.path().join("instances"))
+        .unwrap()
+        .flatten()
+        .count();
+    assert_eq!(instance_dirs, 2, "a merge instance booted");
     assert!(core.live_instances().await.is_empty());
     core.stop().await;
 }

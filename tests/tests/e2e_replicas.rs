@@ -21,8 +21,10 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
         .await
         .unwrap();
     let data = tempfile::tempdir().unwrap();
-    // Short leases so the survivor takes over quickly; fast syncs so both see every run.
-    let extra = "[scheduler]\nlease_secs = 3\nsync_interval_ms = 200\nretry_backoff_secs = 1\n";
+    // Short leases so the survivor takes over quickly (not shorter: under twenty concurrent
+    // builds on a small machine a live core's renewal can be seconds late); fast syncs so
+    // both see every run.
+    let extra = "[scheduler]\nlease_secs = 10\nsync_interval_ms = 200\nretry_backoff_secs = 1\n";
     let mut a =
         ServeProcess::start_replica(data.path(), "core-a", &registry, &database.url, extra).await;
     let mut b =
@@ -31,17 +33,22 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
     let busybox = busybox("amd64").unwrap();
     let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo replicas; /bin/busybox sleep 3\"]\n";
     let yaml = "builds:\n  one:\n    context: .\n    platform: linux/amd64\n  two:\n    context: .\n    platform: linux/amd64\n";
-    let repo = TestRepo::with_files(&[
-        ("stagely.yaml", yaml.as_bytes()),
-        ("Dockerfile", dockerfile.as_bytes()),
-        ("busybox", &busybox),
-    ])
-    .unwrap();
-    // Ten runs of two jobs, submitted alternately to each core.
+    // Ten runs of two jobs (ten repositories, so no two builds share a layer cache),
+    // submitted alternately to each core.
+    let repos: Vec<TestRepo> = (0..10)
+        .map(|_| {
+            TestRepo::with_files(&[
+                ("stagely.yaml", yaml.as_bytes()),
+                ("Dockerfile", dockerfile.as_bytes()),
+                ("busybox", &busybox),
+            ])
+            .unwrap()
+        })
+        .collect();
     let mut runs = Vec::new();
-    for index in 0..10 {
+    for (index, repo) in repos.iter().enumerate() {
         let core = if index % 2 == 0 { &a } else { &b };
-        runs.push(core.submit(&repo, &format!("env-{index}")).await.id);
+        runs.push(core.submit(repo, &format!("env-{index}")).await.id);
     }
 
     let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();

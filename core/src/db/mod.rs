@@ -317,6 +317,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// attempt whose lease holds, whichever replica owns it.
     async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError>;
 
+    /// Instances recorded for an attempt and not terminated.
+    async fn instances_of_attempt(
+        &self,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Vec<String>, DbError>;
+
     /// Instances recorded and not terminated (diagnostics and tests).
     async fn live_instances(&self) -> Result<Vec<String>, DbError>;
 
@@ -558,7 +565,9 @@ macro_rules! impl_shared_store {
                 message,
             } => sqlx::query(
                 "UPDATE workflow_runs SET status = $2, error_message = $3, updated_at = $4
-                 WHERE id = $1 AND status IN ('pending', 'building')",
+                 WHERE id = $1 AND status IN ('pending', 'building')
+                   AND NOT EXISTS (SELECT 1 FROM build_jobs WHERE workflow_run_id = $1
+                                   AND status IN ('queued', 'provisioning', 'running'))",
             )
             .bind(run_id)
             .bind(status.as_str())
@@ -600,6 +609,16 @@ macro_rules! impl_shared_store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+                // The instance now belongs to this attempt (a merge on the last builder takes
+                // over the platform job's instance): the reaper judges it by this attempt.
+                sqlx::query(
+                    "UPDATE builder_instances SET build_job_id = $1, attempt = $2 WHERE id = $3",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(instance_id)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query(
                     "UPDATE job_attempts SET instance_id = $3, merge_path = $4 WHERE build_job_id = $1 AND number = $2",
                 )
@@ -639,11 +658,30 @@ macro_rules! impl_shared_store {
                 job_id,
                 attempt,
                 owner,
+                takeover,
                 result,
                 message,
                 end,
             } => {
                 let mut tx = self.pool.begin().await?;
+                if *takeover {
+                    // Only a lease that ran out in the store may be taken: this write also
+                    // locks the row against the owner's renewal until the end is stored.
+                    let expired = sqlx::query(
+                        "UPDATE build_jobs SET lease_until = lease_until
+                         WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND lease_until <= $4",
+                    )
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if expired != 1 {
+                        return Ok(false);
+                    }
+                }
                 let query = match end {
                     JobEnd::Requeued {
                         not_before,
@@ -829,6 +867,21 @@ macro_rules! impl_shared_store {
              ORDER BY i.created_at",
         )
         .bind(now.millis())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Instances recorded for an attempt and not terminated.
+    async fn instances_of_attempt(
+        &self,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Vec<String>, DbError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM builder_instances WHERE build_job_id = $1 AND attempt = $2 AND terminated_at IS NULL",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1137,6 +1190,7 @@ mod tests {
             job_id: "a".into(),
             attempt,
             owner: owner.into(),
+            takeover: false,
             result: AttemptResult::Failed,
             message: Some("exit 1".into()),
             end: JobEnd::Failed {

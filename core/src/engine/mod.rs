@@ -212,11 +212,14 @@ pub enum Transition {
     },
     /// `provisioning → running`.
     JobRunning { job_id: String, attempt: u32 },
-    /// The attempt is over; the job is requeued or final. Guarded by `owner` and `attempt`.
+    /// The attempt is over; the job is requeued or final. Guarded by `owner` and `attempt`,
+    /// and for a take-over (`takeover`: another core's attempt) by its lease having run out
+    /// in the store too, so a live owner with a fresher lease than this view wins.
     AttemptEnded {
         job_id: String,
         attempt: u32,
         owner: String,
+        takeover: bool,
         result: AttemptResult,
         message: Option<String>,
         end: JobEnd,
@@ -1095,6 +1098,7 @@ impl Engine {
                 job_id: job_id.into(),
                 attempt,
                 owner,
+                takeover: false,
                 result,
                 message,
                 end,
@@ -1380,12 +1384,23 @@ impl Engine {
                 },
                 now,
             );
-            // The guard must name the owner that held the lease, not this core.
-            for action in self.actions.iter_mut().skip(before) {
-                if let Action::Persist(Transition::AttemptEnded { owner: o, .. }) = action
-                    && *o == real_owner
-                {
-                    *o = owner.clone();
+            // The guard must name the owner that held the lease, not this core. The old
+            // instance is terminated by the runner only once that guarded write succeeded (a
+            // lease renewed meanwhile means its core is alive and keeps its instance).
+            let mut index = before;
+            while index < self.actions.len() {
+                match &mut self.actions[index] {
+                    Action::Persist(Transition::AttemptEnded {
+                        owner: o, takeover, ..
+                    }) if *o == real_owner => {
+                        *o = owner.clone();
+                        *takeover = true;
+                        index += 1;
+                    }
+                    Action::Terminate { job_id, .. } if *job_id == id => {
+                        self.actions.remove(index);
+                    }
+                    _ => index += 1,
                 }
             }
         }

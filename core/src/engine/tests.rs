@@ -87,6 +87,8 @@ struct World {
     auto_create: bool,
     /// Runs as submitted, to build store snapshots from.
     submitted: HashMap<String, RunSnapshot>,
+    /// The instance created for each attempt (the runner's `builder_instances`).
+    instances: HashMap<(String, u32), String>,
 }
 
 impl World {
@@ -106,6 +108,7 @@ impl World {
             next_instance: 0,
             auto_create: false,
             submitted: HashMap::new(),
+            instances: HashMap::new(),
         }
     }
 
@@ -130,6 +133,15 @@ impl World {
     }
 
     fn input(&mut self, input: Input) {
+        if let Input::InstanceCreated {
+            job_id,
+            attempt,
+            instance_id,
+        } = &input
+        {
+            self.instances
+                .insert((job_id.clone(), *attempt), instance_id.clone());
+        }
         self.engine
             .handle(input, self.now)
             .expect("an event is never refused");
@@ -221,6 +233,8 @@ impl World {
                     *self.created.entry((job_id.clone(), attempt)).or_default() += 1;
                     if self.auto_create {
                         let instance_id = self.new_instance();
+                        self.instances
+                            .insert((job_id.clone(), attempt), instance_id.clone());
                         self.engine
                             .handle(
                                 Input::InstanceCreated {
@@ -370,6 +384,7 @@ impl World {
                 job_id,
                 attempt,
                 owner,
+                takeover,
                 end,
                 ..
             } => {
@@ -384,6 +399,11 @@ impl World {
                     return;
                 }
                 self.set_status(&job_id, end.status(), "attempt end");
+                if takeover {
+                    // The runner terminates a taken-over attempt's instances.
+                    let instance = self.instances.get(&(job_id.clone(), attempt)).cloned();
+                    self.terminated.push((job_id.clone(), attempt, instance));
+                }
                 let stored = self.jobs.get_mut(&job_id).expect("known");
                 stored.owner = None;
                 stored.end = Some(end);
@@ -868,6 +888,9 @@ fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
             end: None,
         },
     );
+    // What the store records for that attempt; the runner terminates it after the guarded
+    // take-over write succeeded (the engine does not emit it itself).
+    world.instances.insert(("f".into(), 1), "i-foreign".into());
     world.input(Input::Load(RunSnapshot {
         status: RunStatus::Building,
         ..snapshot
