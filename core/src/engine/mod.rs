@@ -444,9 +444,7 @@ impl Engine {
             Input::AgentConnected { job_id, attempt } => {
                 self.agent_connected(&job_id, attempt, now)
             }
-            Input::HandoverFailed { job_id, attempt } => {
-                self.handover_failed(&job_id, attempt, now)
-            }
+            Input::HandoverFailed { job_id, attempt } => self.handover_failed(&job_id, attempt),
             Input::Finished {
                 job_id,
                 attempt,
@@ -569,10 +567,6 @@ impl Engine {
         self.runs.keys().map(String::as_str)
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining
-    }
-
     /// Live attempts this core holds (job id, attempt).
     pub fn own_live(&self) -> Vec<(String, u32)> {
         let mut live: Vec<_> = self
@@ -583,11 +577,6 @@ impl Engine {
             .collect();
         live.sort();
         live
-    }
-
-    /// The status the engine holds for a job (tests and diagnostics).
-    pub fn job_status(&self, job_id: &str) -> Option<JobStatus> {
-        self.jobs.get(job_id).map(|job| job.snapshot.status)
     }
 
     // ---- inputs ----
@@ -870,7 +859,7 @@ impl Engine {
         ]);
     }
 
-    fn handover_failed(&mut self, job_id: &str, attempt: u32, now: Timestamp) {
+    fn handover_failed(&mut self, job_id: &str, attempt: u32) {
         if !self.is_current_own(job_id, attempt) {
             return;
         }
@@ -901,7 +890,6 @@ impl Engine {
                 attempt,
             },
         ]);
-        let _ = now;
     }
 
     // ---- rules ----
@@ -956,6 +944,20 @@ impl Engine {
     /// Ends this core's current attempt of `job_id` with `outcome`, deciding where the job
     /// goes (retry, final) and what happens to its instance.
     fn end_attempt(&mut self, job_id: &str, outcome: AttemptOutcome, now: Timestamp) {
+        self.end_attempt_held_by(job_id, outcome, now, None);
+    }
+
+    /// [`Engine::end_attempt`], for an attempt held by `taken_from` (another core whose lease
+    /// expired) when it is `Some`: the write is guarded by that owner and by the lease having
+    /// run out in the store, and the old instance is left to the runner, which terminates it
+    /// only once that write succeeded (a renewal meanwhile means its core is alive).
+    fn end_attempt_held_by(
+        &mut self,
+        job_id: &str,
+        outcome: AttemptOutcome,
+        now: Timestamp,
+        taken_from: Option<String>,
+    ) {
         let config = self.config.clone();
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
@@ -1004,13 +1006,11 @@ impl Engine {
                     },
                 )
             }
-            other if matches!(stop, Some(Stop::Cancel(_))) || run_cancel.is_some() => {
-                let reason = match (&stop, &run_cancel) {
+            _ if matches!(stop, Some(Stop::Cancel(_))) || run_cancel.is_some() => {
+                let message = match (&stop, &run_cancel) {
                     (Some(Stop::Cancel(reason)), _) | (_, Some(reason)) => reason.to_string(),
                     _ => "cancelled".into(),
                 };
-                let _ = other;
-                let message = reason;
                 (
                     AttemptResult::Cancelled,
                     Some(message.clone()),
@@ -1074,7 +1074,8 @@ impl Engine {
             }
         };
         let instance_id = job.snapshot.instance_id.clone();
-        let owner = self.config.owner.clone();
+        let takeover = taken_from.is_some();
+        let owner = taken_from.unwrap_or_else(|| self.config.owner.clone());
         job.snapshot.status = end.status();
         job.snapshot.lease_owner = None;
         job.snapshot.lease_until = None;
@@ -1098,7 +1099,7 @@ impl Engine {
                 job_id: job_id.into(),
                 attempt,
                 owner,
-                takeover: false,
+                takeover,
                 result,
                 message,
                 end,
@@ -1108,7 +1109,9 @@ impl Engine {
             && instance_id.is_some()
             && !self.draining
             && self.merge_unblocked_by(job_id).is_some();
-        if keep_for_merge {
+        if takeover {
+            // The runner terminates it after the guarded write.
+        } else if keep_for_merge {
             if let Some(job) = self.jobs.get_mut(job_id) {
                 job.lingering = true;
             }
@@ -1369,40 +1372,18 @@ impl Engine {
                 continue;
             };
             let owner = job.snapshot.lease_owner.clone().unwrap_or_default();
-            // Take the attempt over as if it were ours, then end it as an infrastructure
-            // failure: the write is guarded by the old owner and attempt.
-            job.snapshot.lease_owner = Some(self.config.owner.clone());
+            // End the other core's attempt as an infrastructure failure, as if it were ours.
             job.local = Some(Local::default());
             let message = format!("the lease of core {owner} expired (that core stopped)");
-            let before = self.actions.len();
-            let real_owner = self.config.owner.clone();
-            self.end_attempt(
+            self.end_attempt_held_by(
                 &id,
                 AttemptOutcome::Infrastructure {
                     kind: InfraKind::LeaseExpired,
                     message,
                 },
                 now,
+                Some(owner),
             );
-            // The guard must name the owner that held the lease, not this core. The old
-            // instance is terminated by the runner only once that guarded write succeeded (a
-            // lease renewed meanwhile means its core is alive and keeps its instance).
-            let mut index = before;
-            while index < self.actions.len() {
-                match &mut self.actions[index] {
-                    Action::Persist(Transition::AttemptEnded {
-                        owner: o, takeover, ..
-                    }) if *o == real_owner => {
-                        *o = owner.clone();
-                        *takeover = true;
-                        index += 1;
-                    }
-                    Action::Terminate { job_id, .. } if *job_id == id => {
-                        self.actions.remove(index);
-                    }
-                    _ => index += 1,
-                }
-            }
         }
     }
 

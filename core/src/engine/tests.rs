@@ -1041,8 +1041,6 @@ enum Pending {
 struct RandomWorld {
     world: World,
     pending: Vec<Pending>,
-    seen_created: usize,
-    seen_sent: usize,
     runs: Vec<String>,
 }
 
@@ -1078,8 +1076,6 @@ impl RandomWorld {
         let mut random = RandomWorld {
             world,
             pending: Vec::new(),
-            seen_created: 0,
-            seen_sent: 0,
             runs: names,
         };
         random.collect();
@@ -1088,7 +1084,6 @@ impl RandomWorld {
 
     /// Picks up new I/O the engine asked for.
     fn collect(&mut self) {
-        let created = self.world.created.len();
         for (key, count) in &self.world.created {
             if *count > 1 {
                 self.world
@@ -1121,8 +1116,6 @@ impl RandomWorld {
             }
         }
         self.pending = wanted;
-        self.seen_created = created;
-        self.seen_sent = self.world.sent.len();
         for (key, vias) in &self.world.sent {
             if vias.len() > 1 && vias.iter().filter(|v| **v == Via::OwnAgent).count() > 1 {
                 self.world
