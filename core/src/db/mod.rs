@@ -342,7 +342,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 /// The statements both backends share, as an `impl Store` for `$store` over sqlx database
-/// `$db`. The backend supplies `close`, `claim` and `log_stats`.
+/// `$db`. The backend supplies `begin_claim` (its locking) and `log_byte_stats`.
 macro_rules! impl_shared_store {
     ($store:ident, $db:ty) => {
         #[async_trait::async_trait]
@@ -351,6 +351,9 @@ macro_rules! impl_shared_store {
                 self.pool.close().await;
             }
 
+/// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
+            /// job is still queued at the expected attempt and (unless it reuses a live instance)
+            /// the live jobs across every core stay within the limits. Returns (won, lost).
             async fn claim(
                 &self,
                 owner: &str,
@@ -360,8 +363,70 @@ macro_rules! impl_shared_store {
                 max_live_per_environment: usize,
                 now: Timestamp,
             ) -> Result<(Vec<String>, Vec<String>), DbError> {
-                self.claim_jobs(owner, claims, lease_until, max_live_instances, max_live_per_environment, now)
-                    .await
+                let (mut tx, lockable) = self.begin_claim(claims).await?;
+                let (mut live,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                let per_env: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+                     WHERE j.status IN ('provisioning', 'running') GROUP BY r.environment_id",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut per_env: std::collections::HashMap<String, i64> = per_env.into_iter().collect();
+                let mut won = Vec::new();
+                let mut lost = Vec::new();
+                for claim in claims {
+                    if lockable
+                        .as_ref()
+                        .is_some_and(|ids| !ids.contains(&claim.job_id))
+                    {
+                        lost.push(claim.job_id.clone());
+                        continue;
+                    }
+                    let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
+                    if !claim.reuses_instance
+                        && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
+                    {
+                        lost.push(claim.job_id.clone());
+                        continue;
+                    }
+                    let rows = sqlx::query(
+                        "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
+                         not_before = NULL, vm_id = NULL
+                         WHERE id = $1 AND status = 'queued' AND attempt = $5",
+                    )
+                    .bind(&claim.job_id)
+                    .bind(claim.attempt as i32)
+                    .bind(owner)
+                    .bind(lease_until.millis())
+                    .bind(claim.expected_attempt as i32)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if rows != 1 {
+                        lost.push(claim.job_id.clone());
+                        continue;
+                    }
+                    sqlx::query(
+                        "INSERT INTO job_attempts (build_job_id, number, owner, started_at) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(&claim.job_id)
+                    .bind(claim.attempt as i32)
+                    .bind(owner)
+                    .bind(now.millis())
+                    .execute(&mut *tx)
+                    .await?;
+                    if !claim.reuses_instance {
+                        live += 1;
+                        *per_env.entry(claim.environment_id.clone()).or_default() += 1;
+                    }
+                    won.push(claim.job_id.clone());
+                }
+                tx.commit().await?;
+                Ok((won, lost))
             }
 
             async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {

@@ -33,26 +33,19 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
-    /// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
-    /// job is still queued at the expected attempt and (unless it reuses a live instance)
-    /// the live jobs across every core stay within the limits. Returns (won, lost).
-    pub(crate) async fn claim_jobs(
+    /// Opens a claim's transaction: claims of every replica are serialized by a
+    /// transaction-scoped advisory lock (so the live counts read next cannot be raced past
+    /// the limits), and the candidate rows are locked; rows another transaction holds are
+    /// skipped (and lost). Returns the candidates that may be tried.
+    pub(crate) async fn begin_claim(
         &self,
-        owner: &str,
         claims: &[Claim],
-        lease_until: Timestamp,
-        max_live_instances: usize,
-        max_live_per_environment: usize,
-        now: Timestamp,
-    ) -> Result<(Vec<String>, Vec<String>), DbError> {
+    ) -> Result<(sqlx::Transaction<'static, Postgres>, Option<Vec<String>>), DbError> {
         let mut tx = self.pool.begin().await?;
-        // Claims of every replica are serialized (a transaction-scoped advisory lock), so the
-        // live counts read below cannot be raced past the limits.
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(CLAIM_LOCK)
             .execute(&mut *tx)
             .await?;
-        // Lock the candidate rows; rows another transaction holds are skipped (and lost).
         let ids: Vec<String> = claims.iter().map(|claim| claim.job_id.clone()).collect();
         let lockable: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM build_jobs WHERE id = ANY($1) AND status = 'queued' FOR UPDATE SKIP LOCKED",
@@ -60,66 +53,7 @@ impl PostgresStore {
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        let (mut live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let per_env: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-             WHERE j.status IN ('provisioning', 'running') GROUP BY r.environment_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut per_env: std::collections::HashMap<String, i64> = per_env.into_iter().collect();
-        let mut won = Vec::new();
-        let mut lost = Vec::new();
-        for claim in claims {
-            if !lockable.contains(&claim.job_id) {
-                lost.push(claim.job_id.clone());
-                continue;
-            }
-            let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
-            if !claim.reuses_instance
-                && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
-            {
-                lost.push(claim.job_id.clone());
-                continue;
-            }
-            let rows = sqlx::query(
-                "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
-                 not_before = NULL, vm_id = NULL
-                 WHERE id = $1 AND status = 'queued' AND attempt = $5",
-            )
-            .bind(&claim.job_id)
-            .bind(claim.attempt as i32)
-            .bind(owner)
-            .bind(lease_until.millis())
-            .bind(claim.expected_attempt as i32)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if rows != 1 {
-                lost.push(claim.job_id.clone());
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO job_attempts (build_job_id, number, owner, started_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&claim.job_id)
-            .bind(claim.attempt as i32)
-            .bind(owner)
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?;
-            if !claim.reuses_instance {
-                live += 1;
-                *per_env.entry(claim.environment_id.clone()).or_default() += 1;
-            }
-            won.push(claim.job_id.clone());
-        }
-        tx.commit().await?;
-        Ok((won, lost))
+        Ok((tx, Some(lockable)))
     }
 
     /// (line count, total bytes) stored for a job.
