@@ -339,7 +339,7 @@ struct LoopState {
 impl LoopState {
     async fn run(&mut self, mut rx: mpsc::Receiver<Msg>) {
         self.sync().await;
-        self.spawn_reaper(true);
+        self.spawn_reaper();
         self.apply().await;
         let mut sync_tick = tokio::time::interval(self.shared.settings.sync_interval);
         sync_tick.reset();
@@ -360,7 +360,7 @@ impl LoopState {
                 },
                 () = tokio::time::sleep_until(wake) => self.engine.handle_timeout(now()),
                 _ = sync_tick.tick() => self.sync().await,
-                _ = reap_tick.tick() => self.spawn_reaper(false),
+                _ = reap_tick.tick() => self.spawn_reaper(),
             }
             self.apply().await;
         }
@@ -875,10 +875,10 @@ impl LoopState {
         })
     }
 
-    /// Terminates instances whose attempt ended or whose owner's lease expired; at start,
-    /// also instances the provider reports under this core's id that the store does not know
-    /// (a crash between create and record).
-    fn spawn_reaper(&self, at_start: bool) {
+    /// Terminates instances whose attempt ended or whose owner's lease expired, and
+    /// instances the provider has that the store does not know (a crash between create and
+    /// record) once their attempt no longer holds.
+    fn spawn_reaper(&self) {
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
             let reap = async {
@@ -886,24 +886,41 @@ impl LoopState {
                     tracing::info!(instance_id, "reaping a leftover instance");
                     terminate(&shared, &instance_id).await;
                 }
-                if at_start {
-                    let ours = BTreeMap::from([(
-                        "stagely:core".to_string(),
-                        shared.settings.core_id.clone(),
-                    )]);
-                    let known: std::collections::HashSet<String> =
-                        shared.db.live_instances().await?.into_iter().collect();
-                    match shared.provider.list_instances(&ours).await {
-                        Ok(instances) => {
-                            for instance in instances {
-                                if !known.contains(&instance.id) {
-                                    tracing::info!(instance_id = %instance.id, "terminating an unrecorded instance");
-                                    terminate(&shared, &instance.id).await;
-                                }
-                            }
-                        }
-                        Err(error) => tracing::error!("listing instances failed: {error}"),
+                // Instances the provider has but the store does not list as live: a core
+                // that died between create and record leaves these behind. One whose attempt
+                // still holds its lease may be mid-record and is left alone.
+                let known: std::collections::HashSet<String> =
+                    shared.db.live_instances().await?.into_iter().collect();
+                let instances = match shared.provider.list_instances(&BTreeMap::new()).await {
+                    Ok(instances) => instances,
+                    Err(error) => {
+                        tracing::error!("listing instances failed: {error}");
+                        Vec::new()
                     }
+                };
+                for instance in instances {
+                    let Some(core) = instance.tags.get("stagely:core") else {
+                        continue; // not a Stagely instance
+                    };
+                    if known.contains(&instance.id) {
+                        continue;
+                    }
+                    let job = instance.tags.get("stagely:job");
+                    let attempt = instance
+                        .tags
+                        .get("stagely:attempt")
+                        .and_then(|a| a.parse::<u32>().ok());
+                    if let (Some(job), Some(attempt)) = (job, attempt) {
+                        if shared.db.attempt_holds(job, attempt, now()).await? {
+                            continue;
+                        }
+                        shared
+                            .db
+                            .record_instance(&instance.id, shared.provider.name(), job, attempt, core)
+                            .await?;
+                    }
+                    tracing::info!(instance_id = %instance.id, "terminating an unrecorded instance");
+                    terminate(&shared, &instance.id).await;
                 }
                 Ok::<(), crate::db::DbError>(())
             };

@@ -830,36 +830,7 @@ impl ServeProcess {
             None => config.to_string(),
         };
         std::fs::write(&config_path, config).expect("test config");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let api_token = stagely_core::cli::new_api_token();
-        let process = ServeProcess {
-            child: spawn_serve(
-                port,
-                data,
-                &config_path,
-                &registry.host,
-                &registry.username,
-                &registry.password,
-                &api_token,
-                None,
-            ),
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-            data: data.to_path_buf(),
-            config: config_path.clone(),
-            log: None,
-            registry_host: registry.host.clone(),
-            registry_username: registry.username.clone(),
-            registry_password: registry.password.clone(),
-            client: client_with_token(&api_token),
-            api_token,
-            database,
-        };
-        process.wait_healthy().await;
-        process
+        Self::launch(data, config_path, registry, None, database).await
     }
 
     /// One of several cores sharing `database_url` (PostgreSQL) and `data` (the local
@@ -881,6 +852,17 @@ impl ServeProcess {
             format!("core_id = \"{name}\"\ndatabase_url = \"{database_url}\"\nallow_local_repos = true\n{extra}"),
         )
         .expect("replica config");
+        Self::launch(data, config_path, registry, Some(log), None).await
+    }
+
+    /// Starts `stagely serve` with `config` on a free port and waits until it answers.
+    async fn launch(
+        data: &Path,
+        config: PathBuf,
+        registry: &LocalRegistry,
+        log: Option<PathBuf>,
+        database: Option<TestDatabase>,
+    ) -> ServeProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -890,24 +872,24 @@ impl ServeProcess {
             child: spawn_serve(
                 port,
                 data,
-                &config_path,
+                &config,
                 &registry.host,
                 &registry.username,
                 &registry.password,
                 &api_token,
-                Some(&log),
+                log.as_deref(),
             ),
             url: format!("http://127.0.0.1:{port}"),
             port,
             data: data.to_path_buf(),
-            config: config_path,
-            log: Some(log),
+            config,
+            log,
             registry_host: registry.host.clone(),
             registry_username: registry.username.clone(),
             registry_password: registry.password.clone(),
             client: client_with_token(&api_token),
             api_token,
-            database: None,
+            database,
         };
         process.wait_healthy().await;
         process

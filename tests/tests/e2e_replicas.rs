@@ -16,8 +16,8 @@ impl Drop for DumpLogsOnPanic {
         for name in ["core-a", "core-b"] {
             let text =
                 std::fs::read_to_string(self.0.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("---- {name}.log (last 60 lines, newest first) ----");
+            let tail: Vec<&str> = text.lines().rev().take(400).collect();
+            eprintln!("---- {name}.log (last 400 lines, newest first) ----");
             for line in tail {
                 eprintln!("{line}");
             }
@@ -45,7 +45,9 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
     // Short leases so the survivor takes over quickly (not shorter: under twenty concurrent
     // builds on a small machine a live core's renewal can be seconds late); fast syncs so
     // both see every run.
-    let extra = "[scheduler]\nlease_secs = 10\nsync_interval_ms = 200\nretry_backoff_secs = 1\n";
+    let extra = "[scheduler]\nlease_secs = 10\nsync_interval_ms = 200\nretry_backoff_secs = 1\nreap_interval_secs = 2\n";
+    // On failure, the cores' own logs say why.
+    let guard = DumpLogsOnPanic(data.path().to_path_buf());
     let mut a =
         ServeProcess::start_replica(data.path(), "core-a", &registry, &database.url, extra).await;
     let mut b =
@@ -90,8 +92,7 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
     .await;
     a.kill();
 
-    // The survivor finishes every run. On failure, the cores' own logs say why.
-    let guard = DumpLogsOnPanic(data.path().to_path_buf());
+    // The survivor finishes every run.
     for run_id in &runs {
         let view = b
             .wait_for_status(run_id, "completed", Duration::from_secs(300))
@@ -101,8 +102,6 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
             "{view:?}"
         );
     }
-
-    std::mem::forget(guard);
 
     // Exactly one instance per job attempt, and every created instance recorded.
     let per_attempt: Vec<(String, i32, i64)> = sqlx::query_as(
@@ -190,4 +189,5 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
     .await;
     let _ = connection.close().await;
     assert!(b.terminate().await.success());
+    std::mem::forget(guard);
 }

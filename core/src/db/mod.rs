@@ -324,6 +324,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         attempt: u32,
     ) -> Result<Vec<String>, DbError>;
 
+    /// Whether `attempt` is the job's current, live attempt under an unexpired lease (an
+    /// instance a provider lists for it may be one whose creation is still being recorded).
+    async fn attempt_holds(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        now: Timestamp,
+    ) -> Result<bool, DbError>;
+
     /// Instances recorded and not terminated (diagnostics and tests).
     async fn live_instances(&self) -> Result<Vec<String>, DbError>;
 
@@ -571,12 +580,25 @@ macro_rules! impl_shared_store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let jobs = sqlx::query_as::<_, JobRow>(
-            "SELECT j.* FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-             WHERE r.status IN ('pending', 'building') ORDER BY j.workflow_run_id, j.ordinal",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        // The jobs of exactly these runs, whatever happened to the runs since: filtering the
+        // jobs by run status again would drop the jobs of a run that finished between the two
+        // reads and hand the engine a run without its jobs.
+        let mut jobs = Vec::new();
+        for chunk in runs.chunks(500) {
+            let mut builder: QueryBuilder<$db> =
+                QueryBuilder::new("SELECT * FROM build_jobs WHERE workflow_run_id IN (");
+            let mut ids = builder.separated(", ");
+            for run in chunk {
+                ids.push_bind(run.id.as_str());
+            }
+            builder.push(") ORDER BY workflow_run_id, ordinal");
+            jobs.extend(
+                builder
+                    .build_query_as::<JobRow>()
+                    .fetch_all(&self.pool)
+                    .await?,
+            );
+        }
         let mut by_run: std::collections::HashMap<String, Vec<JobRow>> = Default::default();
         for job in jobs {
             by_run
@@ -949,6 +971,24 @@ macro_rules! impl_shared_store {
         .bind(attempt as i32)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn attempt_holds(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        now: Timestamp,
+    ) -> Result<bool, DbError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT lease_until FROM build_jobs WHERE id = $1 AND attempt = $2
+             AND status IN ('provisioning', 'running') AND lease_until > $3",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(now.millis())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
     }
 
     /// Instances recorded and not terminated (diagnostics and tests).

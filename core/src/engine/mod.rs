@@ -579,6 +579,16 @@ impl Engine {
         live
     }
 
+    /// Jobs whose run is not in view: must never exist (tests check it after every input).
+    #[cfg(test)]
+    pub(crate) fn orphan_jobs(&self) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, job)| !self.runs.contains_key(&job.run_id))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     // ---- inputs ----
 
     fn load(&mut self, snapshot: RunSnapshot, now: Timestamp) {
@@ -648,7 +658,18 @@ impl Engine {
         if snapshot.cancel.is_some() {
             run.cancel = snapshot.cancel;
         }
+        // A job the store no longer lists for the run leaves the view with it, so no job is
+        // ever kept without its run.
+        let dropped: Vec<String> = run
+            .jobs
+            .iter()
+            .filter(|id| !job_ids.contains(id))
+            .cloned()
+            .collect();
         run.jobs = job_ids;
+        for id in dropped {
+            self.jobs.remove(&id);
+        }
         if run.status == RunStatus::Pending {
             run.status = RunStatus::Building;
             self.actions

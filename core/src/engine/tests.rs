@@ -132,6 +132,14 @@ impl World {
         self.input(Input::Load(snapshot));
     }
 
+    fn check_orphans(&mut self) {
+        let orphans = self.engine.orphan_jobs();
+        if !orphans.is_empty() {
+            self.violations
+                .push(format!("jobs without their run: {orphans:?}"));
+        }
+    }
+
     fn input(&mut self, input: Input) {
         if let Input::InstanceCreated {
             job_id,
@@ -185,6 +193,7 @@ impl World {
     }
 
     fn pump(&mut self) {
+        self.check_orphans();
         while let Some(action) = self.engine.poll_action() {
             match action {
                 Action::Persist(transition) => self.persist(transition),
@@ -1019,6 +1028,8 @@ enum Step {
     Cancel(usize),
     /// A foreign replica's expired lease shows up: not modelled here; re-load a run instead.
     Reload(usize),
+    /// A sync finds the run no longer unfinished in the store.
+    Unload(usize),
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
@@ -1027,6 +1038,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         2 => (1u16..400).prop_map(Step::Advance),
         1 => any::<usize>().prop_map(Step::Cancel),
         1 => any::<usize>().prop_map(Step::Reload),
+        1 => any::<usize>().prop_map(Step::Unload),
     ]
 }
 
@@ -1157,6 +1169,12 @@ impl RandomWorld {
                     self.world.input(Input::Load(snapshot));
                 }
             }
+            Step::Unload(n) => {
+                let run_id = self.runs[n % self.runs.len()].clone();
+                if self.world.runs[&run_id].0.is_final() {
+                    self.world.input(Input::Unload { run_id });
+                }
+            }
             Step::Resolve(n, how) => {
                 if self.pending.is_empty() {
                     self.world.advance(Duration::from_secs(30));
@@ -1276,4 +1294,22 @@ proptest! {
         prop_assert_eq!(created_instances, 0, "instances left running");
         prop_assert!(random.world.engine.poll_timeout().is_none() || random.world.engine.run_ids().next().is_none());
     }
+}
+
+#[test]
+fn a_snapshot_without_some_jobs_leaves_no_job_without_its_run() {
+    let mut world = World::new(config());
+    world.submit(run("r1", "env", 1, vec![build("a"), build("b")]));
+    // A store read that raced the run's end saw the run but not its jobs.
+    let mut partial = world.stored_snapshot("r1").unwrap();
+    partial.jobs.clear();
+    world.input(Input::Load(partial));
+    world.input(Input::Unload {
+        run_id: "r1".into(),
+    });
+    assert!(world.engine.orphan_jobs().is_empty());
+    // The queue and the claims, which look every job's run up, still work.
+    world.submit(run("r2", "env", 2, vec![build("c")]));
+    assert_eq!(world.status("c"), JobStatus::Provisioning);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
