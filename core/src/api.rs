@@ -269,6 +269,11 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 
 async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.runner.db().last_log_seq("healthz").await?;
+    if !state.runner.is_alive() {
+        return Err(ApiError::Unavailable(
+            "the scheduler of this core stopped; restart it".into(),
+        ));
+    }
     Ok(Json(serde_json::json!({ "status": "ok" })))
 }
 

@@ -210,7 +210,13 @@ impl Runner {
                     terminating: HashMap::new(),
                     tx,
                 };
-                state.run(rx).await;
+                // A panic here would leave the API up with nothing scheduling: it is logged,
+                // and `/healthz` turns 503 so the service is restarted (its successor takes
+                // the jobs over at once).
+                let ran = std::panic::AssertUnwindSafe(state.run(rx));
+                if futures_util::FutureExt::catch_unwind(ran).await.is_err() {
+                    tracing::error!("the runner loop panicked; this core no longer schedules");
+                }
                 done.store(true, std::sync::atomic::Ordering::SeqCst);
                 stopped.notify_waiters();
             }
@@ -225,6 +231,11 @@ impl Runner {
 
     pub fn settings(&self) -> &RunnerSettings {
         &self.shared.settings
+    }
+
+    /// The loop runs (false after shutdown, or if it died).
+    pub fn is_alive(&self) -> bool {
+        !self.loop_done.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// True once shutdown began; no new runs are accepted.
