@@ -224,6 +224,16 @@ impl<'a> Link<'a> {
                     self.flush(&mut session).await?;
                     return Err(Failure::Lost(error));
                 }
+                if matches!(frame, Message::Build(_) | Message::Merge(_)) {
+                    // The end of dispatch (the benchmark's "eligible → work sent" is timed
+                    // between `run submitted` and this event).
+                    tracing::debug!(
+                        target: "stagely_core::dispatch",
+                        job_id = %self.job_id,
+                        frame = frame.type_name(),
+                        "work sent"
+                    );
+                }
             }
             let heartbeat_due = session
                 .poll_timeout()

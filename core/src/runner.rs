@@ -463,25 +463,12 @@ impl LoopState {
         }
     }
 
-    /// Re-reads every unfinished run (other replicas' changes, cancels made elsewhere).
+    /// Re-reads every unfinished run (other replicas' changes, cancels made elsewhere): one
+    /// engine input, so the rules run once over all of them.
     async fn sync(&mut self) {
         match self.shared.db.unfinished_runs().await {
             Ok(snapshots) => {
-                let at = now();
-                let fresh: std::collections::HashSet<String> =
-                    snapshots.iter().map(|run| run.id.clone()).collect();
-                let gone: Vec<String> = self
-                    .engine
-                    .run_ids()
-                    .filter(|id| !fresh.contains(*id))
-                    .map(str::to_string)
-                    .collect();
-                for run_id in gone {
-                    let _ = self.engine.handle(Input::Unload { run_id }, at);
-                }
-                for snapshot in snapshots {
-                    let _ = self.engine.handle(Input::Load(snapshot), at);
-                }
+                let _ = self.engine.handle(Input::Sync(snapshots), now());
             }
             Err(error) => tracing::error!("reading unfinished runs failed: {error}"),
         }

@@ -225,6 +225,24 @@ pub fn testing_postgres() -> bool {
     std::env::var("STAGELY_TEST_DATABASE").is_ok_and(|v| v == "postgres")
 }
 
+/// Which store a [`TestCore`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: a file in the core's data directory.
+    Sqlite,
+    /// A fresh database on [`POSTGRES_ADMIN_URL`]'s server, dropped with the core.
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        })
+    }
+}
+
 /// The server every test database is created on.
 pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -382,17 +400,49 @@ impl TestCore {
         Self::start_with(data, registry, FileConfig::default(), Some(provider)).await
     }
 
+    /// A core with `provider`, on the `backend` named (not the one `STAGELY_TEST_DATABASE`
+    /// picks), its file configuration edited by `configure` first.
+    pub async fn start_with_provider_on(
+        provider: Arc<dyn Provider>,
+        backend: Backend,
+        configure: impl FnOnce(&mut FileConfig),
+    ) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let registry = LocalRegistry::start().await?;
+        let mut file = FileConfig::default();
+        configure(&mut file);
+        Self::start_on(data, registry, file, Some(provider), backend).await
+    }
+
     async fn start_with(
+        data: tempfile::TempDir,
+        registry: LocalRegistry,
+        file: FileConfig,
+        provider: Option<Arc<dyn Provider>>,
+    ) -> anyhow::Result<TestCore> {
+        let backend = if testing_postgres() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        Self::start_on(data, registry, file, provider, backend).await
+    }
+
+    async fn start_on(
         data: tempfile::TempDir,
         registry: LocalRegistry,
         mut file: FileConfig,
         provider: Option<Arc<dyn Provider>>,
+        backend: Backend,
     ) -> anyhow::Result<TestCore> {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());
         file.scheduler.agent_connect_timeout_secs =
             file.scheduler.agent_connect_timeout_secs.or(Some(60));
-        let database = TestDatabase::for_tests().await;
+        let database = match backend {
+            Backend::Postgres => Some(TestDatabase::create().await),
+            Backend::Sqlite => None,
+        };
         if let Some(database) = &database {
             file.database_url = Some(database.url.clone());
         }
@@ -1178,6 +1228,35 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
+/// Where and as whom a hand-driven agent pushes (a [`LocalRegistry`]'s address and login).
+#[derive(Clone)]
+pub struct RegistryAccess {
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl RegistryAccess {
+    pub fn of(registry: &LocalRegistry) -> RegistryAccess {
+        RegistryAccess {
+            host: registry.host.clone(),
+            username: registry.username.clone(),
+            password: registry.password.clone(),
+        }
+    }
+
+    /// `repository:tag` of an image reference `HOST/repository:tag` on this registry.
+    pub fn split_reference<'a>(&self, image: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = image.strip_prefix(self.host.as_str())?.strip_prefix('/')?;
+        rest.rsplit_once(':')
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// Pushes a minimal image (an empty config, no layers) as `repository:tag` over the registry
 /// API and returns its manifest digest: what a hand-driven agent reports as its build.
 pub async fn push_test_image(
@@ -1185,16 +1264,37 @@ pub async fn push_test_image(
     repository: &str,
     tag: &str,
 ) -> anyhow::Result<String> {
-    use sha2::Digest;
     let client = reqwest::Client::new();
-    let base = format!("http://{}/v2/{repository}", registry.host);
-    let sha = |bytes: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let config_digest = sha(config);
+    let (digest, _) = push_minimal_image(
+        &client,
+        &RegistryAccess::of(registry),
+        repository,
+        tag,
+        "amd64",
+    )
+    .await?;
+    Ok(digest)
+}
+
+/// Pushes a minimal `linux/<arch>` image (an empty config, no layers) as `repository:tag`;
+/// returns its manifest digest and size.
+pub async fn push_minimal_image(
+    client: &reqwest::Client,
+    access: &RegistryAccess,
+    repository: &str,
+    tag: &str,
+    arch: &str,
+) -> anyhow::Result<(String, usize)> {
+    let base = format!("http://{}/v2/{repository}", access.host);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }))?;
+    let config_digest = sha256_digest(&config);
     let upload = client
         .post(format!("{base}/blobs/uploads/"))
-        .basic_auth(&registry.username, Some(&registry.password))
+        .basic_auth(&access.username, Some(&access.password))
         .send()
         .await?
         .error_for_status()?;
@@ -1207,14 +1307,14 @@ pub async fn push_test_image(
     let location = if location.starts_with("http") {
         location
     } else {
-        format!("http://{}{location}", registry.host)
+        format!("http://{}{location}", access.host)
     };
     let separator = if location.contains('?') { '&' } else { '?' };
     client
         .put(format!("{location}{separator}digest={config_digest}"))
-        .basic_auth(&registry.username, Some(&registry.password))
+        .basic_auth(&access.username, Some(&access.password))
         .header("content-type", "application/octet-stream")
-        .body(config.to_vec())
+        .body(config.clone())
         .send()
         .await?
         .error_for_status()?;
@@ -1230,13 +1330,52 @@ pub async fn push_test_image(
     }))?;
     client
         .put(format!("{base}/manifests/{tag}"))
-        .basic_auth(&registry.username, Some(&registry.password))
+        .basic_auth(&access.username, Some(&access.password))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
         .body(manifest.clone())
         .send()
         .await?
         .error_for_status()?;
-    Ok(sha(&manifest))
+    Ok((sha256_digest(&manifest), manifest.len()))
+}
+
+/// Pushes an OCI image index as `repository:tag` whose children are the manifests
+/// `(digest, size, arch)` already in `repository` (what a MERGE makes); returns its digest.
+pub async fn push_minimal_index(
+    client: &reqwest::Client,
+    access: &RegistryAccess,
+    repository: &str,
+    tag: &str,
+    children: &[(String, usize, String)],
+) -> anyhow::Result<String> {
+    let manifests: Vec<serde_json::Value> = children
+        .iter()
+        .map(|(digest, size, arch)| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": size,
+                "platform": {"architecture": arch, "os": "linux"},
+            })
+        })
+        .collect();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))?;
+    client
+        .put(format!(
+            "http://{}/v2/{repository}/manifests/{tag}",
+            access.host
+        ))
+        .basic_auth(&access.username, Some(&access.password))
+        .header("content-type", "application/vnd.oci.image.index.v1+json")
+        .body(index.clone())
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(sha256_digest(&index))
 }
 
 /// Every blob (config and layers) of a single-platform image, fetched over the registry API:

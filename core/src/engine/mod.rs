@@ -38,7 +38,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 pub use types::*;
@@ -98,6 +98,9 @@ pub enum Input {
     Load(RunSnapshot),
     /// A run is gone from the store's unfinished set (finished elsewhere): forget it.
     Unload { run_id: String },
+    /// Every unfinished run, as stored (the periodic re-read): runs not in it are unloaded,
+    /// the rest loaded, and the rules applied once over all of them.
+    Sync(Vec<RunSnapshot>),
     /// `POST /api/v1/workflows/{id}/cancel`, supersede.
     Cancel {
         run_id: String,
@@ -375,6 +378,11 @@ pub struct Engine {
     actions: VecDeque<Action>,
     draining: bool,
     next_renewal: Option<Timestamp>,
+    /// Runs an input or rule changed since the last step: only these are stepped (an input
+    /// about one job costs the size of its run, not of every run in view).
+    dirty: BTreeSet<String>,
+    /// The next step looks at every run (timeouts, a sync, a drain).
+    step_all: bool,
 }
 
 impl Engine {
@@ -386,6 +394,8 @@ impl Engine {
             actions: VecDeque::new(),
             draining: false,
             next_renewal: None,
+            dirty: BTreeSet::new(),
+            step_all: false,
         }
     }
 
@@ -395,9 +405,44 @@ impl Engine {
 
     /// Applies one input at `now`. Only commands can be refused.
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Result<(), CommandError> {
+        match &input {
+            Input::Load(snapshot) => {
+                self.dirty.insert(snapshot.id.clone());
+            }
+            Input::Cancel { run_id, .. } => {
+                self.dirty.insert(run_id.clone());
+            }
+            Input::Unload { .. } => {}
+            Input::Sync(_) | Input::Drain => self.step_all = true,
+            Input::Claimed { won, lost } => {
+                for id in won.iter().chain(lost) {
+                    self.touch(id);
+                }
+            }
+            Input::InstanceCreated { job_id, .. }
+            | Input::InstanceFailed { job_id, .. }
+            | Input::AgentConnected { job_id, .. }
+            | Input::HandoverFailed { job_id, .. }
+            | Input::Finished { job_id, .. } => self.touch(job_id),
+        }
         match input {
             Input::Load(snapshot) => self.load(snapshot, now),
             Input::Unload { run_id } => self.unload(&run_id),
+            Input::Sync(snapshots) => {
+                let fresh: HashSet<&str> = snapshots.iter().map(|run| run.id.as_str()).collect();
+                let gone: Vec<String> = self
+                    .runs
+                    .keys()
+                    .filter(|id| !fresh.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for run_id in gone {
+                    self.unload(&run_id);
+                }
+                for snapshot in snapshots {
+                    self.load(snapshot, now);
+                }
+            }
             Input::Cancel { run_id, reason } => {
                 let run = self
                     .runs
@@ -503,6 +548,7 @@ impl Engine {
         if self.next_renewal.is_some_and(|at| at <= now) {
             self.renew_leases(now);
         }
+        self.step_all = true;
         self.step(now);
     }
 
@@ -979,6 +1025,7 @@ impl Engine {
         now: Timestamp,
         taken_from: Option<String>,
     ) {
+        self.touch(job_id);
         let config = self.config.clone();
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
@@ -1198,6 +1245,7 @@ impl Engine {
 
     fn release_lingering_for(&mut self, merge_id: &str) {
         if let Some((from, attempt, instance)) = self.lingering_source_for(merge_id) {
+            self.touch(&from);
             if let Some(job) = self.jobs.get_mut(&from) {
                 job.lingering = false;
             }
@@ -1229,6 +1277,7 @@ impl Engine {
             if wanted {
                 continue;
             }
+            self.touch(&id);
             if let Some(job) = self.jobs.get_mut(&id) {
                 job.lingering = false;
                 self.actions.push_back(Action::Terminate {
@@ -1267,20 +1316,54 @@ impl Engine {
         self.next_renewal = Some(now.plus(self.config.lease_duration / 3));
     }
 
-    /// Applies every rule until nothing changes: cancellation, fail-fast, skipped merges,
-    /// expired foreign leases, fan-in, then the queue.
+    /// Applies every rule until nothing changes: expired foreign leases, cancellation,
+    /// fail-fast, skipped merges, fan-in, then the queue. Per-run rules run for the runs that
+    /// changed ([`Engine::touch`]); in tests, a full pass afterwards must find nothing to do.
     fn step(&mut self, now: Timestamp) {
-        let run_ids: Vec<String> = self.runs.keys().cloned().collect();
-        for run_id in &run_ids {
-            self.step_run(run_id, now);
+        self.step_once(now);
+        #[cfg(test)]
+        {
+            let before = self.actions.len();
+            self.step_all = true;
+            self.step_once(now);
+            assert!(
+                self.actions.len() == before,
+                "a full step after the incremental one found work: {:?}",
+                self.actions.range(before..).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    fn step_once(&mut self, now: Timestamp) {
+        if std::mem::take(&mut self.step_all) {
+            self.dirty.extend(self.runs.keys().cloned());
         }
         self.take_back_expired(now);
-        for run_id in &run_ids {
-            self.finish_run_if_done(run_id);
-        }
+        self.settle(now);
         self.claim_eligible(now);
-        if self.own_live().is_empty() {
+        self.settle(now);
+        if !self.jobs.values().any(|job| job.local.is_some()) {
             self.next_renewal = None;
+        }
+    }
+
+    /// The per-run rules, for every changed run.
+    fn settle(&mut self, now: Timestamp) {
+        while !self.dirty.is_empty() {
+            let batch = std::mem::take(&mut self.dirty);
+            for run_id in &batch {
+                self.step_run(run_id, now);
+            }
+            for run_id in &batch {
+                self.finish_run_if_done(run_id);
+            }
+        }
+    }
+
+    /// The run of `job_id` changed: step it.
+    fn touch(&mut self, job_id: &str) {
+        if let Some(job) = self.jobs.get(job_id) {
+            self.dirty.insert(job.run_id.clone());
         }
     }
 

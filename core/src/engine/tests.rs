@@ -1030,6 +1030,8 @@ enum Step {
     Reload(usize),
     /// A sync finds the run no longer unfinished in the store.
     Unload(usize),
+    /// The periodic sync: every unfinished run as stored, at once.
+    Sync,
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
@@ -1039,6 +1041,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Cancel),
         1 => any::<usize>().prop_map(Step::Reload),
         1 => any::<usize>().prop_map(Step::Unload),
+        1 => Just(Step::Sync),
     ]
 }
 
@@ -1168,6 +1171,15 @@ impl RandomWorld {
                 if let Some(snapshot) = self.world.stored_snapshot(&run_id) {
                     self.world.input(Input::Load(snapshot));
                 }
+            }
+            Step::Sync => {
+                let snapshots: Vec<RunSnapshot> = self
+                    .runs
+                    .iter()
+                    .filter(|run_id| !self.world.runs[*run_id].0.is_final())
+                    .filter_map(|run_id| self.world.stored_snapshot(run_id))
+                    .collect();
+                self.world.input(Input::Sync(snapshots));
             }
             Step::Unload(n) => {
                 let run_id = self.runs[n % self.runs.len()].clone();
