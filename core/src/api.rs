@@ -722,7 +722,7 @@ async fn start_run(
     secrets: RunSecrets,
 ) -> Result<(), ApiError> {
     let db = state.runner.db();
-    db.create_run(run, jobs).await?;
+    let stored = db.create_run(run, jobs).await?;
     tracing::info!(run_id = %run.id, jobs = jobs.len(), "run submitted");
     for older in db
         .unfinished_runs_of_environment(&run.environment_id, &run.id)
@@ -736,7 +736,7 @@ async fn start_run(
             Err(error) => tracing::warn!(run_id = %older, "superseding failed: {error}"),
         }
     }
-    if state.runner.submitted(&run.id, secrets).await.is_err() {
+    if state.runner.submitted(stored, secrets).await.is_err() {
         return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
     Ok(())

@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::agent_link::{self, LinkCommand, LinkContext, WorkOrder};
 use crate::config::RegistryConfig;
-use crate::db::{Db, JobRow, RunRow};
+use crate::db::{AttemptClaim, Db, JobRow, RunRow};
 use crate::engine::{
     Action, AttemptOutcome, CancelReason, CommandError, Engine, EngineConfig, InfraKind, Input,
     QueueEntry, Timestamp, Transition, Via,
@@ -113,14 +113,26 @@ pub enum RunnerError {
 
 enum Msg {
     Input(Input),
-    /// A run was created: load it.
-    Submitted(String),
+    /// The attempt's instance exists; `order` is its work frame, read meanwhile.
+    Provisioned {
+        job_id: String,
+        attempt: u32,
+        instance_id: String,
+        order: Option<Box<WorkOrder>>,
+    },
+    /// A run was created: load it (as `create_run` stored it; no read).
+    Submitted(Box<crate::engine::RunSnapshot>),
     Cancel {
         run_id: String,
         reason: CancelReason,
         reply: oneshot::Sender<Result<(), RunnerError>>,
     },
     Queue(oneshot::Sender<Vec<QueueEntry>>),
+    /// A periodic sync's read, taken when [`Shared::writes`] was `generation`.
+    Synced {
+        generation: u64,
+        result: Result<Vec<crate::engine::RunSnapshot>, crate::db::DbError>,
+    },
     Agent {
         job_id: String,
         attempt: u32,
@@ -147,8 +159,13 @@ struct Shared {
     /// Attempts whose agent has connected to this core: a token is good for one connection
     /// (agents do not reconnect yet), spent at authentication.
     connected: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Runs whose end is being stored (after their instances' terminations).
+    finishing: Mutex<std::collections::HashSet<String>>,
     /// Every task the runner started; `shutdown` waits on it.
     tasks: TaskTracker,
+    /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
+    /// taken while it moved may predate one of them and is not applied.
+    writes: std::sync::atomic::AtomicU64,
     /// Cancelled by `shutdown`: the loop drains the engine and stops.
     shutdown: CancellationToken,
 }
@@ -185,7 +202,9 @@ impl Runner {
             settings,
             run_secrets: Mutex::new(HashMap::new()),
             connected: Mutex::new(std::collections::HashSet::new()),
+            finishing: Mutex::new(std::collections::HashSet::new()),
             tasks: TaskTracker::new(),
+            writes: std::sync::atomic::AtomicU64::new(0),
             shutdown,
         });
         let (tx, rx) = mpsc::channel(LOOP_QUEUE);
@@ -208,6 +227,9 @@ impl Runner {
                     links: HashMap::new(),
                     idle: HashMap::new(),
                     terminating: HashMap::new(),
+                    tokens: HashMap::new(),
+                    prepared: HashMap::new(),
+                    sync_state: SyncState::default(),
                     tx,
                 };
                 // A panic here would leave the API up with nothing scheduling: it is logged,
@@ -244,15 +266,21 @@ impl Runner {
     }
 
     /// A run was stored: keep its secrets (memory only) and hand it to the engine.
-    pub async fn submitted(&self, run_id: &str, secrets: RunSecrets) -> Result<(), ShuttingDown> {
+    pub async fn submitted(
+        &self,
+        run: crate::engine::RunSnapshot,
+        secrets: RunSecrets,
+    ) -> Result<(), ShuttingDown> {
         if self.is_shutting_down() {
             return Err(ShuttingDown);
         }
         if let Ok(mut all) = self.shared.run_secrets.lock() {
-            all.insert(run_id.to_string(), secrets);
+            all.insert(run.id.clone(), secrets);
         }
+        // The run is stored: a sync read begun before does not have it.
+        self.shared.wrote();
         self.tx
-            .send(Msg::Submitted(run_id.to_string()))
+            .send(Msg::Submitted(Box::new(run)))
             .await
             .map_err(|_| ShuttingDown)
     }
@@ -283,7 +311,7 @@ impl Runner {
 
     /// The live attempt an agent token was issued for.
     pub async fn authenticate_agent(&self, token: &str) -> Result<(String, u32), ClaimError> {
-        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        let hash = token_hash(token);
         match self.shared.db.attempt_for_token(&hash).await {
             Ok(Some(found)) => {
                 let mut connected = self
@@ -333,6 +361,14 @@ fn now() -> Timestamp {
     Timestamp(crate::db::now_ms())
 }
 
+impl Shared {
+    /// One of this core's writes to a run or job has landed.
+    fn wrote(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The loop task's state.
 struct LoopState {
     shared: Arc<Shared>,
@@ -344,7 +380,24 @@ struct LoopState {
     /// Terminations in flight, by job: a run is stored as finished only once its instances
     /// are gone, so a final run never has a live instance.
     terminating: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
+    /// Agent tokens of attempts claimed and not yet provisioned (the store has their hashes).
+    tokens: HashMap<(String, u32), String>,
+    /// Work frames read while their attempt's instance booted, until sent.
+    prepared: HashMap<(String, u32), Box<WorkOrder>>,
+    sync_state: SyncState,
     tx: mpsc::Sender<Msg>,
+}
+
+/// Periodic sync reads in a task discarded in a row (the core wrote meanwhile) before one
+/// runs in the loop.
+const MAX_DISCARDED_SYNCS: u32 = 5;
+
+#[derive(Default)]
+struct SyncState {
+    /// A read is running in a task.
+    in_flight: bool,
+    /// Reads discarded in a row.
+    discarded: u32,
 }
 
 impl LoopState {
@@ -370,7 +423,7 @@ impl LoopState {
                     None => break,
                 },
                 () = tokio::time::sleep_until(wake) => self.engine.handle_timeout(now()),
-                _ = sync_tick.tick() => self.sync().await,
+                _ = sync_tick.tick() => self.tick_sync().await,
                 _ = reap_tick.tick() => self.spawn_reaper(),
             }
             self.apply().await;
@@ -385,7 +438,7 @@ impl LoopState {
         rx.close();
         // Late reports (an instance created after the drain) must not leak instances.
         while let Some(message) = rx.recv().await {
-            if let Msg::Input(Input::InstanceCreated { instance_id, .. }) = message {
+            if let Msg::Provisioned { instance_id, .. } = message {
                 drop(self.spawn_terminate(instance_id));
             }
         }
@@ -397,7 +450,31 @@ impl LoopState {
             Msg::Input(input) => {
                 let _ = self.engine.handle(input, at);
             }
-            Msg::Submitted(run_id) => self.reload(&run_id).await,
+            Msg::Provisioned {
+                job_id,
+                attempt,
+                instance_id,
+                order,
+            } => {
+                if let Some(order) = order {
+                    self.prepared.insert((job_id.clone(), attempt), order);
+                }
+                let _ = self.engine.handle(
+                    Input::InstanceCreated {
+                        job_id,
+                        attempt,
+                        instance_id,
+                    },
+                    at,
+                );
+            }
+            Msg::Submitted(run) => {
+                // The run as created; a sync may have loaded it (and claimed its jobs)
+                // already, and that view is newer.
+                if !self.engine.has_run(&run.id) {
+                    let _ = self.engine.handle(Input::Load(*run), at);
+                }
+            }
             Msg::Cancel {
                 run_id,
                 reason,
@@ -435,6 +512,7 @@ impl LoopState {
             Msg::Queue(reply) => {
                 let _ = reply.send(self.engine.queue());
             }
+            Msg::Synced { generation, result } => self.synced(generation, result),
             Msg::Agent {
                 job_id,
                 attempt,
@@ -464,12 +542,56 @@ impl LoopState {
     }
 
     /// Re-reads every unfinished run (other replicas' changes, cancels made elsewhere): one
-    /// engine input, so the rules run once over all of them.
+    /// engine input, so the rules run once over all of them. In the loop: at start, and when
+    /// reads in a task kept being overtaken ([`LoopState::tick_sync`]).
     async fn sync(&mut self) {
         match self.shared.db.unfinished_runs().await {
             Ok(snapshots) => {
                 let _ = self.engine.handle(Input::Sync(snapshots), now());
             }
+            Err(error) => tracing::error!("reading unfinished runs failed: {error}"),
+        }
+        self.sync_state.discarded = 0;
+    }
+
+    /// The periodic sync. Reading hundreds of runs takes milliseconds, so the read runs in a
+    /// task and the loop keeps dispatching meanwhile; the result is applied only if none of
+    /// this core's writes landed during the read ([`Shared::writes`]): an older view would
+    /// undo the loop's own changes. After [`MAX_DISCARDED_SYNCS`] discarded reads in a row (a
+    /// core that never stops writing) the sync runs in the loop.
+    async fn tick_sync(&mut self) {
+        if self.sync_state.in_flight {
+            return;
+        }
+        if self.sync_state.discarded >= MAX_DISCARDED_SYNCS {
+            self.sync().await;
+            return;
+        }
+        self.sync_state.in_flight = true;
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        self.shared.tasks.spawn(async move {
+            let generation = shared.writes.load(std::sync::atomic::Ordering::SeqCst);
+            let result = shared.db.unfinished_runs().await;
+            let _ = tx.send(Msg::Synced { generation, result }).await;
+        });
+    }
+
+    /// A periodic sync's read is back.
+    fn synced(
+        &mut self,
+        generation: u64,
+        result: Result<Vec<crate::engine::RunSnapshot>, crate::db::DbError>,
+    ) {
+        self.sync_state.in_flight = false;
+        match result {
+            Ok(snapshots)
+                if generation == self.shared.writes.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                let _ = self.engine.handle(Input::Sync(snapshots), now());
+                self.sync_state.discarded = 0;
+            }
+            Ok(_) => self.sync_state.discarded += 1,
             Err(error) => tracing::error!("reading unfinished runs failed: {error}"),
         }
     }
@@ -503,90 +625,115 @@ impl LoopState {
     /// Applies every action the engine has, in order.
     async fn apply(&mut self) {
         while let Some(action) = self.engine.poll_action() {
-            match action {
-                Action::Persist(Transition::RunFinished {
-                    run_id,
-                    status,
-                    message,
-                }) => self.finish_run(run_id, status, message).await,
-                Action::Persist(transition) => self.persist(transition).await,
-                Action::Claim {
-                    claims,
-                    lease_until,
-                    max_live_instances,
-                    max_live_per_environment,
-                } => {
-                    let owner = self.shared.settings.engine.owner.clone();
-                    let result = self
-                        .shared
-                        .db
-                        .claim(
-                            &owner,
-                            &claims,
-                            lease_until,
-                            max_live_instances,
-                            max_live_per_environment,
-                            now(),
+            self.apply_one(action).await;
+        }
+    }
+
+    /// Applies one action.
+    async fn apply_one(&mut self, action: Action) {
+        match action {
+            Action::Persist(Transition::RunFinished {
+                run_id,
+                status,
+                message,
+            }) => self.finish_run(run_id, status, message).await,
+            Action::Persist(transition) => self.persist(transition).await,
+            Action::Claim {
+                claims,
+                lease_until,
+                max_live_instances,
+                max_live_per_environment,
+            } => {
+                let owner = self.shared.settings.engine.owner.clone();
+                // Each attempt's agent token is minted now and bound by the claim itself.
+                let (tokens, claims): (Vec<String>, Vec<AttemptClaim>) = claims
+                    .into_iter()
+                    .map(|claim| {
+                        let token = new_token();
+                        let token_hash = token_hash(&token);
+                        (token, AttemptClaim { claim, token_hash })
+                    })
+                    .unzip();
+                let result = self
+                    .shared
+                    .db
+                    .claim(
+                        &owner,
+                        &claims,
+                        lease_until,
+                        max_live_instances,
+                        max_live_per_environment,
+                        now(),
+                    )
+                    .await;
+                self.shared.wrote();
+                let (won, lost) = match result {
+                    Ok(answer) => answer,
+                    Err(error) => {
+                        tracing::error!("claiming jobs failed: {error}");
+                        (
+                            Vec::new(),
+                            claims.iter().map(|c| c.claim.job_id.clone()).collect(),
                         )
-                        .await;
-                    let (won, lost) = match result {
-                        Ok(answer) => answer,
-                        Err(error) => {
-                            tracing::error!("claiming jobs failed: {error}");
-                            (
-                                Vec::new(),
-                                claims.iter().map(|c| c.job_id.clone()).collect(),
-                            )
-                        }
-                    };
-                    let reload: Vec<String> = lost.clone();
-                    let _ = self.engine.handle(Input::Claimed { won, lost }, now());
-                    for job_id in reload {
-                        self.reload_job(&job_id).await;
+                    }
+                };
+                for (token, AttemptClaim { claim, .. }) in tokens.into_iter().zip(claims) {
+                    if won.contains(&claim.job_id) {
+                        self.tokens.insert((claim.job_id, claim.attempt), token);
                     }
                 }
-                Action::CreateInstance {
-                    job_id,
-                    run_id,
-                    attempt,
-                } => self.spawn_provision(job_id, run_id, attempt),
-                Action::SendWork {
-                    job_id,
-                    run_id,
-                    attempt,
-                    via,
-                } => self.send_work(job_id, run_id, attempt, via).await,
-                Action::SendCancel {
-                    job_id,
-                    attempt,
-                    reason,
-                } => {
-                    if let Some(link) = self.links.get(&(job_id, attempt)) {
-                        let _ = link.try_send(LinkCommand::Cancel(reason));
-                    }
+                let reload: Vec<String> = lost.clone();
+                let _ = self.engine.handle(Input::Claimed { won, lost }, now());
+                for job_id in reload {
+                    self.reload_job(&job_id).await;
                 }
-                Action::Terminate {
-                    job_id,
-                    attempt,
-                    instance_id,
-                } => {
-                    let key = (job_id, attempt);
-                    // Dropping the sender closes the link. The attempt is over: its token no
-                    // longer resolves, so the spent-token entry can go.
-                    self.links.remove(&key);
-                    if let Ok(mut connected) = self.shared.connected.lock() {
-                        connected.remove(&key);
-                    }
-                    if let Some(socket) = self.idle.remove(&key) {
-                        self.spawn_close(socket);
-                    }
-                    // The instance the engine knows, and any other recorded for the attempt
-                    // (one whose creation a killed core never reported).
-                    let handle = self.spawn_terminate_attempt(key.0.clone(), key.1, instance_id);
-                    let pending = self.terminating.entry(key.0).or_default();
-                    pending.retain(|handle| !handle.is_finished());
-                    pending.push(handle);
+            }
+            Action::CreateInstance {
+                job_id,
+                run_id,
+                attempt,
+            } => {
+                let token = self.tokens.remove(&(job_id.clone(), attempt));
+                self.spawn_provision(job_id, run_id, attempt, token)
+            }
+            Action::SendWork {
+                job_id,
+                run_id,
+                attempt,
+                via,
+            } => self.send_work(job_id, run_id, attempt, via).await,
+            Action::SendCancel {
+                job_id,
+                attempt,
+                reason,
+            } => {
+                if let Some(link) = self.links.get(&(job_id, attempt)) {
+                    let _ = link.try_send(LinkCommand::Cancel(reason));
                 }
+            }
+            Action::Terminate {
+                job_id,
+                attempt,
+                instance_id,
+            } => {
+                let key = (job_id, attempt);
+                self.tokens.remove(&key);
+                self.prepared.remove(&key);
+                // Dropping the sender closes the link. The attempt is over: its token no
+                // longer resolves, so the spent-token entry can go.
+                self.links.remove(&key);
+                if let Ok(mut connected) = self.shared.connected.lock() {
+                    connected.remove(&key);
+                }
+                if let Some(socket) = self.idle.remove(&key) {
+                    self.spawn_close(socket);
+                }
+                // The instance the engine knows, and any other recorded for the attempt
+                // (one whose creation a killed core never reported).
+                let handle = self.spawn_terminate_attempt(key.0.clone(), key.1, instance_id);
+                let pending = self.terminating.entry(key.0).or_default();
+                pending.retain(|handle| !handle.is_finished());
+                pending.push(handle);
             }
         }
     }
@@ -599,6 +746,13 @@ impl LoopState {
         status: crate::engine::RunStatus,
         message: Option<String>,
     ) {
+        // A sync that read the run before its end was stored loads it again and the engine
+        // finishes it again: the first finish (waiting for its terminations) writes the end.
+        if let Ok(mut finishing) = self.shared.finishing.lock()
+            && !finishing.insert(run_id.clone())
+        {
+            return;
+        }
         let jobs = match self.shared.db.jobs_of_run(&run_id).await {
             Ok(jobs) => jobs,
             Err(error) => {
@@ -624,7 +778,9 @@ impl LoopState {
                 status,
                 message: message.clone(),
             };
-            match shared.db.apply(&transition, now()).await {
+            let result = shared.db.apply(&transition, now()).await;
+            shared.wrote();
+            match result {
                 Ok(true) => tracing::info!(
                     run_id,
                     %status,
@@ -634,11 +790,15 @@ impl LoopState {
                 Ok(false) => {}
                 Err(error) => tracing::error!(run_id, "storing a run's end failed: {error}"),
             }
+            if let Ok(mut finishing) = shared.finishing.lock() {
+                finishing.remove(&run_id);
+            }
         });
     }
 
     async fn persist(&mut self, transition: Transition) {
         let result = self.shared.db.apply(&transition, now()).await;
+        self.shared.wrote();
         let applied = match result {
             Ok(applied) => applied,
             Err(error) => {
@@ -741,7 +901,15 @@ impl LoopState {
             Via::OwnAgent => (job_id.clone(), attempt),
             Via::AgentOf { job_id, attempt } => (job_id.clone(), *attempt),
         };
-        let mut order = match work_order(&self.shared, &job_id, &run_id, attempt).await {
+        let prepared = match &via {
+            Via::OwnAgent => self.prepared.remove(&(job_id.clone(), attempt)),
+            Via::AgentOf { .. } => None,
+        };
+        let read = match prepared {
+            Some(order) => Ok(*order),
+            None => work_order(&self.shared, &job_id, &run_id, attempt).await,
+        };
+        let mut order = match read {
             Ok(order) => order,
             Err(message) => {
                 let _ = self.engine.handle(
@@ -798,31 +966,39 @@ impl LoopState {
         }
     }
 
-    fn spawn_provision(&self, job_id: String, run_id: String, attempt: u32) {
+    fn spawn_provision(&self, job_id: String, run_id: String, attempt: u32, token: Option<String>) {
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         let span = tracing::info_span!("job", run_id = %run_id, job_id = %job_id, attempt);
         self.shared.tasks.spawn(
             async move {
-                let input = match provision(&shared, &job_id, &run_id, attempt).await {
-                    Ok(instance_id) => Input::InstanceCreated {
-                        job_id,
-                        attempt,
-                        instance_id,
-                    },
+                let message = match provision(&shared, &job_id, &run_id, attempt, token).await {
+                    Ok(instance_id) => {
+                        // The work frame is read while the instance boots, so the agent
+                        // gets it without waiting for the store (a failure here is found
+                        // again, and reported, when the work is sent).
+                        let order = work_order(&shared, &job_id, &run_id, attempt)
+                            .await
+                            .ok()
+                            .map(Box::new);
+                        Msg::Provisioned {
+                            job_id,
+                            attempt,
+                            instance_id,
+                            order,
+                        }
+                    }
                     Err(message) => {
                         tracing::warn!("provisioning failed: {message}");
-                        Input::InstanceFailed {
+                        Msg::Input(Input::InstanceFailed {
                             job_id,
                             attempt,
                             message,
-                        }
+                        })
                     }
                 };
-                if let Err(mpsc::error::SendError(Msg::Input(Input::InstanceCreated {
-                    instance_id,
-                    ..
-                }))) = tx.send(Msg::Input(input)).await
+                if let Err(mpsc::error::SendError(Msg::Provisioned { instance_id, .. })) =
+                    tx.send(message).await
                 {
                     // The loop is gone (shutdown): the instance must not outlive it.
                     terminate(&shared, &instance_id).await;
@@ -1009,12 +1185,14 @@ fn secrets_for(shared: &Shared, run: &RunRow, spec: &JobSpec) -> Result<RunSecre
     Ok(secrets)
 }
 
-/// Creates the attempt's instance with a fresh agent token bound to the attempt.
+/// Creates the attempt's instance for its agent `token` (bound to the attempt by the claim;
+/// without one, a fresh token is minted and bound here).
 async fn provision(
     shared: &Shared,
     job_id: &str,
     run_id: &str,
     attempt: u32,
+    token: Option<String>,
 ) -> Result<String, String> {
     let db = &shared.db;
     let job = db
@@ -1022,15 +1200,20 @@ async fn provision(
         .await
         .map_err(|error| format!("reading the job failed: {error}"))?
         .ok_or("the job vanished")?;
-    let token = new_token();
-    let hash = hex::encode(Sha256::digest(token.as_bytes()));
-    if !db
-        .set_attempt_token(job_id, attempt, &hash)
-        .await
-        .map_err(|error| format!("storing the agent token failed: {error}"))?
-    {
-        return Err("the attempt ended before its instance was created".into());
-    }
+    let token = match token {
+        Some(token) => token,
+        None => {
+            let token = new_token();
+            if !db
+                .set_attempt_token(job_id, attempt, &token_hash(&token))
+                .await
+                .map_err(|error| format!("storing the agent token failed: {error}"))?
+            {
+                return Err("the attempt ended before its instance was created".into());
+            }
+            token
+        }
+    };
     let arch = match job.architecture.as_str() {
         "arm64" => stagely_protocol::Arch::Arm64,
         "amd64" => stagely_protocol::Arch::Amd64,
@@ -1118,6 +1301,11 @@ fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("stg_{}", hex::encode(bytes))
+}
+
+/// What the store keeps of an agent token: its SHA-256, hex.
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// The image a job pushes: `<registry>/<namespace>/<environment>:<job tag>`.

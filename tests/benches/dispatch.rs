@@ -43,6 +43,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 const FAKE_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const WAIT: Duration = Duration::from_secs(300);
+/// Pause between one probe job's end and the next one's submission.
+const PROBE_GAP: Duration = Duration::from_millis(50);
 
 // ---------------------------------------------------------------------------------------------
 // The core's own dispatch events, timestamped as they are emitted.
@@ -53,6 +55,10 @@ struct Marks {
     stored: HashMap<String, Instant>,
     /// Job id → its `work sent` event (BUILD or MERGE written to the agent's socket).
     sent: HashMap<String, Instant>,
+    /// Job id → the provider was asked for its instance (claim won, token bound).
+    create_called: HashMap<String, Instant>,
+    /// Job id → its agent's token was accepted at the upgrade (`agent authenticated`).
+    authenticated: HashMap<String, Instant>,
 }
 
 fn marks() -> &'static Mutex<Marks> {
@@ -129,6 +135,9 @@ impl<S: tracing::Subscriber> Layer<S> for MarkLayer {
             (Some("work sent"), _, Some(job_id)) => {
                 marks.sent.insert(job_id, at);
             }
+            (Some("agent authenticated"), _, Some(job_id)) => {
+                marks.authenticated.insert(job_id, at);
+            }
             _ => {}
         }
     }
@@ -202,6 +211,11 @@ impl Provider for Fleet {
         let bootstrap = stagely_cloud_init::read_user_data(&spec.user_data)?;
         if let (Some(job), Some(run)) = (spec.tags.get("stagely:job"), spec.tags.get("stagely:run"))
         {
+            marks()
+                .lock()
+                .unwrap()
+                .create_called
+                .insert(job.clone(), Instant::now());
             self.runs.lock().unwrap().insert(job.clone(), run.clone());
         }
         let agent = SimulatedAgent {
@@ -516,6 +530,58 @@ async fn next_event<T>(
     }
 }
 
+/// Where the time of `jobs` went, each stage median / p99: eligible → instance asked for
+/// (load, claim) → agent accepted (instance recorded, boot, WebSocket upgrade) → work sent.
+fn stages(fleet: &Fleet, jobs: &[String]) -> String {
+    let marks = marks().lock().unwrap();
+    let mut claim = Vec::new();
+    let mut boot = Vec::new();
+    let mut send = Vec::new();
+    let mut slowest = (0.0, String::new());
+    for job in jobs {
+        let run = fleet.run_of(job).expect("the job's instance was created");
+        let (Some(stored), Some(created), Some(accepted), Some(sent)) = (
+            marks.stored.get(&run),
+            marks.create_called.get(job),
+            marks.authenticated.get(job),
+            marks.sent.get(job),
+        ) else {
+            continue;
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        claim.push(ms(created.duration_since(*stored)));
+        boot.push(ms(accepted.duration_since(*created)));
+        send.push(ms(sent.duration_since(*accepted)));
+        let total = ms(sent.duration_since(*stored));
+        if total > slowest.0 {
+            slowest = (
+                total,
+                format!(
+                    "{:.2}+{:.2}+{:.2}",
+                    claim[claim.len() - 1],
+                    boot[boot.len() - 1],
+                    send[send.len() - 1]
+                ),
+            );
+        }
+    }
+    let brief = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        format!(
+            "{:.2}/{:.2}",
+            percentile(values, 50.0),
+            percentile(values, 99.0)
+        )
+    };
+    format!(
+        "to create {} · to agent accepted {} · to work sent {} ms (slowest: {})",
+        brief(&mut claim),
+        brief(&mut boot),
+        brief(&mut send),
+        slowest.1
+    )
+}
+
 /// Eligible → work sent, for `jobs`, in milliseconds.
 fn dispatch_latencies(fleet: &Fleet, jobs: &[String]) -> Vec<f64> {
     let marks = marks().lock().unwrap();
@@ -538,6 +604,8 @@ fn dispatch_latencies(fleet: &Fleet, jobs: &[String]) -> Vec<f64> {
 struct Level {
     fan_out: Vec<f64>,
     next_job: Vec<f64>,
+    /// Median/p99 of the next jobs' stages.
+    stages: String,
 }
 
 async fn dispatch_level(backend: Backend, level: usize, probes: usize) -> Level {
@@ -583,17 +651,21 @@ async fn dispatch_level(backend: Backend, level: usize, probes: usize) -> Level 
             _ => None,
         })
         .await;
-        // Completed and its instance terminated: back to N-1 live.
+        // Completed and its instance terminated: back to N-1 live. The next job arrives a
+        // little later (arrivals are independent, not timed to the end of the previous job's
+        // bookkeeping, which the core finishes in the background).
         next_event(&mut events, |event| match event {
             FleetEvent::Terminated { .. } => Some(()),
             _ => None,
         })
         .await;
         probe_jobs.push(job);
+        tokio::time::sleep(PROBE_GAP).await;
     }
     let figures = Level {
         fan_out: dispatch_latencies(&fleet, &fan_out_jobs),
         next_job: dispatch_latencies(&fleet, &probe_jobs),
+        stages: stages(&fleet, &probe_jobs),
     };
     core.stop().await;
     figures
@@ -713,6 +785,10 @@ async fn main() {
                 "  {backend:<10} {level:>3} concurrent: next job, {:>3} live      {}",
                 level - 1,
                 summary(&figures.next_job)
+            );
+            println!(
+                "  {:<10} {:>3}   stages (median/p99): {}",
+                "", "", figures.stages
             );
         }
     }

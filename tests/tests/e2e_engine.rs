@@ -486,3 +486,68 @@ async fn jobs_over_the_instance_limit_wait_in_a_visible_fifo_queue() {
     assert!(by_name("c").started_at.unwrap() >= by_name("b").completed_at.unwrap());
     core.stop().await;
 }
+
+/// Wraps a provider: every termination takes `delay` before it starts.
+struct SlowTerminations {
+    inner: Arc<dyn Provider>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Provider for SlowTerminations {
+    fn name(&self) -> &'static str {
+        "slow-terminations"
+    }
+
+    async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
+        self.inner.create_instance(spec).await
+    }
+
+    async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.terminate_instance(instance_id).await
+    }
+
+    async fn list_instances(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        self.inner.list_instances(tags).await
+    }
+}
+
+/// A run is stored finished only once its instances are gone, even when syncs read it (still
+/// unfinished in the store) while its terminations run and the engine finishes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_is_stored_finished_only_after_its_instances_are_gone_whatever_syncs_read() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = repo(&[
+        (
+            "stagely.yaml",
+            "builds:\n  app:\n    context: ./app\n    platform: linux/amd64\n".into(),
+        ),
+        ("app/Dockerfile", sleeper("quick", 0, 0)),
+    ]);
+    let mut core = TestCore::start_wrapped(
+        |file| file.scheduler.sync_interval_ms = Some(50),
+        |local| {
+            Arc::new(SlowTerminations {
+                inner: local,
+                delay: Duration::from_secs(2),
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-slow-end").await.unwrap();
+    let view = wait_for_status(&core, &run.id, "completed").await;
+    assert_eq!(view.jobs[0].status, "completed");
+    let live = core.live_instances().await;
+    assert!(
+        live.is_empty(),
+        "the run ended before its instance: {live:?}"
+    );
+    core.stop().await;
+}

@@ -118,6 +118,15 @@ pub struct LogRow {
     pub line: String,
 }
 
+/// A claim as the store writes it: the engine's claim and the token of the attempt it
+/// starts, bound in the claim's own transaction (no second write before the instance boots).
+#[derive(Debug, Clone)]
+pub struct AttemptClaim {
+    pub claim: Claim,
+    /// SHA-256 (hex) of the agent token minted for the attempt the claim starts.
+    pub token_hash: String,
+}
+
 /// A line to store.
 #[derive(Debug, Clone)]
 pub struct NewLogLine {
@@ -237,9 +246,9 @@ impl Db {
 pub trait Store: Send + Sync + std::fmt::Debug {
     async fn close(&self);
 
-    /// Creates a run and its jobs atomically.
-    #[allow(clippy::too_many_arguments)]
-    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError>;
+    /// Creates a run and its jobs atomically; returns the run as stored (what
+    /// [`Store::run_snapshot`] would read back).
+    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<RunSnapshot, DbError>;
 
     async fn run(&self, run_id: &str) -> Result<Option<RunRow>, DbError>;
 
@@ -276,11 +285,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Claims jobs for `owner` in the given order, atomically: each claim holds only if the
     /// job is still queued at the expected attempt and (unless it reuses a live instance)
-    /// the live jobs across every core stay within the limits. Returns (won, lost).
+    /// the live jobs across every core stay within the limits; a won claim's attempt is
+    /// recorded with its agent token's hash in the same transaction. Returns (won, lost).
     async fn claim(
         &self,
         owner: &str,
-        claims: &[Claim],
+        claims: &[AttemptClaim],
         lease_until: Timestamp,
         max_live_instances: usize,
         max_live_per_environment: usize,
@@ -366,7 +376,7 @@ macro_rules! impl_shared_store {
             async fn claim(
                 &self,
                 owner: &str,
-                claims: &[Claim],
+                claims: &[$crate::db::AttemptClaim],
                 lease_until: Timestamp,
                 max_live_instances: usize,
                 max_live_per_environment: usize,
@@ -378,16 +388,32 @@ macro_rules! impl_shared_store {
                 )
                 .fetch_one(&mut *tx)
                 .await?;
-                let per_env: Vec<(String, i64)> = sqlx::query_as(
-                    "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-                     WHERE j.status IN ('provisioning', 'running') GROUP BY r.environment_id",
-                )
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut per_env: std::collections::HashMap<String, i64> = per_env.into_iter().collect();
+                // Live jobs of the claimed environments only (not a scan of every live job).
+                let mut environments: Vec<&str> =
+                    claims.iter().map(|c| c.claim.environment_id.as_str()).collect();
+                environments.sort_unstable();
+                environments.dedup();
+                let mut per_env: std::collections::HashMap<String, i64> = Default::default();
+                if !environments.is_empty() {
+                    let mut builder: QueryBuilder<$db> = QueryBuilder::new(
+                        "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+                         WHERE j.status IN ('provisioning', 'running') AND r.environment_id IN (",
+                    );
+                    let mut separated = builder.separated(", ");
+                    for environment in &environments {
+                        separated.push_bind(*environment);
+                    }
+                    builder.push(") GROUP BY r.environment_id");
+                    per_env.extend(
+                        builder
+                            .build_query_as::<(String, i64)>()
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
+                }
                 let mut won = Vec::new();
                 let mut lost = Vec::new();
-                for claim in claims {
+                for $crate::db::AttemptClaim { claim, token_hash } in claims {
                     if lockable
                         .as_ref()
                         .is_some_and(|ids| !ids.contains(&claim.job_id))
@@ -420,12 +446,13 @@ macro_rules! impl_shared_store {
                         continue;
                     }
                     sqlx::query(
-                        "INSERT INTO job_attempts (build_job_id, number, owner, started_at) VALUES ($1, $2, $3, $4)",
+                        "INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash) VALUES ($1, $2, $3, $4, $5)",
                     )
                     .bind(&claim.job_id)
                     .bind(claim.attempt as i32)
                     .bind(owner)
                     .bind(now.millis())
+                    .bind(token_hash)
                     .execute(&mut *tx)
                     .await?;
                     if !claim.reuses_instance {
@@ -444,7 +471,7 @@ macro_rules! impl_shared_store {
 
     /// Creates a run and its jobs atomically.
     #[allow(clippy::too_many_arguments)]
-    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<(), DbError> {
+    async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<$crate::engine::RunSnapshot, DbError> {
         let run_id = &run.id;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -481,7 +508,20 @@ macro_rules! impl_shared_store {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        let mut run_row = run.draft_row();
+        run_row.created_at = now;
+        run_row.updated_at = now;
+        let job_rows = jobs
+            .iter()
+            .enumerate()
+            .map(|(ordinal, job)| {
+                let mut row = job.draft_row(run_id);
+                row.created_at = now;
+                row.ordinal = ordinal as i32;
+                row
+            })
+            .collect();
+        $crate::db::snapshot(run_row, job_rows)
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<RunRow>, DbError> {
@@ -1194,17 +1234,25 @@ mod tests {
                 spec: spec.into(),
             })
             .collect();
-        db.create_run(&run, &jobs).await.unwrap();
+        let created = db.create_run(&run, &jobs).await.unwrap();
+        assert_eq!(
+            db.run_snapshot("r1").await.unwrap(),
+            Some(created),
+            "create_run returns exactly what is stored"
+        );
         Some((dir, db))
     }
 
-    fn claim(job: &str, expected: u32) -> Claim {
-        Claim {
-            job_id: job.into(),
-            environment_id: "env".into(),
-            attempt: expected + 1,
-            expected_attempt: expected,
-            reuses_instance: false,
+    fn claim(job: &str, expected: u32) -> AttemptClaim {
+        AttemptClaim {
+            claim: Claim {
+                job_id: job.into(),
+                environment_id: "env".into(),
+                attempt: expected + 1,
+                expected_attempt: expected,
+                reuses_instance: false,
+            },
+            token_hash: format!("hash-{job}-{}", expected + 1),
         }
     }
 
@@ -1275,7 +1323,13 @@ mod tests {
         db.claim("core/1", &[claim("a", 0)], Timestamp(31_000), 10, 10, now)
             .await
             .unwrap();
+        assert_eq!(
+            db.attempt_for_token("hash-a-1").await.unwrap(),
+            Some(("a".to_string(), 1)),
+            "the claim binds the attempt's token"
+        );
         assert!(db.set_attempt_token("a", 1, "hash-1").await.unwrap());
+        assert_eq!(db.attempt_for_token("hash-a-1").await.unwrap(), None);
         assert_eq!(
             db.attempt_for_token("hash-1").await.unwrap(),
             Some(("a".to_string(), 1))

@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::*;
-use crate::engine::{Claim, JobEnd, Timestamp, Transition};
+use crate::engine::{JobEnd, Timestamp, Transition};
 
 /// The advisory lock key of job claims ("stagely" in ASCII, as a number).
 const CLAIM_LOCK: i64 = 0x73_74_61_67_65_6c_79;
@@ -39,14 +39,14 @@ impl PostgresStore {
     /// skipped (and lost). Returns the candidates that may be tried.
     pub(crate) async fn begin_claim(
         &self,
-        claims: &[Claim],
+        claims: &[crate::db::AttemptClaim],
     ) -> Result<(sqlx::Transaction<'static, Postgres>, Option<Vec<String>>), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(CLAIM_LOCK)
             .execute(&mut *tx)
             .await?;
-        let ids: Vec<String> = claims.iter().map(|claim| claim.job_id.clone()).collect();
+        let ids: Vec<String> = claims.iter().map(|c| c.claim.job_id.clone()).collect();
         let lockable: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM build_jobs WHERE id = ANY($1) AND status = 'queued' FOR UPDATE SKIP LOCKED",
         )

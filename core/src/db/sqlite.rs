@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::*;
-use crate::engine::{Claim, JobEnd, Timestamp, Transition};
+use crate::engine::{JobEnd, Timestamp, Transition};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -38,7 +38,7 @@ impl SqliteStore {
     /// and the update. Every candidate may be tried (`None`).
     pub(crate) async fn begin_claim(
         &self,
-        _claims: &[Claim],
+        _claims: &[crate::db::AttemptClaim],
     ) -> Result<(sqlx::Transaction<'static, Sqlite>, Option<Vec<String>>), DbError> {
         Ok((self.pool.begin_with("BEGIN IMMEDIATE").await?, None))
     }

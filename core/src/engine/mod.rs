@@ -383,6 +383,9 @@ pub struct Engine {
     dirty: BTreeSet<String>,
     /// The next step looks at every run (timeouts, a sync, a drain).
     step_all: bool,
+    /// Runs loaded `pending`: `RunStarted` is written after the step's claim, so the claim
+    /// (on the way to an instance) does not wait for it.
+    started: Vec<String>,
 }
 
 impl Engine {
@@ -396,6 +399,7 @@ impl Engine {
             next_renewal: None,
             dirty: BTreeSet::new(),
             step_all: false,
+            started: Vec::new(),
         }
     }
 
@@ -608,6 +612,11 @@ impl Engine {
             .collect()
     }
 
+    /// Whether the run is in view.
+    pub fn has_run(&self, run_id: &str) -> bool {
+        self.runs.contains_key(run_id)
+    }
+
     /// Unfinished runs in view.
     pub fn run_ids(&self) -> impl Iterator<Item = &str> {
         self.runs.keys().map(String::as_str)
@@ -646,6 +655,9 @@ impl Engine {
         for (ordinal, fresh) in snapshot.jobs.into_iter().enumerate() {
             let taken_over = self.takes_over_at_start(&fresh);
             match self.jobs.get_mut(&fresh.id) {
+                // Attempt numbers only grow in the store: a snapshot behind this view (read
+                // before this core's claim) is old news about the job, not a change.
+                Some(known) if fresh.attempt < known.snapshot.attempt => {}
                 Some(known) => {
                     let same = known.snapshot.status == fresh.status
                         && known.snapshot.attempt == fresh.attempt
@@ -718,10 +730,7 @@ impl Engine {
         }
         if run.status == RunStatus::Pending {
             run.status = RunStatus::Building;
-            self.actions
-                .push_back(Action::Persist(Transition::RunStarted {
-                    run_id: snapshot.id,
-                }));
+            self.started.push(snapshot.id);
         }
     }
 
@@ -1342,6 +1351,10 @@ impl Engine {
         self.settle(now);
         self.claim_eligible(now);
         self.settle(now);
+        for run_id in std::mem::take(&mut self.started) {
+            self.actions
+                .push_back(Action::Persist(Transition::RunStarted { run_id }));
+        }
         if !self.jobs.values().any(|job| job.local.is_some()) {
             self.next_renewal = None;
         }

@@ -972,6 +972,23 @@ fn a_previous_incarnation_of_this_core_is_taken_over_at_once() {
 }
 
 #[test]
+fn a_snapshot_older_than_this_cores_claim_does_not_stop_the_attempt() {
+    let mut world = World::new(config());
+    let created = run("r1", "env", 1, vec![build("a")]);
+    world.submit(created.clone());
+    boot(&mut world, "a");
+    assert_eq!(world.status("a"), JobStatus::Running);
+    // The run as it was created (queued, attempt 0) arrives after the claim: stale.
+    world.input(Input::Load(created));
+    assert!(world.terminated.is_empty(), "{:?}", world.terminated);
+    assert_eq!(world.status("a"), JobStatus::Running);
+    assert_eq!(world.claims_seen.len(), 1, "not claimed again");
+    finish(&mut world, "a", completed("a"));
+    assert_eq!(world.runs["r1"].0, RunStatus::Completed);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
 fn draining_hands_jobs_back_without_spending_retries_and_stops_claiming() {
     let mut config = config();
     config.max_live_instances = 1;
