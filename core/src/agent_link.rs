@@ -177,9 +177,9 @@ impl<'a> Link<'a> {
         let Some(last) = self.batch.last().map(|line| line.seq) else {
             return Ok(());
         };
-        self.context
-            .db
-            .append_logs(&self.job_id, &self.batch)
+        // Lines are keyed by (job, seq): storing a batch again stores nothing twice.
+        let (db, job_id, batch) = (&self.context.db, &self.job_id, &self.batch);
+        crate::db::retry_transient(|| db.append_logs(job_id, batch))
             .await
             .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
         self.batch.clear();

@@ -797,7 +797,8 @@ impl LoopState {
     }
 
     async fn persist(&mut self, transition: Transition) {
-        let result = self.shared.db.apply(&transition, now()).await;
+        let db = &self.shared.db;
+        let result = crate::db::retry_transient(|| db.apply(&transition, now())).await;
         self.shared.wrote();
         let applied = match result {
             Ok(applied) => applied,

@@ -400,6 +400,20 @@ impl TestCore {
         Self::start_with(data, registry, FileConfig::default(), Some(provider)).await
     }
 
+    /// A core with the local provider on the `backend` named (not the one
+    /// `STAGELY_TEST_DATABASE` picks), its file configuration edited by `configure` first.
+    pub async fn start_local_on(
+        backend: Backend,
+        configure: impl FnOnce(&mut FileConfig),
+    ) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let mut file = FileConfig::default();
+        file.provider.agent_binary = Some(agent_binary());
+        configure(&mut file);
+        let registry = LocalRegistry::start().await?;
+        Self::start_on(data, registry, file, None, backend).await
+    }
+
     /// A core with `provider`, on the `backend` named (not the one `STAGELY_TEST_DATABASE`
     /// picks), its file configuration edited by `configure` first.
     pub async fn start_with_provider_on(

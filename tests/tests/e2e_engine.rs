@@ -551,3 +551,64 @@ async fn a_run_is_stored_finished_only_after_its_instances_are_gone_whatever_syn
     );
     core.stop().await;
 }
+
+/// Every connection of the core to PostgreSQL is cut mid-build (a failover, a server restart):
+/// the core reconnects and retries its writes, the build goes on and completes on its first
+/// attempt, and the lines it printed after the cut are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_database_connections_mid_build_lose_nothing() {
+    if !require_build_peers() {
+        return;
+    }
+    // Always on PostgreSQL: the suite's PostgreSQL pass would only repeat it.
+    if testing_postgres() {
+        return;
+    }
+    let repo = repo(&[
+        (
+            "stagely.yaml",
+            "builds:\n  app:\n    context: ./app\n    platform: linux/amd64\n".into(),
+        ),
+        (
+            "app/Dockerfile",
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started pgcut; /bin/busybox sleep 3; echo after the cut\"]\n".into(),
+        ),
+    ]);
+    let mut core = TestCore::start_local_on(Backend::Postgres, |_| {})
+        .await
+        .unwrap();
+    let database = core.database.as_ref().unwrap().name.clone();
+    let run = core.submit(&repo, None, "pr-pgcut").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+    poll_until(RUN_TIMEOUT, "the build to start", || async {
+        let lines = core.logs(&job_id).await.unwrap_or_default();
+        let started = lines.iter().any(|(_, l)| l.contains("started pgcut"));
+        Ok((started.then_some(()), format!("{} line(s)", lines.len())))
+    })
+    .await;
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
+            .await
+            .unwrap();
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&database)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!cut.is_empty(), "the core had connections to cut");
+        let _ = admin.close().await;
+    }
+    let view = wait_for_status(&core, &run.id, "completed").await;
+    let job = &view.jobs[0];
+    assert_eq!(job.attempts.len(), 1, "not retried: {:?}", job.attempts);
+    let lines = core.logs(&job_id).await.unwrap();
+    assert!(
+        lines.iter().any(|(_, l)| l.contains("after the cut")),
+        "{lines:?}"
+    );
+    assert!(core.live_instances().await.is_empty());
+    core.stop().await;
+}

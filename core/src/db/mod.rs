@@ -40,6 +40,45 @@ pub enum DbError {
     Config(String),
 }
 
+impl DbError {
+    /// The connection failed, not the statement (a server restart, a dropped connection, an
+    /// exhausted pool): the same call may succeed on another connection.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_),
+            ) => true,
+            // Class 08 (connection exception) and 57P01-57P03 (server shutting down or
+            // starting).
+            DbError::Sqlx(sqlx::Error::Database(error)) => error
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+            _ => false,
+        }
+    }
+}
+
+/// Runs a store call again (up to 3 more times, from 20 ms, doubling) when it failed for its
+/// connection rather than its statement. Only for calls that may run twice: guarded writes
+/// (a retry of one that did land finds its guard moved), idempotent inserts, reads.
+pub async fn retry_transient<T, F, Fut>(call: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    call.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(20))
+            .with_max_times(3),
+    )
+    .when(DbError::is_transient)
+    .notify(|error, delay| {
+        tracing::warn!("a database call failed ({error}); retrying in {delay:?}");
+    })
+    .await
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -26,6 +26,7 @@ impl PostgresStore {
             .map_err(|_| DbError::Config("the PostgreSQL URL could not be parsed (expected postgres://user@host:port/database)".into()))?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            .test_before_acquire(false)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(options)
             .await?;

@@ -383,8 +383,8 @@ pub struct Engine {
     dirty: BTreeSet<String>,
     /// The next step looks at every run (timeouts, a sync, a drain).
     step_all: bool,
-    /// Runs loaded `pending`: `RunStarted` is written after the step's claim, so the claim
-    /// (on the way to an instance) does not wait for it.
+    /// Runs loaded `pending`: `RunStarted` is written once no claim is outstanding, after the
+    /// instances are asked for, so the way to an instance does not wait for it.
     started: Vec<String>,
 }
 
@@ -1351,9 +1351,12 @@ impl Engine {
         self.settle(now);
         self.claim_eligible(now);
         self.settle(now);
-        for run_id in std::mem::take(&mut self.started) {
-            self.actions
-                .push_back(Action::Persist(Transition::RunStarted { run_id }));
+        // After the claims are answered and their instances asked for.
+        if !self.started.is_empty() && !self.jobs.values().any(|job| job.claim_pending) {
+            for run_id in std::mem::take(&mut self.started) {
+                self.actions
+                    .push_back(Action::Persist(Transition::RunStarted { run_id }));
+            }
         }
         if !self.jobs.values().any(|job| job.local.is_some()) {
             self.next_renewal = None;
