@@ -724,6 +724,11 @@ async fn start_run(
     let db = state.runner.db();
     let stored = db.create_run(run, jobs).await?;
     tracing::info!(run_id = %run.id, jobs = jobs.len(), "run submitted");
+    // Handed to the runner first: its jobs are eligible now, and cancelling the older runs
+    // need not delay them.
+    if state.runner.submitted(stored, secrets).await.is_err() {
+        return Err(ApiError::Unavailable("the core is shutting down".into()));
+    }
     for older in db
         .unfinished_runs_of_environment(&run.environment_id, &run.id)
         .await?
@@ -735,9 +740,6 @@ async fn start_run(
             Err(RunnerError::Command(_)) => {}
             Err(error) => tracing::warn!(run_id = %older, "superseding failed: {error}"),
         }
-    }
-    if state.runner.submitted(stored, secrets).await.is_err() {
-        return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
     Ok(())
 }

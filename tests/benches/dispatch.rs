@@ -11,7 +11,7 @@
 //!   `run submitted` event) to its BUILD frame being sent (the `work sent` event of
 //!   `stagely_core::dispatch`), timed inside this process from tracing events. At each level
 //!   N (1, 50, 500 concurrent jobs): the fan-out of the first N-1 jobs submitted together,
-//!   then 100 further jobs submitted one after another while those N-1 stay live (each is the
+//!   then 200 further jobs submitted one after another (50 ms apart) while those N-1 stay live (each is the
 //!   N-th concurrent job).
 //! - **merge**: the time a MERGE adds after the last platform job's STATUS: until the MERGE
 //!   frame reaches that agent (handed over on its open connection: no instance boots), and until
@@ -764,7 +764,7 @@ async fn main() {
     let probes: usize = std::env::var("STAGELY_BENCH_PROBES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(200);
     let backends: Vec<Backend> = match std::env::var("STAGELY_BENCH_BACKENDS").as_deref() {
         Ok("sqlite") => vec![Backend::Sqlite],
         Ok("postgres") => vec![Backend::Postgres],

@@ -43,15 +43,16 @@ impl PostgresStore {
         claims: &[crate::db::AttemptClaim],
     ) -> Result<(sqlx::Transaction<'static, Postgres>, Option<Vec<String>>), DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(CLAIM_LOCK)
-            .execute(&mut *tx)
-            .await?;
         let ids: Vec<String> = claims.iter().map(|c| c.claim.job_id.clone()).collect();
+        // One round trip: the lock (a materialized CTE, taken first) and the candidates.
         let lockable: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM build_jobs WHERE id = ANY($1) AND status = 'queued' FOR UPDATE SKIP LOCKED",
+            "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($2))
+             SELECT j.id FROM claim_lock, build_jobs j
+             WHERE j.id = ANY($1) AND j.status = 'queued'
+             FOR UPDATE OF j SKIP LOCKED",
         )
         .bind(&ids)
+        .bind(CLAIM_LOCK)
         .fetch_all(&mut *tx)
         .await?;
         Ok((tx, Some(lockable)))
