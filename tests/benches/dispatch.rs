@@ -308,7 +308,9 @@ impl SimulatedAgent {
         request
             .headers_mut()
             .insert("authorization", format!("Bearer {}", self.token).parse()?);
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+        // As the real agent: no Nagle delay on its small frames.
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         send(
             &mut socket,
             &Message::Hello(Hello {

@@ -421,6 +421,7 @@ macro_rules! impl_shared_store {
                 max_live_per_environment: usize,
                 now: Timestamp,
             ) -> Result<(Vec<String>, Vec<String>), DbError> {
+                let _turn = self.write_turn().await;
                 let (mut tx, lockable) = self.begin_claim(claims).await?;
                 let (mut live,): (i64,) = sqlx::query_as(
                     "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
@@ -511,6 +512,7 @@ macro_rules! impl_shared_store {
     /// Creates a run and its jobs atomically.
     #[allow(clippy::too_many_arguments)]
     async fn create_run(&self, run: &NewRun, jobs: &[NewJob]) -> Result<$crate::engine::RunSnapshot, DbError> {
+        let _turn = self.write_turn().await;
         let run_id = &run.id;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -592,6 +594,7 @@ macro_rules! impl_shared_store {
 
     /// Stores a batch of lines in one transaction; duplicates (same seq) are ignored.
     async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
         if lines.is_empty() {
             return Ok(());
         }
@@ -642,6 +645,7 @@ macro_rules! impl_shared_store {
     }
 
     async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
         sqlx::query("UPDATE builder_instances SET terminated_at = $2 WHERE id = $1")
             .bind(instance_id)
             .bind(now_ms())
@@ -705,6 +709,7 @@ macro_rules! impl_shared_store {
     /// Writes one engine transition with its guard. `Ok(false)`: the guard did not hold (the
     /// row moved meanwhile, e.g. another replica took the job); nothing was written.
     async fn apply(&self, transition: &Transition, now: Timestamp) -> Result<bool, DbError> {
+        let _turn = self.write_turn().await;
         let now = now.millis();
         let affected = match transition {
             Transition::RunStarted { run_id } => sqlx::query(
@@ -955,6 +960,7 @@ macro_rules! impl_shared_store {
         attempt: u32,
         token_hash: &str,
     ) -> Result<bool, DbError> {
+        let _turn = self.write_turn().await;
         let rows = sqlx::query(
             "UPDATE job_attempts SET token_hash = $3 WHERE build_job_id = $1 AND number = $2 AND ended_at IS NULL",
         )
@@ -1004,6 +1010,7 @@ macro_rules! impl_shared_store {
         attempt: u32,
         owner: &str,
     ) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO builder_instances (id, provider, build_job_id, created_at, attempt, owner) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (id) DO NOTHING",

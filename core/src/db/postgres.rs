@@ -34,6 +34,11 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
+    /// Writers need no turn: the server handles concurrent writers with row locks.
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        None
+    }
+
     /// Opens a claim's transaction: claims of every replica are serialized by a
     /// transaction-scoped advisory lock (so the live counts read next cannot be raced past
     /// the limits), and the candidate rows are locked; rows another transaction holds are

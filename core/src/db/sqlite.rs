@@ -13,6 +13,9 @@ use crate::engine::{JobEnd, Timestamp, Transition};
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
+    /// One writer at a time, queued here: SQLite allows one, and writers that meet in the
+    /// file wait in its busy handler, which sleeps in steps of up to 100 ms.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -31,7 +34,15 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Held by every write of this process ([`SqliteStore::writer`]).
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.writer.lock().await)
     }
 
     /// Opens a claim's transaction. IMMEDIATE: the write lock is taken before the counts are
