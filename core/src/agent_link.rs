@@ -63,7 +63,19 @@ pub async fn serve_attempt(
     order: WorkOrder,
     commands: &mut mpsc::Receiver<LinkCommand>,
 ) -> (Option<AttemptOutcome>, Option<WebSocket>) {
-    let mut link = Link::new(context, &order).await;
+    let mut link = match Link::new(context, &order).await {
+        Ok(link) => link,
+        Err(message) => {
+            close(&mut socket, None).await;
+            return (
+                Some(AttemptOutcome::Infrastructure {
+                    kind: InfraKind::AgentLost,
+                    message,
+                }),
+                None,
+            );
+        }
+    };
     let reusable = order.handed_over;
     match link.run(&mut socket, order, commands).await {
         Ok(Ended::Status(outcome)) if reusable || link.accepts_more_work => {
@@ -146,7 +158,12 @@ struct Link<'a> {
 }
 
 impl<'a> Link<'a> {
-    async fn new(context: &'a LinkContext, order: &WorkOrder) -> Link<'a> {
+    /// A link for `order`. Lines of a retried attempt are numbered after the earlier
+    /// attempts' (read from the store: a failed read fails the attempt rather than numbering
+    /// over stored lines, which would drop the new ones as duplicates). A first attempt has
+    /// no earlier lines and starts at 1 without a read (each attempt has one link: agents do
+    /// not reconnect yet).
+    async fn new(context: &'a LinkContext, order: &WorkOrder) -> Result<Link<'a>, String> {
         let mut link = Link {
             context,
             job_id: order.job_id.clone(),
@@ -156,7 +173,14 @@ impl<'a> Link<'a> {
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
         };
-        let stored = context.db.last_log_seq(&order.job_id).await.unwrap_or(0);
+        let stored = if order.attempt > 1 {
+            let (db, job_id) = (&context.db, &order.job_id);
+            crate::db::retry_transient(|| db.last_log_seq(job_id))
+                .await
+                .map_err(|error| format!("reading the job's stored log position failed: {error}"))?
+        } else {
+            0
+        };
         if stored > 0 {
             // Earlier attempts wrote lines: this one says where it starts.
             link.base = stored + 1;
@@ -170,7 +194,7 @@ impl<'a> Link<'a> {
             };
             let _ = context.db.append_logs(&order.job_id, &[line]).await;
         }
-        link
+        Ok(link)
     }
 
     async fn flush(&mut self, session: &mut CoreSession) -> Result<(), Failure> {

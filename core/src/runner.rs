@@ -392,6 +392,9 @@ struct LoopState {
 /// runs in the loop.
 const MAX_DISCARDED_SYNCS: u32 = 5;
 
+/// Longest a periodic sync's read may take.
+const SYNC_READ_LIMIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct SyncState {
     /// A read is running in a task.
@@ -572,7 +575,15 @@ impl LoopState {
         let tx = self.tx.clone();
         self.shared.tasks.spawn(async move {
             let generation = shared.writes.load(std::sync::atomic::Ordering::SeqCst);
-            let result = shared.db.unfinished_runs().await;
+            // Bounded: a read that never returns would stop every later sync.
+            let result =
+                match tokio::time::timeout(SYNC_READ_LIMIT, shared.db.unfinished_runs()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(crate::db::DbError::Unanswered {
+                        what: "the read of unfinished runs",
+                        secs: SYNC_READ_LIMIT.as_secs(),
+                    }),
+                };
             let _ = tx.send(Msg::Synced { generation, result }).await;
         });
     }
@@ -694,7 +705,11 @@ impl LoopState {
                 attempt,
             } => {
                 let token = self.tokens.remove(&(job_id.clone(), attempt));
-                self.spawn_provision(job_id, run_id, attempt, token)
+                let handle = self.spawn_provision(job_id.clone(), run_id, attempt, token);
+                // A run's end waits for its provider calls too.
+                let pending = self.terminating.entry(job_id).or_default();
+                pending.retain(|handle| !handle.is_finished());
+                pending.push(handle);
             }
             Action::SendWork {
                 job_id,
@@ -753,11 +768,17 @@ impl LoopState {
         {
             return;
         }
-        let jobs = match self.shared.db.jobs_of_run(&run_id).await {
+        let db = &self.shared.db;
+        let jobs = match crate::db::retry_transient(|| db.jobs_of_run(&run_id)).await {
             Ok(jobs) => jobs,
             Err(error) => {
+                // Without its jobs, this finish cannot wait for their instances: it is not
+                // stored now; the next sync loads the run again and finishes it then.
                 tracing::error!(run_id, "reading a finished run's jobs failed: {error}");
-                Vec::new()
+                if let Ok(mut finishing) = self.shared.finishing.lock() {
+                    finishing.remove(&run_id);
+                }
+                return;
             }
         };
         let handles: Vec<_> = jobs
@@ -824,6 +845,30 @@ impl LoopState {
                     .push(handle);
             }
             return;
+        }
+        if let Transition::AttemptEnded {
+            job_id,
+            attempt,
+            takeover: true,
+            ..
+        } = &transition
+        {
+            // Not written: the owner renewed (it lives), or the attempt already ended (another
+            // replica took it, or this write landed and its reply was lost). In the latter
+            // cases its instances must still go.
+            let shared = self.shared.clone();
+            let (job, number) = (job_id.clone(), *attempt);
+            let handle = self.shared.tasks.spawn(async move {
+                let db = &shared.db;
+                let holds = crate::db::retry_transient(|| db.attempt_holds(&job, number, now()));
+                if let Ok(false) = holds.await {
+                    terminate_attempt(&shared, &job, number, None).await;
+                }
+            });
+            self.terminating
+                .entry(job_id.clone())
+                .or_default()
+                .push(handle);
         }
         // The row moved (another replica, a cancel elsewhere): load the truth.
         match &transition {
@@ -967,7 +1012,13 @@ impl LoopState {
         }
     }
 
-    fn spawn_provision(&self, job_id: String, run_id: String, attempt: u32, token: Option<String>) {
+    fn spawn_provision(
+        &self,
+        job_id: String,
+        run_id: String,
+        attempt: u32,
+        token: Option<String>,
+    ) -> tokio::task::JoinHandle<()> {
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         let span = tracing::info_span!("job", run_id = %run_id, job_id = %job_id, attempt);
@@ -1006,7 +1057,7 @@ impl LoopState {
                 }
             }
             .instrument(span),
-        );
+        )
     }
 
     /// Closes a socket without holding up the loop (a peer that stopped reading).
@@ -1024,22 +1075,7 @@ impl LoopState {
     ) -> tokio::task::JoinHandle<()> {
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
-            let mut instances: Vec<String> = instance_id.into_iter().collect();
-            match shared.db.instances_of_attempt(&job_id, attempt).await {
-                Ok(recorded) => {
-                    for id in recorded {
-                        if !instances.contains(&id) {
-                            instances.push(id);
-                        }
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(job_id, "listing an attempt's instances failed: {error}")
-                }
-            }
-            for instance_id in instances {
-                terminate(&shared, &instance_id).await;
-            }
+            terminate_attempt(&shared, &job_id, attempt, instance_id).await;
         })
     }
 
@@ -1259,20 +1295,48 @@ async fn provision(
                 job.machine, arch
             )
         })?;
-    if let Err(error) = db
-        .record_instance(
-            &instance.id,
-            shared.provider.name(),
-            job_id,
-            attempt,
-            &settings.engine.owner,
-        )
-        .await
-    {
+    let owner = &settings.engine.owner;
+    let recorded = crate::db::retry_transient(|| {
+        db.record_instance(&instance.id, shared.provider.name(), job_id, attempt, owner)
+    })
+    .await;
+    if let Err(error) = recorded {
         tracing::error!(instance_id = %instance.id, "recording the instance failed: {error}");
+    }
+    // Ended while the provider worked (a cancel, fail-fast): its end found no instance to
+    // terminate, so this one goes now (and its run's end waits for this task).
+    let holds = crate::db::retry_transient(|| db.attempt_holds(job_id, attempt, now())).await;
+    if let Ok(false) = holds {
+        terminate(shared, &instance.id).await;
+        return Err("the attempt ended while its instance was being created".into());
     }
     tracing::info!(instance_id = %instance.id, emulated = instance.emulated, "instance created");
     Ok(instance.id)
+}
+
+/// Terminates `instance_id` (the one the engine knows) and every other instance recorded for
+/// the attempt (one whose creation a killed core never reported).
+async fn terminate_attempt(
+    shared: &Shared,
+    job_id: &str,
+    attempt: u32,
+    instance_id: Option<String>,
+) {
+    let mut instances: Vec<String> = instance_id.into_iter().collect();
+    let db = &shared.db;
+    match crate::db::retry_transient(|| db.instances_of_attempt(job_id, attempt)).await {
+        Ok(recorded) => {
+            for id in recorded {
+                if !instances.contains(&id) {
+                    instances.push(id);
+                }
+            }
+        }
+        Err(error) => tracing::error!(job_id, "listing an attempt's instances failed: {error}"),
+    }
+    for instance_id in instances {
+        terminate(shared, &instance_id).await;
+    }
 }
 
 /// Terminates an instance (idempotent), retrying a few times; the reaper retries later.

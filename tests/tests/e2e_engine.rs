@@ -612,3 +612,98 @@ async fn cut_database_connections_mid_build_lose_nothing() {
     assert!(core.live_instances().await.is_empty());
     core.stop().await;
 }
+
+/// Wraps a provider: every creation takes `delay` first; records what it created and ended.
+struct SlowCreations {
+    inner: Arc<dyn Provider>,
+    delay: Duration,
+    created: Mutex<Vec<String>>,
+    terminated: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Provider for SlowCreations {
+    fn name(&self) -> &'static str {
+        "slow-creations"
+    }
+
+    async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
+        tokio::time::sleep(self.delay).await;
+        let instance = self.inner.create_instance(spec).await?;
+        self.created.lock().unwrap().push(instance.id.clone());
+        Ok(instance)
+    }
+
+    async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
+        self.inner.terminate_instance(instance_id).await?;
+        self.terminated
+            .lock()
+            .unwrap()
+            .push(instance_id.to_string());
+        Ok(())
+    }
+
+    async fn list_instances(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        self.inner.list_instances(tags).await
+    }
+}
+
+/// A run cancelled while its instance is being created ends only after that instance is
+/// created and terminated: a final run never has a live (or about to live) instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_cancelled_during_instance_creation_ends_after_that_instance_is_gone() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = repo(&[
+        (
+            "stagely.yaml",
+            "builds:\n  app:\n    context: ./app\n    platform: linux/amd64\n".into(),
+        ),
+        ("app/Dockerfile", sleeper("never", 0, 0)),
+    ]);
+    let wrapper: Arc<Mutex<Option<Arc<SlowCreations>>>> = Arc::default();
+    let keep = wrapper.clone();
+    let mut core = TestCore::start_wrapped(
+        |_| {},
+        move |local| {
+            let slow = Arc::new(SlowCreations {
+                inner: local,
+                delay: Duration::from_secs(2),
+                created: Mutex::default(),
+                terminated: Mutex::default(),
+            });
+            *keep.lock().unwrap() = Some(slow.clone());
+            slow
+        },
+    )
+    .await
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-cancel-create").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let response = core
+        .client
+        .post(format!("{}/api/v1/workflows/{}/cancel", core.url, run.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    wait_for_status(&core, &run.id, "cancelled").await;
+    let slow = wrapper.lock().unwrap().clone().unwrap();
+    let created = slow.created.lock().unwrap().clone();
+    let terminated = slow.terminated.lock().unwrap().clone();
+    assert_eq!(
+        created.len(),
+        1,
+        "the run ended before its instance existed"
+    );
+    assert!(
+        created.iter().all(|id| terminated.contains(id)),
+        "created {created:?}, terminated {terminated:?}"
+    );
+    assert!(core.live_instances().await.is_empty());
+    core.stop().await;
+}

@@ -38,6 +38,8 @@ pub enum DbError {
     Corrupt(String),
     #[error("database configuration: {0}")]
     Config(String),
+    #[error("database: no answer to {what} within {secs}s")]
+    Unanswered { what: &'static str, secs: u64 },
 }
 
 impl DbError {
@@ -45,9 +47,9 @@ impl DbError {
     /// exhausted pool): the same call may succeed on another connection.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Sqlx(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_),
-            ) => true,
+            // Not `PoolTimedOut`: that already waited the acquire timeout, and retrying it would
+            // hold the runner's loop for longer than a lease.
+            DbError::Sqlx(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
             // Class 08 (connection exception) and 57P01-57P03 (server shutting down or
             // starting).
             DbError::Sqlx(sqlx::Error::Database(error)) => error
@@ -391,7 +393,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         environment_id: &str,
     ) -> Result<Option<RunRow>, DbError>;
 
-    /// Unfinished runs of an environment other than `except`.
+    /// Unfinished runs of an environment created before `except` (older by creation time,
+    /// then id): what a new run supersedes. Two runs submitted at once never cancel each
+    /// other.
     async fn unfinished_runs_of_environment(
         &self,
         environment_id: &str,
@@ -1099,15 +1103,19 @@ macro_rules! impl_shared_store {
         .await?)
     }
 
-    /// Unfinished runs of an environment other than `except`.
+    /// Unfinished runs of an environment created before `except` (older by creation time,
+    /// then id): what a new run supersedes. Two runs submitted at once never cancel each
+    /// other.
     async fn unfinished_runs_of_environment(
         &self,
         environment_id: &str,
         except: &str,
     ) -> Result<Vec<String>, DbError> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM workflow_runs WHERE environment_id = $1 AND id <> $2 AND status IN ('pending', 'building')
-             ORDER BY created_at",
+            "SELECT r.id FROM workflow_runs r JOIN workflow_runs n ON n.id = $2
+             WHERE r.environment_id = $1 AND r.id <> $2 AND r.status IN ('pending', 'building')
+               AND (r.created_at < n.created_at OR (r.created_at = n.created_at AND r.id < n.id))
+             ORDER BY r.created_at",
         )
         .bind(environment_id)
         .bind(except)

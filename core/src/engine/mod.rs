@@ -730,7 +730,9 @@ impl Engine {
         }
         if run.status == RunStatus::Pending {
             run.status = RunStatus::Building;
-            self.started.push(snapshot.id);
+            if !self.started.contains(&snapshot.id) {
+                self.started.push(snapshot.id);
+            }
         }
     }
 
