@@ -729,10 +729,19 @@ async fn start_run(
     if state.runner.submitted(stored, secrets).await.is_err() {
         return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
-    for older in db
+    // The run is accepted whatever happens here: a failure to supersede is logged, not
+    // answered as an error for a run that will build.
+    let older_runs = match db
         .unfinished_runs_of_environment(&run.environment_id, &run.id)
-        .await?
+        .await
     {
+        Ok(runs) => runs,
+        Err(error) => {
+            tracing::error!(run_id = %run.id, "finding the runs it supersedes failed: {error}");
+            Vec::new()
+        }
+    };
+    for older in older_runs {
         let reason = CancelReason::Superseded { by: run.id.clone() };
         match state.runner.cancel(&older, reason).await {
             Ok(()) => tracing::info!(run_id = %older, by = %run.id, "run superseded"),
