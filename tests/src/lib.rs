@@ -234,6 +234,17 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The one `STAGELY_TEST_DATABASE` picks (SQLite unless it says `postgres`).
+    pub fn from_env() -> Backend {
+        if testing_postgres() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(match self {
@@ -338,6 +349,15 @@ impl Drop for TestDatabase {
     }
 }
 
+/// The file configuration of a core with the local provider (this build's agent), edited by
+/// `configure`.
+fn local_file_config(configure: impl FnOnce(&mut FileConfig)) -> FileConfig {
+    let mut file = FileConfig::default();
+    file.provider.agent_binary = Some(agent_binary());
+    configure(&mut file);
+    file
+}
+
 pub struct TestCore {
     pub core: Option<RunningCore>,
     /// The PostgreSQL database when the tests run against it; dropped with the core.
@@ -367,12 +387,7 @@ impl TestCore {
     pub async fn start_configured(
         configure: impl FnOnce(&mut FileConfig),
     ) -> anyhow::Result<TestCore> {
-        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
-        let mut file = FileConfig::default();
-        file.provider.agent_binary = Some(agent_binary());
-        configure(&mut file);
-        let registry = LocalRegistry::start().await?;
-        Self::start_with(data, registry, file, None).await
+        Self::start_local_on(Backend::from_env(), configure).await
     }
 
     /// A core whose local provider is wrapped by `wrap` (to inject failures), its file
@@ -382,9 +397,7 @@ impl TestCore {
         wrap: impl FnOnce(Arc<dyn Provider>) -> Arc<dyn Provider>,
     ) -> anyhow::Result<TestCore> {
         let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
-        let mut file = FileConfig::default();
-        file.provider.agent_binary = Some(agent_binary());
-        configure(&mut file);
+        let file = local_file_config(configure);
         let registry = LocalRegistry::start().await?;
         let local = Arc::new(stagely_provisioning::local::LocalProvider::new(
             agent_binary(),
@@ -407,9 +420,7 @@ impl TestCore {
         configure: impl FnOnce(&mut FileConfig),
     ) -> anyhow::Result<TestCore> {
         let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
-        let mut file = FileConfig::default();
-        file.provider.agent_binary = Some(agent_binary());
-        configure(&mut file);
+        let file = local_file_config(configure);
         let registry = LocalRegistry::start().await?;
         Self::start_on(data, registry, file, None, backend).await
     }
@@ -434,12 +445,7 @@ impl TestCore {
         file: FileConfig,
         provider: Option<Arc<dyn Provider>>,
     ) -> anyhow::Result<TestCore> {
-        let backend = if testing_postgres() {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
-        };
-        Self::start_on(data, registry, file, provider, backend).await
+        Self::start_on(data, registry, file, provider, Backend::from_env()).await
     }
 
     async fn start_on(

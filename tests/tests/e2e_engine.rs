@@ -487,35 +487,6 @@ async fn jobs_over_the_instance_limit_wait_in_a_visible_fifo_queue() {
     core.stop().await;
 }
 
-/// Wraps a provider: every termination takes `delay` before it starts.
-struct SlowTerminations {
-    inner: Arc<dyn Provider>,
-    delay: Duration,
-}
-
-#[async_trait::async_trait]
-impl Provider for SlowTerminations {
-    fn name(&self) -> &'static str {
-        "slow-terminations"
-    }
-
-    async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
-        self.inner.create_instance(spec).await
-    }
-
-    async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.terminate_instance(instance_id).await
-    }
-
-    async fn list_instances(
-        &self,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<Vec<Instance>, ProviderError> {
-        self.inner.list_instances(tags).await
-    }
-}
-
 /// A run is stored finished only once its instances are gone, even when syncs read it (still
 /// unfinished in the store) while its terminations run and the engine finishes it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -532,12 +503,7 @@ async fn a_run_is_stored_finished_only_after_its_instances_are_gone_whatever_syn
     ]);
     let mut core = TestCore::start_wrapped(
         |file| file.scheduler.sync_interval_ms = Some(50),
-        |local| {
-            Arc::new(SlowTerminations {
-                inner: local,
-                delay: Duration::from_secs(2),
-            })
-        },
+        |local| Arc::new(Delayed::new(local, Duration::ZERO, Duration::from_secs(2))),
     )
     .await
     .unwrap();
@@ -613,28 +579,43 @@ async fn cut_database_connections_mid_build_lose_nothing() {
     core.stop().await;
 }
 
-/// Wraps a provider: every creation takes `delay` first; records what it created and ended.
-struct SlowCreations {
+/// Wraps a provider: every creation and every termination waits first; records what it
+/// created and ended.
+struct Delayed {
     inner: Arc<dyn Provider>,
-    delay: Duration,
+    create_delay: Duration,
+    terminate_delay: Duration,
     created: Mutex<Vec<String>>,
     terminated: Mutex<Vec<String>>,
 }
 
+impl Delayed {
+    fn new(inner: Arc<dyn Provider>, create_delay: Duration, terminate_delay: Duration) -> Self {
+        Delayed {
+            inner,
+            create_delay,
+            terminate_delay,
+            created: Mutex::default(),
+            terminated: Mutex::default(),
+        }
+    }
+}
+
 #[async_trait::async_trait]
-impl Provider for SlowCreations {
+impl Provider for Delayed {
     fn name(&self) -> &'static str {
-        "slow-creations"
+        "delayed"
     }
 
     async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
-        tokio::time::sleep(self.delay).await;
+        tokio::time::sleep(self.create_delay).await;
         let instance = self.inner.create_instance(spec).await?;
         self.created.lock().unwrap().push(instance.id.clone());
         Ok(instance)
     }
 
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
+        tokio::time::sleep(self.terminate_delay).await;
         self.inner.terminate_instance(instance_id).await?;
         self.terminated
             .lock()
@@ -665,17 +646,12 @@ async fn a_run_cancelled_during_instance_creation_ends_after_that_instance_is_go
         ),
         ("app/Dockerfile", sleeper("never", 0, 0)),
     ]);
-    let wrapper: Arc<Mutex<Option<Arc<SlowCreations>>>> = Arc::default();
+    let wrapper: Arc<Mutex<Option<Arc<Delayed>>>> = Arc::default();
     let keep = wrapper.clone();
     let mut core = TestCore::start_wrapped(
         |_| {},
         move |local| {
-            let slow = Arc::new(SlowCreations {
-                inner: local,
-                delay: Duration::from_secs(2),
-                created: Mutex::default(),
-                terminated: Mutex::default(),
-            });
+            let slow = Arc::new(Delayed::new(local, Duration::from_secs(2), Duration::ZERO));
             *keep.lock().unwrap() = Some(slow.clone());
             slow
         },
