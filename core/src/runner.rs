@@ -472,11 +472,9 @@ impl LoopState {
                 );
             }
             Msg::Submitted(run) => {
-                // The run as created; a sync may have loaded it (and claimed its jobs)
-                // already, and that view is newer.
-                if !self.engine.has_run(&run.id) {
-                    let _ = self.engine.handle(Input::Load(*run), at);
-                }
+                // A sync may have loaded it (and claimed its jobs) already: the engine keeps
+                // its newer view of those (attempts and run statuses only move forward).
+                let _ = self.engine.handle(Input::Load(*run), at);
             }
             Msg::Cancel {
                 run_id,

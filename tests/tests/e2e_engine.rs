@@ -252,61 +252,6 @@ async fn a_job_over_its_timeout_is_stopped_and_fails_saying_so() {
     core.stop().await;
 }
 
-/// Wraps a provider: the first `duds` instances are created but never boot an agent.
-struct DudsFirst {
-    inner: Arc<dyn Provider>,
-    duds: Mutex<u32>,
-    created: Mutex<Vec<String>>,
-    terminated: Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl Provider for DudsFirst {
-    fn name(&self) -> &'static str {
-        "duds-first"
-    }
-
-    async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
-        let dud = {
-            let mut duds = self.duds.lock().unwrap();
-            let dud = *duds > 0;
-            *duds = duds.saturating_sub(1);
-            dud
-        };
-        let instance = if dud {
-            Instance {
-                id: format!("dud-{}", self.created.lock().unwrap().len()),
-                instance_type: "dud".into(),
-                host_arch: spec.arch,
-                emulated: false,
-                tags: spec.tags.clone(),
-            }
-        } else {
-            self.inner.create_instance(spec).await?
-        };
-        self.created.lock().unwrap().push(instance.id.clone());
-        Ok(instance)
-    }
-
-    async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
-        self.terminated
-            .lock()
-            .unwrap()
-            .push(instance_id.to_string());
-        if instance_id.starts_with("dud-") {
-            return Ok(());
-        }
-        self.inner.terminate_instance(instance_id).await
-    }
-
-    async fn list_instances(
-        &self,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<Vec<Instance>, ProviderError> {
-        self.inner.list_instances(tags).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_instance_that_never_boots_is_terminated_and_the_job_retried() {
     if !require_build_peers() {
@@ -319,7 +264,7 @@ async fn an_instance_that_never_boots_is_terminated_and_the_job_retried() {
         ),
         ("app/Dockerfile", sleeper("boot", 0, 0)),
     ]);
-    let wrapper: Arc<Mutex<Option<Arc<DudsFirst>>>> = Arc::default();
+    let wrapper: Arc<Mutex<Option<Arc<Faulty>>>> = Arc::default();
     let keep = wrapper.clone();
     let mut core = TestCore::start_wrapped(
         |file| {
@@ -327,11 +272,9 @@ async fn an_instance_that_never_boots_is_terminated_and_the_job_retried() {
             file.scheduler.retry_backoff_secs = Some(1);
         },
         move |local| {
-            let duds = Arc::new(DudsFirst {
-                inner: local,
+            let duds = Arc::new(Faulty {
                 duds: Mutex::new(1),
-                created: Mutex::default(),
-                terminated: Mutex::default(),
+                ..Faulty::new(local, Duration::ZERO, Duration::ZERO)
             });
             *keep.lock().unwrap() = Some(duds.clone());
             duds
@@ -503,7 +446,7 @@ async fn a_run_is_stored_finished_only_after_its_instances_are_gone_whatever_syn
     ]);
     let mut core = TestCore::start_wrapped(
         |file| file.scheduler.sync_interval_ms = Some(50),
-        |local| Arc::new(Delayed::new(local, Duration::ZERO, Duration::from_secs(2))),
+        |local| Arc::new(Faulty::new(local, Duration::ZERO, Duration::from_secs(2))),
     )
     .await
     .unwrap();
@@ -579,22 +522,24 @@ async fn cut_database_connections_mid_build_lose_nothing() {
     core.stop().await;
 }
 
-/// Wraps a provider: every creation and every termination waits first; records what it
-/// created and ended.
-struct Delayed {
+/// Wraps a provider: every creation and every termination waits first, and the first
+/// `duds` instances are created but never boot an agent; records what it created and ended.
+struct Faulty {
     inner: Arc<dyn Provider>,
     create_delay: Duration,
     terminate_delay: Duration,
+    duds: Mutex<u32>,
     created: Mutex<Vec<String>>,
     terminated: Mutex<Vec<String>>,
 }
 
-impl Delayed {
+impl Faulty {
     fn new(inner: Arc<dyn Provider>, create_delay: Duration, terminate_delay: Duration) -> Self {
-        Delayed {
+        Faulty {
             inner,
             create_delay,
             terminate_delay,
+            duds: Mutex::new(0),
             created: Mutex::default(),
             terminated: Mutex::default(),
         }
@@ -602,21 +547,39 @@ impl Delayed {
 }
 
 #[async_trait::async_trait]
-impl Provider for Delayed {
+impl Provider for Faulty {
     fn name(&self) -> &'static str {
-        "delayed"
+        "faulty"
     }
 
     async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {
         tokio::time::sleep(self.create_delay).await;
-        let instance = self.inner.create_instance(spec).await?;
+        let dud = {
+            let mut duds = self.duds.lock().unwrap();
+            let dud = *duds > 0;
+            *duds = duds.saturating_sub(1);
+            dud
+        };
+        let instance = if dud {
+            Instance {
+                id: format!("dud-{}", self.created.lock().unwrap().len()),
+                instance_type: "dud".into(),
+                host_arch: spec.arch,
+                emulated: false,
+                tags: spec.tags.clone(),
+            }
+        } else {
+            self.inner.create_instance(spec).await?
+        };
         self.created.lock().unwrap().push(instance.id.clone());
         Ok(instance)
     }
 
     async fn terminate_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
         tokio::time::sleep(self.terminate_delay).await;
-        self.inner.terminate_instance(instance_id).await?;
+        if !instance_id.starts_with("dud-") {
+            self.inner.terminate_instance(instance_id).await?;
+        }
         self.terminated
             .lock()
             .unwrap()
@@ -646,12 +609,12 @@ async fn a_run_cancelled_during_instance_creation_ends_after_that_instance_is_go
         ),
         ("app/Dockerfile", sleeper("never", 0, 0)),
     ]);
-    let wrapper: Arc<Mutex<Option<Arc<Delayed>>>> = Arc::default();
+    let wrapper: Arc<Mutex<Option<Arc<Faulty>>>> = Arc::default();
     let keep = wrapper.clone();
     let mut core = TestCore::start_wrapped(
         |_| {},
         move |local| {
-            let slow = Arc::new(Delayed::new(local, Duration::from_secs(2), Duration::ZERO));
+            let slow = Arc::new(Faulty::new(local, Duration::from_secs(2), Duration::ZERO));
             *keep.lock().unwrap() = Some(slow.clone());
             slow
         },

@@ -612,13 +612,9 @@ impl Engine {
             .collect()
     }
 
-    /// Whether the run is in view.
-    pub fn has_run(&self, run_id: &str) -> bool {
-        self.runs.contains_key(run_id)
-    }
-
     /// Unfinished runs in view.
-    pub fn run_ids(&self) -> impl Iterator<Item = &str> {
+    #[cfg(test)]
+    pub(crate) fn run_ids(&self) -> impl Iterator<Item = &str> {
         self.runs.keys().map(String::as_str)
     }
 
@@ -712,7 +708,11 @@ impl Engine {
             cancel: None,
             jobs: job_ids.clone(),
         });
-        run.status = snapshot.status;
+        // Run statuses only move forward: a `pending` snapshot of a run this view already
+        // started (its creation, read before the start was stored) changes nothing.
+        if snapshot.status != RunStatus::Pending {
+            run.status = snapshot.status;
+        }
         if snapshot.cancel.is_some() {
             run.cancel = snapshot.cancel;
         }

@@ -978,8 +978,13 @@ fn a_snapshot_older_than_this_cores_claim_does_not_stop_the_attempt() {
     world.submit(created.clone());
     boot(&mut world, "a");
     assert_eq!(world.status("a"), JobStatus::Running);
-    // The run as it was created (queued, attempt 0) arrives after the claim: stale.
-    world.input(Input::Load(created));
+    // The run as it was created (pending, queued, attempt 0) arrives after the claim: stale,
+    // it changes nothing (no stop, no second claim, no second RunStarted).
+    world
+        .engine
+        .handle(Input::Load(created), world.now)
+        .unwrap();
+    assert_eq!(world.engine.poll_action(), None);
     assert!(world.terminated.is_empty(), "{:?}", world.terminated);
     assert_eq!(world.status("a"), JobStatus::Running);
     assert_eq!(world.claims_seen.len(), 1, "not claimed again");
