@@ -726,7 +726,11 @@ async fn start_run(
     tracing::info!(run_id = %run.id, jobs = jobs.len(), "run submitted");
     // Handed to the runner first: its jobs are eligible now, and cancelling the older runs
     // need not delay them.
-    if state.runner.submitted(stored, secrets).await.is_err() {
+    let rows = (
+        run.draft_row(),
+        jobs.iter().map(|job| job.draft_row(&run.id)).collect(),
+    );
+    if state.runner.submitted(stored, rows, secrets).await.is_err() {
         return Err(ApiError::Unavailable("the core is shutting down".into()));
     }
     // The run is accepted whatever happens here: a failure to supersede is logged, not

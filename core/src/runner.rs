@@ -113,12 +113,11 @@ pub enum RunnerError {
 
 enum Msg {
     Input(Input),
-    /// The attempt's instance exists; `order` is its work frame, read meanwhile.
+    /// The attempt's instance exists.
     Provisioned {
         job_id: String,
         attempt: u32,
         instance_id: String,
-        order: Option<Box<WorkOrder>>,
     },
     /// A run was created: load it (as `create_run` stored it; no read).
     Submitted(Box<crate::engine::RunSnapshot>),
@@ -161,6 +160,16 @@ struct Shared {
     connected: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Runs whose end is being stored (after their instances' terminations).
     finishing: Mutex<std::collections::HashSet<String>>,
+    /// Work frames built before their attempt's instance was asked for, until sent: an agent
+    /// that connects gets its BUILD without waiting for the store.
+    prepared: Mutex<HashMap<(String, u32), Box<WorkOrder>>>,
+    /// The rows of jobs this core just created (as `create_run` stored them; the fields a
+    /// work frame and an instance need never change), so their first provisioning reads
+    /// nothing. Taken when used, dropped with their run; at most [`FRESH_ROWS_LIMIT`].
+    fresh_rows: Mutex<HashMap<String, (Arc<RunRow>, JobRow)>>,
+    /// Agent token hashes this core minted for its live attempts: the agent endpoint accepts
+    /// them without asking the store (tokens of other replicas' attempts are looked up there).
+    minted: Mutex<HashMap<String, (String, u32)>>,
     /// Every task the runner started; `shutdown` waits on it.
     tasks: TaskTracker,
     /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
@@ -203,6 +212,9 @@ impl Runner {
             run_secrets: Mutex::new(HashMap::new()),
             connected: Mutex::new(std::collections::HashSet::new()),
             finishing: Mutex::new(std::collections::HashSet::new()),
+            prepared: Mutex::new(HashMap::new()),
+            fresh_rows: Mutex::new(HashMap::new()),
+            minted: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
             shutdown,
@@ -228,7 +240,6 @@ impl Runner {
                     idle: HashMap::new(),
                     terminating: HashMap::new(),
                     tokens: HashMap::new(),
-                    prepared: HashMap::new(),
                     sync_state: SyncState::default(),
                     tx,
                 };
@@ -269,6 +280,7 @@ impl Runner {
     pub async fn submitted(
         &self,
         run: crate::engine::RunSnapshot,
+        rows: (RunRow, Vec<JobRow>),
         secrets: RunSecrets,
     ) -> Result<(), ShuttingDown> {
         if self.is_shutting_down() {
@@ -276,6 +288,14 @@ impl Runner {
         }
         if let Ok(mut all) = self.shared.run_secrets.lock() {
             all.insert(run.id.clone(), secrets);
+        }
+        if let Ok(mut fresh) = self.shared.fresh_rows.lock()
+            && fresh.len() + rows.1.len() <= FRESH_ROWS_LIMIT
+        {
+            let run_row = Arc::new(rows.0);
+            for job in rows.1 {
+                fresh.insert(job.id.clone(), (run_row.clone(), job));
+            }
         }
         // The run is stored: a sync read begun before does not have it.
         self.shared.wrote();
@@ -312,7 +332,17 @@ impl Runner {
     /// The live attempt an agent token was issued for.
     pub async fn authenticate_agent(&self, token: &str) -> Result<(String, u32), ClaimError> {
         let hash = token_hash(token);
-        match self.shared.db.attempt_for_token(&hash).await {
+        let own = self
+            .shared
+            .minted
+            .lock()
+            .ok()
+            .and_then(|minted| minted.get(&hash).cloned());
+        let found = match own {
+            Some(found) => Ok(Some(found)),
+            None => self.shared.db.attempt_for_token(&hash).await,
+        };
+        match found {
             Ok(Some(found)) => {
                 let mut connected = self
                     .shared
@@ -382,11 +412,13 @@ struct LoopState {
     terminating: HashMap<String, Vec<tokio::task::JoinHandle<()>>>,
     /// Agent tokens of attempts claimed and not yet provisioned (the store has their hashes).
     tokens: HashMap<(String, u32), String>,
-    /// Work frames read while their attempt's instance booted, until sent.
-    prepared: HashMap<(String, u32), Box<WorkOrder>>,
     sync_state: SyncState,
     tx: mpsc::Sender<Msg>,
 }
+
+/// Most job rows kept for a first provisioning ([`Shared::fresh_rows`]); past it, rows are
+/// read.
+const FRESH_ROWS_LIMIT: usize = 10_000;
 
 /// Periodic sync reads in a task discarded in a row (the core wrote meanwhile) before one
 /// runs in the loop.
@@ -457,11 +489,7 @@ impl LoopState {
                 job_id,
                 attempt,
                 instance_id,
-                order,
             } => {
-                if let Some(order) = order {
-                    self.prepared.insert((job_id.clone(), attempt), order);
-                }
                 let _ = self.engine.handle(
                     Input::InstanceCreated {
                         job_id,
@@ -686,8 +714,11 @@ impl LoopState {
                         )
                     }
                 };
-                for (token, AttemptClaim { claim, .. }) in tokens.into_iter().zip(claims) {
+                for (token, AttemptClaim { claim, token_hash }) in tokens.into_iter().zip(claims) {
                     if won.contains(&claim.job_id) {
+                        if let Ok(mut minted) = self.shared.minted.lock() {
+                            minted.insert(token_hash, (claim.job_id.clone(), claim.attempt));
+                        }
                         self.tokens.insert((claim.job_id, claim.attempt), token);
                     }
                 }
@@ -731,7 +762,12 @@ impl LoopState {
             } => {
                 let key = (job_id, attempt);
                 self.tokens.remove(&key);
-                self.prepared.remove(&key);
+                if let Ok(mut prepared) = self.shared.prepared.lock() {
+                    prepared.remove(&key);
+                }
+                if let Ok(mut minted) = self.shared.minted.lock() {
+                    minted.retain(|_, attempt| *attempt != key);
+                }
                 // Dropping the sender closes the link. The attempt is over: its token no
                 // longer resolves, so the spent-token entry can go.
                 self.links.remove(&key);
@@ -786,6 +822,11 @@ impl LoopState {
             .collect();
         if let Ok(mut all) = self.shared.run_secrets.lock() {
             all.remove(&run_id);
+        }
+        if let Ok(mut fresh) = self.shared.fresh_rows.lock() {
+            for job in &jobs {
+                fresh.remove(&job.id);
+            }
         }
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
@@ -946,7 +987,12 @@ impl LoopState {
             Via::AgentOf { job_id, attempt } => (job_id.clone(), *attempt),
         };
         let prepared = match &via {
-            Via::OwnAgent => self.prepared.remove(&(job_id.clone(), attempt)),
+            Via::OwnAgent => self
+                .shared
+                .prepared
+                .lock()
+                .ok()
+                .and_then(|mut prepared| prepared.remove(&(job_id.clone(), attempt))),
             Via::AgentOf { .. } => None,
         };
         let read = match prepared {
@@ -1023,21 +1069,11 @@ impl LoopState {
         self.shared.tasks.spawn(
             async move {
                 let message = match provision(&shared, &job_id, &run_id, attempt, token).await {
-                    Ok(instance_id) => {
-                        // The work frame is read while the instance boots, so the agent
-                        // gets it without waiting for the store (a failure here is found
-                        // again, and reported, when the work is sent).
-                        let order = work_order(&shared, &job_id, &run_id, attempt)
-                            .await
-                            .ok()
-                            .map(Box::new);
-                        Msg::Provisioned {
-                            job_id,
-                            attempt,
-                            instance_id,
-                            order,
-                        }
-                    }
+                    Ok(instance_id) => Msg::Provisioned {
+                        job_id,
+                        attempt,
+                        instance_id,
+                    },
                     Err(message) => {
                         tracing::warn!("provisioning failed: {message}");
                         Msg::Input(Input::InstanceFailed {
@@ -1149,21 +1185,38 @@ async fn work_order(
     run_id: &str,
     attempt: u32,
 ) -> Result<WorkOrder, String> {
+    let (run, job) = read_run_and_job(shared, run_id, job_id).await?;
+    build_order(shared, &run, &job, attempt).await
+}
+
+/// The run and job rows, read at once (two connections).
+async fn read_run_and_job(
+    shared: &Shared,
+    run_id: &str,
+    job_id: &str,
+) -> Result<(RunRow, JobRow), String> {
     let db = &shared.db;
     let internal = |error: crate::db::DbError| format!("reading the job failed: {error}");
-    let run = db
-        .run(run_id)
-        .await
-        .map_err(internal)?
-        .ok_or("the run vanished")?;
-    let job = db
-        .job(job_id)
-        .await
-        .map_err(internal)?
-        .ok_or("the job vanished")?;
+    let (run, job) = tokio::try_join!(db.run(run_id), db.job(job_id)).map_err(internal)?;
+    Ok((
+        run.ok_or("the run vanished")?,
+        job.ok_or("the job vanished")?,
+    ))
+}
+
+/// The attempt's BUILD or MERGE from its rows (a merge reads its platform jobs' images).
+async fn build_order(
+    shared: &Shared,
+    run: &RunRow,
+    job: &JobRow,
+    attempt: u32,
+) -> Result<WorkOrder, String> {
+    let db = &shared.db;
+    let internal = |error: crate::db::DbError| format!("reading the job failed: {error}");
+    let (run_id, job_id) = (run.id.as_str(), job.id.as_str());
     let spec: JobSpec = serde_json::from_str(&job.spec)
         .map_err(|error| format!("the stored job spec is unreadable: {error}"))?;
-    let secrets = secrets_for(shared, &run, &spec)?;
+    let secrets = secrets_for(shared, run, &spec)?;
     let merge_sources = match &spec.kind {
         JobKind::Merge { sources } => {
             let jobs = db.jobs_of_run(run_id).await.map_err(internal)?;
@@ -1180,12 +1233,12 @@ async fn work_order(
         JobKind::Build => None,
     };
     let settings = &shared.settings;
-    let work = work_message(settings, &run, &job, &spec, merge_sources, &secrets);
+    let work = work_message(settings, run, job, &spec, merge_sources, &secrets);
     Ok(WorkOrder {
         job_id: job_id.to_string(),
         attempt,
         work,
-        target_image: image_for(settings, &run, &job, &spec),
+        target_image: image_for(settings, run, job, &spec),
         handed_over: false,
     })
 }
@@ -1229,12 +1282,42 @@ async fn provision(
     attempt: u32,
     token: Option<String>,
 ) -> Result<String, String> {
+    let result = create_for_attempt(shared, job_id, run_id, attempt, token).await;
+    if result.is_err()
+        && let Ok(mut prepared) = shared.prepared.lock()
+    {
+        // Its work will not be sent (the end of the attempt may have come before the frame
+        // was built).
+        prepared.remove(&(job_id.to_string(), attempt));
+    }
+    result
+}
+
+/// [`provision`] without its clean-up.
+async fn create_for_attempt(
+    shared: &Shared,
+    job_id: &str,
+    run_id: &str,
+    attempt: u32,
+    token: Option<String>,
+) -> Result<String, String> {
     let db = &shared.db;
-    let job = db
-        .job(job_id)
-        .await
-        .map_err(|error| format!("reading the job failed: {error}"))?
-        .ok_or("the job vanished")?;
+    let fresh = shared
+        .fresh_rows
+        .lock()
+        .ok()
+        .and_then(|mut fresh| fresh.remove(job_id));
+    let (run, job) = match fresh {
+        Some((run, job)) => (Arc::unwrap_or_clone(run), job),
+        None => read_run_and_job(shared, run_id, job_id).await?,
+    };
+    // The work frame is built before the instance is asked for, so its agent gets it the
+    // moment it connects (a failure here is met again, and reported, when the work is sent).
+    if let Ok(order) = build_order(shared, &run, &job, attempt).await
+        && let Ok(mut prepared) = shared.prepared.lock()
+    {
+        prepared.insert((job_id.to_string(), attempt), Box::new(order));
+    }
     let token = match token {
         Some(token) => token,
         None => {

@@ -403,6 +403,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<String>, DbError>;
 }
 
+/// What a backend's `begin_claim` found, inside the claim's transaction.
+pub(crate) struct ClaimStart<DB: sqlx::Database> {
+    pub tx: sqlx::Transaction<'static, DB>,
+    /// The candidates that may be tried (`None`: every one).
+    pub lockable: Option<Vec<String>>,
+    /// Live jobs across every core.
+    pub live: i64,
+    /// Live jobs of the claimed environments.
+    pub per_env: std::collections::HashMap<String, i64>,
+}
+
+/// One attempt a claim takes: the job moves to `provisioning` under `owner`'s lease and the
+/// attempt row (with its agent token's hash) is written, if the job is still queued at the
+/// expected attempt.
+pub(crate) struct TakeAttempt<'a> {
+    pub claim: &'a crate::engine::Claim,
+    pub token_hash: &'a str,
+    pub owner: &'a str,
+    pub lease_until: Timestamp,
+    pub now: Timestamp,
+}
+
 /// The statements both backends share, as an `impl Store` for `$store` over sqlx database
 /// `$db`. The backend supplies `begin_claim` (its locking) and `log_byte_stats`.
 macro_rules! impl_shared_store {
@@ -426,35 +448,8 @@ macro_rules! impl_shared_store {
                 now: Timestamp,
             ) -> Result<(Vec<String>, Vec<String>), DbError> {
                 let _turn = self.write_turn().await;
-                let (mut tx, lockable) = self.begin_claim(claims).await?;
-                let (mut live,): (i64,) = sqlx::query_as(
-                    "SELECT COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
-                )
-                .fetch_one(&mut *tx)
-                .await?;
-                // Live jobs of the claimed environments only (not a scan of every live job).
-                let mut environments: Vec<&str> =
-                    claims.iter().map(|c| c.claim.environment_id.as_str()).collect();
-                environments.sort_unstable();
-                environments.dedup();
-                let mut per_env: std::collections::HashMap<String, i64> = Default::default();
-                if !environments.is_empty() {
-                    let mut builder: QueryBuilder<$db> = QueryBuilder::new(
-                        "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-                         WHERE j.status IN ('provisioning', 'running') AND r.environment_id IN (",
-                    );
-                    let mut separated = builder.separated(", ");
-                    for environment in &environments {
-                        separated.push_bind(*environment);
-                    }
-                    builder.push(") GROUP BY r.environment_id");
-                    per_env.extend(
-                        builder
-                            .build_query_as::<(String, i64)>()
-                            .fetch_all(&mut *tx)
-                            .await?,
-                    );
-                }
+                let $crate::db::ClaimStart { mut tx, lockable, mut live, mut per_env } =
+                    self.begin_claim(claims).await?;
                 let mut won = Vec::new();
                 let mut lost = Vec::new();
                 for $crate::db::AttemptClaim { claim, token_hash } in claims {
@@ -472,33 +467,15 @@ macro_rules! impl_shared_store {
                         lost.push(claim.job_id.clone());
                         continue;
                     }
-                    let rows = sqlx::query(
-                        "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
-                         not_before = NULL, vm_id = NULL
-                         WHERE id = $1 AND status = 'queued' AND attempt = $5",
+                    let taken = Self::take_attempt(
+                        &mut tx,
+                        $crate::db::TakeAttempt { claim, token_hash, owner, lease_until, now },
                     )
-                    .bind(&claim.job_id)
-                    .bind(claim.attempt as i32)
-                    .bind(owner)
-                    .bind(lease_until.millis())
-                    .bind(claim.expected_attempt as i32)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if rows != 1 {
+                    .await?;
+                    if !taken {
                         lost.push(claim.job_id.clone());
                         continue;
                     }
-                    sqlx::query(
-                        "INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(&claim.job_id)
-                    .bind(claim.attempt as i32)
-                    .bind(owner)
-                    .bind(now.millis())
-                    .bind(token_hash)
-                    .execute(&mut *tx)
-                    .await?;
                     if !claim.reuses_instance {
                         live += 1;
                         *per_env.entry(claim.environment_id.clone()).or_default() += 1;
@@ -1450,6 +1427,96 @@ mod tests {
         let page = db.logs_page("j1", 0, 10).await.unwrap();
         assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
+    }
+
+    /// PostgreSQL's claims read the live counts a trigger keeps: they must equal a count of
+    /// the live jobs after claims, ends, requeues and a deleted run.
+    #[tokio::test]
+    async fn postgres_live_counts_follow_every_status_change() {
+        let Some((scratch, db)) = db_with_jobs(Backend::Postgres, &["a", "b", "c"]).await else {
+            return;
+        };
+        let Scratch::Pg(PgScratch { name }) = &scratch else {
+            unreachable!("a PostgreSQL database")
+        };
+        let pool = sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+            .await
+            .unwrap();
+        let kept = || async {
+            let counted: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT environment_id, live FROM live_counts WHERE live <> 0 ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let truth: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT r.environment_id, COUNT(*) FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+                 WHERE j.status IN ('provisioning', 'running') GROUP BY 1 ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            assert_eq!(counted, truth, "the kept counts equal a count of live jobs");
+            counted.iter().map(|(_, live)| *live).sum::<i64>()
+        };
+        let now = Timestamp(1_000);
+        let lease = Timestamp(31_000);
+        assert_eq!(kept().await, 0);
+        db.claim(
+            "core/1",
+            &[claim("a", 0), claim("b", 0), claim("c", 0)],
+            lease,
+            10,
+            10,
+            now,
+        )
+        .await
+        .unwrap();
+        assert_eq!(kept().await, 3);
+        assert!(
+            db.apply(
+                &Transition::JobRunning {
+                    job_id: "a".into(),
+                    attempt: 1
+                },
+                now
+            )
+            .await
+            .unwrap()
+        );
+        assert_eq!(kept().await, 3, "provisioning → running stays live");
+        let ended = |job: &str, end: JobEnd| Transition::AttemptEnded {
+            job_id: job.into(),
+            attempt: 1,
+            owner: "core/1".into(),
+            takeover: false,
+            result: AttemptResult::Infrastructure,
+            message: None,
+            end,
+        };
+        let requeue = JobEnd::Requeued {
+            not_before: now,
+            infra_failures: 1,
+        };
+        assert!(db.apply(&ended("a", requeue), now).await.unwrap());
+        assert_eq!(kept().await, 2, "a requeued job is not live");
+        let failed = JobEnd::Failed {
+            kind: FailureKind::Build,
+            exit_code: Some(1),
+            message: "exit 1".into(),
+            infra_failures: 0,
+        };
+        assert!(db.apply(&ended("b", failed), now).await.unwrap());
+        assert_eq!(kept().await, 1);
+        db.claim("core/1", &[claim("a", 1)], lease, 10, 10, now)
+            .await
+            .unwrap();
+        assert_eq!(kept().await, 2, "claimed again");
+        sqlx::query("DELETE FROM workflow_runs WHERE id = 'r1'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(kept().await, 0, "a deleted run's live jobs leave the count");
     }
 
     #[tokio::test]

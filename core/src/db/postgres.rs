@@ -39,28 +39,87 @@ impl PostgresStore {
         None
     }
 
-    /// Opens a claim's transaction: claims of every replica are serialized by a
-    /// transaction-scoped advisory lock (so the live counts read next cannot be raced past
-    /// the limits), and the candidate rows are locked; rows another transaction holds are
-    /// skipped (and lost). Returns the candidates that may be tried.
+    /// Opens a claim's transaction, in two round trips: `BEGIN` with the advisory lock that
+    /// serializes the claims of every replica (so the live counts read next cannot be raced
+    /// past the limits), then one statement that locks the candidate rows (rows another
+    /// transaction holds are skipped, and lost) and reads the live counts (`live_counts`,
+    /// kept by a trigger on every status change), its snapshot taken with the lock held.
     pub(crate) async fn begin_claim(
         &self,
         claims: &[crate::db::AttemptClaim],
-    ) -> Result<(sqlx::Transaction<'static, Postgres>, Option<Vec<String>>), DbError> {
-        let mut tx = self.pool.begin().await?;
+    ) -> Result<crate::db::ClaimStart<Postgres>, DbError> {
+        let mut tx = self
+            .pool
+            .begin_with(sqlx::AssertSqlSafe(format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({CLAIM_LOCK})"
+            )))
+            .await?;
         let ids: Vec<String> = claims.iter().map(|c| c.claim.job_id.clone()).collect();
-        // One round trip: the lock (a materialized CTE, taken first) and the candidates.
-        let lockable: Vec<String> = sqlx::query_scalar(
-            "WITH claim_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($2))
-             SELECT j.id FROM claim_lock, build_jobs j
-             WHERE j.id = ANY($1) AND j.status = 'queued'
-             FOR UPDATE OF j SKIP LOCKED",
+        let mut environments: Vec<String> = claims
+            .iter()
+            .map(|c| c.claim.environment_id.clone())
+            .collect();
+        environments.sort_unstable();
+        environments.dedup();
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "WITH candidates AS (
+                 SELECT id FROM build_jobs WHERE id = ANY($1) AND status = 'queued'
+                 FOR UPDATE SKIP LOCKED)
+             SELECT 'candidate', id, 0::BIGINT FROM candidates
+             UNION ALL
+             SELECT 'live', '', COALESCE(SUM(live), 0)::BIGINT FROM live_counts
+             UNION ALL
+             SELECT 'environment', environment_id, live FROM live_counts
+             WHERE environment_id = ANY($2)",
         )
         .bind(&ids)
-        .bind(CLAIM_LOCK)
+        .bind(&environments)
         .fetch_all(&mut *tx)
         .await?;
-        Ok((tx, Some(lockable)))
+        let mut start = crate::db::ClaimStart {
+            tx,
+            lockable: Some(Vec::new()),
+            live: 0,
+            per_env: Default::default(),
+        };
+        for (kind, key, count) in rows {
+            match kind.as_str() {
+                "candidate" => start.lockable.get_or_insert_with(Vec::new).push(key),
+                "live" => start.live = count,
+                _ => {
+                    start.per_env.insert(key, count);
+                }
+            }
+        }
+        Ok(start)
+    }
+
+    /// Takes one claimed attempt in one statement (the job's guarded update and the attempt
+    /// row). Whether the job was still queued at the expected attempt.
+    pub(crate) async fn take_attempt(
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        take: crate::db::TakeAttempt<'_>,
+    ) -> Result<bool, DbError> {
+        let rows = sqlx::query(
+            "WITH taken AS (
+                 UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3,
+                     lease_until = $4, not_before = NULL, vm_id = NULL
+                 WHERE id = $1 AND status = 'queued' AND attempt = $5
+                 RETURNING id)
+             INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash)
+             SELECT id, $2, $3, $6, $7 FROM taken",
+        )
+        .bind(&take.claim.job_id)
+        .bind(take.claim.attempt as i32)
+        .bind(take.owner)
+        .bind(take.lease_until.millis())
+        .bind(take.claim.expected_attempt as i32)
+        .bind(take.now.millis())
+        .bind(take.token_hash)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        Ok(rows == 1)
     }
 
     /// (line count, total bytes) stored for a job.

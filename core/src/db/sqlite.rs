@@ -47,12 +47,85 @@ impl SqliteStore {
 
     /// Opens a claim's transaction. IMMEDIATE: the write lock is taken before the counts are
     /// read, so no other writer (another process on this file) can claim between the count
-    /// and the update. Every candidate may be tried (`None`).
+    /// and the update. Every candidate may be tried (`lockable: None`). The live counts (all,
+    /// and of the claimed environments) are one statement.
     pub(crate) async fn begin_claim(
         &self,
-        _claims: &[crate::db::AttemptClaim],
-    ) -> Result<(sqlx::Transaction<'static, Sqlite>, Option<Vec<String>>), DbError> {
-        Ok((self.pool.begin_with("BEGIN IMMEDIATE").await?, None))
+        claims: &[crate::db::AttemptClaim],
+    ) -> Result<crate::db::ClaimStart<Sqlite>, DbError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut environments: Vec<&str> = claims
+            .iter()
+            .map(|c| c.claim.environment_id.as_str())
+            .collect();
+        environments.sort_unstable();
+        environments.dedup();
+        let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT NULL, COUNT(*) FROM build_jobs WHERE status IN ('provisioning', 'running')",
+        );
+        if !environments.is_empty() {
+            builder.push(
+                " UNION ALL SELECT r.environment_id, COUNT(*) FROM build_jobs j
+                 JOIN workflow_runs r ON r.id = j.workflow_run_id
+                 WHERE j.status IN ('provisioning', 'running') AND r.environment_id IN (",
+            );
+            let mut separated = builder.separated(", ");
+            for environment in &environments {
+                separated.push_bind(*environment);
+            }
+            builder.push(") GROUP BY r.environment_id");
+        }
+        let rows: Vec<(Option<String>, i64)> = builder.build_query_as().fetch_all(&mut *tx).await?;
+        let mut start = crate::db::ClaimStart {
+            tx,
+            lockable: None,
+            live: 0,
+            per_env: Default::default(),
+        };
+        for (environment, count) in rows {
+            match environment {
+                Some(environment) => {
+                    start.per_env.insert(environment, count);
+                }
+                None => start.live = count,
+            }
+        }
+        Ok(start)
+    }
+
+    /// Takes one claimed attempt: the job's guarded update, then the attempt row. Whether the
+    /// job was still queued at the expected attempt.
+    pub(crate) async fn take_attempt(
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        take: crate::db::TakeAttempt<'_>,
+    ) -> Result<bool, DbError> {
+        let rows = sqlx::query(
+            "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
+             not_before = NULL, vm_id = NULL
+             WHERE id = $1 AND status = 'queued' AND attempt = $5",
+        )
+        .bind(&take.claim.job_id)
+        .bind(take.claim.attempt as i32)
+        .bind(take.owner)
+        .bind(take.lease_until.millis())
+        .bind(take.claim.expected_attempt as i32)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if rows != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&take.claim.job_id)
+        .bind(take.claim.attempt as i32)
+        .bind(take.owner)
+        .bind(take.now.millis())
+        .bind(take.token_hash)
+        .execute(&mut **tx)
+        .await?;
+        Ok(true)
     }
 
     /// (line count, total bytes) stored for a job.

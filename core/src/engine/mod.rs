@@ -33,6 +33,7 @@
 //! - Merge on the last builder: when the platform job that completes last is this core's and
 //!   its agent is still there, the merge goes to that agent instead of a new instance.
 
+mod index;
 mod types;
 
 #[cfg(test)]
@@ -386,6 +387,9 @@ pub struct Engine {
     /// Runs loaded `pending`: `RunStarted` is written once no claim is outstanding, after the
     /// instances are asked for, so the way to an instance does not wait for it.
     started: Vec<String>,
+    /// Runs changed since the index was last brought up to date.
+    changed: BTreeSet<String>,
+    index: index::Index,
 }
 
 impl Engine {
@@ -400,6 +404,8 @@ impl Engine {
             dirty: BTreeSet::new(),
             step_all: false,
             started: Vec::new(),
+            changed: BTreeSet::new(),
+            index: index::Index::default(),
         }
     }
 
@@ -417,7 +423,9 @@ impl Engine {
                 self.dirty.insert(run_id.clone());
             }
             Input::Unload { .. } => {}
-            Input::Sync(_) | Input::Drain => self.step_all = true,
+            // A sync marks the runs it changed (in `load`).
+            Input::Sync(_) => {}
+            Input::Drain => self.step_all = true,
             Input::Claimed { won, lost } => {
                 for id in won.iter().chain(lost) {
                     self.touch(id);
@@ -430,7 +438,9 @@ impl Engine {
             | Input::Finished { job_id, .. } => self.touch(job_id),
         }
         match input {
-            Input::Load(snapshot) => self.load(snapshot, now),
+            Input::Load(snapshot) => {
+                self.load(snapshot, now);
+            }
             Input::Unload { run_id } => self.unload(&run_id),
             Input::Sync(snapshots) => {
                 let fresh: HashSet<&str> = snapshots.iter().map(|run| run.id.as_str()).collect();
@@ -443,8 +453,13 @@ impl Engine {
                 for run_id in gone {
                     self.unload(&run_id);
                 }
+                // Only what changed is stepped: a sync of hundreds of unchanged runs costs
+                // their comparison, not a pass of every rule over them.
                 for snapshot in snapshots {
-                    self.load(snapshot, now);
+                    let run_id = snapshot.id.clone();
+                    if self.load(snapshot, now) {
+                        self.dirty.insert(run_id);
+                    }
                 }
             }
             Input::Cancel { run_id, reason } => {
@@ -565,30 +580,10 @@ impl Engine {
     /// When [`Engine::handle_timeout`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let mut earliest: Option<Timestamp> = self.next_renewal;
-        let mut consider = |at: Option<Timestamp>| {
-            if let Some(at) = at {
-                earliest = Some(earliest.map_or(at, |e| e.min(at)));
-            }
-        };
-        for job in self.jobs.values() {
-            match &job.local {
-                Some(local) => {
-                    consider(local.boot_deadline);
-                    consider(local.deadline);
-                    consider(local.stop.as_ref().map(|(_, at)| *at));
-                }
-                None => {
-                    if job.snapshot.status == JobStatus::Queued {
-                        consider(job.snapshot.not_before);
-                        consider(job.claim_blocked_until);
-                    } else if job.snapshot.status.is_live() {
-                        consider(job.snapshot.lease_until);
-                    }
-                }
-            }
+        match (self.next_renewal, self.index.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        earliest
     }
 
     /// Jobs waiting for an instance, in the order they will be claimed.
@@ -642,11 +637,14 @@ impl Engine {
 
     // ---- inputs ----
 
-    fn load(&mut self, snapshot: RunSnapshot, now: Timestamp) {
+    /// Loads a stored run into the view; whether that changed the view.
+    fn load(&mut self, snapshot: RunSnapshot, now: Timestamp) -> bool {
         if snapshot.status.is_final() {
+            let known = self.runs.contains_key(&snapshot.id);
             self.unload(&snapshot.id);
-            return;
+            return known;
         }
+        let mut changed = false;
         let job_ids: Vec<String> = snapshot.jobs.iter().map(|job| job.id.clone()).collect();
         for (ordinal, fresh) in snapshot.jobs.into_iter().enumerate() {
             let taken_over = self.takes_over_at_start(&fresh);
@@ -659,6 +657,7 @@ impl Engine {
                         && known.snapshot.attempt == fresh.attempt
                         && known.snapshot.lease_owner == fresh.lease_owner;
                     if known.local.is_some() && !same {
+                        changed = true;
                         // Someone else moved our attempt (a replica took the lease over):
                         // stop our side of it.
                         let action = Action::Terminate {
@@ -671,12 +670,15 @@ impl Engine {
                     }
                     if known.local.is_some() {
                         // Ours and unchanged: keep our timers and instance.
+                        changed |= known.snapshot.not_before != fresh.not_before;
                         known.snapshot.not_before = fresh.not_before;
-                    } else if !known.claim_pending {
+                    } else if !known.claim_pending && known.snapshot != fresh {
+                        changed = true;
                         known.snapshot = fresh;
                     }
                 }
                 None => {
+                    changed = true;
                     self.jobs.insert(
                         fresh.id.clone(),
                         Job {
@@ -695,10 +697,12 @@ impl Engine {
                 // An earlier incarnation of this core held it: that process is gone.
                 let id = &job_ids[ordinal];
                 if let Some(job) = self.jobs.get_mut(id) {
+                    changed |= job.snapshot.lease_until != Some(now);
                     job.snapshot.lease_until = Some(now);
                 }
             }
         }
+        changed |= !self.runs.contains_key(&snapshot.id);
         let run = self.runs.entry(snapshot.id.clone()).or_insert_with(|| Run {
             id: snapshot.id.clone(),
             environment_id: snapshot.environment_id.clone(),
@@ -711,9 +715,11 @@ impl Engine {
         // Run statuses only move forward: a `pending` snapshot of a run this view already
         // started (its creation, read before the start was stored) changes nothing.
         if snapshot.status != RunStatus::Pending {
+            changed |= run.status != snapshot.status;
             run.status = snapshot.status;
         }
         if snapshot.cancel.is_some() {
+            changed |= run.cancel != snapshot.cancel;
             run.cancel = snapshot.cancel;
         }
         // A job the store no longer lists for the run leaves the view with it, so no job is
@@ -724,32 +730,37 @@ impl Engine {
             .filter(|id| !job_ids.contains(id))
             .cloned()
             .collect();
+        changed |= run.jobs != job_ids;
         run.jobs = job_ids;
         for id in dropped {
             self.jobs.remove(&id);
         }
         if run.status == RunStatus::Pending {
+            changed = true;
             run.status = RunStatus::Building;
             if !self.started.contains(&snapshot.id) {
                 self.started.push(snapshot.id);
             }
         }
+        changed
     }
 
     fn takes_over_at_start(&self, job: &JobSnapshot) -> bool {
-        let prefix = format!("{}/", self.config.core_id);
         job.status.is_live()
             && self
                 .jobs
                 .get(&job.id)
                 .is_none_or(|known| known.local.is_none())
-            && job
-                .lease_owner
-                .as_deref()
-                .is_some_and(|owner| owner.starts_with(&prefix) && owner != self.config.owner)
+            && job.lease_owner.as_deref().is_some_and(|owner| {
+                owner
+                    .strip_prefix(self.config.core_id.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+                    && owner != self.config.owner
+            })
     }
 
     fn unload(&mut self, run_id: &str) {
+        self.changed.insert(run_id.to_string());
         if let Some(run) = self.runs.remove(run_id) {
             for id in run.jobs {
                 if let Some(job) = self.jobs.remove(&id)
@@ -923,17 +934,20 @@ impl Engine {
         local.deadline = Some(deadline);
         job.snapshot.status = JobStatus::Running;
         let run_id = job.run_id.clone();
+        // The work goes first: the claim already made the attempt this core's, so the agent
+        // need not wait for `running` to be stored (a failed guarded write reloads the job,
+        // and an attempt that is no longer ours is stopped as always).
         self.actions.extend([
-            Action::Persist(Transition::JobRunning {
-                job_id: job_id.into(),
-                attempt,
-            }),
             Action::SendWork {
                 job_id: job_id.into(),
                 run_id,
                 attempt,
                 via: Via::OwnAgent,
             },
+            Action::Persist(Transition::JobRunning {
+                job_id: job_id.into(),
+                attempt,
+            }),
         ]);
     }
 
@@ -1271,16 +1285,22 @@ impl Engine {
     /// Finished attempts that kept their instance for a merge, when no pending claim will use
     /// it (the merge was skipped, cancelled or claimed elsewhere): the instance ends now.
     fn end_unwanted_lingering(&mut self) {
-        let mut lingering: Vec<String> = self
-            .jobs
+        // A lingering job and the merge that may reuse its instance share a run.
+        let mut lingering: Vec<(String, String)> = self
+            .index
+            .lingering
             .iter()
-            .filter(|(_, job)| job.lingering)
-            .map(|(id, _)| id.clone())
+            .filter_map(|run_id| self.runs.get(run_id))
+            .flat_map(|run| run.jobs.iter().map(move |id| (run, id)))
+            .filter(|(_, id)| self.jobs.get(*id).is_some_and(|job| job.lingering))
+            .map(|(run, id)| (run.id.clone(), id.clone()))
             .collect();
-        lingering.sort();
-        for id in lingering {
-            let wanted = self.jobs.iter().any(|(merge_id, merge)| {
-                merge.claim_pending
+        lingering.sort_by(|a, b| a.1.cmp(&b.1));
+        for (run_id, id) in lingering {
+            let wanted = self.runs[&run_id].jobs.iter().any(|merge_id| {
+                self.jobs
+                    .get(merge_id)
+                    .is_some_and(|merge| merge.claim_pending)
                     && self
                         .lingering_source_for(merge_id)
                         .is_some_and(|(from, _, _)| from == id)
@@ -1335,6 +1355,11 @@ impl Engine {
         #[cfg(test)]
         {
             let before = self.actions.len();
+            assert_eq!(
+                self.index,
+                self.index_from_scratch(),
+                "the index kept step by step differs from one built from scratch"
+            );
             self.step_all = true;
             self.step_once(now);
             assert!(
@@ -1351,16 +1376,18 @@ impl Engine {
         }
         self.take_back_expired(now);
         self.settle(now);
+        self.refresh_changed();
         self.claim_eligible(now);
         self.settle(now);
+        self.refresh_changed();
         // After the claims are answered and their instances asked for.
-        if !self.started.is_empty() && !self.jobs.values().any(|job| job.claim_pending) {
+        if !self.started.is_empty() && self.index.pending_total == 0 {
             for run_id in std::mem::take(&mut self.started) {
                 self.actions
                     .push_back(Action::Persist(Transition::RunStarted { run_id }));
             }
         }
-        if !self.jobs.values().any(|job| job.local.is_some()) {
+        if self.index.local_total == 0 {
             self.next_renewal = None;
         }
     }
@@ -1369,6 +1396,7 @@ impl Engine {
     fn settle(&mut self, now: Timestamp) {
         while !self.dirty.is_empty() {
             let batch = std::mem::take(&mut self.dirty);
+            self.changed.extend(batch.iter().cloned());
             for run_id in &batch {
                 self.step_run(run_id, now);
             }
@@ -1477,9 +1505,14 @@ impl Engine {
         if self.draining {
             return;
         }
+        // Only the changed runs: an expiry that no input brought is found by the timeout
+        // (a foreign lease's end is a deadline), which looks at every run.
         let mut expired: Vec<String> = self
-            .jobs
+            .dirty
             .iter()
+            .filter_map(|run_id| self.runs.get(run_id))
+            .flat_map(|run| run.jobs.iter())
+            .filter_map(|id| self.jobs.get(id).map(|job| (id, job)))
             .filter(|(_, job)| {
                 job.local.is_none()
                     && !job.claim_pending
@@ -1561,12 +1594,13 @@ impl Engine {
 
     /// Queued jobs that could be claimed now, in FIFO order (`limit`: stop after that many).
     fn eligible(&self, now: Option<Timestamp>) -> Vec<String> {
-        let mut runs: Vec<&Run> = self
-            .runs
-            .values()
-            .filter(|run| run.cancel.is_none())
-            .collect();
-        runs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        // Only runs with a queued job, already in queue order.
+        let runs = self
+            .index
+            .waiting
+            .iter()
+            .filter_map(|(_, id)| self.runs.get(id))
+            .filter(|run| run.cancel.is_none());
         let mut out = Vec::new();
         for run in runs {
             let mut ordered: Vec<&Job> =
@@ -1602,16 +1636,10 @@ impl Engine {
             self.end_unwanted_lingering();
             return;
         }
-        let mut live_total = 0usize;
-        let mut live_by_env: HashMap<&str, usize> = HashMap::new();
-        for job in self.jobs.values() {
-            // A finished attempt kept for a merge still holds its instance.
-            if job.snapshot.status.is_live() || job.claim_pending || job.lingering {
-                live_total += 1;
-                let env = self.runs[&job.run_id].environment_id.as_str();
-                *live_by_env.entry(env).or_default() += 1;
-            }
-        }
+        // Live jobs (a finished attempt kept for a merge still holds its instance), from the
+        // index; the claims made here add to them.
+        let mut live_total = self.index.live_total;
+        let mut claimed_by_env: HashMap<String, usize> = HashMap::new();
         let mut claims = Vec::new();
         for id in self.eligible(Some(now)) {
             let job = &self.jobs[&id];
@@ -1620,16 +1648,15 @@ impl Engine {
             if !reuses_instance {
                 // Over a limit: this job waits, but a merge that reuses a live instance may
                 // still go.
-                let in_env = live_by_env.get(env.as_str()).copied().unwrap_or(0);
+                let in_env = self.index.live_by_env.get(&env).copied().unwrap_or(0)
+                    + claimed_by_env.get(&env).copied().unwrap_or(0);
                 if live_total >= self.config.max_live_instances
                     || in_env >= self.config.max_live_per_environment
                 {
                     continue;
                 }
                 live_total += 1;
-                *live_by_env
-                    .entry(self.runs[&job.run_id].environment_id.as_str())
-                    .or_default() += 1;
+                *claimed_by_env.entry(env.clone()).or_default() += 1;
             }
             claims.push(Claim {
                 job_id: id.clone(),
@@ -1642,6 +1669,7 @@ impl Engine {
         for claim in &claims {
             if let Some(job) = self.jobs.get_mut(&claim.job_id) {
                 job.claim_pending = true;
+                self.changed.insert(job.run_id.clone());
             }
         }
         self.end_unwanted_lingering();
