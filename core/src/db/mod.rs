@@ -639,30 +639,21 @@ macro_rules! impl_shared_store {
 
     /// Every run not final, with its jobs, as the engine loads them.
     async fn unfinished_runs(&self) -> Result<Vec<RunSnapshot>, DbError> {
+        // Both reads in one read-only snapshot, so the jobs are exactly those of these runs
+        // (a run that finished between two separate reads would come without its jobs).
+        let mut tx = self.begin_read().await?;
         let runs = sqlx::query_as::<_, RunRow>(
             "SELECT * FROM workflow_runs WHERE status IN ('pending', 'building') ORDER BY created_at, id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        // The jobs of exactly these runs, whatever happened to the runs since: filtering the
-        // jobs by run status again would drop the jobs of a run that finished between the two
-        // reads and hand the engine a run without its jobs.
-        let mut jobs = Vec::new();
-        for chunk in runs.chunks(500) {
-            let mut builder: QueryBuilder<$db> =
-                QueryBuilder::new("SELECT * FROM build_jobs WHERE workflow_run_id IN (");
-            let mut ids = builder.separated(", ");
-            for run in chunk {
-                ids.push_bind(run.id.as_str());
-            }
-            builder.push(") ORDER BY workflow_run_id, ordinal");
-            jobs.extend(
-                builder
-                    .build_query_as::<JobRow>()
-                    .fetch_all(&self.pool)
-                    .await?,
-            );
-        }
+        let jobs = sqlx::query_as::<_, JobRow>(
+            "SELECT j.* FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+             WHERE r.status IN ('pending', 'building') ORDER BY j.workflow_run_id, j.ordinal",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
         let mut by_run: std::collections::HashMap<String, Vec<JobRow>> = Default::default();
         for job in jobs {
             by_run

@@ -122,6 +122,14 @@ impl PostgresStore {
         Ok(rows == 1)
     }
 
+    /// A read-only transaction whose statements share one snapshot.
+    pub(crate) async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?)
+    }
+
     /// (line count, total bytes) stored for a job.
     pub(crate) async fn log_byte_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {
         let (count, bytes): (i64, Option<i64>) = sqlx::query_as(

@@ -128,6 +128,12 @@ impl SqliteStore {
         Ok(true)
     }
 
+    /// A read transaction: in WAL mode its statements share the snapshot its first read
+    /// took.
+    pub(crate) async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Sqlite>, DbError> {
+        Ok(self.pool.begin().await?)
+    }
+
     /// (line count, total bytes) stored for a job.
     pub(crate) async fn log_byte_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {
         let (count, bytes): (i64, Option<i64>) = sqlx::query_as(
