@@ -403,30 +403,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<String>, DbError>;
 }
 
-/// What a backend's `begin_claim` found, inside the claim's transaction.
-pub(crate) struct ClaimStart<DB: sqlx::Database> {
-    pub tx: sqlx::Transaction<'static, DB>,
-    /// The candidates that may be tried (`None`: every one).
-    pub lockable: Option<Vec<String>>,
-    /// Live jobs across every core.
-    pub live: i64,
-    /// Live jobs of the claimed environments.
-    pub per_env: std::collections::HashMap<String, i64>,
-}
-
-/// One attempt a claim takes: the job moves to `provisioning` under `owner`'s lease and the
-/// attempt row (with its agent token's hash) is written, if the job is still queued at the
-/// expected attempt.
-pub(crate) struct TakeAttempt<'a> {
-    pub claim: &'a crate::engine::Claim,
-    pub token_hash: &'a str,
-    pub owner: &'a str,
-    pub lease_until: Timestamp,
-    pub now: Timestamp,
-}
-
 /// The statements both backends share, as an `impl Store` for `$store` over sqlx database
-/// `$db`. The backend supplies `begin_claim` (its locking) and `log_byte_stats`.
+/// `$db`. The backend supplies `claim_in_store` (its locking), `begin_read` and `log_byte_stats`.
 macro_rules! impl_shared_store {
     ($store:ident, $db:ty) => {
         #[async_trait::async_trait]
@@ -447,43 +425,15 @@ macro_rules! impl_shared_store {
                 max_live_per_environment: usize,
                 now: Timestamp,
             ) -> Result<(Vec<String>, Vec<String>), DbError> {
-                let _turn = self.write_turn().await;
-                let $crate::db::ClaimStart { mut tx, lockable, mut live, mut per_env } =
-                    self.begin_claim(claims).await?;
-                let mut won = Vec::new();
-                let mut lost = Vec::new();
-                for $crate::db::AttemptClaim { claim, token_hash } in claims {
-                    if lockable
-                        .as_ref()
-                        .is_some_and(|ids| !ids.contains(&claim.job_id))
-                    {
-                        lost.push(claim.job_id.clone());
-                        continue;
-                    }
-                    let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
-                    if !claim.reuses_instance
-                        && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
-                    {
-                        lost.push(claim.job_id.clone());
-                        continue;
-                    }
-                    let taken = Self::take_attempt(
-                        &mut tx,
-                        $crate::db::TakeAttempt { claim, token_hash, owner, lease_until, now },
-                    )
-                    .await?;
-                    if !taken {
-                        lost.push(claim.job_id.clone());
-                        continue;
-                    }
-                    if !claim.reuses_instance {
-                        live += 1;
-                        *per_env.entry(claim.environment_id.clone()).or_default() += 1;
-                    }
-                    won.push(claim.job_id.clone());
-                }
-                tx.commit().await?;
-                Ok((won, lost))
+                self.claim_in_store(
+                    owner,
+                    claims,
+                    lease_until,
+                    max_live_instances,
+                    max_live_per_environment,
+                    now,
+                )
+                .await
             }
 
             async fn log_stats(&self, job_id: &str) -> Result<(i64, i64), DbError> {

@@ -39,87 +39,53 @@ impl PostgresStore {
         None
     }
 
-    /// Opens a claim's transaction, in two round trips: `BEGIN` with the advisory lock that
-    /// serializes the claims of every replica (so the live counts read next cannot be raced
-    /// past the limits), then one statement that locks the candidate rows (rows another
-    /// transaction holds are skipped, and lost) and reads the live counts (`live_counts`,
-    /// kept by a trigger on every status change), its snapshot taken with the lock held.
-    pub(crate) async fn begin_claim(
+    /// [`Store::claim`] in one round trip: `stagely_claim` (migration 0003) takes the
+    /// advisory lock that serializes the claims of every replica, then claim by claim locks
+    /// the job row with `FOR UPDATE SKIP LOCKED` (a row another transaction holds is lost),
+    /// checks the limits against `live_counts` (kept by a trigger on every status change,
+    /// read with the lock held), and writes the guarded update and the attempt row; the
+    /// call is its own transaction.
+    pub(crate) async fn claim_in_store(
         &self,
+        owner: &str,
         claims: &[crate::db::AttemptClaim],
-    ) -> Result<crate::db::ClaimStart<Postgres>, DbError> {
-        let mut tx = self
-            .pool
-            .begin_with(sqlx::AssertSqlSafe(format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({CLAIM_LOCK})"
-            )))
-            .await?;
-        let ids: Vec<String> = claims.iter().map(|c| c.claim.job_id.clone()).collect();
-        let mut environments: Vec<String> = claims
-            .iter()
-            .map(|c| c.claim.environment_id.clone())
-            .collect();
-        environments.sort_unstable();
-        environments.dedup();
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "WITH candidates AS (
-                 SELECT id FROM build_jobs WHERE id = ANY($1) AND status = 'queued'
-                 FOR UPDATE SKIP LOCKED)
-             SELECT 'candidate', id, 0::BIGINT FROM candidates
-             UNION ALL
-             SELECT 'live', '', COALESCE(SUM(live), 0)::BIGINT FROM live_counts
-             UNION ALL
-             SELECT 'environment', environment_id, live FROM live_counts
-             WHERE environment_id = ANY($2)",
-        )
-        .bind(&ids)
-        .bind(&environments)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut start = crate::db::ClaimStart {
-            tx,
-            lockable: Some(Vec::new()),
-            live: 0,
-            per_env: Default::default(),
+        lease_until: Timestamp,
+        max_live_instances: usize,
+        max_live_per_environment: usize,
+        now: Timestamp,
+    ) -> Result<(Vec<String>, Vec<String>), DbError> {
+        let column = |f: &dyn Fn(&crate::db::AttemptClaim) -> String| -> Vec<String> {
+            claims.iter().map(f).collect()
         };
-        for (kind, key, count) in rows {
-            match kind.as_str() {
-                "candidate" => start.lockable.get_or_insert_with(Vec::new).push(key),
-                "live" => start.live = count,
-                _ => {
-                    start.per_env.insert(key, count);
-                }
-            }
-        }
-        Ok(start)
-    }
-
-    /// Takes one claimed attempt in one statement (the job's guarded update and the attempt
-    /// row). Whether the job was still queued at the expected attempt.
-    pub(crate) async fn take_attempt(
-        tx: &mut sqlx::Transaction<'static, Postgres>,
-        take: crate::db::TakeAttempt<'_>,
-    ) -> Result<bool, DbError> {
-        let rows = sqlx::query(
-            "WITH taken AS (
-                 UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3,
-                     lease_until = $4, not_before = NULL, vm_id = NULL
-                 WHERE id = $1 AND status = 'queued' AND attempt = $5
-                 RETURNING id)
-             INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash)
-             SELECT id, $2, $3, $6, $7 FROM taken",
+        let attempts: Vec<i32> = claims.iter().map(|c| c.claim.attempt as i32).collect();
+        let expected: Vec<i32> = claims
+            .iter()
+            .map(|c| c.claim.expected_attempt as i32)
+            .collect();
+        let reuses: Vec<bool> = claims.iter().map(|c| c.claim.reuses_instance).collect();
+        let won: Vec<String> = sqlx::query_scalar(
+            "SELECT * FROM stagely_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
-        .bind(&take.claim.job_id)
-        .bind(take.claim.attempt as i32)
-        .bind(take.owner)
-        .bind(take.lease_until.millis())
-        .bind(take.claim.expected_attempt as i32)
-        .bind(take.now.millis())
-        .bind(take.token_hash)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        Ok(rows == 1)
+        .bind(CLAIM_LOCK)
+        .bind(owner)
+        .bind(column(&|c| c.claim.job_id.clone()))
+        .bind(attempts)
+        .bind(expected)
+        .bind(column(&|c| c.claim.environment_id.clone()))
+        .bind(reuses)
+        .bind(column(&|c| c.token_hash.clone()))
+        .bind(lease_until.millis())
+        .bind(now.millis())
+        .bind(i64::try_from(max_live_instances).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max_live_per_environment).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let lost = claims
+            .iter()
+            .filter(|c| !won.contains(&c.claim.job_id))
+            .map(|c| c.claim.job_id.clone())
+            .collect();
+        Ok((won, lost))
     }
 
     /// A read-only transaction whose statements share one snapshot.

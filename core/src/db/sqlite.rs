@@ -45,14 +45,21 @@ impl SqliteStore {
         Some(self.writer.lock().await)
     }
 
-    /// Opens a claim's transaction. IMMEDIATE: the write lock is taken before the counts are
-    /// read, so no other writer (another process on this file) can claim between the count
-    /// and the update. Every candidate may be tried (`lockable: None`). The live counts (all,
-    /// and of the claimed environments) are one statement.
-    pub(crate) async fn begin_claim(
+    /// [`Store::claim`]: one IMMEDIATE transaction (the write lock is taken before the counts
+    /// are read, so no other writer, another process on this file, can claim between the
+    /// count and the update); the live counts (all, and of the claimed environments) are one
+    /// statement; then each claim in order, within the limits: the job's guarded update and
+    /// its attempt row.
+    pub(crate) async fn claim_in_store(
         &self,
+        owner: &str,
         claims: &[crate::db::AttemptClaim],
-    ) -> Result<crate::db::ClaimStart<Sqlite>, DbError> {
+        lease_until: Timestamp,
+        max_live_instances: usize,
+        max_live_per_environment: usize,
+        now: Timestamp,
+    ) -> Result<(Vec<String>, Vec<String>), DbError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut environments: Vec<&str> = claims
             .iter()
@@ -76,56 +83,61 @@ impl SqliteStore {
             builder.push(") GROUP BY r.environment_id");
         }
         let rows: Vec<(Option<String>, i64)> = builder.build_query_as().fetch_all(&mut *tx).await?;
-        let mut start = crate::db::ClaimStart {
-            tx,
-            lockable: None,
-            live: 0,
-            per_env: Default::default(),
-        };
+        let mut live = 0;
+        let mut per_env: std::collections::HashMap<String, i64> = Default::default();
         for (environment, count) in rows {
             match environment {
                 Some(environment) => {
-                    start.per_env.insert(environment, count);
+                    per_env.insert(environment, count);
                 }
-                None => start.live = count,
+                None => live = count,
             }
         }
-        Ok(start)
-    }
-
-    /// Takes one claimed attempt: the job's guarded update, then the attempt row. Whether the
-    /// job was still queued at the expected attempt.
-    pub(crate) async fn take_attempt(
-        tx: &mut sqlx::Transaction<'static, Sqlite>,
-        take: crate::db::TakeAttempt<'_>,
-    ) -> Result<bool, DbError> {
-        let rows = sqlx::query(
-            "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
-             not_before = NULL, vm_id = NULL
-             WHERE id = $1 AND status = 'queued' AND attempt = $5",
-        )
-        .bind(&take.claim.job_id)
-        .bind(take.claim.attempt as i32)
-        .bind(take.owner)
-        .bind(take.lease_until.millis())
-        .bind(take.claim.expected_attempt as i32)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if rows != 1 {
-            return Ok(false);
+        let mut won = Vec::new();
+        let mut lost = Vec::new();
+        for crate::db::AttemptClaim { claim, token_hash } in claims {
+            let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
+            if !claim.reuses_instance
+                && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)
+            {
+                lost.push(claim.job_id.clone());
+                continue;
+            }
+            let rows = sqlx::query(
+                "UPDATE build_jobs SET status = 'provisioning', attempt = $2, lease_owner = $3, lease_until = $4,
+                 not_before = NULL, vm_id = NULL
+                 WHERE id = $1 AND status = 'queued' AND attempt = $5",
+            )
+            .bind(&claim.job_id)
+            .bind(claim.attempt as i32)
+            .bind(owner)
+            .bind(lease_until.millis())
+            .bind(claim.expected_attempt as i32)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if rows != 1 {
+                lost.push(claim.job_id.clone());
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&claim.job_id)
+            .bind(claim.attempt as i32)
+            .bind(owner)
+            .bind(now.millis())
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await?;
+            if !claim.reuses_instance {
+                live += 1;
+                *per_env.entry(claim.environment_id.clone()).or_default() += 1;
+            }
+            won.push(claim.job_id.clone());
         }
-        sqlx::query(
-            "INSERT INTO job_attempts (build_job_id, number, owner, started_at, token_hash) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&take.claim.job_id)
-        .bind(take.claim.attempt as i32)
-        .bind(take.owner)
-        .bind(take.now.millis())
-        .bind(take.token_hash)
-        .execute(&mut **tx)
-        .await?;
-        Ok(true)
+        tx.commit().await?;
+        Ok((won, lost))
     }
 
     /// A read transaction: in WAL mode its statements share the snapshot its first read
