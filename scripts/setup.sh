@@ -5,7 +5,8 @@
 # Provides: git, buildah with runc (RUN steps in their own containers), skopeo, docker-registry (Distribution), qemu-user-static
 # + arm64 binfmt registration, static busybox for amd64 and arm64 at
 # /usr/local/lib/stagely/busybox-{amd64,arm64}, cloud-init (schema checks),
-# PostgreSQL running on 127.0.0.1:5432.
+# PostgreSQL running on 127.0.0.1:5432, moto's EC2 API server (venv in
+# /usr/local/lib/stagely/moto-venv).
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -44,6 +45,16 @@ if [ ${#wanted[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
     installed_any=yes
+fi
+
+# --- 1b. moto (an EC2 API peer for the ec2 provider's tests), in its own venv ------
+MOTO_VENV=$LIBDIR/moto-venv
+if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    log "installing moto[server] into $MOTO_VENV"
+    $SUDO mkdir -p "$LIBDIR"
+    have python3 || { $SUDO apt-get update -qq; $SUDO apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null; }
+    $SUDO python3 -m venv "$MOTO_VENV"
+    $SUDO "$MOTO_VENV/bin/pip" install -q 'moto[server]>=5.1,<6'
 fi
 
 # --- 2. arm64 emulation (binfmt_misc + qemu-aarch64) ---------------------------
@@ -122,4 +133,4 @@ elif [ "$hba_changed" = yes ]; then
 fi
 
 # --- 5. summary ----------------------------------------------------------------
-echo "setup.sh: ok (installed: $([ "$installed_any" = yes ] && echo "${wanted[*]}" || echo nothing)); buildah $(buildah --version | awk '{print $3}'), binfmt aarch64 $arch_arm64, busybox amd64=$arch_amd64, postgres $pg_state on 127.0.0.1:5432"
+echo "setup.sh: ok (installed: $([ "$installed_any" = yes ] && echo "${wanted[*]}" || echo nothing)); buildah $(buildah --version | awk '{print $3}'), binfmt aarch64 $arch_arm64, busybox amd64=$arch_amd64, postgres $pg_state on 127.0.0.1:5432, moto $("$MOTO_VENV/bin/python" -c "import moto; print(moto.__version__)")"

@@ -269,7 +269,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    let provider = server::local_provider(&config)?;
+    let provider = server::provider(&config).await?;
     let core = server::start(config, listener, provider).await?;
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));

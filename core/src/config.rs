@@ -102,6 +102,85 @@ pub struct RegistryFile {
 pub struct ProviderFile {
     pub kind: Option<String>,
     pub agent_binary: Option<PathBuf>,
+    pub ec2: Option<Ec2File>,
+}
+
+/// `[provider.ec2]`: how the `ec2` provider launches builders.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2File {
+    pub region: Option<String>,
+    pub ami_amd64: Option<String>,
+    pub ami_arm64: Option<String>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Option<Vec<String>>,
+    pub instance_profile: Option<String>,
+    pub spot: Option<bool>,
+    /// Run arm64 jobs on amd64 under QEMU when no arm64 AMI is set.
+    pub allow_emulation: Option<bool>,
+    /// Per machine class (`small`, `medium`, `large`): instance types and spot.
+    #[serde(default)]
+    pub classes: BTreeMap<String, Ec2ClassFile>,
+}
+
+/// `[provider.ec2.classes.<size>]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2ClassFile {
+    pub amd64: Option<String>,
+    pub arm64: Option<String>,
+    pub spot: Option<bool>,
+}
+
+/// Which provider the core boots builders with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderConfig {
+    /// Processes on this machine (`stagely-agent` per instance).
+    Local,
+    /// Amazon EC2.
+    Ec2(stagely_provisioning::ec2::Ec2Settings),
+}
+
+fn ec2_settings(file: Ec2File) -> Result<stagely_provisioning::ec2::Ec2Settings, ConfigError> {
+    use stagely_provisioning::MachineSize;
+    use stagely_provisioning::ec2::{ClassSettings, Ec2Settings};
+    let present = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+    let ami_amd64 = present(file.ami_amd64);
+    let ami_arm64 = present(file.ami_arm64);
+    if ami_amd64.is_none() && ami_arm64.is_none() {
+        return Err(ConfigError::Invalid {
+            field: "provider.ec2.ami_amd64",
+            problem: "the ec2 provider needs an AMI: set ami_amd64 and/or ami_arm64 (built with packer/stagely-builder.pkr.hcl)".into(),
+        });
+    }
+    let mut classes = BTreeMap::new();
+    for (name, class) in file.classes {
+        let Some(size) = MachineSize::parse(&name) else {
+            return Err(ConfigError::Invalid {
+                field: "provider.ec2.classes",
+                problem: format!("`{name}` is not a machine class (small, medium, large)"),
+            });
+        };
+        classes.insert(
+            size,
+            ClassSettings {
+                amd64: present(class.amd64),
+                arm64: present(class.arm64),
+                spot: class.spot,
+            },
+        );
+    }
+    Ok(Ec2Settings {
+        region: present(file.region),
+        ami_amd64,
+        ami_arm64,
+        subnet_id: present(file.subnet_id),
+        security_group_ids: file.security_group_ids.unwrap_or_default(),
+        instance_profile: present(file.instance_profile),
+        spot: file.spot.unwrap_or(false),
+        allow_emulation: file.allow_emulation.unwrap_or(false),
+        classes,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -224,6 +303,7 @@ pub struct CoreConfig {
     pub registry: RegistryConfig,
     /// `stagely-agent` for the local provider (default: next to the running executable).
     pub agent_binary: Option<PathBuf>,
+    pub provider: ProviderConfig,
     pub max_concurrent_jobs: usize,
     pub agent_connect_timeout: Duration,
     pub heartbeat_timeout: Duration,
@@ -316,7 +396,7 @@ fn env_nonempty(name: &str) -> Option<String> {
 
 impl CoreConfig {
     /// Resolves flag > environment > file > default.
-    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<CoreConfig, ConfigError> {
+    pub fn resolve(mut file: FileConfig, overrides: Overrides) -> Result<CoreConfig, ConfigError> {
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -368,14 +448,26 @@ impl CoreConfig {
             .registry
             .insecure
             .unwrap_or_else(|| is_loopback_host(&host));
-        if let Some(kind) = &file.provider.kind
-            && kind != "local"
-        {
-            return Err(ConfigError::Invalid {
-                field: "provider.kind",
-                problem: format!("`{kind}` is not a known provider (local)"),
-            });
-        }
+        let provider = match file.provider.kind.as_deref() {
+            None | Some("local") => {
+                if file.provider.ec2.is_some() {
+                    return Err(ConfigError::Invalid {
+                        field: "provider.ec2",
+                        problem: "is set but provider.kind is not \"ec2\"".into(),
+                    });
+                }
+                ProviderConfig::Local
+            }
+            Some("ec2") => {
+                ProviderConfig::Ec2(ec2_settings(file.provider.ec2.take().unwrap_or_default())?)
+            }
+            Some(kind) => {
+                return Err(ConfigError::Invalid {
+                    field: "provider.kind",
+                    problem: format!("`{kind}` is not a known provider (local, ec2)"),
+                });
+            }
+        };
         let max_concurrent_jobs = file.scheduler.max_concurrent_jobs.unwrap_or(50);
         if max_concurrent_jobs == 0 {
             return Err(ConfigError::Invalid {
@@ -557,6 +649,7 @@ impl CoreConfig {
                 cache: file.registry.cache.unwrap_or(true),
             },
             agent_binary: file.provider.agent_binary,
+            provider,
             max_concurrent_jobs,
             agent_connect_timeout: Duration::from_secs(agent_connect_timeout),
             heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
@@ -655,6 +748,62 @@ mod tests {
         let error = FileConfig::load(&path).unwrap_err().to_string();
         assert!(!error.contains("hunter2-secret"), "{error}");
         assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn the_ec2_provider_is_configured_under_provider_ec2() {
+        use stagely_provisioning::ec2::ClassSettings;
+        use stagely_provisioning::{Arch, MachineSize};
+        let resolve = |text: &str| {
+            CoreConfig::resolve(
+                toml::from_str::<FileConfig>(text).unwrap(),
+                Overrides::default(),
+            )
+        };
+        let config = resolve(
+            "[provider]\nkind = \"ec2\"\n[provider.ec2]\nregion = \"eu-west-1\"\nami_amd64 = \"ami-1\"\nami_arm64 = \"ami-2\"\nsubnet_id = \"subnet-1\"\nsecurity_group_ids = [\"sg-1\", \"sg-2\"]\ninstance_profile = \"builder\"\nspot = true\n[provider.ec2.classes.large]\narm64 = \"c7g.2xlarge\"\nspot = false\n",
+        )
+        .unwrap();
+        let ProviderConfig::Ec2(ec2) = &config.provider else {
+            panic!("ec2 expected: {:?}", config.provider)
+        };
+        assert_eq!(ec2.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(ec2.security_group_ids, ["sg-1", "sg-2"]);
+        assert_eq!(ec2.instance_profile.as_deref(), Some("builder"));
+        assert!(ec2.spot_for(MachineSize::Small) && !ec2.spot_for(MachineSize::Large));
+        assert_eq!(
+            ec2.instance_type(MachineSize::Large, Arch::Arm64),
+            "c7g.2xlarge"
+        );
+        assert_eq!(
+            ec2.instance_type(MachineSize::Large, Arch::Amd64),
+            "c5.2xlarge"
+        );
+        assert_eq!(
+            ec2.classes.get(&MachineSize::Large),
+            Some(&ClassSettings {
+                amd64: None,
+                arm64: Some("c7g.2xlarge".into()),
+                spot: Some(false)
+            })
+        );
+        assert_eq!(resolve("").unwrap().provider, ProviderConfig::Local);
+        for (text, field) in [
+            ("[provider]\nkind = \"ec2\"\n", "provider.ec2.ami_amd64"),
+            (
+                "[provider]\nkind = \"ec2\"\n[provider.ec2]\nami_amd64 = \"ami-1\"\n[provider.ec2.classes.huge]\namd64 = \"x\"\n",
+                "provider.ec2.classes",
+            ),
+            ("[provider.ec2]\nami_amd64 = \"ami-1\"\n", "provider.ec2"),
+            ("[provider]\nkind = \"gcp\"\n", "provider.kind"),
+        ] {
+            let error = resolve(text).unwrap_err().to_string();
+            assert!(error.starts_with(&format!("{field}:")), "{field}: {error}");
+        }
+        let error = toml::from_str::<FileConfig>("[provider.ec2]\namis = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("amis"), "{error}");
     }
 
     #[test]

@@ -1363,6 +1363,7 @@ async fn create_for_attempt(
             ("stagely:job".to_string(), job_id.to_string()),
             ("stagely:attempt".to_string(), attempt.to_string()),
         ]),
+        on_demand_only: false,
     };
     // Never abandon a create call half-way: the provider may already have started the
     // instance, and only a returned id lets us terminate it.

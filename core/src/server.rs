@@ -78,6 +78,17 @@ pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
     Ok(Arc::new(provider))
 }
 
+/// The provider `config` names: local processes, or EC2 (the SDK's standard credential
+/// chain and environment: `AWS_REGION`, `AWS_ENDPOINT_URL_EC2`, profiles, instance roles).
+pub async fn provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    match &config.provider {
+        crate::config::ProviderConfig::Local => local_provider(config),
+        crate::config::ProviderConfig::Ec2(settings) => Ok(Arc::new(
+            stagely_provisioning::ec2::Ec2Provider::from_env(settings.clone()).await,
+        )),
+    }
+}
+
 /// How long in-flight requests get to finish once shutdown began.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -3,8 +3,9 @@
 //! Architecture invariant: this crate knows nothing about jobs, runs or the database. It is
 //! handed a [`MachineSpec`] (size, architecture, user-data, tags) and returns an [`Instance`];
 //! the core decides what to run there. Cloud specifics live in one implementation each
-//! ([`local::LocalProvider`] today; EC2 joins behind the same trait).
+//! ([`local::LocalProvider`], [`ec2::Ec2Provider`]).
 
+pub mod ec2;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use stagely_protocol::Arch;
 
 /// Abstract machine size from `stagely.yaml`'s `machine:`; each provider maps it to a type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MachineSize {
     Small,
@@ -49,6 +50,8 @@ pub struct MachineSpec {
     pub user_data: String,
     /// Tags put on the instance; `list_instances` filters by them (the reaper's handle).
     pub tags: BTreeMap<String, String>,
+    /// Never on spot (the job's earlier attempt was interrupted there).
+    pub on_demand_only: bool,
 }
 
 impl std::fmt::Debug for MachineSpec {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for MachineSpec {
                 &format_args!("<{} bytes>", self.user_data.len()),
             )
             .field("tags", &self.tags)
+            .field("on_demand_only", &self.on_demand_only)
             .finish()
     }
 }
@@ -77,6 +81,30 @@ pub struct Instance {
     /// True when `spec.arch` is not the host's and the build runs under emulation.
     pub emulated: bool,
     pub tags: BTreeMap<String, String>,
+    /// How it is billed, where a cloud bills it.
+    #[serde(default)]
+    pub market: Option<Market>,
+    /// What the job's log should say about how it was placed (spot fell back to on-demand,
+    /// arm64 emulated on amd64).
+    #[serde(default)]
+    pub notice: Option<String>,
+}
+
+/// How a cloud instance is billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Market {
+    OnDemand,
+    Spot,
+}
+
+impl Market {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Market::OnDemand => "on-demand",
+            Market::Spot => "spot",
+        }
+    }
 }
 
 /// Why a provider call failed. Messages name the instance or resource.
@@ -102,12 +130,29 @@ pub enum ProviderError {
     },
     #[error("provider capacity: {0}")]
     Capacity(String),
+    /// The provider's configuration cannot launch this machine.
+    #[error("provider configuration: {0}")]
+    Config(String),
+    /// A cloud API refused or failed a call: its own error code and message.
+    #[error("{operation} failed: {code}: {message}")]
+    Api {
+        operation: &'static str,
+        code: String,
+        message: String,
+        class: ec2::ErrorClass,
+    },
 }
 
 impl ProviderError {
-    /// Infrastructure failures that another attempt may not hit.
+    /// Infrastructure failures that another attempt may not hit (capacity, limits, a cloud
+    /// failing); the rest (bad configuration, a bad AMI, credentials) fail the same way
+    /// every time.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ProviderError::Capacity(_))
+        match self {
+            ProviderError::Capacity(_) => true,
+            ProviderError::Api { class, .. } => *class != ec2::ErrorClass::Permanent,
+            _ => false,
+        }
     }
 }
 

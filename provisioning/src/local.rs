@@ -403,6 +403,8 @@ impl Provider for LocalProvider {
             host_arch: self.host_arch,
             emulated,
             tags: spec.tags.clone(),
+            market: None,
+            notice: None,
         })
     }
 
@@ -494,6 +496,8 @@ impl Provider for LocalProvider {
                     host_arch: record.host_arch,
                     emulated: record.host_arch != record.requested_arch,
                     tags: record.tags,
+                    market: None,
+                    notice: None,
                 });
             }
         }
@@ -546,6 +550,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            on_demand_only: false,
         }
     }
 

@@ -246,6 +246,8 @@ impl Provider for Fleet {
             host_arch: spec.arch,
             emulated: false,
             tags: spec.tags.clone(),
+            market: None,
+            notice: None,
         })
     }
 
@@ -277,6 +279,8 @@ impl Provider for Fleet {
                 host_arch: spec.arch,
                 emulated: false,
                 tags: spec.tags.clone(),
+                market: None,
+                notice: None,
             })
             .collect())
     }

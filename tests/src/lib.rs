@@ -764,6 +764,8 @@ impl Provider for RecordingProvider {
             host_arch: spec.arch,
             emulated: false,
             tags: spec.tags.clone(),
+            market: None,
+            notice: None,
         })
     }
 
@@ -790,6 +792,8 @@ impl Provider for RecordingProvider {
                 host_arch: spec.arch,
                 emulated: false,
                 tags: spec.tags.clone(),
+                market: None,
+                notice: None,
             })
             .collect())
     }

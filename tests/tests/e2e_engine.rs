@@ -567,6 +567,8 @@ impl Provider for Faulty {
                 host_arch: spec.arch,
                 emulated: false,
                 tags: spec.tags.clone(),
+                market: None,
+                notice: None,
             }
         } else {
             self.inner.create_instance(spec).await?
