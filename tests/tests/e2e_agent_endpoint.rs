@@ -176,8 +176,16 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
         core.registry.password
     );
     assert!(build.registry.insecure);
-    let view = core.run(&run.id).await.unwrap();
-    assert_eq!(view.jobs[0].status, "running");
+    // `running` is stored right after the frame went out (the agent does not wait for it).
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = core.run(&run.id).await.unwrap().jobs[0].status.clone();
+        if status == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "running");
 
     agent
         .send(Ws::text(encode(&Message::Log(Log {
