@@ -1074,12 +1074,13 @@ impl LoopState {
                         attempt,
                         instance_id,
                     },
-                    Err(message) => {
-                        tracing::warn!("provisioning failed: {message}");
+                    Err(ProvisionFailure { message, retryable }) => {
+                        tracing::warn!(retryable, "provisioning failed: {message}");
                         Msg::Input(Input::InstanceFailed {
                             job_id,
                             attempt,
                             message,
+                            retryable,
                         })
                     }
                 };
@@ -1281,7 +1282,7 @@ async fn provision(
     run_id: &str,
     attempt: u32,
     token: Option<String>,
-) -> Result<String, String> {
+) -> Result<String, ProvisionFailure> {
     let result = create_for_attempt(shared, job_id, run_id, attempt, token).await;
     if result.is_err()
         && let Ok(mut prepared) = shared.prepared.lock()
@@ -1293,6 +1294,29 @@ async fn provision(
     result
 }
 
+/// Why an attempt got no instance; `retryable`: another attempt may succeed.
+#[derive(Debug)]
+struct ProvisionFailure {
+    message: String,
+    retryable: bool,
+}
+
+/// Failures of the core's own steps (reads, rendering) may pass.
+impl From<String> for ProvisionFailure {
+    fn from(message: String) -> ProvisionFailure {
+        ProvisionFailure {
+            message,
+            retryable: true,
+        }
+    }
+}
+
+impl From<&str> for ProvisionFailure {
+    fn from(message: &str) -> ProvisionFailure {
+        ProvisionFailure::from(message.to_string())
+    }
+}
+
 /// [`provision`] without its clean-up.
 async fn create_for_attempt(
     shared: &Shared,
@@ -1300,7 +1324,7 @@ async fn create_for_attempt(
     run_id: &str,
     attempt: u32,
     token: Option<String>,
-) -> Result<String, String> {
+) -> Result<String, ProvisionFailure> {
     let db = &shared.db;
     let fresh = shared
         .fresh_rows
@@ -1371,11 +1395,12 @@ async fn create_for_attempt(
         .provider
         .create_instance(&spec)
         .await
-        .map_err(|error| {
-            format!(
+        .map_err(|error| ProvisionFailure {
+            message: format!(
                 "provisioning a {} {} instance failed: {error}",
                 job.machine, arch
-            )
+            ),
+            retryable: error.is_retryable(),
         })?;
     let owner = &settings.engine.owner;
     let recorded = crate::db::retry_transient(|| {

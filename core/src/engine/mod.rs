@@ -117,11 +117,14 @@ pub enum Input {
         attempt: u32,
         instance_id: String,
     },
-    /// The provider could not create the attempt's instance.
+    /// The provider could not create the attempt's instance. `retryable`: another attempt
+    /// may succeed (capacity, limits, a cloud failing); else (a bad AMI, credentials or
+    /// configuration) the job fails at once.
     InstanceFailed {
         job_id: String,
         attempt: u32,
         message: String,
+        retryable: bool,
     },
     /// The attempt's agent connected (its token was accepted).
     AgentConnected { job_id: String, attempt: u32 },
@@ -493,14 +496,17 @@ impl Engine {
                 job_id,
                 attempt,
                 message,
+                retryable,
             } => {
                 if self.is_current_own(&job_id, attempt) {
+                    let kind = if retryable {
+                        InfraKind::Provider
+                    } else {
+                        InfraKind::ProviderRejected
+                    };
                     self.end_attempt(
                         &job_id,
-                        AttemptOutcome::Infrastructure {
-                            kind: InfraKind::Provider,
-                            message,
-                        },
+                        AttemptOutcome::Infrastructure { kind, message },
                         now,
                     );
                 }
@@ -1138,7 +1144,16 @@ impl Engine {
             AttemptOutcome::Infrastructure { kind, message } => {
                 let failures =
                     job.snapshot.infra_failures + u32::from(kind.counts_against_retries());
-                let end = if failures > config.max_retries {
+                let end = if !kind.may_retry() {
+                    JobEnd::Failed {
+                        kind: FailureKind::Infrastructure,
+                        exit_code: None,
+                        message: format!(
+                            "{message} (attempt {attempt}; not retried: another attempt would fail the same way)"
+                        ),
+                        infra_failures: failures,
+                    }
+                } else if failures > config.max_retries {
                     JobEnd::Failed {
                         kind: FailureKind::Infrastructure,
                         exit_code: None,

@@ -729,6 +729,31 @@ fn a_cancel_the_agent_ignores_ends_at_the_grace_with_the_instance_terminated() {
 }
 
 #[test]
+fn a_provider_refusal_that_would_repeat_fails_the_job_at_once() {
+    let mut world = World::new(config());
+    world.submit(run("r1", "env", 1, vec![build("a")]));
+    assert_eq!(live_attempt(&world, "a"), 1);
+    world.input(Input::InstanceFailed {
+        job_id: "a".into(),
+        attempt: 1,
+        message: "RunInstances failed: InvalidAMIID.NotFound: the image id does not exist".into(),
+        retryable: false,
+    });
+    assert_eq!(world.status("a"), JobStatus::Failed);
+    match &world.jobs["a"].end {
+        Some(JobEnd::Failed { kind, message, .. }) => {
+            assert_eq!(*kind, FailureKind::Infrastructure);
+            assert!(message.contains("InvalidAMIID.NotFound"), "{message}");
+            assert!(message.contains("not retried"), "{message}");
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    world.advance(Duration::from_secs(600));
+    assert_eq!(world.status("a"), JobStatus::Failed, "never retried");
+    assert_eq!(world.runs["r1"].0, RunStatus::Failed);
+}
+
+#[test]
 fn infrastructure_failures_are_retried_with_backoff_until_the_limit() {
     let mut world = World::new(config());
     world.submit(run("r1", "env", 1, vec![build("a")]));
@@ -746,6 +771,7 @@ fn infrastructure_failures_are_retried_with_backoff_until_the_limit() {
         job_id: "a".into(),
         attempt: 2,
         message: "InsufficientInstanceCapacity".into(),
+        retryable: true,
     });
     world.advance(Duration::from_secs(9));
     assert_eq!(world.status("a"), JobStatus::Queued);
@@ -1229,6 +1255,7 @@ impl RandomWorld {
                         job_id: job,
                         attempt,
                         message: "capacity".into(),
+                        retryable: how.is_multiple_of(10),
                     });
                 } else {
                     let instance_id = self.world.new_instance();

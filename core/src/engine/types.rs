@@ -145,6 +145,9 @@ spelled! {
     pub enum InfraKind {
         /// The provider refused or failed to create the instance.
         Provider => "provider",
+        /// The provider refused the request as configured (a bad AMI, credentials,
+        /// parameters): another attempt would fail the same way, so the job fails at once.
+        ProviderRejected => "provider_rejected",
         /// The instance was created but its agent never connected within the boot timeout.
         BootTimeout => "boot_timeout",
         /// The agent's connection broke or went silent before it reported STATUS.
@@ -160,6 +163,11 @@ impl InfraKind {
     /// Whether this failure spends one of the job's retries. A rolling deploy must not.
     pub fn counts_against_retries(self) -> bool {
         !matches!(self, InfraKind::CoreShutdown)
+    }
+
+    /// Whether the job may get another attempt after this failure (within the limit).
+    pub fn may_retry(self) -> bool {
+        !matches!(self, InfraKind::ProviderRejected)
     }
 }
 
