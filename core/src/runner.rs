@@ -10,7 +10,7 @@
 //! are handed back to the queue and their instances terminated), stops the loop and waits for
 //! every task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,7 +169,7 @@ struct Shared {
     fresh_rows: Mutex<HashMap<String, (Arc<RunRow>, JobRow)>>,
     /// Agent token hashes this core minted for its live attempts: the agent endpoint accepts
     /// them without asking the store (tokens of other replicas' attempts are looked up there).
-    minted: Mutex<HashMap<String, (String, u32)>>,
+    minted: Mutex<Minted>,
     /// Every task the runner started; `shutdown` waits on it.
     tasks: TaskTracker,
     /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
@@ -214,7 +214,7 @@ impl Runner {
             finishing: Mutex::new(std::collections::HashSet::new()),
             prepared: Mutex::new(HashMap::new()),
             fresh_rows: Mutex::new(HashMap::new()),
-            minted: Mutex::new(HashMap::new()),
+            minted: Mutex::new(Minted::default()),
             tasks: TaskTracker::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
             shutdown,
@@ -337,7 +337,7 @@ impl Runner {
             .minted
             .lock()
             .ok()
-            .and_then(|minted| minted.get(&hash).cloned());
+            .and_then(|minted| minted.by_hash.get(&hash).cloned());
         let found = match own {
             Some(found) => Ok(Some(found)),
             None => self.shared.db.attempt_for_token(&hash).await,
@@ -414,6 +414,29 @@ struct LoopState {
     tokens: HashMap<(String, u32), String>,
     sync_state: SyncState,
     tx: mpsc::Sender<Msg>,
+}
+
+/// Token hashes of the live attempts this core minted, with the reverse index so an
+/// attempt's end drops its hash without a scan.
+#[derive(Default)]
+struct Minted {
+    by_hash: HashMap<String, (String, u32)>,
+    by_attempt: HashMap<(String, u32), String>,
+}
+
+impl Minted {
+    fn insert(&mut self, hash: String, attempt: (String, u32)) {
+        if let Some(old) = self.by_attempt.insert(attempt.clone(), hash.clone()) {
+            self.by_hash.remove(&old);
+        }
+        self.by_hash.insert(hash, attempt);
+    }
+
+    fn remove(&mut self, attempt: &(String, u32)) {
+        if let Some(hash) = self.by_attempt.remove(attempt) {
+            self.by_hash.remove(&hash);
+        }
+    }
 }
 
 /// Most job rows kept for a first provisioning ([`Shared::fresh_rows`]); past it, rows are
@@ -714,8 +737,9 @@ impl LoopState {
                         )
                     }
                 };
+                let taken: HashSet<&str> = won.iter().map(String::as_str).collect();
                 for (token, AttemptClaim { claim, token_hash }) in tokens.into_iter().zip(claims) {
-                    if won.contains(&claim.job_id) {
+                    if taken.contains(claim.job_id.as_str()) {
                         if let Ok(mut minted) = self.shared.minted.lock() {
                             minted.insert(token_hash, (claim.job_id.clone(), claim.attempt));
                         }
@@ -766,7 +790,7 @@ impl LoopState {
                     prepared.remove(&key);
                 }
                 if let Ok(mut minted) = self.shared.minted.lock() {
-                    minted.retain(|_, attempt| *attempt != key);
+                    minted.remove(&key);
                 }
                 // Dropping the sender closes the link. The attempt is over: its token no
                 // longer resolves, so the spent-token entry can go.

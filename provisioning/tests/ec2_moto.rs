@@ -111,6 +111,17 @@ fn spec(job: &str, attempt: u32, arch: Arch, size: MachineSize) -> MachineSpec {
     }
 }
 
+/// One instance as EC2 describes it.
+async fn described(client: &Client, id: &str) -> aws_sdk_ec2::types::Instance {
+    let out = client
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    out.reservations()[0].instances()[0].clone()
+}
+
 /// Every instance moto holds, whatever its state: (id, state).
 async fn all_instances(client: &Client) -> Vec<(String, String)> {
     let out = client.describe_instances().send().await.unwrap();
@@ -142,13 +153,7 @@ async fn a_launch_is_tagged_locked_down_and_carries_its_user_data() {
     assert!(!instance.emulated);
     assert_eq!(instance.market, Some(Market::OnDemand));
 
-    let described = client
-        .describe_instances()
-        .instance_ids(&instance.id)
-        .send()
-        .await
-        .unwrap();
-    let launched = &described.reservations()[0].instances()[0];
+    let launched = described(&client, &instance.id).await;
     let tags: BTreeMap<&str, &str> = launched
         .tags()
         .iter()
@@ -323,13 +328,7 @@ async fn classes_override_types_and_spot_launches_spot() {
         .await
         .unwrap();
     assert_eq!(small.market, Some(Market::Spot));
-    let described = client
-        .describe_instances()
-        .instance_ids(&small.id)
-        .send()
-        .await
-        .unwrap();
-    let launched = &described.reservations()[0].instances()[0];
+    let launched = described(&client, &small.id).await;
     assert_eq!(
         launched.instance_lifecycle().map(|l| l.as_str()),
         Some("spot"),

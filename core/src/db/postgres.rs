@@ -80,9 +80,10 @@ impl PostgresStore {
         .bind(i64::try_from(max_live_per_environment).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
+        let taken: std::collections::HashSet<&str> = won.iter().map(String::as_str).collect();
         let lost = claims
             .iter()
-            .filter(|c| !won.contains(&c.claim.job_id))
+            .filter(|c| !taken.contains(c.claim.job_id.as_str()))
             .map(|c| c.claim.job_id.clone())
             .collect();
         Ok((won, lost))
