@@ -5,6 +5,7 @@
 # Provides: git, buildah with runc (RUN steps in their own containers), skopeo, docker-registry (Distribution), qemu-user-static
 # + arm64 binfmt registration, static busybox for amd64 and arm64 at
 # /usr/local/lib/stagely/busybox-{amd64,arm64}, cloud-init (schema checks),
+# Packer (golden-image template validation), systemd-analyze (unit checks),
 # PostgreSQL running on 127.0.0.1:5432, moto's EC2 API server (venv in
 # /usr/local/lib/stagely/moto-venv).
 set -euo pipefail
@@ -30,6 +31,7 @@ for pair in \
     git:git curl:curl file:file buildah:buildah runc:runc skopeo:skopeo \
     docker-registry:docker-registry qemu-aarch64-static:qemu-user-static \
     cloud-init:cloud-init newuidmap:uidmap cc:gcc pkg-config:pkg-config \
+    packer:packer systemd-analyze:systemd \
     unshare:util-linux; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     have "$cmd" || wanted+=("$pkg")

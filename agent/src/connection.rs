@@ -35,6 +35,8 @@ const WORK_WAIT_LIMIT: Duration = Duration::from_secs(120);
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long an agent whose job finished waits for the core to hand it more work.
 const NEXT_WORK_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for one dial (TCP, TLS and the WebSocket upgrade).
+const DIAL_LIMIT: Duration = Duration::from_secs(20);
 /// Longest one frame may take to send (the core batches database writes, so allow slack).
 const SEND_LIMIT: Duration = Duration::from_secs(60);
 
@@ -50,6 +52,8 @@ pub enum ConnectError {
     BadUrl(String),
     #[error("TLS with the core failed (check ca_file): {0}")]
     Tls(String),
+    #[error("the core was unreachable for {after:?} (core_unreachable_secs); last error: {last}")]
+    Unreachable { after: Duration, last: String },
 }
 
 /// A TLS failure (bad or untrusted certificate) does not heal by retrying.
@@ -135,14 +139,16 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
-        match tokio_tungstenite::connect_async_tls_with_config(
+        let dial = tokio_tungstenite::connect_async_tls_with_config(
             request,
             Some(ws_config),
             true,
             Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
-        )
-        .await
-        {
+        );
+        let Ok(dialled) = tokio::time::timeout(DIAL_LIMIT, dial).await else {
+            bail!("connecting to {url}: no answer within {DIAL_LIMIT:?}");
+        };
+        match dialled {
             Ok((socket, _response)) => Ok(socket),
             Err(tungstenite::Error::Http(response))
                 if matches!(response.status().as_u16(), 401 | 403) =>
@@ -155,20 +161,40 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
             },
         }
     };
+    // Network failures are retried until the core has been unreachable for
+    // `core_unreachable_secs`; then the agent exits and its unit powers the instance off.
+    let unreachable = Duration::from_secs(
+        config
+            .core_unreachable_secs
+            .unwrap_or(stagely_cloud_init::DEFAULT_CORE_UNREACHABLE_SECS),
+    );
+    let last_error = std::sync::Mutex::new(None::<String>);
     let retried = attempt
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(10))
-                .with_max_times(30)
+                .without_max_times()
                 .with_jitter(),
         )
         .when(|error: &anyhow::Error| error.downcast_ref::<ConnectError>().is_none())
         .notify(|error, delay| {
             tracing::warn!("connecting to the core failed, retrying in {delay:?}: {error:#}");
+            if let Ok(mut last) = last_error.lock() {
+                *last = Some(format!("{error:#}"));
+            }
         });
     tokio::select! {
-        result = retried => result,
+        result = tokio::time::timeout(unreachable, retried) => match result {
+            Ok(result) => result,
+            Err(_) => {
+                let last = last_error.lock().ok().and_then(|mut last| last.take());
+                Err(anyhow!(ConnectError::Unreachable {
+                    after: unreachable,
+                    last: last.unwrap_or_else(|| "no answer".into()),
+                }))
+            }
+        },
         () = shutdown.cancelled() => bail!("shut down before connecting"),
     }
 }

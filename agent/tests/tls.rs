@@ -88,6 +88,7 @@ fn config(port: u16, ca_file: Option<std::path::PathBuf>) -> AgentConfig {
         work_dir: None,
         instance_id: None,
         allow_local_repos: false,
+        core_unreachable_secs: None,
     }
 }
 
@@ -148,4 +149,36 @@ async fn a_ca_file_without_certificates_is_an_error_naming_it() {
         panic!("an empty ca_file must be refused");
     };
     assert!(format!("{error:#}").contains("empty.pem"), "{error:#}");
+}
+
+#[tokio::test]
+async fn an_unreachable_core_is_given_up_after_core_unreachable_secs() {
+    // A port nothing listens on: every dial is refused, and retried until the limit.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = config(port, None);
+    config.core_url = format!("http://127.0.0.1:{port}");
+    config.core_unreachable_secs = Some(2);
+    let started = std::time::Instant::now();
+    let Err(error) = connect(&config, &CancellationToken::new()).await else {
+        panic!("connected to nothing");
+    };
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            error.downcast_ref::<ConnectError>(),
+            Some(ConnectError::Unreachable { .. })
+        ),
+        "{error:#}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(15),
+        "gave up after {waited:?}"
+    );
+    let shown = format!("{error:#}");
+    assert!(shown.contains("core_unreachable_secs"), "{shown}");
+    assert!(!shown.contains("stg_tls_test_token"), "{shown}");
 }

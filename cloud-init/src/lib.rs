@@ -19,6 +19,13 @@ pub const CA_FILE_PATH: &str = "/etc/stagely/ca.pem";
 
 const TEMPLATE: &str = include_str!("../templates/agent-user-data.yaml");
 
+/// Where the agent's systemd unit lives on a VM (baked into the golden image, and written
+/// again by the user-data so the two never disagree).
+pub const UNIT_PATH: &str = "/etc/systemd/system/stagely-agent.service";
+/// The agent's systemd unit: starts `/usr/local/bin/stagely-agent`, powers the instance off
+/// when the agent exits (job done, or the core unreachable).
+pub const AGENT_UNIT: &str = include_str!("../templates/stagely-agent.service");
+
 /// The agent's configuration file (`agent.toml`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +50,15 @@ pub struct AgentConfig {
     /// `stagely run`, off for `stagely serve`). Off: https, ssh and git only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_local_repos: bool,
+    /// How long the agent keeps trying to reach the core before it gives up and exits (the
+    /// unit then powers the instance off, which terminates it). Default
+    /// [`DEFAULT_CORE_UNREACHABLE_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_unreachable_secs: Option<u64>,
 }
+
+/// Default for [`AgentConfig::core_unreachable_secs`]: ten minutes.
+pub const DEFAULT_CORE_UNREACHABLE_SECS: u64 = 600;
 
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,6 +70,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("work_dir", &self.work_dir)
             .field("instance_id", &self.instance_id)
             .field("allow_local_repos", &self.allow_local_repos)
+            .field("core_unreachable_secs", &self.core_unreachable_secs)
             .finish()
     }
 }
@@ -124,7 +140,8 @@ pub fn render_user_data(bootstrap: &Bootstrap) -> Result<String, RenderError> {
     let agent_toml = toml::to_string(&agent)?;
     Ok(TEMPLATE
         .replace("{{agent_toml}}\n", &indent(&agent_toml, 6))
-        .replace("{{ca_file}}", &ca_block))
+        .replace("{{ca_file}}", &ca_block)
+        .replace("{{unit}}", &indent(AGENT_UNIT, 6)))
 }
 
 /// Indents every line of `text` by `width` spaces, for a YAML block scalar; ends with `\n`.
@@ -149,15 +166,31 @@ struct CloudConfig {
     write_files: Vec<WriteFile>,
 }
 
-#[derive(Deserialize)]
-struct WriteFile {
-    path: String,
+/// One `write_files` entry of a user-data, as cloud-init would write it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct WriteFile {
+    pub path: String,
     #[serde(default)]
-    content: String,
+    pub content: String,
+    /// Octal mode text, e.g. `0600` (cloud-init's default is `0644`).
+    #[serde(default)]
+    pub permissions: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
-/// Reads back what a rendered user-data would install on a VM.
-pub fn read_user_data(user_data: &str) -> Result<Bootstrap, ReadError> {
+impl WriteFile {
+    /// The mode cloud-init gives the file.
+    pub fn mode(&self) -> u32 {
+        self.permissions
+            .as_deref()
+            .and_then(|text| u32::from_str_radix(text.trim_start_matches("0o"), 8).ok())
+            .unwrap_or(0o644)
+    }
+}
+
+/// The files a user-data writes, in order (what a harness applies as cloud-init would).
+pub fn written_files(user_data: &str) -> Result<Vec<WriteFile>, ReadError> {
     if !user_data.starts_with("#cloud-config") {
         return Err(ReadError::NotCloudConfig);
     }
@@ -165,15 +198,27 @@ pub fn read_user_data(user_data: &str) -> Result<Bootstrap, ReadError> {
         serde_saphyr::from_str(user_data).map_err(|error| ReadError::Yaml {
             detail: error.to_string(),
         })?;
-    let agent_text = config
-        .write_files
+    Ok(config.write_files)
+}
+
+/// The command line a systemd unit's `ExecStart=` runs, split on whitespace (our unit has
+/// no quoting).
+pub fn unit_exec_start(unit: &str) -> Option<Vec<String>> {
+    unit.lines()
+        .find_map(|line| line.trim().strip_prefix("ExecStart="))
+        .map(|command| command.split_whitespace().map(str::to_string).collect())
+}
+
+/// Reads back what a rendered user-data would install on a VM.
+pub fn read_user_data(user_data: &str) -> Result<Bootstrap, ReadError> {
+    let write_files = written_files(user_data)?;
+    let agent_text = write_files
         .iter()
         .find(|file| file.path == AGENT_CONFIG_PATH)
         .map(|file| file.content.as_str())
         .ok_or(ReadError::NoAgentConfig)?;
     let agent = AgentConfig::from_toml(agent_text)?;
-    let ca_pem = config
-        .write_files
+    let ca_pem = write_files
         .iter()
         .find(|file| file.path == CA_FILE_PATH)
         .map(|file| file.content.clone());
@@ -194,6 +239,7 @@ mod tests {
                 work_dir: None,
                 instance_id: None,
                 allow_local_repos: false,
+                core_unreachable_secs: None,
             },
             ca_pem: ca.map(str::to_string),
         }
@@ -266,6 +312,30 @@ mod tests {
     fn debug_output_redacts_the_token() {
         let shown = format!("{:?}", sample(None));
         assert!(!shown.contains("stk_0123456789abcdef"), "{shown}");
+    }
+
+    #[test]
+    fn written_files_carry_their_modes_and_the_unit_starts_the_agent() {
+        let files = written_files(&render_user_data(&sample(Some(CA))).unwrap()).unwrap();
+        let modes: Vec<(&str, u32)> = files.iter().map(|f| (f.path.as_str(), f.mode())).collect();
+        assert_eq!(
+            modes,
+            [
+                (AGENT_CONFIG_PATH, 0o600),
+                (CA_FILE_PATH, 0o644),
+                (UNIT_PATH, 0o644)
+            ]
+        );
+        let unit = &files[2].content;
+        assert_eq!(unit, AGENT_UNIT);
+        assert_eq!(
+            unit_exec_start(unit).unwrap(),
+            [
+                "/usr/local/bin/stagely-agent",
+                "--config",
+                AGENT_CONFIG_PATH
+            ]
+        );
     }
 
     #[test]

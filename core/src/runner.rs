@@ -1397,6 +1397,7 @@ async fn create_for_attempt(
             work_dir: None,
             instance_id: None,
             allow_local_repos: settings.allow_local_repos,
+            core_unreachable_secs: None,
         },
         ca_pem: None,
     })

@@ -542,6 +542,7 @@ mod tests {
                     work_dir: None,
                     instance_id: None,
                     allow_local_repos: false,
+                    core_unreachable_secs: None,
                 },
                 ca_pem: None,
             })
