@@ -58,10 +58,30 @@ pub struct FileConfig {
     pub provider: ProviderFile,
     #[serde(default)]
     pub scheduler: SchedulerFile,
+    #[serde(default)]
+    pub tls: TlsFile,
     /// Values of secret build arguments (`secret_build_args`) the core supplies when a
     /// submission does not: name → value.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+}
+
+/// `[tls]`: how the core's HTTP server (API and agent endpoint) is secured.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain (leaf first) the core serves; with `key_file`, the core speaks
+    /// HTTPS itself. Both files are read again on SIGHUP.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`'s leaf.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) agents should trust for the core (a private CA); delivered to
+    /// every builder in its user-data. Default: none (the core's certificate is from a public
+    /// CA the image trusts).
+    pub agent_ca_file: Option<PathBuf>,
+    /// Plain HTTP off loopback because an operator's proxy in front terminates TLS
+    /// (`public_url` is then the proxy's `https://` address). Default false.
+    pub behind_proxy: Option<bool>,
 }
 
 /// `[api]`: who may call the HTTP API.
@@ -323,6 +343,17 @@ pub struct CoreConfig {
     pub cancel_grace: Duration,
     pub sync_interval: Duration,
     pub reap_interval: Duration,
+    pub tls: TlsConfig,
+}
+
+/// `[tls]` resolved.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// The core serves HTTPS with these files; `None`: plain HTTP (loopback, or behind a proxy).
+    pub serve: Option<crate::tls::TlsFiles>,
+    /// PEM text of the CA agents are told to trust (read from `agent_ca_file`).
+    pub agent_ca_pem: Option<String>,
+    pub behind_proxy: bool,
 }
 
 /// Bounds on what API callers can make the core do at once.
@@ -587,6 +618,16 @@ impl CoreConfig {
                 ),
             });
         }
+        let tls = resolve_tls(std::mem::take(&mut file.tls), &listen)?;
+        let public_url = overrides.public_url.or(file.public_url);
+        if let Some(url) = &public_url {
+            check_public_url(url, &provider)?;
+        } else if matches!(provider, ProviderConfig::Ec2(_)) {
+            return Err(ConfigError::Invalid {
+                field: "public_url",
+                problem: "is required with provider.kind = \"ec2\": the https:// address builders on EC2 dial (the listen address is not reachable from them)".into(),
+            });
+        }
         let positive = |field: &'static str, value: u64| {
             if value == 0 {
                 Err(ConfigError::Invalid {
@@ -638,7 +679,7 @@ impl CoreConfig {
         Ok(CoreConfig {
             listen,
             data_dir,
-            public_url: overrides.public_url.or(file.public_url),
+            public_url,
             core_id: file.core_id.unwrap_or_else(|| "stagely".into()),
             database_url: database_url.map(DatabaseUrl),
             registry: RegistryConfig {
@@ -668,8 +709,99 @@ impl CoreConfig {
             cancel_grace: Duration::from_secs(cancel_grace),
             sync_interval: Duration::from_millis(sync_interval),
             reap_interval: Duration::from_secs(reap_interval),
+            tls,
         })
     }
+}
+
+/// `[tls]`: both files or neither; off loopback, TLS or an explicit proxy.
+fn resolve_tls(file: TlsFile, listen: &SocketAddr) -> Result<TlsConfig, ConfigError> {
+    let serve = match (file.cert_file, file.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(crate::tls::TlsFiles {
+            cert_file,
+            key_file,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                field: "tls.key_file",
+                problem: "is required with tls.cert_file".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                field: "tls.cert_file",
+                problem: "is required with tls.key_file".into(),
+            });
+        }
+    };
+    let behind_proxy = file.behind_proxy.unwrap_or(false);
+    if behind_proxy && serve.is_some() {
+        return Err(ConfigError::Invalid {
+            field: "tls.behind_proxy",
+            problem: "cannot be true with tls.cert_file: either the core or the proxy ends TLS"
+                .into(),
+        });
+    }
+    if serve.is_none() && !behind_proxy && !listen.ip().is_loopback() {
+        return Err(ConfigError::Invalid {
+            field: "tls",
+            problem: format!(
+                "listening on {listen}, off loopback, needs TLS: set tls.cert_file and tls.key_file, or tls.behind_proxy = true when a proxy in front terminates TLS"
+            ),
+        });
+    }
+    let agent_ca_pem = match &file.agent_ca_file {
+        Some(path) => {
+            Some(
+                crate::tls::load_agent_ca(path).map_err(|error| ConfigError::Invalid {
+                    field: "tls.agent_ca_file",
+                    problem: error.to_string(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    if let Some(files) = &serve {
+        // Fail at start, not at the first handshake.
+        crate::tls::load_certified_key(files).map_err(|error| ConfigError::Invalid {
+            field: match error {
+                crate::tls::TlsError::Key { .. } => "tls.key_file",
+                _ => "tls.cert_file",
+            },
+            problem: error.to_string(),
+        })?;
+    }
+    Ok(TlsConfig {
+        serve,
+        agent_ca_pem,
+        behind_proxy,
+    })
+}
+
+/// Agents refuse plain `ws://` off loopback, so a URL they could never use is refused here.
+fn check_public_url(url: &str, provider: &ProviderConfig) -> Result<(), ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid {
+        field: "public_url",
+        problem,
+    };
+    let rest = if let Some(rest) = url.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split('/').next().unwrap_or("");
+        if !is_loopback_host(host) || matches!(provider, ProviderConfig::Ec2(_)) {
+            return Err(invalid(format!(
+                "`{url}` is plain http off loopback (or for EC2 builders); agents only dial https:// there"
+            )));
+        }
+        rest
+    } else {
+        return Err(invalid(format!("`{url}` is not an http(s):// URL")));
+    };
+    if rest.split('/').next().unwrap_or("").is_empty() {
+        return Err(invalid(format!("`{url}` has no host")));
+    }
+    Ok(())
 }
 
 /// A path component of an image repository.
@@ -761,7 +893,7 @@ mod tests {
             )
         };
         let config = resolve(
-            "[provider]\nkind = \"ec2\"\n[provider.ec2]\nregion = \"eu-west-1\"\nami_amd64 = \"ami-1\"\nami_arm64 = \"ami-2\"\nsubnet_id = \"subnet-1\"\nsecurity_group_ids = [\"sg-1\", \"sg-2\"]\ninstance_profile = \"builder\"\nspot = true\n[provider.ec2.classes.large]\narm64 = \"c7g.2xlarge\"\nspot = false\n",
+            "public_url = \"https://core.example:8443\"\n[provider]\nkind = \"ec2\"\n[provider.ec2]\nregion = \"eu-west-1\"\nami_amd64 = \"ami-1\"\nami_arm64 = \"ami-2\"\nsubnet_id = \"subnet-1\"\nsecurity_group_ids = [\"sg-1\", \"sg-2\"]\ninstance_profile = \"builder\"\nspot = true\n[provider.ec2.classes.large]\narm64 = \"c7g.2xlarge\"\nspot = false\n",
         )
         .unwrap();
         let ProviderConfig::Ec2(ec2) = &config.provider else {
@@ -796,6 +928,14 @@ mod tests {
             ),
             ("[provider.ec2]\nami_amd64 = \"ami-1\"\n", "provider.ec2"),
             ("[provider]\nkind = \"gcp\"\n", "provider.kind"),
+            (
+                "[provider]\nkind = \"ec2\"\n[provider.ec2]\nami_amd64 = \"ami-1\"\n",
+                "public_url",
+            ),
+            (
+                "public_url = \"http://core.internal:8080\"\n[provider]\nkind = \"ec2\"\n[provider.ec2]\nami_amd64 = \"ami-1\"\n",
+                "public_url",
+            ),
         ] {
             let error = resolve(text).unwrap_err().to_string();
             assert!(error.starts_with(&format!("{field}:")), "{field}: {error}");
@@ -804,6 +944,90 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("amis"), "{error}");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_off_loopback_needs_tls_or_a_proxy() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["core.internal".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_file = dir.path().join("core.crt");
+        let key_file = dir.path().join("core.key");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let tokens = "[api.tokens]\nci = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+        let resolve = |text: String| {
+            CoreConfig::resolve(
+                toml::from_str::<FileConfig>(&text).unwrap(),
+                Overrides::default(),
+            )
+        };
+        let files = format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert_file.display(),
+            key_file.display()
+        );
+        let config = resolve(format!(
+            "listen = \"0.0.0.0:8443\"\n{tokens}[tls]\n{files}agent_ca_file = \"{}\"\n",
+            cert_file.display()
+        ))
+        .unwrap();
+        assert_eq!(config.tls.serve.as_ref().unwrap().key_file, key_file);
+        assert!(
+            config
+                .tls
+                .agent_ca_pem
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let proxied = resolve(format!(
+            "listen = \"0.0.0.0:8080\"\npublic_url = \"https://stagely.example\"\n{tokens}[tls]\nbehind_proxy = true\n"
+        ))
+        .unwrap();
+        assert!(proxied.tls.behind_proxy && proxied.tls.serve.is_none());
+        assert!(
+            resolve(String::new()).unwrap().tls.serve.is_none(),
+            "loopback: plain is fine"
+        );
+        for (text, field) in [
+            (format!("listen = \"0.0.0.0:8080\"\n{tokens}"), "tls"),
+            (
+                format!("[tls]\ncert_file = \"{}\"\n", cert_file.display()),
+                "tls.key_file",
+            ),
+            (
+                format!("[tls]\nkey_file = \"{}\"\n", key_file.display()),
+                "tls.cert_file",
+            ),
+            (
+                format!("[tls]\n{files}behind_proxy = true\n"),
+                "tls.behind_proxy",
+            ),
+            (
+                format!(
+                    "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    key_file.display(),
+                    key_file.display()
+                ),
+                "tls.cert_file",
+            ),
+            (
+                format!("[tls]\nagent_ca_file = \"{}\"\n", key_file.display()),
+                "tls.agent_ca_file",
+            ),
+            (
+                "public_url = \"http://192.0.2.1:8080\"\n".to_string(),
+                "public_url",
+            ),
+            ("public_url = \"ftp://x\"\n".to_string(), "public_url"),
+        ] {
+            let error = resolve(text).unwrap_err().to_string();
+            assert!(error.starts_with(&format!("{field}:")), "{field}: {error}");
+            assert!(!error.contains("PRIVATE KEY"), "{error}");
+        }
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod runner;
 pub mod server;
 pub mod source;
 pub mod stagely_yaml;
+pub mod tls;

@@ -59,6 +59,9 @@ pub struct RunnerSettings {
     pub sync_interval: Duration,
     /// How often leftover instances are reaped.
     pub reap_interval: Duration,
+    /// PEM of the CA agents should trust for `public_url` (`[tls] agent_ca_file`), delivered
+    /// in their user-data.
+    pub agent_ca_pem: Option<String>,
 }
 
 /// Secrets a run needs that must never be stored.
@@ -1399,7 +1402,7 @@ async fn create_for_attempt(
             allow_local_repos: settings.allow_local_repos,
             core_unreachable_secs: None,
         },
-        ca_pem: None,
+        ca_pem: settings.agent_ca_pem.clone(),
     })
     .map_err(|error| format!("rendering user-data failed: {error}"))?;
     let spec = MachineSpec {

@@ -30,12 +30,23 @@ pub struct RunningCore {
     shutdown: CancellationToken,
     /// The HTTP server task; ends after graceful shutdown.
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The certificate served when the core speaks TLS itself.
+    tls: Option<Arc<crate::tls::ReloadingCert>>,
 }
 
 impl RunningCore {
-    /// `http://ADDR` of the API.
+    /// `http://ADDR` (or `https://ADDR` with `[tls]` files) of the API.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Reads the certificate files again (what SIGHUP does); `Ok` without TLS.
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        match &self.tls {
+            Some(cert) => cert.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Graceful shutdown: stop claiming, hand this core's live jobs back to the queue (another
@@ -101,9 +112,10 @@ async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     limits: crate::config::ApiLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioTimer;
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     // Every connection task, waited for (up to HTTP_DRAIN) at shutdown.
     let tasks = tokio_util::task::TaskTracker::new();
@@ -134,19 +146,25 @@ async fn serve_http(
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let builder = builder.clone();
         let stop = shutdown.clone();
+        let tls = tls.clone();
+        // The handshake shares the header deadline: a client that stalls it is dropped.
+        let handshake_limit = limits.header_read_timeout;
         tasks.spawn(async move {
-            tokio::pin!(connection);
-            // Timeouts and resets end connections with an error: nothing to report.
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = stop.cancelled() => {
-                    // Finish the request in flight, then close.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            match tls {
+                None => serve_connection(&builder, stream, service, &stop).await,
+                Some(acceptor) => {
+                    let accepted = tokio::select! {
+                        accepted = tokio::time::timeout(handshake_limit, acceptor.accept(stream)) => accepted,
+                        () = stop.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(Ok(stream)) => serve_connection(&builder, stream, service, &stop).await,
+                        // A failed or slow handshake is the client's problem; say it at debug.
+                        Ok(Err(error)) => tracing::debug!("TLS handshake failed: {error}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
                 }
             }
             drop(permit);
@@ -164,6 +182,58 @@ async fn serve_http(
         );
     }
     Ok(())
+}
+
+/// Serves one accepted connection (plain or TLS) until it ends or shutdown drains it.
+async fn serve_connection<I>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: hyper_util::service::TowerToHyperService<axum::Router>,
+    stop: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    // Timeouts and resets end connections with an error: nothing to report.
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = stop.cancelled() => {
+            // Finish the request in flight, then close.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Reloads the certificate on every SIGHUP until shutdown; a failed reload keeps the old one.
+fn reload_on_sighup(cert: Arc<crate::tls::ReloadingCert>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!("cannot watch SIGHUP, the certificate will not be reloaded: {error}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangups.recv() => if received.is_none() { return },
+                () = shutdown.cancelled() => return,
+            }
+            match cert.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(
+                        "SIGHUP: TLS certificate not reloaded, keeping the one in use: {error}"
+                    );
+                }
+            }
+        }
+    });
 }
 
 /// Opens the database, recovers from an earlier crash, and serves on `listener`.
@@ -192,8 +262,24 @@ pub async fn start(
         } else {
             addr.ip().to_string()
         };
-        format!("http://{host}:{}", addr.port())
+        let scheme = if config.tls.serve.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{host}:{}", addr.port())
     });
+    let tls = match &config.tls.serve {
+        Some(files) => {
+            let cert = crate::tls::ReloadingCert::load(files.clone())?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                cert.server_config()
+                    .context("building the TLS server configuration")?,
+            );
+            Some((cert, acceptor))
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     // One lease owner per process: a restarted core is a new incarnation of the same
     // `core_id` and takes its predecessor's jobs over at once.
@@ -221,6 +307,7 @@ pub async fn start(
             engine,
             sync_interval: config.sync_interval,
             reap_interval: config.reap_interval,
+            agent_ca_pem: config.tls.agent_ca_pem.clone(),
         },
         shutdown.child_token(),
     );
@@ -239,10 +326,15 @@ pub async fn start(
             config.limits.max_concurrent_git_reads,
         )),
     });
+    if let Some((cert, _)) = &tls {
+        reload_on_sighup(cert.clone(), shutdown.clone());
+    }
+    let (cert, acceptor) = tls.unzip();
     let server = tokio::spawn(serve_http(
         listener,
         router,
         config.limits.clone(),
+        acceptor,
         shutdown.clone(),
     ));
     tracing::info!(%addr, registry = %config.registry.host, "stagely core listening");
@@ -252,5 +344,6 @@ pub async fn start(
         auth,
         shutdown,
         server,
+        tls: cert,
     })
 }

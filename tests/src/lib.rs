@@ -206,16 +206,24 @@ pub fn busybox(arch: &str) -> anyhow::Result<Vec<u8>> {
 
 /// An HTTP client that presents `token` as the API bearer token on every request.
 pub fn client_with_token(token: &str) -> reqwest::Client {
+    client_trusting(token, None)
+}
+
+/// Like [`client_with_token`], also trusting the PEM CA `ca_pem` (a core serving TLS).
+pub fn client_trusting(token: &str, ca_pem: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
         reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
             .expect("a token is header text"),
     );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .expect("an HTTP client")
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(pem) = ca_pem {
+        builder = builder.add_root_certificate(
+            reqwest::Certificate::from_pem(pem.as_bytes()).expect("a PEM CA"),
+        );
+    }
+    builder.build().expect("an HTTP client")
 }
 
 /// A running core plus its registry.
@@ -469,6 +477,12 @@ impl TestCore {
         // Test repositories are local directories.
         file.allow_local_repos = file.allow_local_repos.or(Some(true));
         let api_token = stagely_core::cli::new_api_token();
+        let ca_pem = file
+            .tls
+            .agent_ca_file
+            .as_ref()
+            .map(std::fs::read_to_string)
+            .transpose()?;
         let config = CoreConfig::resolve(
             file,
             Overrides {
@@ -493,7 +507,7 @@ impl TestCore {
             database,
             registry,
             data,
-            client: client_with_token(&api_token),
+            client: client_trusting(&api_token, ca_pem.as_deref()),
             api_token,
             provider,
             url,
