@@ -31,7 +31,7 @@ for pair in \
     git:git curl:curl file:file buildah:buildah runc:runc skopeo:skopeo \
     docker-registry:docker-registry qemu-aarch64-static:qemu-user-static \
     cloud-init:cloud-init newuidmap:uidmap cc:gcc pkg-config:pkg-config \
-    packer:packer systemd-analyze:systemd \
+    packer:packer systemd-analyze:systemd ip:iproute2 \
     unshare:util-linux; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     have "$cmd" || wanted+=("$pkg")

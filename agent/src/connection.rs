@@ -14,8 +14,8 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
 use stagely_protocol::{
-    Arch, Heartbeat, Hello, Log, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION,
-    Status, decode, encode,
+    Arch, Heartbeat, Hello, Interruption, Log, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, Message,
+    PROTOCOL_VERSION, Status, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -292,6 +292,16 @@ async fn serve_job(
     // Host paths are the agent's business: the job log names the work directory `$WORK`.
     let redactor = Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK");
 
+    // The cloud's notice that it is reclaiming this (spot) instance, relayed once.
+    let metadata_url = env.metadata_url.clone();
+    let spot_watch = async move {
+        match metadata_url {
+            Some(base) => crate::spot::watch(base).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(spot_watch);
+    let mut interrupted = false;
     let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
     let cancel = CancellationToken::new();
     let job_cancel = cancel.clone();
@@ -396,6 +406,18 @@ async fn serve_job(
                     Some(Ok(_)) => {}
                     Some(Err(error)) => break Err(anyhow!(error).context("connection to the core failed")),
                     None => break Err(anyhow!("connection to the core ended")),
+                }
+            }
+            notice = &mut spot_watch, if !interrupted => {
+                interrupted = true;
+                tracing::warn!(action = %notice.action, time = ?notice.time, "spot interruption notice: telling the core");
+                let frame = Message::Interruption(Interruption {
+                    job_id: job_id.clone(),
+                    action: notice.action,
+                    time: notice.time,
+                });
+                if let Err(error) = send_frame(sender, &frame).await {
+                    break Err(error.context("sending INTERRUPTION"));
                 }
             }
             _ = heartbeat.tick() => {

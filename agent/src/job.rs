@@ -99,6 +99,8 @@ pub struct JobEnvironment {
     pub emulated_arches: Vec<Arch>,
     /// git may fetch local paths and `file://` URLs (see `AgentConfig::allow_local_repos`).
     pub allow_local_repos: bool,
+    /// IMDSv2 base URL to watch for spot interruption notices while a job runs.
+    pub metadata_url: Option<String>,
 }
 
 /// Picks a backend: the configured one if given, else buildx when `docker buildx` works,

@@ -9,6 +9,7 @@ pub mod builder;
 pub mod connection;
 pub mod job;
 pub mod process;
+pub mod spot;
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         host_arch,
         work_dir,
         allow_local_repos: config.allow_local_repos,
+        metadata_url: config.metadata_url.clone(),
     };
     tracing::info!(
         instance_id,

@@ -79,6 +79,7 @@ async fn run(
         host_arch: host_arch(),
         emulated_arches: vec![],
         allow_local_repos,
+        metadata_url: None,
     };
     let (sender, mut receiver) = tokio::sync::mpsc::channel(64);
     let sink = OutputSink::new(sender);

@@ -89,6 +89,7 @@ fn config(port: u16, ca_file: Option<std::path::PathBuf>) -> AgentConfig {
         instance_id: None,
         allow_local_repos: false,
         core_unreachable_secs: None,
+        metadata_url: None,
     }
 }
 

@@ -55,6 +55,10 @@ pub struct AgentConfig {
     /// [`DEFAULT_CORE_UNREACHABLE_SECS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub core_unreachable_secs: Option<u64>,
+    /// The instance metadata service (IMDSv2) to watch for spot interruption notices, e.g.
+    /// `http://169.254.169.254`; none: not watched (a non-cloud instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_url: Option<String>,
 }
 
 /// Default for [`AgentConfig::core_unreachable_secs`]: ten minutes.
@@ -71,6 +75,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("instance_id", &self.instance_id)
             .field("allow_local_repos", &self.allow_local_repos)
             .field("core_unreachable_secs", &self.core_unreachable_secs)
+            .field("metadata_url", &self.metadata_url)
             .finish()
     }
 }
@@ -240,6 +245,7 @@ mod tests {
                 instance_id: None,
                 allow_local_repos: false,
                 core_unreachable_secs: None,
+                metadata_url: None,
             },
             ca_pem: ca.map(str::to_string),
         }

@@ -40,6 +40,7 @@ fn rendered_user_data_passes_cloud_init_schema() {
                 instance_id: None,
                 allow_local_repos: false,
                 core_unreachable_secs: None,
+                metadata_url: None,
             },
             ca_pem: ca.map(str::to_string),
         })
@@ -139,6 +140,7 @@ fn the_agent_unit_passes_systemd_analyze_verify() {
             instance_id: None,
             allow_local_repos: false,
             core_unreachable_secs: Some(600),
+            metadata_url: None,
         },
         ca_pem: None,
     })

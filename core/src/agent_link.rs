@@ -43,6 +43,9 @@ pub struct WorkOrder {
     pub target_image: String,
     /// Sent on a connection whose agent already finished another job (no new HELLO).
     pub handed_over: bool,
+    /// How the instance was placed when not as asked (spot fell back to on-demand, arm64
+    /// emulated on amd64): the job log's first line says it.
+    pub placement: Option<String>,
 }
 
 /// What the link needs from the core.
@@ -96,6 +99,17 @@ pub async fn serve_attempt(
             }),
             None,
         ),
+        Err(Failure::Interrupted(message)) => {
+            tracing::warn!("{message}");
+            close(&mut socket, None).await;
+            (
+                Some(AttemptOutcome::Infrastructure {
+                    kind: InfraKind::SpotInterrupted,
+                    message,
+                }),
+                None,
+            )
+        }
         Err(Failure::Violation(message)) => {
             tracing::error!("closing agent connection: {message}");
             let mut reason = message.clone();
@@ -138,6 +152,8 @@ enum Ended {
 enum Failure {
     /// The connection broke or went silent: infrastructure.
     Lost(String),
+    /// The agent relayed the cloud's notice that its spot instance is being reclaimed.
+    Interrupted(String),
     /// The agent broke the protocol.
     Violation(String),
     /// Storing lines failed.
@@ -181,16 +197,30 @@ impl<'a> Link<'a> {
         } else {
             0
         };
-        if stored > 0 {
+        let placement = order
+            .placement
+            .as_deref()
+            .map(|notice| format!(": {notice}"))
+            .unwrap_or_default();
+        let header = if stored > 0 {
             // Earlier attempts wrote lines: this one says where it starts.
+            Some(format!(
+                "[stagely] attempt {} of this job starts here, on a new instance{placement}\n",
+                order.attempt
+            ))
+        } else {
+            order
+                .placement
+                .as_deref()
+                .map(|notice| format!("[stagely] {notice}\n"))
+        };
+        if let Some(line) = header {
+            // One system line before the agent's first (seq 1 of a first attempt).
             link.base = stored + 1;
             let line = NewLogLine {
                 seq: stored + 1,
                 stream: "system",
-                line: format!(
-                    "[stagely] attempt {} of this job starts here, on a new instance\n",
-                    order.attempt
-                ),
+                line,
             };
             let _ = context.db.append_logs(&order.job_id, &[line]).await;
         }
@@ -348,6 +378,19 @@ impl<'a> Link<'a> {
                         {
                             self.flush(&mut session).await?;
                         }
+                    }
+                    SessionEvent::Interrupted(notice) => {
+                        // What arrived before the notice is kept; the attempt is over.
+                        self.flush(&mut session).await?;
+                        let when = notice
+                            .time
+                            .as_deref()
+                            .map(|time| format!(" at {time}"))
+                            .unwrap_or_default();
+                        return Err(Failure::Interrupted(format!(
+                            "the cloud is reclaiming the spot instance ({}{when}); retrying on on-demand",
+                            notice.action
+                        )));
                     }
                     SessionEvent::Finished(status) => {
                         // What the cap dropped is said once more at the end, with the count;

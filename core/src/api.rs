@@ -47,6 +47,8 @@ pub struct AppState {
     pub runner: Runner,
     pub auth: Arc<ApiAuth>,
     pub limits: crate::config::ApiLimits,
+    /// For the cost estimates of run views.
+    pub prices: Arc<crate::cost::PriceTable>,
     /// Permits for reading `stagely.yaml` from git; sized `limits.max_concurrent_git_reads`.
     pub git_reads: Arc<tokio::sync::Semaphore>,
 }
@@ -349,6 +351,8 @@ pub struct RunView {
     pub fail_fast: bool,
     /// Why the run is being (or was) cancelled: `user`, `superseded:<run>`, `fail_fast:<job>`.
     pub cancel_reason: Option<String>,
+    /// Estimated USD of every priced job; `None` when none is priced.
+    pub cost_usd: Option<f64>,
     pub jobs: Vec<JobView>,
 }
 
@@ -368,6 +372,16 @@ pub struct AttemptView {
     /// `completed`, `failed`, `cancelled` or `infrastructure` once ended.
     pub outcome: Option<String>,
     pub message: Option<String>,
+    /// The provider's machine type (`c5.xlarge`, `local`).
+    pub instance_type: Option<String>,
+    /// `on-demand` or `spot` where the cloud bills it.
+    pub market: Option<String>,
+    /// How the instance was placed when not as asked (spot fell back to on-demand, emulated).
+    pub placement: Option<String>,
+    /// Seconds this attempt is billed for (until now while its instance lives).
+    pub billed_seconds: Option<u64>,
+    /// Estimated USD from the price table; `None` for an unpriced type.
+    pub cost_usd: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -390,17 +404,54 @@ pub struct JobView {
     pub failure_kind: Option<String>,
     /// For merges: where it ran (`last_builder` or `fresh_instance`).
     pub merge_path: Option<String>,
+    /// Estimated USD of every priced attempt; `None` when none is priced.
+    pub cost_usd: Option<f64>,
     pub attempts: Vec<AttemptView>,
 }
 
+/// Sums priced amounts; `None` when there are none.
+fn sum_known(amounts: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let known: Vec<f64> = amounts.flatten().collect();
+    (!known.is_empty()).then(|| (known.iter().sum::<f64>() * 10_000.0).round() / 10_000.0)
+}
+
 impl RunView {
-    fn from_rows(run: RunRow, jobs: Vec<JobRow>, attempts: Vec<AttemptRow>) -> RunView {
+    /// Fills the job and run cost estimates from the attempts'.
+    fn add_up_costs(&mut self) {
+        for job in &mut self.jobs {
+            job.cost_usd = sum_known(job.attempts.iter().map(|a| a.cost_usd));
+        }
+        self.cost_usd = sum_known(self.jobs.iter().map(|j| j.cost_usd));
+    }
+
+    fn from_rows(
+        run: RunRow,
+        jobs: Vec<JobRow>,
+        attempts: Vec<AttemptRow>,
+        prices: &crate::cost::PriceTable,
+        now: i64,
+    ) -> RunView {
         let mut by_job: std::collections::HashMap<String, Vec<AttemptView>> = Default::default();
         for attempt in attempts {
+            let launched = attempt.merge_path.as_deref() != Some("last_builder");
+            let billed_seconds = attempt
+                .billed_from
+                .map(|from| crate::cost::billed_seconds(from, attempt.billed_until, now, launched));
+            let cost_usd = match (&attempt.instance_type, billed_seconds) {
+                (Some(instance_type), Some(seconds)) => {
+                    prices.cost(instance_type, attempt.market.as_deref(), seconds)
+                }
+                _ => None,
+            };
             by_job
                 .entry(attempt.build_job_id.clone())
                 .or_default()
                 .push(AttemptView {
+                    instance_type: attempt.instance_type,
+                    market: attempt.market,
+                    placement: attempt.placement,
+                    billed_seconds,
+                    cost_usd,
                     number: attempt.number,
                     owner: attempt.owner,
                     instance_id: attempt.instance_id,
@@ -426,9 +477,11 @@ impl RunView {
             updated_at: run.updated_at,
             fail_fast: run.fail_fast,
             cancel_reason: run.cancel_reason,
+            cost_usd: None,
             jobs: jobs
                 .into_iter()
                 .map(|job| JobView {
+                    cost_usd: None,
                     attempts: by_job.remove(&job.id).unwrap_or_default(),
                     failure_kind: job.failure_kind,
                     merge_path: job.merge_path,
@@ -968,7 +1021,9 @@ async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {
     })?;
     let jobs = db.jobs_of_run(run_id).await?;
     let attempts = db.attempts_of_run(run_id).await?;
-    Ok(RunView::from_rows(run, jobs, attempts))
+    let mut view = RunView::from_rows(run, jobs, attempts, &state.prices, crate::db::now_ms());
+    view.add_up_costs();
+    Ok(view)
 }
 
 async fn get_workflow(

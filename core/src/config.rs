@@ -60,10 +60,24 @@ pub struct FileConfig {
     pub scheduler: SchedulerFile,
     #[serde(default)]
     pub tls: TlsFile,
+    /// Price per hour of instance types, for the cost estimates of runs: type →
+    /// `{ on_demand, spot }` in USD. Merged over the defaults (the design's types at AWS
+    /// us-east-1 on-demand prices).
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceFile>,
     /// Values of secret build arguments (`secret_build_args`) the core supplies when a
     /// submission does not: name → value.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+}
+
+/// `[prices."<instance type>"]`: USD per hour.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceFile {
+    pub on_demand: f64,
+    /// Default: the on-demand price (estimates are then an upper bound).
+    pub spot: Option<f64>,
 }
 
 /// `[tls]`: how the core's HTTP server (API and agent endpoint) is secured.
@@ -138,6 +152,12 @@ pub struct Ec2File {
     pub spot: Option<bool>,
     /// Run arm64 jobs on amd64 under QEMU when no arm64 AMI is set.
     pub allow_emulation: Option<bool>,
+    /// Instance metadata service builders poll for spot interruption notices (default
+    /// `http://169.254.169.254`).
+    pub metadata_url: Option<String>,
+    /// How long a builder keeps dialling an unreachable core before it powers off (default
+    /// 600).
+    pub core_unreachable_secs: Option<u64>,
     /// Per machine class (`small`, `medium`, `large`): instance types and spot.
     #[serde(default)]
     pub classes: BTreeMap<String, Ec2ClassFile>,
@@ -152,6 +172,8 @@ pub struct Ec2ClassFile {
     pub spot: Option<bool>,
 }
 
+// Resolved once at start and held in one place: the size gap costs nothing.
+#[allow(clippy::large_enum_variant)]
 /// Which provider the core boots builders with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderConfig {
@@ -170,7 +192,7 @@ fn ec2_settings(file: Ec2File) -> Result<stagely_provisioning::ec2::Ec2Settings,
     if ami_amd64.is_none() && ami_arm64.is_none() {
         return Err(ConfigError::Invalid {
             field: "provider.ec2.ami_amd64",
-            problem: "the ec2 provider needs an AMI: set ami_amd64 and/or ami_arm64 (built with packer/stagely-builder.pkr.hcl)".into(),
+            problem: "the ec2 provider needs an AMI: set ami_amd64 and/or ami_arm64 (built with provisioning/packer/stagely-agent.pkr.hcl)".into(),
         });
     }
     let mut classes = BTreeMap::new();
@@ -200,6 +222,16 @@ fn ec2_settings(file: Ec2File) -> Result<stagely_provisioning::ec2::Ec2Settings,
         spot: file.spot.unwrap_or(false),
         allow_emulation: file.allow_emulation.unwrap_or(false),
         classes,
+        metadata_url: present(file.metadata_url),
+        core_unreachable_secs: match file.core_unreachable_secs {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    field: "provider.ec2.core_unreachable_secs",
+                    problem: "must be at least 1".into(),
+                });
+            }
+            other => other,
+        },
     })
 }
 
@@ -344,6 +376,7 @@ pub struct CoreConfig {
     pub sync_interval: Duration,
     pub reap_interval: Duration,
     pub tls: TlsConfig,
+    pub prices: crate::cost::PriceTable,
 }
 
 /// `[tls]` resolved.
@@ -628,6 +661,25 @@ impl CoreConfig {
                 problem: "is required with provider.kind = \"ec2\": the https:// address builders on EC2 dial (the listen address is not reachable from them)".into(),
             });
         }
+        let mut prices = crate::cost::PriceTable::default();
+        for (instance_type, price) in std::mem::take(&mut file.prices) {
+            let valid = |value: f64| value.is_finite() && value >= 0.0;
+            if !valid(price.on_demand) || !price.spot.is_none_or(valid) {
+                return Err(ConfigError::Invalid {
+                    field: "prices",
+                    problem: format!(
+                        "`{instance_type}`: prices are USD per hour, finite and not negative"
+                    ),
+                });
+            }
+            prices.0.insert(
+                instance_type,
+                crate::cost::Price {
+                    on_demand: price.on_demand,
+                    spot: price.spot,
+                },
+            );
+        }
         let positive = |field: &'static str, value: u64| {
             if value == 0 {
                 Err(ConfigError::Invalid {
@@ -710,6 +762,7 @@ impl CoreConfig {
             sync_interval: Duration::from_millis(sync_interval),
             reap_interval: Duration::from_secs(reap_interval),
             tls,
+            prices,
         })
     }
 }

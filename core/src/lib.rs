@@ -7,6 +7,7 @@ pub mod agent_link;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod db;
 pub mod engine;
 pub mod image_check;

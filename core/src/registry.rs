@@ -23,7 +23,7 @@ pub enum RegistryError {
 
 /// A running registry.
 pub struct LocalRegistry {
-    /// `127.0.0.1:PORT`.
+    /// `127.0.0.1:PORT` (or the address given to [`LocalRegistry::start_on`]).
     pub host: String,
     pub username: String,
     /// Random; given to the core through its config, never on a command line.
@@ -59,6 +59,12 @@ fn random_hex(bytes: usize) -> String {
 impl LocalRegistry {
     /// Starts a registry on a free loopback port and waits until it answers.
     pub async fn start() -> Result<LocalRegistry, RegistryError> {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Like [`LocalRegistry::start`], listening on `ip` (a test network's host address, so
+    /// builders in network namespaces reach it).
+    pub async fn start_on(ip: &str) -> Result<LocalRegistry, RegistryError> {
         let found = crate::source::child_command("docker-registry")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -79,7 +85,7 @@ impl LocalRegistry {
                 .prefix("stagely-registry-")
                 .tempdir()?;
             let port = free_port()?;
-            let host = format!("127.0.0.1:{port}");
+            let host = format!("{ip}:{port}");
             std::fs::write(dir.path().join("htpasswd"), format!("{username}:{hash}\n"))?;
             let config = render_config(dir.path(), &host, &random_hex(16));
             let config_path = dir.path().join("config.yml");

@@ -11,6 +11,7 @@
 //! every task.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -173,6 +174,8 @@ struct Shared {
     /// Agent token hashes this core minted for its live attempts: the agent endpoint accepts
     /// them without asking the store (tokens of other replicas' attempts are looked up there).
     minted: Mutex<Minted>,
+    /// What the reaper terminated, by reason.
+    reaper: ReaperStats,
     /// Every task the runner started; `shutdown` waits on it.
     tasks: TaskTracker,
     /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
@@ -218,6 +221,7 @@ impl Runner {
             prepared: Mutex::new(HashMap::new()),
             fresh_rows: Mutex::new(HashMap::new()),
             minted: Mutex::new(Minted::default()),
+            reaper: ReaperStats::default(),
             tasks: TaskTracker::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
             shutdown,
@@ -330,6 +334,11 @@ impl Runner {
             .await
             .map_err(|_| ShuttingDown)?;
         answer.await.map_err(|_| ShuttingDown)
+    }
+
+    /// What the reaper did since this core started.
+    pub fn reaper_stats(&self) -> &ReaperStats {
+        &self.shared.reaper
     }
 
     /// The live attempt an agent token was issued for.
@@ -1148,33 +1157,39 @@ impl LoopState {
         })
     }
 
-    /// Terminates instances whose attempt ended or whose owner's lease expired, and
-    /// instances the provider has that the store does not know (a crash between create and
-    /// record) once their attempt no longer holds.
+    /// Terminates instances whose attempt ended, whose owner's lease expired or that
+    /// outlived their maximum lifetime, and instances the provider lists for this core's id
+    /// that the store does not know (a crash between create and record) once their attempt
+    /// no longer holds. Every termination is logged with its reason and counted.
     fn spawn_reaper(&self) {
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
             let reap = async {
-                for instance_id in shared.db.instances_to_reap(now()).await? {
-                    tracing::info!(instance_id, "reaping a leftover instance");
+                shared.reaper.sweeps.fetch_add(1, Ordering::Relaxed);
+                for (instance_id, reason) in shared.db.instances_to_reap(now()).await? {
+                    tracing::info!(instance_id, reason = reason.as_str(), "reaper: terminating an instance");
+                    shared.reaper.count(reason);
                     terminate(&shared, &instance_id).await;
                 }
-                // Instances the provider has but the store does not list as live: a core
-                // that died between create and record leaves these behind. One whose attempt
-                // still holds its lease may be mid-record and is left alone.
+                // Instances the provider has for this core id but the store does not list as
+                // live: a core that died between create and record leaves these behind. One
+                // whose attempt still holds its lease may be mid-record and is left alone.
+                // Only this core id's: other deployments may share the account.
                 let known: std::collections::HashSet<String> =
                     shared.db.live_instances().await?.into_iter().collect();
-                let instances = match shared.provider.list_instances(&BTreeMap::new()).await {
+                let mine = BTreeMap::from([(
+                    "stagely:core".to_string(),
+                    shared.settings.core_id.clone(),
+                )]);
+                let instances = match shared.provider.list_instances(&mine).await {
                     Ok(instances) => instances,
                     Err(error) => {
-                        tracing::error!("listing instances failed: {error}");
+                        shared.reaper.list_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("reaper: listing instances failed: {error}");
                         Vec::new()
                     }
                 };
                 for instance in instances {
-                    let Some(core) = instance.tags.get("stagely:core") else {
-                        continue; // not a Stagely instance
-                    };
                     if known.contains(&instance.id) {
                         continue;
                     }
@@ -1187,25 +1202,78 @@ impl LoopState {
                         if shared.db.attempt_holds(job, attempt, now()).await? {
                             continue;
                         }
-                        shared
-                            .db
-                            .record_instance(&instance.id, shared.provider.name(), job, attempt, core)
-                            .await?;
+                        let record = crate::db::InstanceRecord {
+                            instance_id: &instance.id,
+                            provider: shared.provider.name(),
+                            job_id: job,
+                            attempt,
+                            owner: &shared.settings.core_id,
+                            instance_type: &instance.instance_type,
+                            market: instance.market.map(|market| market.as_str()),
+                            placement: None,
+                            expires_at: now(),
+                        };
+                        shared.db.record_instance(&record).await?;
                     }
-                    tracing::info!(instance_id = %instance.id, "terminating an unrecorded instance");
+                    tracing::info!(instance_id = %instance.id, reason = "unrecorded", "reaper: terminating an instance");
+                    shared.reaper.unrecorded.fetch_add(1, Ordering::Relaxed);
                     terminate(&shared, &instance.id).await;
                 }
                 Ok::<(), crate::db::DbError>(())
             };
             tokio::select! {
                 result = reap => if let Err(error) = result {
-                    tracing::error!("reaping instances failed: {error}");
+                    tracing::error!("reaper: sweep failed: {error}");
                 },
                 () = shared.shutdown.cancelled() => {}
             }
         });
     }
 }
+
+/// What the reaper did since the core started (logged too, line by line).
+#[derive(Debug, Default)]
+pub struct ReaperStats {
+    pub sweeps: AtomicU64,
+    pub attempt_ended: AtomicU64,
+    pub lease_expired: AtomicU64,
+    pub no_attempt: AtomicU64,
+    pub lifetime: AtomicU64,
+    /// Listed by the provider for this core id, unknown to the store.
+    pub unrecorded: AtomicU64,
+    pub list_failures: AtomicU64,
+}
+
+impl ReaperStats {
+    fn count(&self, reason: crate::db::ReapReason) {
+        use crate::db::ReapReason;
+        let counter = match reason {
+            ReapReason::AttemptEnded => &self.attempt_ended,
+            ReapReason::LeaseExpired => &self.lease_expired,
+            ReapReason::NoAttempt => &self.no_attempt,
+            ReapReason::Lifetime => &self.lifetime,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Instances terminated by the reaper, every reason together.
+    pub fn terminated(&self) -> u64 {
+        [
+            &self.attempt_ended,
+            &self.lease_expired,
+            &self.no_attempt,
+            &self.lifetime,
+            &self.unrecorded,
+        ]
+        .iter()
+        .map(|counter| counter.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+/// Past a job's timeout and boot timeout, how much longer its instance may live before the
+/// reaper terminates it whatever its attempt says.
+pub const LIFETIME_MARGIN: Duration = Duration::from_secs(10 * 60);
 
 async fn work_order(
     shared: &Shared,
@@ -1263,6 +1331,7 @@ async fn build_order(
     let settings = &shared.settings;
     let work = work_message(settings, run, job, &spec, merge_sources, &secrets);
     Ok(WorkOrder {
+        placement: None,
         job_id: job_id.to_string(),
         attempt,
         work,
@@ -1391,6 +1460,7 @@ async fn create_for_attempt(
             .unwrap_or(stagely_protocol::Arch::Amd64),
     };
     let settings = &shared.settings;
+    let hints = shared.provider.agent_hints();
     let user_data = stagely_cloud_init::render_user_data(&Bootstrap {
         agent: AgentConfig {
             core_url: settings.public_url.clone(),
@@ -1400,7 +1470,8 @@ async fn create_for_attempt(
             work_dir: None,
             instance_id: None,
             allow_local_repos: settings.allow_local_repos,
-            core_unreachable_secs: None,
+            core_unreachable_secs: hints.core_unreachable_secs,
+            metadata_url: hints.metadata_url,
         },
         ca_pem: settings.agent_ca_pem.clone(),
     })
@@ -1415,7 +1486,11 @@ async fn create_for_attempt(
             ("stagely:job".to_string(), job_id.to_string()),
             ("stagely:attempt".to_string(), attempt.to_string()),
         ]),
-        on_demand_only: false,
+        // A job the cloud took a spot instance from is never placed on spot again.
+        on_demand_only: attempt > 1
+            && crate::db::retry_transient(|| db.spot_interrupted_before(job_id))
+                .await
+                .map_err(|error| format!("reading the job's attempts failed: {error}"))?,
     };
     // Never abandon a create call half-way: the provider may already have started the
     // instance, and only a returned id lets us terminate it.
@@ -1430,11 +1505,31 @@ async fn create_for_attempt(
             ),
             retryable: error.is_retryable(),
         })?;
-    let owner = &settings.engine.owner;
-    let recorded = crate::db::retry_transient(|| {
-        db.record_instance(&instance.id, shared.provider.name(), job_id, attempt, owner)
-    })
-    .await;
+    if let Some(notice) = &instance.notice {
+        tracing::warn!(instance_id = %instance.id, "{notice}");
+        // The job log says it first (the prepared work order carries it to the link).
+        if let Ok(mut prepared) = shared.prepared.lock()
+            && let Some(order) = prepared.get_mut(&(job_id.to_string(), attempt))
+        {
+            order.placement = Some(notice.clone());
+        }
+    }
+    let timeout = serde_json::from_str::<JobSpec>(&job.spec)
+        .map(|spec| Duration::from_secs(spec.timeout_seconds))
+        .unwrap_or(crate::stagely_yaml::DEFAULT_TIMEOUT);
+    let expires_at = now().plus(timeout + settings.engine.boot_timeout + LIFETIME_MARGIN);
+    let record = crate::db::InstanceRecord {
+        instance_id: &instance.id,
+        provider: shared.provider.name(),
+        job_id,
+        attempt,
+        owner: &settings.engine.owner,
+        instance_type: &instance.instance_type,
+        market: instance.market.map(|market| market.as_str()),
+        placement: instance.notice.as_deref(),
+        expires_at,
+    };
+    let recorded = crate::db::retry_transient(|| db.record_instance(&record)).await;
     if let Err(error) = recorded {
         tracing::error!(instance_id = %instance.id, "recording the instance failed: {error}");
     }

@@ -322,6 +322,7 @@ pub async fn start(
         runner: runner.clone(),
         auth: auth.clone(),
         limits: config.limits.clone(),
+        prices: Arc::new(config.prices.clone()),
         git_reads: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_concurrent_git_reads,
         )),

@@ -42,7 +42,7 @@ pub enum DecodeError {
     },
 }
 
-const KNOWN_TYPES: [&str; 8] = [
+const KNOWN_TYPES: [&str; 9] = [
     "HELLO",
     "BUILD",
     "MERGE",
@@ -51,6 +51,7 @@ const KNOWN_TYPES: [&str; 8] = [
     "CANCEL",
     "ACK",
     "HEARTBEAT",
+    "INTERRUPTION",
 ];
 
 /// Decodes one frame.
@@ -83,6 +84,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         "STATUS" => typed(message_type, value).map(Message::Status),
         "CANCEL" => typed(message_type, value).map(Message::Cancel),
         "ACK" => typed(message_type, value).map(Message::Ack),
+        "INTERRUPTION" => typed(message_type, value).map(Message::Interruption),
         _ => typed(message_type, value).map(Message::Heartbeat),
     }
 }

@@ -75,6 +75,10 @@ pub enum Message {
     /// either direction: liveness.
     #[serde(rename = "HEARTBEAT")]
     Heartbeat(Heartbeat),
+    /// agent → core: the cloud is about to reclaim this instance (a spot interruption
+    /// notice); the core ends the attempt and retries the job elsewhere at once.
+    #[serde(rename = "INTERRUPTION")]
+    Interruption(Interruption),
 }
 
 impl Message {
@@ -89,6 +93,7 @@ impl Message {
             Message::Cancel(_) => "CANCEL",
             Message::Ack(_) => "ACK",
             Message::Heartbeat(_) => "HEARTBEAT",
+            Message::Interruption(_) => "INTERRUPTION",
         }
     }
 
@@ -103,6 +108,7 @@ impl Message {
             Message::Cancel(m) => Some(&m.job_id),
             Message::Ack(m) => Some(&m.job_id),
             Message::Heartbeat(m) => m.job_id.as_deref(),
+            Message::Interruption(m) => Some(&m.job_id),
         }
     }
 
@@ -478,6 +484,17 @@ pub struct Ack {
 pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+}
+
+/// A notice that the instance will be reclaimed (EC2's `spot/instance-action`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interruption {
+    pub job_id: String,
+    /// What the cloud will do: `terminate`, `stop` or `hibernate`.
+    pub action: String,
+    /// When, as the cloud said it (RFC 3339), if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 /// The only environment variables a child process (an agent started by the local provider,

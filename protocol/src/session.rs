@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::{Ack, Cancel, Hello, Log, Message, PROTOCOL_VERSION, Status};
+use crate::{Ack, Cancel, Hello, Interruption, Log, Message, PROTOCOL_VERSION, Status};
 
 /// What the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +26,8 @@ pub enum SessionEvent {
     Log(Log),
     /// The job ended. Every line before it has already been delivered as `Log`.
     Finished(Status),
+    /// The cloud is reclaiming the instance: the job cannot finish here.
+    Interrupted(Interruption),
 }
 
 /// A rule the agent broke.
@@ -162,6 +164,10 @@ impl CoreSession {
                 got: frame,
             }),
             (Phase::Working, Message::Log(log)) => self.handle_log(log),
+            (Phase::Working, Message::Interruption(notice)) => {
+                self.events.push_back(SessionEvent::Interrupted(notice));
+                Ok(())
+            }
             (Phase::Working, Message::Status(mut status)) => {
                 // A STATUS without `seq` (the seed's shape) takes the next position, so it
                 // can still be acknowledged.
@@ -179,7 +185,7 @@ impl CoreSession {
                 Ok(())
             }
             (Phase::Working, _) => Err(SessionError::UnexpectedFrame {
-                expected: "LOG, STATUS or HEARTBEAT",
+                expected: "LOG, STATUS, INTERRUPTION or HEARTBEAT",
                 got: frame,
             }),
             (Phase::Finished, Message::Status(_) | Message::Log(_)) => {

@@ -93,7 +93,7 @@ impl Harness {
         // Drain in the documented order; "persist" logs immediately.
         while let Some(event) = self.session.poll_event() {
             match event {
-                SessionEvent::Started(_) => {}
+                SessionEvent::Started(_) | SessionEvent::Interrupted(_) => {}
                 SessionEvent::Log(log) => {
                     let seq = log.seq.unwrap();
                     self.stored.push(seq);
@@ -277,4 +277,46 @@ fn a_status_without_seq_is_numbered_and_acknowledged() {
     h.feed(Message::Status(bare)).unwrap();
     assert_eq!(h.finished.as_ref().unwrap().seq, Some(2));
     assert_eq!(h.last_ack(), Some(2));
+}
+
+#[test]
+fn an_interruption_notice_is_an_event_and_only_for_its_job() {
+    let mut session = CoreSession::new(
+        "j1",
+        build("j1"),
+        0,
+        Duration::from_secs(60),
+        Instant::now(),
+    );
+    let notice = |job: &str| {
+        Message::Interruption(Interruption {
+            job_id: job.into(),
+            action: "terminate".into(),
+            time: Some("2026-11-26T10:30:00Z".into()),
+        })
+    };
+    assert!(
+        session.handle_frame(Instant::now(), notice("j1")).is_err(),
+        "before HELLO"
+    );
+    let mut session = CoreSession::new(
+        "j1",
+        build("j1"),
+        0,
+        Duration::from_secs(60),
+        Instant::now(),
+    );
+    session.handle_frame(Instant::now(), hello()).unwrap();
+    session.handle_frame(Instant::now(), notice("j1")).unwrap();
+    let mut interrupted = None;
+    while let Some(event) = session.poll_event() {
+        if let SessionEvent::Interrupted(notice) = event {
+            interrupted = Some(notice);
+        }
+    }
+    assert_eq!(interrupted.unwrap().action, "terminate");
+    assert!(matches!(
+        session.handle_frame(Instant::now(), notice("j2")),
+        Err(SessionError::WrongJob { .. })
+    ));
 }

@@ -65,7 +65,16 @@ pub struct Ec2Settings {
     /// An arm64 job may run on an amd64 instance under QEMU when no arm64 AMI is configured.
     pub allow_emulation: bool,
     pub classes: BTreeMap<MachineSize, ClassSettings>,
+    /// The instance metadata service builders poll for spot interruption notices (default
+    /// [`IMDS_URL`]; an IMDS emulator's address in tests).
+    pub metadata_url: Option<String>,
+    /// How long a builder's agent keeps dialling an unreachable core before it powers the
+    /// instance off (default: the agent's, ten minutes).
+    pub core_unreachable_secs: Option<u64>,
 }
+
+/// EC2's instance metadata service, as every instance sees it.
+pub const IMDS_URL: &str = "http://169.254.169.254";
 
 impl Ec2Settings {
     /// The instance type for `size` on `arch`.
@@ -378,7 +387,16 @@ impl Ec2Provider {
                     .build(),
             );
         }
+        // A spot capacity or price error falls back to on-demand at once: the SDK's own
+        // retries of it (it answers 500) would only delay that. On-demand keeps them
+        // (the ClientToken makes a retried launch start one instance).
+        let retries = match market {
+            Market::Spot => aws_sdk_ec2::config::retry::RetryConfig::disabled(),
+            Market::OnDemand => aws_sdk_ec2::config::retry::RetryConfig::standard(),
+        };
         let output = request
+            .customize()
+            .config_override(aws_sdk_ec2::config::Builder::default().retry_config(retries))
             .send()
             .await
             .map_err(|error| api_error("RunInstances", &error))?;
@@ -483,6 +501,18 @@ where
 impl Provider for Ec2Provider {
     fn name(&self) -> &'static str {
         "ec2"
+    }
+
+    fn agent_hints(&self) -> crate::AgentHints {
+        crate::AgentHints {
+            metadata_url: Some(
+                self.settings
+                    .metadata_url
+                    .clone()
+                    .unwrap_or_else(|| IMDS_URL.to_string()),
+            ),
+            core_unreachable_secs: self.settings.core_unreachable_secs,
+        }
     }
 
     async fn create_instance(&self, spec: &MachineSpec) -> Result<Instance, ProviderError> {

@@ -184,4 +184,18 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<Instance>, ProviderError>;
+
+    /// What this provider's agents should be told in their `agent.toml`.
+    fn agent_hints(&self) -> AgentHints {
+        AgentHints::default()
+    }
+}
+
+/// Provider-specific settings for the agents it boots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentHints {
+    /// The instance metadata service to watch for spot interruption notices.
+    pub metadata_url: Option<String>,
+    /// How long an agent keeps dialling an unreachable core before it powers off.
+    pub core_unreachable_secs: Option<u64>,
 }

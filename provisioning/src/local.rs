@@ -543,6 +543,7 @@ mod tests {
                     instance_id: None,
                     allow_local_repos: false,
                     core_unreachable_secs: None,
+                    metadata_url: None,
                 },
                 ca_pem: None,
             })

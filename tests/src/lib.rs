@@ -23,6 +23,8 @@ use stagely_core::registry::LocalRegistry;
 use stagely_core::server::{self, RunningCore};
 use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
 
+pub mod ec2;
+
 /// True when running under CI, where a missing peer is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -459,9 +461,43 @@ impl TestCore {
     async fn start_on(
         data: tempfile::TempDir,
         registry: LocalRegistry,
+        file: FileConfig,
+        provider: Option<Arc<dyn Provider>>,
+        backend: Backend,
+    ) -> anyhow::Result<TestCore> {
+        Self::start_at(data, registry, file, provider, backend, "127.0.0.1").await
+    }
+
+    /// A core with `provider` listening on `ip` (a test network's host address; off
+    /// loopback the file must configure `[tls]`, and `public_url` becomes `https://IP:PORT`),
+    /// its file configuration edited by `configure` first.
+    pub async fn start_on_network(
+        provider: Arc<dyn Provider>,
+        registry: LocalRegistry,
+        ip: &str,
+        configure: impl FnOnce(&mut FileConfig),
+    ) -> anyhow::Result<TestCore> {
+        let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;
+        let mut file = FileConfig::default();
+        configure(&mut file);
+        Self::start_at(
+            data,
+            registry,
+            file,
+            Some(provider),
+            Backend::from_env(),
+            ip,
+        )
+        .await
+    }
+
+    async fn start_at(
+        data: tempfile::TempDir,
+        registry: LocalRegistry,
         mut file: FileConfig,
         provider: Option<Arc<dyn Provider>>,
         backend: Backend,
+        ip: &str,
     ) -> anyhow::Result<TestCore> {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());
@@ -483,10 +519,16 @@ impl TestCore {
             .as_ref()
             .map(std::fs::read_to_string)
             .transpose()?;
+        // Bound first, so the port is known for `public_url`.
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let bound = listener.local_addr()?;
+        if ip != "127.0.0.1" && file.public_url.is_none() {
+            file.public_url = Some(format!("https://{bound}"));
+        }
         let config = CoreConfig::resolve(
             file,
             Overrides {
-                listen: Some("127.0.0.1:0".into()),
+                listen: Some(bound.to_string()),
                 data_dir: Some(data.path().to_path_buf()),
                 registry: Some(registry.host.clone()),
                 api_token: Some(stagely_core::config::ApiToken::from_secret(
@@ -499,7 +541,6 @@ impl TestCore {
             Some(provider) => provider,
             None => server::local_provider(&config)?,
         };
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let core = server::start(config, listener, provider.clone()).await?;
         let url = core.url();
         Ok(TestCore {

@@ -149,6 +149,60 @@ pub struct AttemptRow {
     pub ended_at: Option<i64>,
     pub result: Option<String>,
     pub message: Option<String>,
+    pub instance_type: Option<String>,
+    pub market: Option<String>,
+    pub placement: Option<String>,
+    pub billed_from: Option<i64>,
+    pub billed_until: Option<i64>,
+}
+
+/// An instance as the provider returned it, recorded before anything else can fail.
+#[derive(Debug, Clone)]
+pub struct InstanceRecord<'a> {
+    pub instance_id: &'a str,
+    pub provider: &'a str,
+    pub job_id: &'a str,
+    pub attempt: u32,
+    pub owner: &'a str,
+    pub instance_type: &'a str,
+    pub market: Option<&'a str>,
+    /// How it was placed, for the job log and the attempt (`None`: as asked).
+    pub placement: Option<&'a str>,
+    /// Its maximum lifetime ends here (job timeout + boot timeout + margin).
+    pub expires_at: Timestamp,
+}
+
+/// Why the reaper terminates an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReapReason {
+    /// Its attempt ended (final, or superseded by a later one).
+    AttemptEnded,
+    /// Its job's lease expired: the core that owned it is gone.
+    LeaseExpired,
+    /// It belongs to no attempt or job this store knows.
+    NoAttempt,
+    /// It outlived its maximum lifetime (job timeout + boot timeout + margin).
+    Lifetime,
+}
+
+impl ReapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReapReason::AttemptEnded => "attempt_ended",
+            ReapReason::LeaseExpired => "lease_expired",
+            ReapReason::NoAttempt => "no_attempt",
+            ReapReason::Lifetime => "lifetime",
+        }
+    }
+
+    fn parse(text: &str) -> ReapReason {
+        match text {
+            "attempt_ended" => ReapReason::AttemptEnded,
+            "lease_expired" => ReapReason::LeaseExpired,
+            "lifetime" => ReapReason::Lifetime,
+            _ => ReapReason::NoAttempt,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -354,19 +408,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records an instance the moment the provider returned it (before anything else can
     /// fail), so no path forgets it.
-    async fn record_instance(
-        &self,
-        instance_id: &str,
-        provider: &str,
-        job_id: &str,
-        attempt: u32,
-        owner: &str,
-    ) -> Result<(), DbError>;
+    async fn record_instance(&self, record: &InstanceRecord<'_>) -> Result<(), DbError>;
 
-    /// Instances to terminate: alive, and their attempt ended, or their job's lease expired
-    /// (its core is gone), or they belong to no attempt at all. Never an instance of a live
-    /// attempt whose lease holds, whichever replica owns it.
-    async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError>;
+    /// Instances to terminate, oldest first, with why: alive, and their attempt ended, or
+    /// their job's lease expired (its core is gone), or they belong to no attempt at all, or
+    /// they outlived their maximum lifetime. Never otherwise an instance of a live attempt
+    /// whose lease holds, whichever replica owns it.
+    async fn instances_to_reap(&self, now: Timestamp)
+    -> Result<Vec<(String, ReapReason)>, DbError>;
 
     /// Instances recorded for an attempt and not terminated.
     async fn instances_of_attempt(
@@ -387,6 +436,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Instances recorded and not terminated (diagnostics and tests).
     async fn live_instances(&self) -> Result<Vec<String>, DbError>;
 
+    /// Whether an earlier attempt of the job ended by a spot interruption (its retries are
+    /// never placed on spot again).
+    async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError>;
+
     /// The newest run of an environment.
     async fn latest_run_of_environment(
         &self,
@@ -402,6 +455,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         except: &str,
     ) -> Result<Vec<String>, DbError>;
 }
+
+/// How long a merge handed over to its last builder's instance may extend that instance's
+/// life: a merge's default timeout plus the reaper's margin.
+pub(crate) const HANDOVER_LIFETIME_MS: i64 = 40 * 60 * 1000;
 
 /// The statements both backends share, as an `impl Store` for `$store` over sqlx database
 /// `$db`. The backend supplies `claim_in_store` (its locking), `begin_read` and `log_byte_stats`.
@@ -577,11 +634,25 @@ macro_rules! impl_shared_store {
 
     async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
         let _turn = self.write_turn().await;
-        sqlx::query("UPDATE builder_instances SET terminated_at = $2 WHERE id = $1")
-            .bind(instance_id)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE builder_instances SET terminated_at = $2 WHERE id = $1 AND terminated_at IS NULL",
+        )
+        .bind(instance_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Billing of the attempt on it (the last, after any handover) ends here.
+        sqlx::query(
+            "UPDATE job_attempts SET billed_until = $2
+             WHERE instance_id = $1 AND billed_from IS NOT NULL AND billed_until IS NULL",
+        )
+        .bind(instance_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -703,22 +774,40 @@ macro_rules! impl_shared_store {
                 .await?
                 .rows_affected();
                 // The instance now belongs to this attempt (a merge on the last builder takes
-                // over the platform job's instance): the reaper judges it by this attempt.
+                // over the platform job's instance): the reaper judges it by this attempt, and
+                // its lifetime is extended by a merge's.
                 sqlx::query(
-                    "UPDATE builder_instances SET build_job_id = $1, attempt = $2 WHERE id = $3",
+                    "UPDATE builder_instances SET build_job_id = $1, attempt = $2,
+                         expires_at = CASE WHEN expires_at IS NULL OR expires_at < $4 THEN $4 ELSE expires_at END
+                     WHERE id = $3",
                 )
                 .bind(job_id)
                 .bind(*attempt as i32)
                 .bind(instance_id)
+                .bind(now + HANDOVER_LIFETIME_MS)
+                .execute(&mut *tx)
+                .await?;
+                // Billing moves with it: the earlier attempt's span ends, this one's begins.
+                sqlx::query(
+                    "UPDATE job_attempts SET billed_until = $2
+                     WHERE instance_id = $1 AND billed_from IS NOT NULL AND billed_until IS NULL",
+                )
+                .bind(instance_id)
+                .bind(now)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE job_attempts SET instance_id = $3, merge_path = $4 WHERE build_job_id = $1 AND number = $2",
+                    "UPDATE job_attempts SET instance_id = $3, merge_path = $4,
+                         instance_type = COALESCE(instance_type, (SELECT instance_type FROM builder_instances WHERE id = $3)),
+                         market = COALESCE(market, (SELECT market FROM builder_instances WHERE id = $3)),
+                         billed_from = COALESCE(billed_from, $5)
+                     WHERE build_job_id = $1 AND number = $2",
                 )
                 .bind(job_id)
                 .bind(*attempt as i32)
                 .bind(instance_id)
                 .bind(merge_path.map(|p| p.as_str()))
+                .bind(now)
                 .execute(&mut *tx)
                 .await?;
                 tx.commit().await?;
@@ -913,7 +1002,8 @@ macro_rules! impl_shared_store {
     async fn attempts_of_run(&self, run_id: &str) -> Result<Vec<AttemptRow>, DbError> {
         Ok(sqlx::query_as::<_, AttemptRow>(
             "SELECT a.build_job_id, a.number, a.owner, a.instance_id, a.merge_path, a.started_at, a.connected_at,
-                    a.ended_at, a.result, a.message
+                    a.ended_at, a.result, a.message, a.instance_type, a.market, a.placement,
+                    a.billed_from, a.billed_until
              FROM job_attempts a JOIN build_jobs j ON j.id = a.build_job_id
              WHERE j.workflow_run_id = $1 ORDER BY a.build_job_id, a.number",
         )
@@ -923,47 +1013,71 @@ macro_rules! impl_shared_store {
     }
 
     /// Records an instance the moment the provider returned it (before anything else can
-    /// fail), so no path forgets it.
-    async fn record_instance(
-        &self,
-        instance_id: &str,
-        provider: &str,
-        job_id: &str,
-        attempt: u32,
-        owner: &str,
-    ) -> Result<(), DbError> {
+    /// fail), so no path forgets it; its attempt learns where it runs and is billed from now.
+    async fn record_instance(&self, record: &InstanceRecord<'_>) -> Result<(), DbError> {
         let _turn = self.write_turn().await;
+        let now = crate::db::now_ms();
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO builder_instances (id, provider, build_job_id, created_at, attempt, owner) VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO builder_instances (id, provider, build_job_id, created_at, attempt, owner, instance_type, market, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (id) DO NOTHING",
         )
-        .bind(instance_id)
-        .bind(provider)
-        .bind(job_id)
-        .bind(crate::db::now_ms())
-        .bind(attempt as i32)
-        .bind(owner)
-        .execute(&self.pool)
+        .bind(record.instance_id)
+        .bind(record.provider)
+        .bind(record.job_id)
+        .bind(now)
+        .bind(record.attempt as i32)
+        .bind(record.owner)
+        .bind(record.instance_type)
+        .bind(record.market)
+        .bind(record.expires_at.millis())
+        .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "UPDATE job_attempts SET instance_type = $3, market = $4, placement = $5,
+                 billed_from = COALESCE(billed_from, $6), instance_id = COALESCE(instance_id, $7)
+             WHERE build_job_id = $1 AND number = $2",
+        )
+        .bind(record.job_id)
+        .bind(record.attempt as i32)
+        .bind(record.instance_type)
+        .bind(record.market)
+        .bind(record.placement)
+        .bind(now)
+        .bind(record.instance_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    /// Instances to terminate: alive, and their attempt ended, or their job's lease expired
-    /// (its core is gone), or they belong to no attempt at all. Never an instance of a live
-    /// attempt whose lease holds, whichever replica owns it.
-    async fn instances_to_reap(&self, now: Timestamp) -> Result<Vec<String>, DbError> {
-        Ok(sqlx::query_scalar(
-            "SELECT i.id FROM builder_instances i
+    async fn instances_to_reap(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<(String, ReapReason)>, DbError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT i.id,
+                    CASE WHEN a.number IS NULL OR j.id IS NULL THEN 'no_attempt'
+                         WHEN a.ended_at IS NOT NULL OR j.attempt <> i.attempt THEN 'attempt_ended'
+                         WHEN j.lease_until IS NULL OR j.lease_until < $1 THEN 'lease_expired'
+                         ELSE 'lifetime' END
+             FROM builder_instances i
              LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
              LEFT JOIN build_jobs j ON j.id = i.build_job_id
              WHERE i.terminated_at IS NULL
                AND (a.number IS NULL OR a.ended_at IS NOT NULL OR j.id IS NULL
-                    OR j.attempt <> i.attempt OR j.lease_until IS NULL OR j.lease_until < $1)
+                    OR j.attempt <> i.attempt OR j.lease_until IS NULL OR j.lease_until < $1
+                    OR i.expires_at < $1)
              ORDER BY i.created_at",
         )
         .bind(now.millis())
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, reason)| (id, ReapReason::parse(&reason)))
+            .collect())
     }
 
     /// Instances recorded for an attempt and not terminated.
@@ -994,6 +1108,19 @@ macro_rules! impl_shared_store {
         .bind(job_id)
         .bind(attempt as i32)
         .bind(now.millis())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError> {
+        let prefix = format!("{}:%", crate::engine::InfraKind::SpotInterrupted.as_str());
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT number FROM job_attempts
+             WHERE build_job_id = $1 AND result = 'infrastructure' AND message LIKE $2 LIMIT 1",
+        )
+        .bind(job_id)
+        .bind(prefix)
         .fetch_optional(&self.pool)
         .await?;
         Ok(found.is_some())
@@ -1306,17 +1433,38 @@ mod tests {
             db.attempt_for_token("hash-1").await.unwrap(),
             Some(("a".to_string(), 1))
         );
-        db.record_instance("i-1", "local", "a", 1, "core/1")
-            .await
-            .unwrap();
-        assert!(
-            db.instances_to_reap(now).await.unwrap().is_empty(),
-            "lease holds"
+        db.record_instance(&InstanceRecord {
+            instance_id: "i-1",
+            provider: "ec2",
+            job_id: "a",
+            attempt: 1,
+            owner: "core/1",
+            instance_type: "c5.xlarge",
+            market: Some("on-demand"),
+            placement: Some("spot capacity ran out: on-demand instead"),
+            expires_at: Timestamp(20_000),
+        })
+        .await
+        .unwrap();
+        let reap = |at: i64| {
+            let db = db.clone();
+            async move { db.instances_to_reap(Timestamp(at)).await.unwrap() }
+        };
+        assert!(reap(1_000).await.is_empty(), "lease holds, lifetime left");
+        assert_eq!(
+            reap(25_000).await,
+            [("i-1".to_string(), ReapReason::Lifetime)],
+            "outlived its lifetime though its lease holds"
         );
         assert_eq!(
-            db.instances_to_reap(Timestamp(40_000)).await.unwrap(),
-            ["i-1"]
+            reap(40_000).await,
+            [("i-1".to_string(), ReapReason::LeaseExpired)]
         );
+        let attempts = db.attempts_of_run("r1").await.unwrap();
+        assert_eq!(attempts[0].instance_type.as_deref(), Some("c5.xlarge"));
+        assert_eq!(attempts[0].market.as_deref(), Some("on-demand"));
+        assert!(attempts[0].placement.as_deref().unwrap().contains("spot"));
+        assert!(attempts[0].billed_from.is_some() && attempts[0].billed_until.is_none());
         let end = |owner: &str, attempt: u32| Transition::AttemptEnded {
             job_id: "a".into(),
             attempt,
@@ -1345,7 +1493,17 @@ mod tests {
             "final is final"
         );
         assert_eq!(db.attempt_for_token("hash-1").await.unwrap(), None);
-        assert_eq!(db.instances_to_reap(now).await.unwrap(), ["i-1"]);
+        assert_eq!(
+            reap(1_000).await,
+            [("i-1".to_string(), ReapReason::AttemptEnded)]
+        );
+        db.mark_instance_terminated("i-1").await.unwrap();
+        assert!(reap(1_000).await.is_empty());
+        let billed = &db.attempts_of_run("r1").await.unwrap()[0];
+        assert!(
+            billed.billed_until >= billed.billed_from,
+            "billing ends at termination"
+        );
         let job = db.job("a").await.unwrap().unwrap();
         assert_eq!(job.status, "failed");
         assert_eq!(job.failure_kind.as_deref(), Some("build"));

@@ -156,13 +156,18 @@ spelled! {
         LeaseExpired => "lease_expired",
         /// The core holding the job was shut down (SIGTERM) and handed the job back.
         CoreShutdown => "core_shutdown",
+        /// The cloud reclaimed the spot instance (its agent relayed the interruption
+        /// notice). The job is retried at once and never placed on spot again.
+        SpotInterrupted => "spot_interrupted",
     }
 }
 
 impl InfraKind {
     /// Whether this failure spends one of the job's retries. A rolling deploy must not.
     pub fn counts_against_retries(self) -> bool {
-        !matches!(self, InfraKind::CoreShutdown)
+        // Neither is the job's doing; an interrupted job's retry is on-demand, so it cannot
+        // be interrupted again.
+        !matches!(self, InfraKind::CoreShutdown | InfraKind::SpotInterrupted)
     }
 
     /// Whether the job may get another attempt after this failure (within the limit).

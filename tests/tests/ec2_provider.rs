@@ -1,91 +1,24 @@
 //! The `ec2` provider against a real EC2 API peer: moto's server (`moto[server]`, installed by
-//! `scripts/setup.sh`), started on a free loopback port per test. In CI a missing moto fails;
-//! elsewhere the tests skip, saying why.
+//! `scripts/setup.sh`), started on a free loopback port per test ([`MotoServer`]). In CI a
+//! missing moto fails; elsewhere the tests skip, saying why.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
-use std::time::Duration;
 
 use aws_sdk_ec2::Client;
 use base64::Engine as _;
 use stagely_provisioning::ec2::{ClassSettings, Ec2Provider, Ec2Settings, ErrorClass};
 use stagely_provisioning::{Arch, MachineSize, MachineSpec, Market, Provider, ProviderError};
+use stagely_tests::ec2::{MOTO_AMI_AMD64, MOTO_AMI_ARM64, MotoServer, ec2_client};
 
-/// moto's x86_64 and arm64 AMIs.
-const AMI_AMD64: &str = "ami-04681a1dbd79675a5";
-const AMI_ARM64: &str = "ami-0e9271c829888680e";
+const AMI_AMD64: &str = MOTO_AMI_AMD64;
+const AMI_ARM64: &str = MOTO_AMI_ARM64;
 
-fn moto_binary() -> Option<std::path::PathBuf> {
-    if let Some(path) = std::env::var_os("STAGELY_MOTO_SERVER") {
-        return Some(path.into());
-    }
-    let venv = std::path::Path::new("/usr/local/lib/stagely/moto-venv/bin/moto_server");
-    if venv.exists() {
-        return Some(venv.into());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("moto_server"))
-            .find(|path| path.exists())
-    })
+async fn moto() -> Option<MotoServer> {
+    MotoServer::start().await
 }
 
-/// A moto server for one test, killed on drop.
-struct Moto {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn moto() -> Option<Moto> {
-    let Some(binary) = moto_binary() else {
-        if std::env::var("CI").is_ok() {
-            panic!("moto_server is required in CI (scripts/setup.sh installs it)");
-        }
-        eprintln!("skipping: moto_server is not installed (run scripts/setup.sh)");
-        return None;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(binary)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server starts");
-    let url = format!("http://127.0.0.1:{port}");
-    let moto = Moto { child, url };
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Some(moto);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("moto_server did not listen on {port} within 10 s");
-}
-
-fn client(moto: &Moto) -> Client {
-    let config = aws_sdk_ec2::Config::builder()
-        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-        .endpoint_url(&moto.url)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "static",
-        ))
-        .build();
-    Client::from_conf(config)
+fn client(moto: &MotoServer) -> Client {
+    ec2_client(&moto.url)
 }
 
 fn settings() -> Ec2Settings {
