@@ -1213,7 +1213,11 @@ impl LoopState {
                             placement: None,
                             expires_at: now(),
                         };
-                        shared.db.record_instance(&record).await?;
+                        // Recorded so its attempt's billing closes; a job this store no
+                        // longer has cannot be, and the instance goes all the same.
+                        if let Err(error) = shared.db.record_instance(&record).await {
+                            tracing::warn!(instance_id = %instance.id, "reaper: recording an unknown instance failed: {error}");
+                        }
                     }
                     tracing::info!(instance_id = %instance.id, reason = "unrecorded", "reaper: terminating an instance");
                     shared.reaper.unrecorded.fetch_add(1, Ordering::Relaxed);

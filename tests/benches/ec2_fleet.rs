@@ -26,7 +26,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn report(what: &str, mut times: Vec<Duration>, wall: Duration) {
     times.sort();
     println!(
-        "{what:<10} n={:<3} median {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  wave {:>7.1} ms",
+        "{what:<13} n={:<3} median {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  wave {:>7.1} ms",
         times.len(),
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.99).as_secs_f64() * 1e3,
@@ -67,27 +67,49 @@ async fn main() {
         ca_pem: None,
     })
     .expect("user-data renders");
+    let spec_for = |run: &str, job: usize| MachineSpec {
+        size: MachineSize::Medium,
+        arch: if job.is_multiple_of(2) {
+            Arch::Amd64
+        } else {
+            Arch::Arm64
+        },
+        user_data: user_data.clone(),
+        tags: BTreeMap::from([
+            ("stagely:core".to_string(), "bench".to_string()),
+            ("stagely:run".to_string(), run.to_string()),
+            ("stagely:job".to_string(), format!("job-{run}-{job}")),
+            ("stagely:attempt".to_string(), "1".to_string()),
+        ]),
+        on_demand_only: false,
+    };
+    // One at a time first: each call's own latency, nothing queued behind it at moto.
+    {
+        let started = Instant::now();
+        let (mut launches, mut ends) = (Vec::new(), Vec::new());
+        for job in 0..10 {
+            let called = Instant::now();
+            let instance = provider
+                .create_instance(&spec_for("serial", job))
+                .await
+                .expect("launch");
+            launches.push(called.elapsed());
+            let called = Instant::now();
+            provider
+                .terminate_instance(&instance.id)
+                .await
+                .expect("terminate");
+            ends.push(called.elapsed());
+        }
+        report("launch 1x", launches, started.elapsed());
+        report("terminate 1x", ends, started.elapsed());
+    }
     for round in 1..=2 {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for job in 0..jobs {
             let provider = provider.clone();
-            let spec = MachineSpec {
-                size: MachineSize::Medium,
-                arch: if job % 2 == 0 {
-                    Arch::Amd64
-                } else {
-                    Arch::Arm64
-                },
-                user_data: user_data.clone(),
-                tags: BTreeMap::from([
-                    ("stagely:core".to_string(), "bench".to_string()),
-                    ("stagely:run".to_string(), format!("run-{round}")),
-                    ("stagely:job".to_string(), format!("job-{round}-{job}")),
-                    ("stagely:attempt".to_string(), "1".to_string()),
-                ]),
-                on_demand_only: false,
-            };
+            let spec = spec_for(&format!("run-{round}"), job);
             tasks.push(tokio::spawn(async move {
                 let called = Instant::now();
                 let instance = provider.create_instance(&spec).await.expect("launch");

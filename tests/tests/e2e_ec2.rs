@@ -5,6 +5,7 @@
 //! push to a registry on the same network. See `stagely_tests::ec2`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -42,24 +43,8 @@ async fn fleet(
     let proxy = FaultProxy::start(&moto.url).await;
     let hypervisor = Hypervisor::start(&moto.url, network.clone(), imds.clone(), agent_binary());
 
-    // The core's certificate for its test-network address, from a CA the builders learn from user-data.
     let pki = tempfile::tempdir().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![HOST_IP.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let (cert_file, key_file, ca_file) = (
-        pki.path().join("core.crt"),
-        pki.path().join("core.key"),
-        pki.path().join("ca.pem"),
-    );
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (cert_file, key_file, ca_file, _) = issue_pki(pki.path());
 
     let mut ec2 = Ec2Settings {
         ami_amd64: Some(MOTO_AMI_AMD64.into()),
@@ -94,47 +79,73 @@ async fn fleet(
     })
 }
 
-impl Fleet {
-    /// Instances moto still has pending or running for `run_id`.
-    async fn live_in_moto(&self, run_id: &str) -> Vec<String> {
-        let out = ec2_client(&self.moto.url)
-            .describe_instances()
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name("tag:stagely:run")
-                    .values(run_id)
-                    .build(),
-            )
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        out.reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect()
-    }
+/// The core's certificate for its test-network address, from a CA the builders learn from
+/// user-data: (cert file, key file, CA file, CA PEM).
+fn issue_pki(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf, String) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![HOST_IP.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (cert_file, key_file, ca_file) = (
+        dir.join("core.crt"),
+        dir.join("core.key"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    (cert_file, key_file, ca_file, ca.pem())
+}
 
-    async fn wait_no_instances(&self, run_id: &str) {
-        poll_until(
-            Duration::from_secs(30),
-            "no live instance in moto",
-            || async {
-                let live = self.live_in_moto(run_id).await;
-                Ok((
-                    live.is_empty().then_some(()),
-                    format!("still live: {live:?}"),
-                ))
-            },
+/// Instances moto still has pending or running for `run_id`.
+async fn live_in_moto(moto: &str, run_id: &str) -> Vec<String> {
+    let out = ec2_client(moto)
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:stagely:run")
+                .values(run_id)
+                .build(),
         )
-        .await;
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect()
+}
+
+async fn wait_no_instances(moto: &str, run_id: &str) {
+    poll_until(
+        Duration::from_secs(30),
+        "no live instance in moto",
+        || async {
+            let live = live_in_moto(moto, run_id).await;
+            Ok((
+                live.is_empty().then_some(()),
+                format!("still live: {live:?}"),
+            ))
+        },
+    )
+    .await;
+}
+
+impl Fleet {
+    async fn wait_no_instances(&self, run_id: &str) {
+        wait_no_instances(&self.moto.url, run_id).await;
     }
 
     /// Every job's error and log, and every instance's agent log, for a failure message.
@@ -300,6 +311,7 @@ async fn spot_without_capacity_falls_back_to_on_demand_and_the_log_says_so() {
     assert!(fleet.proxy.refused.load(Ordering::SeqCst) >= 1);
     let launches = fleet.hypervisor.launches();
     assert!(launches.iter().all(|l| !l.spot), "only on-demand started");
+    check_launches(&launches, &run.id);
     assert_eq!(job.attempts.len(), 1, "the fallback is not a retry");
     assert_eq!(job.attempts[0].market.as_deref(), Some("on-demand"));
     let placement = job.attempts[0].placement.clone().unwrap_or_default();
@@ -352,6 +364,7 @@ async fn a_spot_interruption_retries_the_job_on_demand_and_the_run_completes() {
     );
     let launches = fleet.hypervisor.launches();
     assert_eq!(launches.iter().filter(|l| l.spot).count(), 1);
+    check_launches(&launches, &run.id);
     fleet.wait_no_instances(&run.id).await;
     fleet.finish().await;
 }
@@ -384,6 +397,7 @@ async fn an_instance_whose_agent_never_dials_is_terminated_at_the_boot_timeout_a
     );
     let launches = fleet.hypervisor.launches();
     assert!(!launches[0].booted, "the first instance never booted");
+    check_launches(&launches, &run.id);
     fleet.wait_no_instances(&run.id).await;
     fleet.finish().await;
 }
@@ -412,4 +426,180 @@ async fn a_bad_ami_fails_the_job_at_once_naming_the_aws_error() {
         "nothing was launched"
     );
     fleet.finish().await;
+}
+
+/// `stagely serve` with the `ec2` provider, as an operator runs it, on the test network.
+fn spawn_serve_ec2(
+    port: u16,
+    data: &std::path::Path,
+    config: &std::path::Path,
+    moto: &str,
+    registry: &LocalRegistry,
+    api_token: &str,
+) -> std::process::Child {
+    std::process::Command::new(agent_binary().with_file_name("stagely"))
+        .args(["serve", "--listen", &format!("{HOST_IP}:{port}")])
+        .args(["--registry", &registry.host])
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        // The SDK's standard environment, pointed at moto.
+        .env("AWS_ENDPOINT_URL_EC2", moto)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("STAGELY_REGISTRY_USERNAME", &registry.username)
+        .env("STAGELY_REGISTRY_PASSWORD", &registry.password)
+        .env("STAGELY_API_TOKEN", api_token)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data.join("serve.log"))
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(|_| std::process::Stdio::null()),
+        )
+        .spawn()
+        .expect("stagely serve starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
+    if !require_build_peers() {
+        return;
+    }
+    let Some(moto) = MotoServer::start().await else {
+        return;
+    };
+    let Some(network) = Network::create().await else {
+        return;
+    };
+    let network = Arc::new(network);
+    let imds = Imds::start().await;
+    let hypervisor = Hypervisor::start(&moto.url, network.clone(), imds.clone(), agent_binary());
+    let registry = LocalRegistry::start_on(&HOST_IP.to_string()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (cert_file, key_file, ca_file, ca_pem) = issue_pki(data.path());
+    let port = std::net::TcpListener::bind((HOST_IP, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://{HOST_IP}:{port}");
+    let config = data.path().join("stagely.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "core_id = \"crashy\"\npublic_url = \"{url}\"\nallow_local_repos = true\n\
+             [registry]\ninsecure = true\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nagent_ca_file = \"{}\"\n\
+             [provider]\nkind = \"ec2\"\n\
+             [provider.ec2]\nami_amd64 = \"{MOTO_AMI_AMD64}\"\nami_arm64 = \"{MOTO_AMI_ARM64}\"\nmetadata_url = \"{}\"\n\
+             [scheduler]\nagent_connect_timeout_secs = 120\nretry_backoff_secs = 1\nlease_secs = 5\nreap_interval_secs = 2\n",
+            cert_file.display(),
+            key_file.display(),
+            ca_file.display(),
+            imds.url
+        ),
+    )
+    .unwrap();
+    let api_token = stagely_core::cli::new_api_token();
+    let client = client_trusting(&api_token, Some(&ca_pem));
+    let healthy = || async {
+        poll_until(Duration::from_secs(30), "the core to serve", || async {
+            let ok = client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            Ok((ok.then_some(()), "not answering".into()))
+        })
+        .await
+    };
+    let mut core = spawn_serve_ec2(port, data.path(), &config, &moto.url, &registry, &api_token);
+    healthy().await;
+
+    // The first instance never boots: only a core can terminate it.
+    hypervisor.hold_next(1);
+    let repo = one_job_repo();
+    let run: stagely_core::api::RunView = client
+        .post(format!("{url}/api/v1/workflows"))
+        .json(&serde_json::json!({
+            "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main",
+            "environment_id": "pr-crash",
+        }))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let held = poll_until(Duration::from_secs(30), "the first launch", || async {
+        let launches = hypervisor.launches();
+        Ok((
+            launches.first().map(|l| l.instance_id.clone()),
+            "no launch yet".into(),
+        ))
+    })
+    .await;
+    // Recorded (the API shows the attempt's instance), then the core dies.
+    poll_until(Duration::from_secs(30), "the instance recorded", || async {
+        let view: stagely_core::api::RunView = client
+            .get(format!("{url}/api/v1/workflows/{}", run.id))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let recorded = view.jobs[0]
+            .attempts
+            .iter()
+            .any(|a| a.instance_id.as_deref() == Some(held.as_str()));
+        Ok((recorded.then_some(()), "not recorded yet".into()))
+    })
+    .await;
+    core.kill().unwrap();
+    core.wait().unwrap();
+    assert_eq!(
+        live_in_moto(&moto.url, &run.id).await,
+        std::slice::from_ref(&held)
+    );
+
+    let mut core = spawn_serve_ec2(port, data.path(), &config, &moto.url, &registry, &api_token);
+    healthy().await;
+    let finished = poll_until(RUN_TIMEOUT, "the run to finish", || async {
+        let view: stagely_core::api::RunView = client
+            .get(format!("{url}/api/v1/workflows/{}", run.id))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let done = matches!(view.status.as_str(), "completed" | "failed");
+        let status = view.status.clone();
+        Ok((done.then_some(view), status))
+    })
+    .await;
+    let job = &finished.jobs[0];
+    assert_eq!(
+        finished.status,
+        "completed",
+        "{:?} {:?}",
+        job.error_message,
+        job.attempts
+            .iter()
+            .map(|a| a.message.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(job.attempts.len() >= 2, "the crashed attempt was retried");
+    wait_no_instances(&moto.url, &run.id).await;
+    let errors = hypervisor.errors();
+    core.kill().unwrap();
+    core.wait().unwrap();
+    hypervisor.shut_down().await;
+    assert!(errors.is_empty(), "{errors:?}");
 }
