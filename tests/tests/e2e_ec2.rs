@@ -236,27 +236,28 @@ fn one_job_repo() -> TestRepo {
     .unwrap()
 }
 
-fn repo() -> TestRepo {
-    TestRepo::with_files(&[
-        (
-            "stagely.yaml",
-            b"builds:\n  api:\n    context: ./api\n    platform: linux/amd64\n  web:\n    context: ./web\n    platforms: [linux/amd64, linux/arm64]\n    build_args: {GREETING: hi}\n",
-        ),
-        ("api/Dockerfile", b"FROM scratch\nCOPY api.txt /api.txt\n"),
-        ("api/api.txt", b"api\n"),
-        ("web/Dockerfile", b"FROM scratch\nARG GREETING\nCOPY web.txt /web.txt\n"),
-        ("web/web.txt", b"web\n"),
-    ])
-    .unwrap()
+/// The example monorepo, and its `stagely.yaml` with a multi-arch service added.
+fn example_with_multi_arch() -> (TestRepo, String) {
+    let dir = workspace_root().join("examples/monorepo");
+    let repo = TestRepo::from_dir(&dir).unwrap();
+    let mut yaml = std::fs::read_to_string(dir.join("stagely.yaml")).unwrap();
+    yaml.push_str(
+        "  web_multi:\n    context: \"./web\"\n    platforms: [\"linux/amd64\", \"linux/arm64\"]\n    machine: \"small\"\n",
+    );
+    (repo, yaml)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_monorepo_with_a_multi_arch_service_builds_on_ec2_and_leaves_no_instance() {
+async fn the_example_monorepo_with_a_multi_arch_service_builds_on_ec2_and_leaves_no_instance() {
     let Some(fleet) = fleet(|_| {}, |_| {}).await else {
         return;
     };
-    let repo = repo();
-    let run = fleet.core.submit(&repo, None, "pr-ec2").await.unwrap();
+    let (repo, yaml) = example_with_multi_arch();
+    let run = fleet
+        .core
+        .submit(&repo, Some(&yaml), "pr-ec2")
+        .await
+        .unwrap();
     let run = fleet.core.wait_finished(&run.id, RUN_TIMEOUT).await;
     let names: BTreeMap<&str, &str> = run
         .jobs
@@ -269,7 +270,8 @@ async fn a_monorepo_with_a_multi_arch_service_builds_on_ec2_and_leaves_no_instan
         "{names:?}\n{}",
         fleet.diagnose(&run).await
     );
-    assert_eq!(names.len(), 4, "{names:?}");
+    // backend_amd64, worker_arm64, frontend, web_multi on each platform and its merge.
+    assert_eq!(names.len(), 6, "{names:?}");
     fleet.wait_no_instances(&run.id).await;
 
     let launches = fleet.hypervisor.launches();
