@@ -14,8 +14,8 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
 use stagely_protocol::{
-    Arch, Heartbeat, Hello, Interruption, Log, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, Message,
-    PROTOCOL_VERSION, Status, decode, encode,
+    Arch, Heartbeat, Hello, Interruption, Log, LogStream, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES,
+    Message, PROTOCOL_VERSION, Status, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -315,6 +315,7 @@ async fn serve_job(
         let _ = output_tx.send(Output::Finished(report)).await;
     });
 
+    let mut pieces = LinePieces::default();
     let mut seq: u64 = 0;
     let mut status_seq: Option<u64> = None;
     let mut final_report: Option<Report> = None;
@@ -335,8 +336,11 @@ async fn serve_job(
         tokio::select! {
             item = output_rx.recv(), if output_open => match item {
                 Some(Output::Line(stream, text)) => {
+                    let Some(text) = pieces.take(&redactor, stream, text) else {
+                        continue;
+                    };
                     let mut failed = None;
-                    for piece in split_data(&redactor.scrub(&text)) {
+                    for piece in split_data(&text) {
                         seq += 1;
                         let frame = Message::Log(Log {
                             job_id: job_id.clone(),
@@ -354,6 +358,26 @@ async fn serve_job(
                     }
                 }
                 Some(Output::Finished(report)) => {
+                    // A line still held back (its process ended mid-line) goes first.
+                    let mut failed = None;
+                    for (stream, text) in pieces.drain(&redactor) {
+                        for piece in split_data(&text) {
+                            seq += 1;
+                            let frame = Message::Log(Log {
+                                job_id: job_id.clone(),
+                                stream,
+                                data: piece,
+                                seq: Some(seq),
+                            });
+                            if let Err(error) = send_frame(sender, &frame).await {
+                                failed = Some(error);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(error) = failed {
+                        break Err(error.context("sending LOG"));
+                    }
                     seq += 1;
                     status_seq = Some(seq);
                     let status = Message::Status(Status {
@@ -528,6 +552,23 @@ impl Redactor {
         self
     }
 
+    /// Where a piece cut mid-line may end so that no secret form straddles the end: the
+    /// last `longest - 1` bytes are held back, unless a complete form covers that point
+    /// (then it ends after it). Always on a character boundary.
+    fn safe_end(&self, text: &str) -> usize {
+        let hold = self.secrets.longest().saturating_sub(1);
+        let mut end = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        for (start, stop) in self.secrets.find(text) {
+            if start < end && stop > end {
+                end = stop;
+            }
+        }
+        end
+    }
+
     pub fn scrub(&self, text: &str) -> String {
         let mut out = self.secrets.mask(text.to_string());
         for (path, alias) in &self.aliases {
@@ -536,6 +577,48 @@ impl Redactor {
             }
         }
         out
+    }
+}
+
+/// Masks secrets across the pieces of a line longer than the reader's cap: a piece cut
+/// mid-line keeps back its last bytes (up to the longest secret form, and never inside a
+/// complete one) and sends them with the next piece, so a secret straddling the cut is
+/// whole in one of the two when masked.
+#[derive(Default)]
+struct LinePieces {
+    held: Vec<(LogStream, String)>,
+}
+
+impl LinePieces {
+    /// The masked text to send for this piece (`None`: all of it is held back for now).
+    fn take(&mut self, redactor: &Redactor, stream: LogStream, text: String) -> Option<String> {
+        let joined = match self.held.iter().position(|(s, _)| *s == stream) {
+            Some(at) => {
+                let (_, mut held) = self.held.swap_remove(at);
+                held.push_str(&text);
+                held
+            }
+            None => text,
+        };
+        let cut = !joined.ends_with('\n')
+            && joined.len() >= crate::process::MAX_LINE_BYTES.saturating_sub(3);
+        if !cut {
+            return Some(redactor.scrub(&joined));
+        }
+        let keep = redactor.safe_end(&joined);
+        let (send, hold) = joined.split_at(keep);
+        if !hold.is_empty() {
+            self.held.push((stream, hold.to_string()));
+        }
+        (!send.is_empty()).then(|| redactor.scrub(send))
+    }
+
+    /// Everything held back, masked (the job ended).
+    fn drain(&mut self, redactor: &Redactor) -> Vec<(LogStream, String)> {
+        self.held
+            .drain(..)
+            .map(|(stream, text)| (stream, redactor.scrub(&text)))
+            .collect()
     }
 }
 
@@ -575,6 +658,37 @@ mod tests {
         assert!(connect_url("http://core.example.com:8080").is_err());
         assert!(connect_url("http://192.0.2.10:8080").is_err());
         assert!(connect_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn a_secret_straddling_the_cut_of_a_long_line_is_still_masked() {
+        let secret = "hunter22-very-secret";
+        let redactor = Redactor::new([secret]);
+        let cap = crate::process::MAX_LINE_BYTES;
+        for split in 1..secret.len() {
+            let mut pieces = LinePieces::default();
+            let first = format!("{}{}", "x".repeat(cap - split), &secret[..split]);
+            let second = format!("{} tail\n", &secret[split..]);
+            let mut sent = String::new();
+            sent.extend(pieces.take(&redactor, LogStream::Stdout, first));
+            sent.extend(pieces.take(&redactor, LogStream::Stdout, second));
+            sent.extend(pieces.drain(&redactor).into_iter().map(|(_, t)| t));
+            assert!(!sent.contains(secret), "split at {split}");
+            assert!(sent.ends_with("[REDACTED] tail\n"), "split at {split}");
+            assert_eq!(sent.len(), cap - split + "[REDACTED] tail\n".len());
+        }
+        // Another stream's lines pass in between untouched.
+        let mut pieces = LinePieces::default();
+        let first = format!("{}hunt", "y".repeat(cap - 4));
+        assert!(pieces.take(&redactor, LogStream::Stdout, first).is_some());
+        assert_eq!(
+            pieces.take(&redactor, LogStream::Stderr, "other\n".into()),
+            Some("other\n".to_string())
+        );
+        let rest = pieces
+            .take(&redactor, LogStream::Stdout, "er22-very-secret!\n".into())
+            .unwrap();
+        assert!(rest.ends_with("y[REDACTED]!\n"), "{rest}");
     }
 
     #[test]

@@ -132,41 +132,154 @@ impl Message {
 
 /// Replaces known secrets in text with `[REDACTED]`: the one masking rule of the agent
 /// (before a line is sent) and the core (before it is stored).
+///
+/// Each secret is searched in every form a build is likely to print it: as given; each line
+/// of a multi-line secret (a PEM key prints line by line); base64 (standard and URL-safe, at
+/// each of the three byte offsets it can sit at inside a longer encoded string, so
+/// `base64(user:password)` is caught too); and URL-encoded. All forms are found in one pass
+/// (Aho-Corasick, leftmost-longest).
 #[derive(Clone, Default)]
 pub struct SecretMask {
-    secrets: Vec<String>,
+    /// Every form of every secret, and the automaton over them (`None`: nothing to mask).
+    forms: Vec<String>,
+    matcher: Option<aho_corasick::AhoCorasick>,
 }
 
 impl SecretMask {
     /// Shortest secret masked: shorter strings are too weak to matter and would mask
     /// ordinary text.
     pub const MIN_SECRET_LEN: usize = 4;
+    /// Shortest derived form masked (a line of a multi-line secret, a base64 slice): shorter
+    /// ones would mask ordinary text.
+    pub const MIN_FORM_LEN: usize = 8;
+    /// What replaces a secret.
+    pub const MASK: &'static str = "[REDACTED]";
 
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> SecretMask {
-        SecretMask {
-            secrets: secrets
-                .into_iter()
-                .filter(|secret| secret.len() >= Self::MIN_SECRET_LEN)
-                .map(str::to_string)
+        let mut forms: Vec<String> = Vec::new();
+        for secret in secrets {
+            if secret.len() < Self::MIN_SECRET_LEN {
+                continue;
+            }
+            forms.push(secret.to_string());
+            for form in derived_forms(secret) {
+                if form.len() >= Self::MIN_FORM_LEN {
+                    forms.push(form);
+                }
+            }
+        }
+        forms.sort();
+        forms.dedup();
+        let matcher = if forms.is_empty() {
+            None
+        } else {
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&forms)
+                .ok()
+        };
+        SecretMask { forms, matcher }
+    }
+
+    /// The longest form searched for (0 when there is none): a piece of a line cut at this
+    /// many bytes or more from its end cannot hide a complete secret across the cut.
+    pub fn longest(&self) -> usize {
+        self.forms.iter().map(String::len).max().unwrap_or(0)
+    }
+
+    /// Byte ranges of every secret form in `text`, leftmost-longest, not overlapping.
+    pub fn find(&self, text: &str) -> Vec<(usize, usize)> {
+        match &self.matcher {
+            Some(matcher) => matcher
+                .find_iter(text)
+                .map(|found| (found.start(), found.end()))
                 .collect(),
+            None => Vec::new(),
         }
     }
 
     /// `text` with every secret replaced; returned unchanged (no copy) when it holds none.
     pub fn mask(&self, text: String) -> String {
-        let mut text = text;
-        for secret in &self.secrets {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "[REDACTED]");
+        let Some(matcher) = &self.matcher else {
+            return text;
+        };
+        if !matcher.is_match(&text) {
+            return text;
+        }
+        let masks = vec![Self::MASK; self.forms.len()];
+        matcher.replace_all(&text, &masks)
+    }
+}
+
+/// Forms a secret takes when a build prints it other than verbatim.
+fn derived_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let mut forms = Vec::new();
+    // Line by line: a multi-line secret (a PEM key) reaches the log one line at a time.
+    if secret.contains('\n') {
+        forms.extend(
+            secret
+                .lines()
+                .map(|line| line.trim_end_matches('\r').to_string()),
+        );
+    }
+    let bytes = secret.as_bytes();
+    // Whole, as encoded on its own.
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        forms.push(engine.encode(bytes));
+    }
+    // Inside a longer encoded string: at byte offset 0, 1 or 2 of a 3-byte group, only the
+    // characters fully determined by the secret's own bits are fixed.
+    for offset in 0..3usize {
+        let mut padded = vec![0u8; offset];
+        padded.extend_from_slice(bytes);
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let encoded = engine.encode(&padded);
+            let first = (offset * 8).div_ceil(6);
+            let last = ((offset + bytes.len()) * 8) / 6;
+            if first < last && last <= encoded.len() {
+                forms.push(encoded[first..last].to_string());
             }
         }
-        text
     }
+    // URL-encoded (query strings, form bodies): every byte but the unreserved ones.
+    let encoded: String = percent_encoding::utf8_percent_encode(secret, URL_RESERVED).collect();
+    if encoded != secret {
+        forms.push(encoded.clone());
+        forms.push(encoded.replace("%20", "+"));
+        // Lower-case hex digits, as some encoders print them.
+        forms.push(lower_percent_hex(&encoded));
+    }
+    forms
+}
+
+/// Everything but RFC 3986's unreserved characters is percent-encoded.
+const URL_RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn lower_percent_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '%' {
+            for _ in 0..2 {
+                if let Some(hex) = chars.next() {
+                    out.push(hex.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    out
 }
 
 impl std::fmt::Debug for SecretMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SecretMask({} secrets)", self.secrets.len())
+        write!(f, "SecretMask({} forms)", self.forms.len())
     }
 }
 

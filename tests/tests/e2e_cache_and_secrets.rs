@@ -97,15 +97,23 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
         return;
     }
     let busybox = busybox("amd64").unwrap();
-    let secret = format!("db-{}", stagely_core::cli::new_api_token());
+    // Reserved characters, so its URL-encoded form differs from it.
+    let secret = format!("db-{}/p+w=rd&x", stagely_core::cli::new_api_token());
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n{}\n-----END PRIVATE KEY-----\n",
+        stagely_core::cli::new_api_token(),
+        stagely_core::cli::new_api_token()
+    );
     let repo = TestRepo::with_files(&[
         (
             "stagely.yaml",
-            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n    build_args: {MODE: test}\n    secret_build_args: [DB_PASSWORD]\n",
+            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n    build_args: {MODE: test}\n    secret_build_args: [DB_PASSWORD, TLS_KEY]\n",
         ),
         (
             "Dockerfile",
-            b"FROM scratch\nCOPY busybox /bin/busybox\nARG MODE\nRUN --mount=type=secret,id=DB_PASSWORD [\"/bin/busybox\", \"sh\", \"-c\", \"echo secret-bytes=$(/bin/busybox wc -c < /run/secrets/DB_PASSWORD); /bin/busybox cat /run/secrets/DB_PASSWORD; echo; /bin/busybox sleep 3; echo mode=$MODE > /mode\"]\n",
+            // The build prints the secret as is, base64 (alone and inside `user:secret`),
+            // URL-encoded, and a PEM key line by line.
+            b"FROM scratch\nCOPY busybox /bin/busybox\nARG MODE\nRUN --mount=type=secret,id=DB_PASSWORD --mount=type=secret,id=TLS_KEY [\"/bin/busybox\", \"sh\", \"-c\", \"S=/run/secrets/DB_PASSWORD; echo secret-bytes=$(/bin/busybox wc -c < $S); /bin/busybox cat $S; echo; echo b64=$(/bin/busybox base64 -w0 $S); echo auth=$( (printf user: ; /bin/busybox cat $S) | /bin/busybox base64 -w0); echo url=$(/bin/busybox sed 's|/|%2F|g; s|+|%2B|g; s|=|%3D|g; s|&|%26|g' $S); /bin/busybox cat /run/secrets/TLS_KEY; /bin/busybox sleep 3; echo mode=$MODE > /mode\"]\n",
         ),
         ("busybox", &busybox),
     ])
@@ -138,7 +146,9 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
     assert_eq!(answer["error"]["field"], "secrets.DB_PASWORD");
 
     let (status, answer) = core
-        .submit_raw(body(serde_json::json!({"DB_PASSWORD": secret})))
+        .submit_raw(body(
+            serde_json::json!({"DB_PASSWORD": secret, "TLS_KEY": pem}),
+        ))
         .await
         .unwrap();
     assert_eq!(status, 201, "{answer}");
@@ -184,7 +194,16 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
         "{log}"
     );
     assert!(log.contains("[REDACTED]"), "{log}");
-    assert!(!log.contains(&secret));
+    let printed = printed_forms(&secret, &pem);
+    for form in &printed {
+        assert!(
+            !log.contains(form.as_str()),
+            "{form} reached the log:\n{log}"
+        );
+    }
+    for marker in ["b64=[REDACTED]", "url=[REDACTED]", "auth=dXNlcjp"] {
+        assert!(log.contains(marker), "{marker} missing:\n{log}");
+    }
     // Not in the image, nor in any file the core or its instances wrote.
     let image = view.jobs[0].artifact_url.clone().unwrap();
     let (_, contents) = image_contents(&core.registry, &image).await.unwrap();
@@ -198,10 +217,36 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
     );
     core.stop().await;
     for (file, bytes) in core.stored().await {
-        assert!(
-            !contains_bytes(&bytes, secret.as_bytes()),
-            "{} holds the secret",
-            file.display()
-        );
+        for form in &printed {
+            assert!(
+                !contains_bytes(&bytes, form.as_bytes()),
+                "{} holds a form of the secret: {form}",
+                file.display()
+            );
+        }
     }
+}
+
+/// Every form the build above prints a secret in.
+fn printed_forms(secret: &str, pem: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let auth = b64.encode(format!("user:{secret}"));
+    let mut forms = vec![
+        secret.to_string(),
+        b64.encode(secret),
+        // The part of `base64(user:secret)` that encodes the secret alone.
+        auth[8..auth.len() - 4].to_string(),
+        secret
+            .replace('/', "%2F")
+            .replace('+', "%2B")
+            .replace('=', "%3D")
+            .replace('&', "%26"),
+    ];
+    forms.extend(
+        pem.lines()
+            .filter(|line| line.len() >= 8)
+            .map(str::to_string),
+    );
+    forms
 }
