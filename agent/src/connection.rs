@@ -14,8 +14,8 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
 use stagely_protocol::{
-    Arch, Heartbeat, Hello, Interruption, Log, LogStream, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES,
-    Message, PROTOCOL_VERSION, Status, decode, encode,
+    Arch, Heartbeat, Hello, Interruption, LINE_SPLIT_MARKER, Log, LogStream, MAX_FRAME_BYTES,
+    MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION, Status, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -336,11 +336,11 @@ async fn serve_job(
         tokio::select! {
             item = output_rx.recv(), if output_open => match item {
                 Some(Output::Line(stream, text)) => {
-                    let Some(text) = pieces.take(&redactor, stream, text) else {
+                    let Some((text, continues)) = pieces.take(&redactor, stream, text) else {
                         continue;
                     };
                     let mut failed = None;
-                    for piece in split_data(&text) {
+                    for piece in split_data(&text, continues) {
                         seq += 1;
                         let frame = Message::Log(Log {
                             job_id: job_id.clone(),
@@ -361,7 +361,7 @@ async fn serve_job(
                     // A line still held back (its process ended mid-line) goes first.
                     let mut failed = None;
                     for (stream, text) in pieces.drain(&redactor) {
-                        for piece in split_data(&text) {
+                        for piece in split_data(&text, false) {
                             seq += 1;
                             let frame = Message::Log(Log {
                                 job_id: job_id.clone(),
@@ -502,19 +502,31 @@ fn close_reason(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
 }
 
 /// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries.
-fn split_data(data: &str) -> Vec<String> {
-    if data.len() <= MAX_LOG_DATA_BYTES {
-        return vec![data.to_string()];
+fn split_data(data: &str, continues: bool) -> Vec<String> {
+    let marked = |mut piece: String| {
+        piece.push_str(LINE_SPLIT_MARKER);
+        piece
+    };
+    if data.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
+        let piece = data.to_string();
+        return vec![if continues { marked(piece) } else { piece }];
     }
+    // Every piece but the line's true end says the line goes on.
+    let room = MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len();
     let mut pieces = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
-        let mut end = rest.len().min(MAX_LOG_DATA_BYTES);
+        let mut end = rest.len().min(room);
         while !rest.is_char_boundary(end) {
             end -= 1;
         }
-        pieces.push(rest[..end].to_string());
+        let piece = rest[..end].to_string();
         rest = &rest[end..];
+        pieces.push(if rest.is_empty() && !continues {
+            piece
+        } else {
+            marked(piece)
+        });
     }
     pieces
 }
@@ -590,8 +602,14 @@ struct LinePieces {
 }
 
 impl LinePieces {
-    /// The masked text to send for this piece (`None`: all of it is held back for now).
-    fn take(&mut self, redactor: &Redactor, stream: LogStream, text: String) -> Option<String> {
+    /// The masked text to send for this piece, and whether the line goes on after it
+    /// (`None`: all of it is held back for now).
+    fn take(
+        &mut self,
+        redactor: &Redactor,
+        stream: LogStream,
+        text: String,
+    ) -> Option<(String, bool)> {
         let joined = match self.held.iter().position(|(s, _)| *s == stream) {
             Some(at) => {
                 let (_, mut held) = self.held.swap_remove(at);
@@ -603,14 +621,14 @@ impl LinePieces {
         let cut = !joined.ends_with('\n')
             && joined.len() >= crate::process::MAX_LINE_BYTES.saturating_sub(3);
         if !cut {
-            return Some(redactor.scrub(&joined));
+            return Some((redactor.scrub(&joined), false));
         }
         let keep = redactor.safe_end(&joined);
         let (send, hold) = joined.split_at(keep);
         if !hold.is_empty() {
             self.held.push((stream, hold.to_string()));
         }
-        (!send.is_empty()).then(|| redactor.scrub(send))
+        (!send.is_empty()).then(|| (redactor.scrub(send), true))
     }
 
     /// Everything held back, masked (the job ended).
@@ -670,8 +688,16 @@ mod tests {
             let first = format!("{}{}", "x".repeat(cap - split), &secret[..split]);
             let second = format!("{} tail\n", &secret[split..]);
             let mut sent = String::new();
-            sent.extend(pieces.take(&redactor, LogStream::Stdout, first));
-            sent.extend(pieces.take(&redactor, LogStream::Stdout, second));
+            sent.extend(
+                pieces
+                    .take(&redactor, LogStream::Stdout, first)
+                    .map(|(t, _)| t),
+            );
+            sent.extend(
+                pieces
+                    .take(&redactor, LogStream::Stdout, second)
+                    .map(|(t, _)| t),
+            );
             sent.extend(pieces.drain(&redactor).into_iter().map(|(_, t)| t));
             assert!(!sent.contains(secret), "split at {split}");
             assert!(sent.ends_with("[REDACTED] tail\n"), "split at {split}");
@@ -683,11 +709,12 @@ mod tests {
         assert!(pieces.take(&redactor, LogStream::Stdout, first).is_some());
         assert_eq!(
             pieces.take(&redactor, LogStream::Stderr, "other\n".into()),
-            Some("other\n".to_string())
+            Some(("other\n".to_string(), false))
         );
-        let rest = pieces
+        let (rest, continues) = pieces
             .take(&redactor, LogStream::Stdout, "er22-very-secret!\n".into())
             .unwrap();
+        assert!(!continues);
         assert!(rest.ends_with("y[REDACTED]!\n"), "{rest}");
     }
 
@@ -713,10 +740,21 @@ mod tests {
     }
 
     #[test]
-    fn long_data_is_split_on_char_boundaries() {
-        let text = "é".repeat(MAX_LOG_DATA_BYTES);
-        let pieces = split_data(&text);
+    fn long_data_is_split_on_char_boundaries_and_every_piece_but_the_end_is_marked() {
+        let text = format!("{}\n", "é".repeat(MAX_LOG_DATA_BYTES));
+        let pieces = split_data(&text, false);
+        assert!(pieces.len() >= 3);
         assert!(pieces.iter().all(|p| p.len() <= MAX_LOG_DATA_BYTES));
-        assert_eq!(pieces.concat(), text);
+        let (last, rest) = pieces.split_last().unwrap();
+        assert!(rest.iter().all(|p| p.ends_with(LINE_SPLIT_MARKER)));
+        assert!(!last.ends_with(LINE_SPLIT_MARKER));
+        let joined: String = pieces
+            .iter()
+            .map(|p| p.strip_suffix(LINE_SPLIT_MARKER).unwrap_or(p))
+            .collect();
+        assert_eq!(joined, text, "stripping the markers gives the line back");
+        // A piece the reader cut (the line goes on) is marked even when short.
+        let cut = split_data("abc", true);
+        assert_eq!(cut, [format!("abc{LINE_SPLIT_MARKER}")]);
     }
 }

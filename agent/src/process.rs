@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// Longest piece of a line handed to the sink at once.
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// How long output may keep flowing after the child exited.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long an interrupted process gets before SIGKILL.

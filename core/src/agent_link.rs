@@ -484,9 +484,10 @@ async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), Strin
     }
 }
 
-/// Longest line the core stores; longer ones are cut (agents already cut at 16 KiB, so only a
-/// misbehaving agent reaches this).
-pub const MAX_STORED_LINE_BYTES: usize = 16 * 1024;
+/// Longest line the core stores; longer ones are cut (agents split lines into LOG frames of at
+/// most this, marked with [`stagely_protocol::LINE_SPLIT_MARKER`], so only a misbehaving
+/// agent reaches this).
+pub const MAX_STORED_LINE_BYTES: usize = stagely_protocol::MAX_LOG_DATA_BYTES;
 
 /// The core's own bounds on one job's log: lines cut at [`MAX_STORED_LINE_BYTES`], and at most
 /// `max_bytes` stored; past that, one marker line and the rest is counted, not stored. The
@@ -553,8 +554,8 @@ mod tests {
 
     #[test]
     fn the_log_budget_cuts_long_lines_and_stops_at_the_cap() {
-        let mut budget = LogBudget::new(40_000);
-        let long = format!("{}\n", "é".repeat(20_000));
+        let mut budget = LogBudget::new(90_000);
+        let long = format!("{}\n", "é".repeat(40_000));
         let stored = budget.admit(long).unwrap();
         assert!(stored.len() < MAX_STORED_LINE_BYTES + 100);
         assert!(stored.contains("line cut") && stored.ends_with('\n'));
@@ -563,7 +564,7 @@ mod tests {
         let _ = budget.admit("x".repeat(16_000));
         let marker = budget.admit("y".repeat(16_000)).unwrap();
         assert!(
-            marker.contains("reached its limit of 40000 bytes"),
+            marker.contains("reached its limit of 90000 bytes"),
             "{marker}"
         );
         assert_eq!(budget.admit("z\n".into()), None);

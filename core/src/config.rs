@@ -258,6 +258,9 @@ pub struct SchedulerFile {
     pub sync_interval_ms: Option<u64>,
     /// How often leftover instances are looked for and terminated (default 60).
     pub reap_interval_secs: Option<u64>,
+    /// Logs of runs that finished more than this many days ago are deleted (default 30;
+    /// 0 keeps them forever).
+    pub log_retention_days: Option<u64>,
 }
 
 /// Where images go and how to log in.
@@ -375,6 +378,8 @@ pub struct CoreConfig {
     pub cancel_grace: Duration,
     pub sync_interval: Duration,
     pub reap_interval: Duration,
+    /// Logs of runs finished longer ago are deleted; `None`: kept.
+    pub log_retention: Option<Duration>,
     pub tls: TlsConfig,
     pub prices: crate::cost::PriceTable,
 }
@@ -592,6 +597,10 @@ impl CoreConfig {
             60,
             "scheduler.reap_interval_secs",
         )?;
+        let log_retention = match scheduler.log_retention_days.unwrap_or(30) {
+            0 => None,
+            days => Some(Duration::from_secs(days.saturating_mul(24 * 3600))),
+        };
         let max_retries = scheduler.max_retries.unwrap_or(2);
         if let Some(url) = &overrides.database_url
             && url_password_span(url).is_some()
@@ -761,6 +770,7 @@ impl CoreConfig {
             cancel_grace: Duration::from_secs(cancel_grace),
             sync_interval: Duration::from_millis(sync_interval),
             reap_interval: Duration::from_secs(reap_interval),
+            log_retention,
             tls,
             prices,
         })

@@ -60,6 +60,8 @@ pub struct RunnerSettings {
     pub sync_interval: Duration,
     /// How often leftover instances are reaped.
     pub reap_interval: Duration,
+    /// Logs of runs finished longer ago are deleted (hourly); `None`: kept.
+    pub log_retention: Option<Duration>,
     /// PEM of the CA agents should trust for `public_url` (`[tls] agent_ca_file`), delivered
     /// in their user-data.
     pub agent_ca_pem: Option<String>,
@@ -479,6 +481,9 @@ impl LoopState {
         sync_tick.reset();
         let mut reap_tick = tokio::time::interval(self.shared.settings.reap_interval);
         reap_tick.reset();
+        // The first tick is at once: old logs go at start, then hourly.
+        let mut retention_tick = tokio::time::interval(RETENTION_INTERVAL);
+        retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self
                 .engine
@@ -495,6 +500,7 @@ impl LoopState {
                 () = tokio::time::sleep_until(wake) => self.engine.handle_timeout(now()),
                 _ = sync_tick.tick() => self.tick_sync().await,
                 _ = reap_tick.tick() => self.spawn_reaper(),
+                _ = retention_tick.tick() => self.spawn_log_retention(),
             }
             self.apply().await;
         }
@@ -1161,6 +1167,10 @@ impl LoopState {
     /// outlived their maximum lifetime, and instances the provider lists for this core's id
     /// that the store does not know (a crash between create and record) once their attempt
     /// no longer holds. Every termination is logged with its reason and counted.
+    fn spawn_log_retention(&self) {
+        Runner::spawn_log_retention_task(&self.shared);
+    }
+
     fn spawn_reaper(&self) {
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
@@ -1230,6 +1240,45 @@ impl LoopState {
                     tracing::error!("reaper: sweep failed: {error}");
                 },
                 () = shared.shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// How often logs past their retention are looked for.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// Jobs whose logs one retention statement deletes (short transactions; repeated until none).
+const RETENTION_JOBS_PER_BATCH: i64 = 20;
+
+impl Runner {
+    /// Deletes the logs of runs that finished longer ago than `log_retention`, a few jobs at
+    /// a time, in the background.
+    fn spawn_log_retention_task(shared: &Arc<Shared>) {
+        let Some(retention) = shared.settings.log_retention else {
+            return;
+        };
+        let shared = shared.clone();
+        shared.tasks.clone().spawn(async move {
+            let cutoff = now().millis().saturating_sub(
+                i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            );
+            let mut lines = 0u64;
+            loop {
+                let batch = tokio::select! {
+                    batch = shared.db.delete_logs_of_runs_finished_before(cutoff, RETENTION_JOBS_PER_BATCH) => batch,
+                    () = shared.shutdown.cancelled() => return,
+                };
+                match batch {
+                    Ok(0) => break,
+                    Ok(deleted) => lines += deleted,
+                    Err(error) => {
+                        tracing::error!("log retention: deleting old logs failed: {error}");
+                        return;
+                    }
+                }
+            }
+            if lines > 0 {
+                tracing::info!(lines, retention_days = retention.as_secs() / 86_400, "log retention: deleted the logs of old runs");
             }
         });
     }

@@ -307,6 +307,7 @@ pub async fn start(
             engine,
             sync_interval: config.sync_interval,
             reap_interval: config.reap_interval,
+            log_retention: config.log_retention,
             agent_ca_pem: config.tls.agent_ca_pem.clone(),
         },
         shutdown.child_token(),

@@ -39,7 +39,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{DecodeError, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode};
+pub use codec::{
+    DecodeError, LINE_SPLIT_MARKER, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode,
+};
 
 /// Version of this contract. An agent announces it in `HELLO`; the core refuses others.
 pub const PROTOCOL_VERSION: u32 = 1;

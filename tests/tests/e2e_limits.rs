@@ -285,6 +285,54 @@ async fn a_jobs_log_is_capped_with_a_marker_and_the_build_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_line_longer_than_64_kib_is_split_marked_and_whole_again_without_the_markers() {
+    if !require_build_peers() {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    // One 200,000-byte line (digits 0-9 repeated, so order is checked), then a short one.
+    let repo = TestRepo::with_files(&[
+        ("stagely.yaml", b"builds:\n  wide:\n    context: .\n    platform: linux/amd64\n"),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt 20000 ]; do printf 0123456789; i=$((i+1)); done; echo; echo after-the-long-line\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let run = core.submit(&repo, None, "pr-wide").await.unwrap();
+    let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
+    let lines = core.logs(&view.jobs[0].id).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    let first = texts
+        .iter()
+        .position(|l| l.starts_with("0123456789"))
+        .unwrap_or_else(|| panic!("no long line in {texts:?}"));
+    let mut whole = String::new();
+    let mut pieces = 0;
+    for text in &texts[first..] {
+        pieces += 1;
+        assert!(
+            text.len() <= stagely_protocol::MAX_LOG_DATA_BYTES,
+            "a stored piece is too long"
+        );
+        match text.strip_suffix(stagely_protocol::LINE_SPLIT_MARKER) {
+            Some(piece) => whole.push_str(piece),
+            None => {
+                whole.push_str(text);
+                break;
+            }
+        }
+    }
+    assert!(pieces >= 4, "{pieces} pieces");
+    assert_eq!(whole, format!("{}\n", "0123456789".repeat(20_000)));
+    assert!(texts.contains(&"after-the-long-line\n"));
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_that_trickles_in_is_cut_with_408() {
     let mut core = TestCore::start_configured(|file| {
         file.api.body_read_timeout_secs = Some(1);

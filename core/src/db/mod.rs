@@ -440,6 +440,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// never placed on spot again).
     async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError>;
 
+    /// Deletes the log lines of up to `max_jobs` jobs whose run finished before `cutoff`
+    /// (unix ms); returns the lines deleted (0: none left).
+    async fn delete_logs_of_runs_finished_before(
+        &self,
+        cutoff: i64,
+        max_jobs: i64,
+    ) -> Result<u64, DbError>;
+
     /// The newest run of an environment.
     async fn latest_run_of_environment(
         &self,
@@ -1113,6 +1121,26 @@ macro_rules! impl_shared_store {
         Ok(found.is_some())
     }
 
+    async fn delete_logs_of_runs_finished_before(
+        &self,
+        cutoff: i64,
+        max_jobs: i64,
+    ) -> Result<u64, DbError> {
+        let _turn = self.write_turn().await;
+        Ok(sqlx::query(
+            "DELETE FROM build_logs WHERE build_job_id IN (
+                 SELECT j.id FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+                 WHERE r.status IN ('completed', 'failed', 'cancelled') AND r.updated_at < $1
+                   AND EXISTS (SELECT 1 FROM build_logs l WHERE l.build_job_id = j.id)
+                 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(max_jobs)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError> {
         let prefix = format!("{}:%", crate::engine::InfraKind::SpotInterrupted.as_str());
         let found: Option<i32> = sqlx::query_scalar(
@@ -1375,6 +1403,7 @@ mod tests {
     on_both_backends!(claims_are_guarded_by_status_attempt_and_the_limits);
     on_both_backends!(an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it);
     on_both_backends!(duplicate_log_lines_are_stored_once);
+    on_both_backends!(logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others);
 
     async fn claims_are_guarded_by_status_attempt_and_the_limits(backend: Backend) {
         let Some((_dir, db)) = db_with_jobs(backend, &["a", "b", "c"]).await else {
@@ -1526,6 +1555,73 @@ mod tests {
         let page = db.logs_page("j1", 0, 10).await.unwrap();
         assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
+    }
+
+    async fn logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["j1", "j2"]).await else {
+            return;
+        };
+        let line = |seq| NewLogLine {
+            seq,
+            stream: "stdout",
+            line: format!("line {seq}\n"),
+        };
+        for job in ["j1", "j2"] {
+            db.append_logs(job, &[line(1), line(2)]).await.unwrap();
+        }
+        let finished_at = 50_000;
+        assert_eq!(
+            db.delete_logs_of_runs_finished_before(i64::MAX, 10)
+                .await
+                .unwrap(),
+            0,
+            "an unfinished run keeps its logs whatever its age"
+        );
+        for job in ["j1", "j2"] {
+            let skipped = Transition::JobSkipped {
+                job_id: job.into(),
+                status: JobStatus::Cancelled,
+                message: "cancelled".into(),
+            };
+            assert!(db.apply(&skipped, Timestamp(finished_at)).await.unwrap());
+        }
+        let finished = Transition::RunFinished {
+            run_id: "r1".into(),
+            status: RunStatus::Cancelled,
+            message: None,
+        };
+        assert!(db.apply(&finished, Timestamp(finished_at)).await.unwrap());
+        assert_eq!(
+            db.delete_logs_of_runs_finished_before(finished_at, 10)
+                .await
+                .unwrap(),
+            0,
+            "finished at the cutoff, not before it"
+        );
+        // One job per batch: the caller repeats until nothing is left.
+        assert_eq!(
+            db.delete_logs_of_runs_finished_before(finished_at + 1, 1)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            db.delete_logs_of_runs_finished_before(finished_at + 1, 1)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            db.delete_logs_of_runs_finished_before(finished_at + 1, 1)
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(db.logs_page("j1", 0, 10).await.unwrap().is_empty());
+        assert!(
+            db.run("r1").await.unwrap().is_some(),
+            "the run itself stays"
+        );
     }
 
     /// PostgreSQL's claims read the live counts a trigger keeps: they must equal a count of
