@@ -52,6 +52,8 @@ pub struct WorkOrder {
 #[derive(Clone)]
 pub struct LinkContext {
     pub db: Db,
+    /// Live viewers of job logs: each stored batch is published here.
+    pub hub: std::sync::Arc<crate::log_hub::LogHub>,
     pub images: std::sync::Arc<ImageChecker>,
     pub heartbeat_timeout: Duration,
     pub max_log_bytes_per_job: u64,
@@ -139,6 +141,26 @@ pub async fn serve_attempt(
     }
 }
 
+/// Hands stored lines to the job's live viewers, if it has any (rows are built only then).
+fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
+    if !hub.has_viewers(job_id) {
+        return;
+    }
+    let timestamp = crate::db::now_ms();
+    hub.publish(
+        job_id,
+        lines
+            .iter()
+            .map(|line| crate::db::LogRow {
+                seq: line.seq,
+                timestamp,
+                stream: line.stream.to_string(),
+                line: line.line.clone(),
+            })
+            .collect(),
+    );
+}
+
 /// Closes the connection, not waiting long for a peer that stopped reading.
 pub async fn close(socket: &mut WebSocket, frame: Option<CloseFrame>) {
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::Close(frame))).await;
@@ -222,7 +244,14 @@ impl<'a> Link<'a> {
                 stream: "system",
                 line,
             };
-            let _ = context.db.append_logs(&order.job_id, &[line]).await;
+            if context
+                .db
+                .append_logs(&order.job_id, std::slice::from_ref(&line))
+                .await
+                .is_ok()
+            {
+                publish(&context.hub, &order.job_id, &[line]);
+            }
         }
         Ok(link)
     }
@@ -236,6 +265,7 @@ impl<'a> Link<'a> {
         crate::db::retry_transient(|| db.append_logs(job_id, batch))
             .await
             .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
+        publish(&self.context.hub, job_id, batch);
         self.batch.clear();
         if self.batch.capacity() > 4 * LOG_BATCH_LINES {
             self.batch.shrink_to(LOG_BATCH_LINES);

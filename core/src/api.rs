@@ -8,6 +8,8 @@
 //! - `POST /api/v1/environments/{environment_id}/rebuild` — a new run from the environment's
 //!   latest run (same repository, commit and jobs): `201` with the run.
 //! - `GET /api/v1/queue` — jobs waiting for an instance, with their position.
+//! - `GET /api/v1/jobs/{id}/logs/stream` — Server-Sent Events: the backlog, then live lines
+//!   (`id:` = seq, resumable with `Last-Event-ID`), then an `end` event with the job's status.
 //! - `GET /api/v1/jobs/{id}/logs?after=SEQ&limit=N` — one page of log lines (JSON), or
 //!   `?format=text` for every line streamed as plain text.
 //! - `GET /healthz` — liveness and database reachability.
@@ -71,6 +73,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/v1/queue", get(get_queue))
         .route("/api/v1/jobs/{id}/logs", get(get_logs))
+        .route("/api/v1/jobs/{id}/logs/stream", get(stream_logs))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_api_token,
@@ -1144,6 +1147,193 @@ async fn get_logs(
         }
         Some(other) => Err(invalid("format", format!("`{other}` is not json or text"))),
     }
+}
+
+/// `?after=SEQ` for a log stream (`Last-Event-ID` wins when both are given).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    #[serde(default)]
+    pub after: Option<i64>,
+}
+
+/// The `end` event's data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StreamEnd {
+    pub job_id: String,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<String>,
+}
+
+/// Events a stream buffers for a slow client before the producer waits.
+const STREAM_BUFFER: usize = 256;
+/// How often a stream with nothing live checks the store for its job's end (another replica
+/// may have finished it).
+const STREAM_STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn is_final(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
+}
+
+fn line_event(row: &LogRow) -> axum::response::sse::Event {
+    let view = LogLineView {
+        seq: row.seq,
+        timestamp: row.timestamp,
+        stream: row.stream.clone(),
+        line: row.line.clone(),
+    };
+    axum::response::sse::Event::default()
+        .id(row.seq.to_string())
+        .event("line")
+        .json_data(&view)
+        .unwrap_or_else(|_| axum::response::sse::Event::default().comment("unencodable line"))
+}
+
+async fn stream_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let db = state.runner.db().clone();
+    if db.job(&id).await?.is_none() {
+        return Err(ApiError::NotFound {
+            what: "job",
+            id: id.clone(),
+        });
+    }
+    let resume = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<i64>().ok())
+                .filter(|seq| *seq >= 0)
+                .ok_or_else(|| invalid("Last-Event-ID", "must be a log sequence number"))?,
+        ),
+        None => None,
+    };
+    let after = resume.or(query.after).unwrap_or(0);
+    if after < 0 {
+        return Err(invalid("after", "must not be negative"));
+    }
+    // Subscribed before the backlog is read: a line stored meanwhile is in one or the other,
+    // and the cursor drops what both carry.
+    let mut live = state.runner.log_hub().viewer(&id);
+    let shutdown = state.runner.shutdown_token();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let mut cursor = after;
+        // Sends every stored line after the cursor; false when the client is gone.
+        async fn catch_up(
+            db: &crate::db::Db,
+            id: &str,
+            cursor: &mut i64,
+            tx: &tokio::sync::mpsc::Sender<Event>,
+        ) -> Result<bool, crate::db::DbError> {
+            loop {
+                let page = db.logs_page(id, *cursor, PAGE_DEFAULT).await?;
+                if page.is_empty() {
+                    return Ok(true);
+                }
+                for row in &page {
+                    if tx.send(line_event(row)).await.is_err() {
+                        return Ok(false);
+                    }
+                    *cursor = row.seq;
+                }
+            }
+        }
+        let end = |job: JobRow| {
+            Event::default().event("end").json_data(StreamEnd {
+                job_id: job.id,
+                status: job.status,
+                exit_code: job.exit_code,
+                error_message: job.error_message,
+            })
+        };
+        let mut check = tokio::time::interval(STREAM_STATUS_EVERY);
+        let mut backlog_pending = true;
+        loop {
+            let final_job = tokio::select! {
+                event = live.recv() => match event {
+                    Ok(crate::log_hub::HubEvent::Lines(rows)) => {
+                        for row in rows.iter() {
+                            if row.seq <= cursor {
+                                continue; // already sent from the backlog
+                            }
+                            if row.seq != cursor + 1 {
+                                break; // a gap (lines stored before we subscribed): read them
+                            }
+                            if tx.send(line_event(row)).await.is_err() {
+                                return;
+                            }
+                            cursor = row.seq;
+                        }
+                        if rows.last().is_some_and(|row| row.seq > cursor)
+                            && !matches!(catch_up(&db, &id, &mut cursor, &tx).await, Ok(true))
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(crate::log_hub::HubEvent::Finished)
+                    | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        match db.job(&id).await {
+                            Ok(Some(job)) if is_final(&job.status) => job,
+                            // Requeued meanwhile, or unreadable: keep going on the timer.
+                            _ => {
+                                live.resubscribe();
+                                continue;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if !matches!(catch_up(&db, &id, &mut cursor, &tx).await, Ok(true)) {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+                _ = check.tick() => {
+                    // The backlog once (the first tick is at once); after that only the
+                    // job's status, a one-row read, in case another replica finished it.
+                    if backlog_pending {
+                        backlog_pending = false;
+                        if !matches!(catch_up(&db, &id, &mut cursor, &tx).await, Ok(true)) {
+                            return;
+                        }
+                    }
+                    match db.job(&id).await {
+                        Ok(Some(job)) if is_final(&job.status) => job,
+                        Ok(Some(_)) => continue,
+                        _ => return,
+                    }
+                }
+                () = tx.closed() => return,
+                () = shutdown.cancelled() => return,
+            };
+            // Every line stored before the end, then the end.
+            if !matches!(catch_up(&db, &id, &mut cursor, &tx).await, Ok(true)) {
+                return;
+            }
+            if let Ok(event) = end(final_job) {
+                let _ = tx.send(event).await;
+            }
+            return;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

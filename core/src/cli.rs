@@ -154,7 +154,8 @@ pub struct LogsArgs {
     #[command(flatten)]
     pub core: CoreArgs,
     pub job_id: String,
-    /// Keep printing new lines until the job ends.
+    /// Keep printing new lines as they are stored until the job ends (Server-Sent Events,
+    /// resumed after a dropped connection without losing or repeating a line).
     #[arg(long)]
     pub follow: bool,
 }
@@ -743,7 +744,89 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// `--follow`: the job's Server-Sent Events stream, resumed with `Last-Event-ID` when the
+/// connection drops, until its `end` event.
+async fn follow_logs(args: &LogsArgs) -> anyhow::Result<()> {
+    let client = api_client()?;
+    let url = format!("{}/api/v1/jobs/{}/logs/stream", args.core.core, args.job_id);
+    let mut last: Option<i64> = None;
+    let mut failures = 0u32;
+    loop {
+        let mut request = client.get(&url);
+        if let Some(seq) = last {
+            request = request.header("Last-Event-ID", seq.to_string());
+        }
+        let response = match request.send().await {
+            Ok(response) if response.status().is_success() => response,
+            Ok(response) => bail!("{}", response.text().await?),
+            Err(error) => {
+                failures += 1;
+                if failures > 10 {
+                    return Err(error.into());
+                }
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures))).await;
+                continue;
+            }
+        };
+        failures = 0;
+        match read_events(response, &mut last).await {
+            Ok(true) => return Ok(()),
+            // The stream dropped before the end: resume after the last line printed.
+            Ok(false) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Prints `line` events, tracking the last sequence; true at the `end` event.
+async fn read_events(
+    mut response: reqwest::Response,
+    last: &mut Option<i64>,
+) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        buffer.extend_from_slice(&chunk);
+        while let Some(at) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buffer.drain(..at + 2).collect();
+            let block = String::from_utf8_lossy(&block);
+            let mut event = "message";
+            let mut data = String::new();
+            for field in block.lines() {
+                if let Some(value) = field.strip_prefix("event:") {
+                    event = if value.trim() == "end" { "end" } else { "line" };
+                } else if let Some(value) = field.strip_prefix("data:") {
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            match event {
+                "line" => {
+                    let line: crate::api::LogLineView = serde_json::from_str(&data)?;
+                    out.write_all(line.line.as_bytes())?;
+                    if !line.line.ends_with('\n') {
+                        out.write_all(b"\n")?;
+                    }
+                    *last = Some(line.seq);
+                }
+                "end" => {
+                    out.flush()?;
+                    return Ok(true);
+                }
+                _ => {}
+            }
+        }
+        out.flush()?;
+        // A single event is bounded by the server's frame limits; refuse a runaway buffer.
+        if buffer.len() > 4 * 1024 * 1024 {
+            bail!("the log stream sent an event over 4 MiB");
+        }
+    }
+    Ok(false)
+}
+
 async fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    if args.follow {
+        return follow_logs(&args).await;
+    }
     let client = api_client()?;
     let mut after = 0;
     let mut out = std::io::stdout().lock();

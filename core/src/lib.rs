@@ -12,6 +12,7 @@ pub mod db;
 pub mod engine;
 pub mod image_check;
 pub mod images;
+pub mod log_hub;
 pub mod registry;
 pub mod repo_url;
 pub mod runner;

@@ -208,6 +208,7 @@ impl Runner {
     ) -> Runner {
         let link = LinkContext {
             db: db.clone(),
+            hub: Arc::new(crate::log_hub::LogHub::default()),
             images: Arc::new(crate::image_check::ImageChecker::new(&settings.registry)),
             heartbeat_timeout: settings.heartbeat_timeout,
             max_log_bytes_per_job: settings.max_log_bytes_per_job,
@@ -336,6 +337,16 @@ impl Runner {
             .await
             .map_err(|_| ShuttingDown)?;
         answer.await.map_err(|_| ShuttingDown)
+    }
+
+    /// Live log viewers' fan-out.
+    pub fn log_hub(&self) -> &Arc<crate::log_hub::LogHub> {
+        &self.shared.link.hub
+    }
+
+    /// Cancelled when the core shuts down (long-lived responses end with it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
     }
 
     /// What the reaper did since this core started.
@@ -910,6 +921,16 @@ impl LoopState {
             }
         };
         if applied {
+            // A final job's live log viewers end their streams.
+            match &transition {
+                Transition::AttemptEnded { job_id, end, .. }
+                    if !matches!(end, crate::engine::JobEnd::Requeued { .. }) =>
+                {
+                    self.shared.link.hub.finished(job_id);
+                }
+                Transition::JobSkipped { job_id, .. } => self.shared.link.hub.finished(job_id),
+                _ => {}
+            }
             if let Transition::AttemptEnded {
                 job_id,
                 attempt,

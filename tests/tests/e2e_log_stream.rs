@@ -1,0 +1,182 @@
+//! `GET /api/v1/jobs/{id}/logs/stream`: Server-Sent Events with the backlog, then live lines,
+//! then an `end` event with the job's final status. Several viewers of one build each see the
+//! stored log exactly; one that drops its connection and comes back with `Last-Event-ID`
+//! misses nothing and sees nothing twice; `stagely logs --follow` prints the same lines.
+
+use std::time::Duration;
+
+use stagely_tests::*;
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// (seq, line) in arrival order.
+    lines: Vec<(i64, String)>,
+    end: Option<serde_json::Value>,
+}
+
+/// Reads events from a stream until `end` or until `stop_after` line events arrived.
+async fn watch(
+    core: &TestCore,
+    job_id: &str,
+    last_event_id: Option<i64>,
+    stop_after: Option<usize>,
+    seen: &mut Seen,
+) {
+    let mut request = core
+        .client
+        .get(format!("{}/api/v1/jobs/{job_id}/logs/stream", core.url));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let mut response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buffer = String::new();
+    let mut lines_now = 0;
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+            .await
+            .expect("the stream went silent")
+            .unwrap();
+        let Some(chunk) = chunk else {
+            return;
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(at) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..at + 2).collect();
+            let (mut event, mut id, mut data) = ("message", None, String::new());
+            for field in block.lines() {
+                if let Some(value) = field.strip_prefix("event:") {
+                    event = if value.trim() == "end" { "end" } else { "line" };
+                } else if let Some(value) = field.strip_prefix("id:") {
+                    id = value.trim().parse::<i64>().ok();
+                } else if let Some(value) = field.strip_prefix("data:") {
+                    data.push_str(value.trim_start());
+                }
+            }
+            match event {
+                "line" => {
+                    let line: serde_json::Value = serde_json::from_str(&data).unwrap();
+                    assert_eq!(Some(line["seq"].as_i64().unwrap()), id, "id is the seq");
+                    seen.lines.push((
+                        line["seq"].as_i64().unwrap(),
+                        line["line"].as_str().unwrap().to_string(),
+                    ));
+                    lines_now += 1;
+                    if stop_after.is_some_and(|n| lines_now >= n) {
+                        return; // drop the connection mid-stream
+                    }
+                }
+                "end" => {
+                    seen.end = Some(serde_json::from_str(&data).unwrap());
+                    return;
+                }
+                _ => {} // keep-alive comments
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn viewers_see_the_backlog_live_lines_and_the_end_and_resume_without_gaps_or_repeats() {
+    if !require_build_peers() {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  slow:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt 40 ]; do echo tick-$i; /bin/busybox usleep 50000; i=$((i+1)); done\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let run = core.submit(&repo, None, "pr-sse").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+
+    // `stagely logs --follow` prints the same stream and exits at the end.
+    let follower = tokio::process::Command::new(agent_binary().with_file_name("stagely"))
+        .env("STAGELY_API_TOKEN", &core.api_token)
+        .args(["logs", "--follow", "--core", &core.url, &job_id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two viewers from the start; a third that drops after 5 lines and resumes.
+    let (mut a, mut b, mut c) = (Seen::default(), Seen::default(), Seen::default());
+    tokio::join!(
+        watch(&core, &job_id, None, None, &mut a),
+        watch(&core, &job_id, None, None, &mut b),
+        async {
+            watch(&core, &job_id, None, Some(5), &mut c).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let last = c.lines.last().map(|(seq, _)| *seq);
+            watch(&core, &job_id, last, None, &mut c).await;
+        },
+    );
+    let stored: Vec<(i64, String)> = all_log_lines(&core.client, &core.url, &job_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|line| (line.seq, line.line))
+        .collect();
+    assert!(
+        stored.iter().any(|(_, line)| line == "tick-39\n"),
+        "the build printed everything"
+    );
+    for (name, seen) in [("a", &a), ("b", &b), ("c (resumed)", &c)] {
+        assert_eq!(
+            seen.lines, stored,
+            "viewer {name} saw exactly the stored log"
+        );
+        let end = seen
+            .end
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no end event"));
+        assert_eq!(end["status"], "completed", "{name}: {end}");
+    }
+    let followed = tokio::time::timeout(Duration::from_secs(30), follower.wait_with_output())
+        .await
+        .expect("stagely logs --follow ended with the job")
+        .unwrap();
+    assert!(
+        followed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    let printed: String = stored.iter().map(|(_, line)| line.as_str()).collect();
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), printed);
+    // A viewer after the end gets the whole backlog and the end at once.
+    let mut late = Seen::default();
+    watch(&core, &job_id, None, None, &mut late).await;
+    assert_eq!(late.lines, stored);
+    assert_eq!(late.end.unwrap()["status"], "completed");
+    // Nothing is kept for a finished job's viewers.
+    let core_handle = core.core.as_ref().unwrap();
+    poll_until(Duration::from_secs(5), "no channel left", || async {
+        let left = core_handle.runner.log_hub().channels();
+        Ok(((left == 0).then_some(()), format!("{left} channels")))
+    })
+    .await;
+    // A bad Last-Event-ID is a precise 422.
+    let response = core
+        .client
+        .get(format!("{}/api/v1/jobs/{job_id}/logs/stream", core.url))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert!(response.text().await.unwrap().contains("Last-Event-ID"));
+    core.stop().await;
+}
