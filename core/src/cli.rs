@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// Keep the database and instance logs here instead of a temporary directory.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Print every job's log lines as they are stored, each prefixed with its job's name
+    /// (on stderr, with the progress; the summary stays on stdout).
+    #[arg(long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Args)]
@@ -528,9 +532,12 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let outcome = drive_run(
         &client,
         &core.url(),
-        &checkout,
-        &text,
-        &args.environment,
+        RunRequest {
+            checkout: &checkout,
+            text: &text,
+            environment: &args.environment,
+            follow: args.follow,
+        },
         &stop,
         &say,
     )
@@ -549,15 +556,27 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     Ok(if view.status == "completed" { 0 } else { 1 })
 }
 
+/// What `stagely run` submits, and whether it follows the logs.
+struct RunRequest<'a> {
+    checkout: &'a Checkout,
+    text: &'a str,
+    environment: &'a str,
+    follow: bool,
+}
+
 async fn drive_run(
     client: &reqwest::Client,
     core_url: &str,
-    checkout: &Checkout,
-    text: &str,
-    environment: &str,
+    request: RunRequest<'_>,
     stop: &CancellationToken,
     say: &impl Fn(String),
 ) -> anyhow::Result<RunView> {
+    let RunRequest {
+        checkout,
+        text,
+        environment,
+        follow,
+    } = request;
     let response = client
         .post(format!("{core_url}/api/v1/workflows"))
         .json(&serde_json::json!({
@@ -574,8 +593,51 @@ async fn drive_run(
     if !response.status().is_success() {
         bail!("the core refused the run: {}", response.text().await?);
     }
-    let mut view: RunView = response.json().await?;
+    let view: RunView = response.json().await?;
     say(format!("run {}: {} job(s)", view.id, view.jobs.len()));
+    // `--follow`: one stream per job, lines interleaved as they come, prefixed by job name.
+    let width = view
+        .jobs
+        .iter()
+        .map(|job| job.name.len())
+        .max()
+        .unwrap_or(0);
+    let followers: Vec<tokio::task::JoinHandle<()>> = if follow {
+        view.jobs
+            .iter()
+            .map(|job| {
+                let (client, url, id) = (client.clone(), core_url.to_string(), job.id.clone());
+                let prefix = format!("{:<width$} | ", job.name);
+                tokio::spawn(async move {
+                    let _ = stream_job_lines(&client, &url, &id, |line| {
+                        let mut err = std::io::stderr().lock();
+                        let _ = write!(err, "{prefix}{}", line.line);
+                        if !line.line.ends_with('\n') {
+                            let _ = writeln!(err);
+                        }
+                    })
+                    .await;
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let view = watch_run(client, core_url, view, stop, say).await;
+    // Each stream ends at its job's end event; the last lines are printed before the summary.
+    for follower in followers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), follower).await;
+    }
+    view
+}
+
+async fn watch_run(
+    client: &reqwest::Client,
+    core_url: &str,
+    mut view: RunView,
+    stop: &CancellationToken,
+    say: &impl Fn(String),
+) -> anyhow::Result<RunView> {
     let started = Instant::now();
     let mut seen: HashMap<String, String> = HashMap::new();
     loop {
@@ -744,11 +806,30 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     })
 }
 
-/// `--follow`: the job's Server-Sent Events stream, resumed with `Last-Event-ID` when the
-/// connection drops, until its `end` event.
+/// `--follow`: the job's Server-Sent Events stream, until its `end` event.
 async fn follow_logs(args: &LogsArgs) -> anyhow::Result<()> {
     let client = api_client()?;
-    let url = format!("{}/api/v1/jobs/{}/logs/stream", args.core.core, args.job_id);
+    let mut out = std::io::stdout();
+    stream_job_lines(&client, &args.core.core, &args.job_id, |line| {
+        let _ = out.write_all(line.line.as_bytes());
+        if !line.line.ends_with('\n') {
+            let _ = out.write_all(b"\n");
+        }
+        let _ = out.flush();
+    })
+    .await
+}
+
+/// Hands every line of a job's log to `on_line` as it is stored, from its first to its
+/// `end` event, resuming with `Last-Event-ID` when the connection drops (no line is lost or
+/// repeated).
+async fn stream_job_lines(
+    client: &reqwest::Client,
+    core_url: &str,
+    job_id: &str,
+    mut on_line: impl FnMut(&crate::api::LogLineView),
+) -> anyhow::Result<()> {
+    let url = format!("{core_url}/api/v1/jobs/{job_id}/logs/stream");
     let mut last: Option<i64> = None;
     let mut failures = 0u32;
     loop {
@@ -769,20 +850,20 @@ async fn follow_logs(args: &LogsArgs) -> anyhow::Result<()> {
             }
         };
         failures = 0;
-        match read_events(response, &mut last).await {
+        match read_events(response, &mut last, &mut on_line).await {
             Ok(true) => return Ok(()),
-            // The stream dropped before the end: resume after the last line printed.
+            // The stream dropped before the end: resume after the last line handed over.
             Ok(false) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
 
-/// Prints `line` events, tracking the last sequence; true at the `end` event.
+/// Hands over `line` events, tracking the last sequence; true at the `end` event.
 async fn read_events(
     mut response: reqwest::Response,
     last: &mut Option<i64>,
+    on_line: &mut impl FnMut(&crate::api::LogLineView),
 ) -> anyhow::Result<bool> {
-    let mut out = std::io::stdout().lock();
     let mut buffer: Vec<u8> = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         buffer.extend_from_slice(&chunk);
@@ -801,20 +882,15 @@ async fn read_events(
             match event {
                 "line" => {
                     let line: crate::api::LogLineView = serde_json::from_str(&data)?;
-                    out.write_all(line.line.as_bytes())?;
-                    if !line.line.ends_with('\n') {
-                        out.write_all(b"\n")?;
+                    if last.is_none_or(|seen| line.seq > seen) {
+                        on_line(&line);
+                        *last = Some(line.seq);
                     }
-                    *last = Some(line.seq);
                 }
-                "end" => {
-                    out.flush()?;
-                    return Ok(true);
-                }
+                "end" => return Ok(true),
                 _ => {}
             }
         }
-        out.flush()?;
         // A single event is bounded by the server's frame limits; refuse a runaway buffer.
         if buffer.len() > 4 * 1024 * 1024 {
             bail!("the log stream sent an event over 4 MiB");

@@ -20,7 +20,7 @@ async fn run_json_builds_the_example_into_the_given_registry() {
         .await
         .unwrap();
     let output = stagely()
-        .args(["run", "--json", "--environment", "cli"])
+        .args(["run", "--json", "--follow", "--environment", "cli"])
         .arg(repo.dir.path())
         .args(["--registry", &registry.host])
         .env("STAGELY_REGISTRY_USERNAME", &registry.username)
@@ -35,6 +35,15 @@ async fn run_json_builds_the_example_into_the_given_registry() {
     );
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["status"], "completed");
+    // `--follow`: every job's builder output on stderr, prefixed by its name.
+    for name in ["backend_amd64", "worker_arm64", "frontend"] {
+        assert!(
+            stderr.lines().any(|line| line.starts_with(name)
+                && line.contains(" | ")
+                && line.contains("STEP")),
+            "no followed lines of {name}:\n{stderr}"
+        );
+    }
     let jobs = summary["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 3);
     for job in jobs {
