@@ -339,44 +339,21 @@ async fn serve_job(
                     let Some((text, continues)) = pieces.take(&redactor, stream, text) else {
                         continue;
                     };
-                    let mut failed = None;
-                    for piece in split_data(&text, continues) {
-                        seq += 1;
-                        let frame = Message::Log(Log {
-                            job_id: job_id.clone(),
-                            stream,
-                            data: piece,
-                            seq: Some(seq),
-                        });
-                        if let Err(error) = send_frame(sender, &frame).await {
-                            failed = Some(error);
-                            break;
-                        }
-                    }
-                    if let Some(error) = failed {
-                        break Err(error.context("sending LOG"));
+                    if let Err(error) = send_log(sender, &job_id, stream, &text, continues, &mut seq).await {
+                        break Err(error);
                     }
                 }
                 Some(Output::Finished(report)) => {
                     // A line still held back (its process ended mid-line) goes first.
                     let mut failed = None;
                     for (stream, text) in pieces.drain(&redactor) {
-                        for piece in split_data(&text, false) {
-                            seq += 1;
-                            let frame = Message::Log(Log {
-                                job_id: job_id.clone(),
-                                stream,
-                                data: piece,
-                                seq: Some(seq),
-                            });
-                            if let Err(error) = send_frame(sender, &frame).await {
-                                failed = Some(error);
-                                break;
-                            }
+                        if let Err(error) = send_log(sender, &job_id, stream, &text, false, &mut seq).await {
+                            failed = Some(error);
+                            break;
                         }
                     }
                     if let Some(error) = failed {
-                        break Err(error.context("sending LOG"));
+                        break Err(error);
                     }
                     seq += 1;
                     status_seq = Some(seq);
@@ -466,6 +443,34 @@ async fn serve_job(
     let _ = job_task.await;
     result?;
     final_report.ok_or_else(|| anyhow!("the job ended without a report"))
+}
+
+/// Sends one piece of output as LOG frames (split at the frame limit, marked where the line
+/// goes on), numbering each with the next `seq`.
+async fn send_log<S>(
+    sender: &mut S,
+    job_id: &str,
+    stream: LogStream,
+    text: &str,
+    continues: bool,
+    seq: &mut u64,
+) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    for piece in split_data(text, continues) {
+        *seq += 1;
+        let frame = Message::Log(Log {
+            job_id: job_id.to_string(),
+            stream,
+            data: piece,
+            seq: Some(*seq),
+        });
+        send_frame(sender, &frame)
+            .await
+            .map_err(|error| error.context("sending LOG"))?;
+    }
+    Ok(())
 }
 
 /// Sends one frame; a core that stops reading cannot stall the agent forever.
