@@ -81,15 +81,8 @@ async fn tls_core() -> TlsCore {
 
 fn config(port: u16, ca_file: Option<std::path::PathBuf>) -> AgentConfig {
     AgentConfig {
-        core_url: format!("https://localhost:{port}"),
-        token: "stg_tls_test_token".into(),
         ca_file,
-        builder: None,
-        work_dir: None,
-        instance_id: None,
-        allow_local_repos: false,
-        core_unreachable_secs: None,
-        metadata_url: None,
+        ..AgentConfig::new(format!("https://localhost:{port}"), "stg_tls_test_token")
     }
 }
 

@@ -81,6 +81,21 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
+    /// A config dialling `core_url` with `token`, everything else at its default.
+    pub fn new(core_url: impl Into<String>, token: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            core_url: core_url.into(),
+            token: token.into(),
+            ca_file: None,
+            builder: None,
+            work_dir: None,
+            instance_id: None,
+            allow_local_repos: false,
+            core_unreachable_secs: None,
+            metadata_url: None,
+        }
+    }
+
     /// Parses `agent.toml` text.
     pub fn from_toml(text: &str) -> Result<AgentConfig, ReadError> {
         // Only the position and message: toml's own rendering quotes the line, which may
@@ -236,17 +251,7 @@ mod tests {
 
     fn sample(ca: Option<&str>) -> Bootstrap {
         Bootstrap {
-            agent: AgentConfig {
-                core_url: "https://core.stagely.internal:8443".into(),
-                token: "stk_0123456789abcdef".into(),
-                ca_file: None,
-                builder: None,
-                work_dir: None,
-                instance_id: None,
-                allow_local_repos: false,
-                core_unreachable_secs: None,
-                metadata_url: None,
-            },
+            agent: AgentConfig::new("https://core.stagely.internal:8443", "stk_0123456789abcdef"),
             ca_pem: ca.map(str::to_string),
         }
     }

@@ -5,19 +5,25 @@ use std::process::Command;
 
 use stagely_cloud_init::{AgentConfig, Bootstrap, render_user_data};
 
-fn cloud_init_available() -> bool {
-    let found = Command::new("cloud-init")
-        .arg("--version")
+/// Whether `program arg` runs. In CI (`CI=true`) a missing tool fails the test; elsewhere
+/// the test is skipped with a note.
+fn available(program: &str, arg: &str) -> bool {
+    let found = Command::new(program)
+        .arg(arg)
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "cloud-init is not installed; CI needs it (run scripts/setup.sh)"
+            "{program} is not installed; CI needs it (run scripts/setup.sh)"
         );
-        eprintln!("skipping: cloud-init is not installed (run scripts/setup.sh)");
+        eprintln!("skipping: {program} is not installed (run scripts/setup.sh)");
     }
     found
+}
+
+fn cloud_init_available() -> bool {
+    available("cloud-init", "--version")
 }
 
 #[test]
@@ -32,15 +38,8 @@ fn rendered_user_data_passes_cloud_init_schema() {
     ] {
         let text = render_user_data(&Bootstrap {
             agent: AgentConfig {
-                core_url: "https://core.example.internal".into(),
-                token: "t0k3n".into(),
-                ca_file: None,
                 builder: Some("buildx".into()),
-                work_dir: None,
-                instance_id: None,
-                allow_local_repos: false,
-                core_unreachable_secs: None,
-                metadata_url: None,
+                ..AgentConfig::new("https://core.example.internal", "t0k3n")
             },
             ca_pem: ca.map(str::to_string),
         })
@@ -83,18 +82,7 @@ fn a_broken_user_data_is_rejected_by_the_validator() {
 }
 
 fn systemd_analyze_available() -> bool {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "systemd-analyze is not installed; CI needs it (Debian's systemd)"
-        );
-        eprintln!("skipping: systemd-analyze is not installed");
-    }
-    found
+    available("systemd-analyze", "--version")
 }
 
 /// Applies `user_data`'s files under `root` as cloud-init would, with the targets the unit
@@ -132,15 +120,8 @@ fn the_agent_unit_passes_systemd_analyze_verify() {
     }
     let text = render_user_data(&Bootstrap {
         agent: AgentConfig {
-            core_url: "https://core.example.internal".into(),
-            token: "t0k3n".into(),
-            ca_file: None,
-            builder: None,
-            work_dir: None,
-            instance_id: None,
-            allow_local_repos: false,
             core_unreachable_secs: Some(600),
-            metadata_url: None,
+            ..AgentConfig::new("https://core.example.internal", "t0k3n")
         },
         ca_pem: None,
     })

@@ -143,12 +143,8 @@ pub async fn serve_attempt(
 
 /// Hands stored lines to the job's live viewers, if it has any (rows are built only then).
 fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
-    if !hub.has_viewers(job_id) {
-        return;
-    }
-    let timestamp = crate::db::now_ms();
-    hub.publish(
-        job_id,
+    hub.publish(job_id, || {
+        let timestamp = crate::db::now_ms();
         lines
             .iter()
             .map(|line| crate::db::LogRow {
@@ -157,8 +153,8 @@ fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
                 stream: line.stream.to_string(),
                 line: line.line.clone(),
             })
-            .collect(),
-    );
+            .collect()
+    });
 }
 
 /// Closes the connection, not waiting long for a peer that stopped reading.

@@ -1190,6 +1190,27 @@ fn line_event(row: &LogRow) -> axum::response::sse::Event {
         .unwrap_or_else(|_| axum::response::sse::Event::default().comment("unencodable line"))
 }
 
+/// Sends every stored line after the cursor to a log stream; false when its client is gone.
+async fn catch_up(
+    db: &crate::db::Db,
+    id: &str,
+    cursor: &mut i64,
+    tx: &tokio::sync::mpsc::Sender<axum::response::sse::Event>,
+) -> Result<bool, crate::db::DbError> {
+    loop {
+        let page = db.logs_page(id, *cursor, PAGE_DEFAULT).await?;
+        if page.is_empty() {
+            return Ok(true);
+        }
+        for row in &page {
+            if tx.send(line_event(row)).await.is_err() {
+                return Ok(false);
+            }
+            *cursor = row.seq;
+        }
+    }
+}
+
 async fn stream_logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -1227,26 +1248,6 @@ async fn stream_logs(
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(STREAM_BUFFER);
     tokio::spawn(async move {
         let mut cursor = after;
-        // Sends every stored line after the cursor; false when the client is gone.
-        async fn catch_up(
-            db: &crate::db::Db,
-            id: &str,
-            cursor: &mut i64,
-            tx: &tokio::sync::mpsc::Sender<Event>,
-        ) -> Result<bool, crate::db::DbError> {
-            loop {
-                let page = db.logs_page(id, *cursor, PAGE_DEFAULT).await?;
-                if page.is_empty() {
-                    return Ok(true);
-                }
-                for row in &page {
-                    if tx.send(line_event(row)).await.is_err() {
-                        return Ok(false);
-                    }
-                    *cursor = row.seq;
-                }
-            }
-        }
         let end = |job: JobRow| {
             Event::default().event("end").json_data(StreamEnd {
                 job_id: job.id,

@@ -38,7 +38,7 @@ impl LogHub {
             .subscribe()
     }
 
-    /// Whether anyone listens to `job_id` (the link builds rows only then).
+    /// Whether anyone listens to `job_id` (drops the job's entry when nobody does).
     pub fn has_viewers(&self, job_id: &str) -> bool {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.get(job_id) {
@@ -61,14 +61,19 @@ impl LogHub {
         }
     }
 
-    /// Lines of `job_id` were stored.
-    pub fn publish(&self, job_id: &str, lines: Vec<LogRow>) {
-        if lines.is_empty() {
+    /// Lines of `job_id` were stored: `rows` builds them, called only when someone watches
+    /// (one lock; a job whose last viewer left loses its entry here).
+    pub fn publish(&self, job_id: &str, rows: impl FnOnce() -> Vec<LogRow>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(sender) = jobs.get(job_id) else {
+            return;
+        };
+        if sender.receiver_count() == 0 {
+            jobs.remove(job_id);
             return;
         }
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = jobs.get(job_id) {
-            // No receiver left: the entry goes at the next `has_viewers`.
+        let lines = rows();
+        if !lines.is_empty() {
             let _ = sender.send(HubEvent::Lines(Arc::new(lines)));
         }
     }
@@ -133,12 +138,12 @@ mod tests {
     async fn every_viewer_gets_each_batch_once_and_the_end() {
         let hub = LogHub::default();
         assert!(!hub.has_viewers("j"));
-        hub.publish("j", vec![row(1)]); // nobody listens: dropped, nothing kept
+        hub.publish("j", || vec![row(1)]); // nobody listens: dropped, nothing kept
         assert_eq!(hub.channels(), 0);
         let mut a = hub.subscribe("j");
         let mut b = hub.subscribe("j");
         assert!(hub.has_viewers("j"));
-        hub.publish("j", vec![row(2), row(3)]);
+        hub.publish("j", || vec![row(2), row(3)]);
         hub.finished("j");
         for viewer in [&mut a, &mut b] {
             match viewer.recv().await.unwrap() {
@@ -166,7 +171,7 @@ mod tests {
         let hub = LogHub::default();
         let mut slow = hub.subscribe("j");
         for seq in 0..(CHANNEL_BATCHES as i64 + 10) {
-            hub.publish("j", vec![row(seq)]);
+            hub.publish("j", || vec![row(seq)]);
         }
         assert!(matches!(
             slow.recv().await,

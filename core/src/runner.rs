@@ -1537,15 +1537,10 @@ async fn create_for_attempt(
     let hints = shared.provider.agent_hints();
     let user_data = stagely_cloud_init::render_user_data(&Bootstrap {
         agent: AgentConfig {
-            core_url: settings.public_url.clone(),
-            token,
-            ca_file: None,
-            builder: None,
-            work_dir: None,
-            instance_id: None,
             allow_local_repos: settings.allow_local_repos,
             core_unreachable_secs: hints.core_unreachable_secs,
             metadata_url: hints.metadata_url,
+            ..AgentConfig::new(settings.public_url.clone(), token)
         },
         ca_pem: settings.agent_ca_pem.clone(),
     })

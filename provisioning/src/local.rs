@@ -534,17 +534,7 @@ mod tests {
             size: MachineSize::Small,
             arch: Arch::from_rust_arch(std::env::consts::ARCH).unwrap(),
             user_data: render_user_data(&Bootstrap {
-                agent: AgentConfig {
-                    core_url: "http://127.0.0.1:9".into(),
-                    token: "secret-token".into(),
-                    ca_file: None,
-                    builder: None,
-                    work_dir: None,
-                    instance_id: None,
-                    allow_local_repos: false,
-                    core_unreachable_secs: None,
-                    metadata_url: None,
-                },
+                agent: AgentConfig::new("http://127.0.0.1:9", "secret-token"),
                 ca_pem: None,
             })
             .unwrap(),

@@ -54,15 +54,11 @@ async fn main() {
     ));
     let user_data = stagely_cloud_init::render_user_data(&stagely_cloud_init::Bootstrap {
         agent: stagely_cloud_init::AgentConfig {
-            core_url: "https://core.example.internal:8443".into(),
-            token: "stg_bench_token_0123456789abcdef".into(),
-            ca_file: None,
-            builder: None,
-            work_dir: None,
-            instance_id: None,
-            allow_local_repos: false,
-            core_unreachable_secs: None,
             metadata_url: Some("http://169.254.169.254".into()),
+            ..stagely_cloud_init::AgentConfig::new(
+                "https://core.example.internal:8443",
+                "stg_bench_token_0123456789abcdef",
+            )
         },
         ca_pem: None,
     })

@@ -16,17 +16,7 @@ fn spec(core: &str, job: &str) -> MachineSpec {
         arch: Arch::from_rust_arch(std::env::consts::ARCH).unwrap_or(Arch::Amd64),
         // An agent that dials nothing (it retries until its instance is terminated).
         user_data: render_user_data(&Bootstrap {
-            agent: AgentConfig {
-                core_url: "http://127.0.0.1:9".into(),
-                token: "stg_nobody".into(),
-                ca_file: None,
-                builder: None,
-                work_dir: None,
-                instance_id: None,
-                allow_local_repos: false,
-                core_unreachable_secs: None,
-                metadata_url: None,
-            },
+            agent: AgentConfig::new("http://127.0.0.1:9", "stg_nobody"),
             ca_pem: None,
         })
         .unwrap(),

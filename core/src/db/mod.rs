@@ -466,7 +466,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// How long a merge handed over to its last builder's instance may extend that instance's
 /// life: a merge's default timeout plus the reaper's margin.
-pub(crate) const HANDOVER_LIFETIME_MS: i64 = 40 * 60 * 1000;
+/// Ends the billed span of the attempt running on instance `$1` at `$2` (termination, or a
+/// handover to a merge).
+const CLOSE_BILLING: &str = "UPDATE job_attempts SET billed_until = $2
+     WHERE instance_id = $1 AND billed_from IS NOT NULL AND billed_until IS NULL";
+
+const HANDOVER_LIFETIME_MS: i64 = 40 * 60 * 1000;
 
 /// The statements both backends share, as an `impl Store` for `$store` over sqlx database
 /// `$db`. The backend supplies `claim_in_store` (its locking), `begin_read` and `log_byte_stats`.
@@ -652,10 +657,7 @@ macro_rules! impl_shared_store {
         .execute(&mut *tx)
         .await?;
         // Billing of the attempt on it (the last, after any handover) ends here.
-        sqlx::query(
-            "UPDATE job_attempts SET billed_until = $2
-             WHERE instance_id = $1 AND billed_from IS NOT NULL AND billed_until IS NULL",
-        )
+        sqlx::query(CLOSE_BILLING)
         .bind(instance_id)
         .bind(now)
         .execute(&mut *tx)
@@ -796,10 +798,7 @@ macro_rules! impl_shared_store {
                 .execute(&mut *tx)
                 .await?;
                 // Billing moves with it: the earlier attempt's span ends, this one's begins.
-                sqlx::query(
-                    "UPDATE job_attempts SET billed_until = $2
-                     WHERE instance_id = $1 AND billed_from IS NOT NULL AND billed_until IS NULL",
-                )
+                sqlx::query(CLOSE_BILLING)
                 .bind(instance_id)
                 .bind(now)
                 .execute(&mut *tx)
