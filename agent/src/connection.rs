@@ -1,9 +1,14 @@
-//! The agent's side of the WebSocket: dial, HELLO, receive work, stream frames, finish.
+//! The agent's side of the WebSocket: dial, HELLO, receive work, stream frames, finish —
+//! and dial again when the connection drops mid-job.
 //!
-//! One writer owns the socket's sending half and assigns every LOG frame its `seq`, so the
-//! order of `seq` is the order on the wire. Output arrives from the job task through a bounded
-//! channel: when the network is slow, the channel fills, the job's pipe readers wait, and the
-//! builder blocks on its stdout — memory stays flat whatever the log volume.
+//! Output arrives from the job task through a bounded channel, is masked and appended to the
+//! job's disk spool ([`crate::spool`]), which numbers it (`seq`), and is sent from there; the
+//! core's ACKs trim the spool. When the connection drops the build goes on: output keeps
+//! going to the spool while the agent dials again (backoff with jitter, for the reconnect
+//! grace), says HELLO naming the job, attempt and last acknowledged seq, and resends from the
+//! position the core's RESUME names. Memory stays flat whatever the log volume: while
+//! connected, a spool backlog of half its cap stops the job's pipe readers (the builder blocks
+//! on its stdout) instead of growing.
 //!
 //! Secrets the job carries (registry password, clone token) are scrubbed from every output
 //! line before it leaves the machine.
@@ -25,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, JobEnvironment, Output, OutputSink, Report};
 
-/// Frames buffered between the job and the socket. Each holds at most one line piece
-/// (16 KiB), so the buffer is bounded at a few MiB.
+/// Pieces buffered between the job and the spool. Each holds at most one line piece
+/// (64 KiB), so the buffer is bounded at a few MiB.
 const OUTPUT_BUFFER: usize = 256;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// Silence from the core longer than this means the core is gone.
@@ -48,6 +53,8 @@ type Socket =
 pub enum ConnectError {
     #[error("the core refused this agent's token (HTTP {0}); the token is wrong or already used")]
     Refused(u16),
+    #[error("the core refused to resume the job: {0}")]
+    Rejected(String),
     #[error("core_url `{0}` must be http(s):// (plain http only on loopback)")]
     BadUrl(String),
     #[error("TLS with the core failed (check ca_file): {0}")]
@@ -122,17 +129,33 @@ fn tls_config(config: &AgentConfig) -> anyhow::Result<std::sync::Arc<rustls::Cli
     ))
 }
 
-/// Dials the core, retrying network failures with backoff; a refused token is final.
-pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyhow::Result<Socket> {
-    use backon::{ExponentialBuilder, Retryable};
-    let url = connect_url(&config.core_url)?;
-    let tls = tls_config(config)?;
-    let attempt = || async {
+/// How to reach the core: its endpoint, TLS roots and this agent's token. Kept for the whole
+/// life of the agent, so a dropped connection can be dialled again.
+#[derive(Clone)]
+pub struct Dialer {
+    url: String,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    token: String,
+}
+
+impl Dialer {
+    pub fn new(config: &AgentConfig) -> anyhow::Result<Dialer> {
+        Ok(Dialer {
+            url: connect_url(&config.core_url)?,
+            tls: tls_config(config)?,
+            token: config.token.clone(),
+        })
+    }
+
+    /// One dial: TCP, TLS and the WebSocket upgrade, within [`DIAL_LIMIT`]. A refused token
+    /// and a TLS failure are [`ConnectError`]s (final); anything else may heal.
+    async fn dial_once(&self) -> anyhow::Result<Socket> {
+        let url = &self.url;
         let mut request = url
             .as_str()
             .into_client_request()
             .map_err(|error| anyhow!(error))?;
-        let bearer = format!("Bearer {}", config.token)
+        let bearer = format!("Bearer {}", self.token)
             .parse()
             .map_err(|_| anyhow!("the token contains characters not allowed in a header"))?;
         request.headers_mut().insert("authorization", bearer);
@@ -143,7 +166,7 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
             request,
             Some(ws_config),
             true,
-            Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+            Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
         );
         let Ok(dialled) = tokio::time::timeout(DIAL_LIMIT, dial).await else {
             bail!("connecting to {url}: no answer within {DIAL_LIMIT:?}");
@@ -160,7 +183,22 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
                 None => Err(anyhow!(error).context(format!("connecting to {url}"))),
             },
         }
-    };
+    }
+}
+
+/// Dials the core, retrying network failures with backoff; a refused token is final.
+pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyhow::Result<Socket> {
+    connect_with(&Dialer::new(config)?, config, shutdown).await
+}
+
+/// [`connect`] with a dialer the caller keeps (to dial again later).
+pub async fn connect_with(
+    dialer: &Dialer,
+    config: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Socket> {
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || dialer.dial_once();
     // Network failures are retried until the core has been unreachable for
     // `core_unreachable_secs`; then the agent exits and its unit powers the instance off.
     let unreachable = Duration::from_secs(
@@ -199,20 +237,63 @@ pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyh
     }
 }
 
+/// How a job's output travels: where it is spooled and how long a dropped connection may
+/// take to come back.
+#[derive(Clone)]
+pub struct LinkSettings {
+    pub dialer: Dialer,
+    /// How long the build goes on without the core while the agent dials again.
+    pub reconnect_grace: Duration,
+    /// Cap on the on-disk spool.
+    pub spool_max_bytes: u64,
+}
+
+impl LinkSettings {
+    pub fn new(dialer: Dialer, config: &AgentConfig) -> LinkSettings {
+        LinkSettings {
+            dialer,
+            reconnect_grace: Duration::from_secs(
+                config
+                    .reconnect_grace_secs
+                    .unwrap_or(stagely_cloud_init::DEFAULT_RECONNECT_GRACE_SECS),
+            ),
+            spool_max_bytes: config
+                .spool_max_bytes
+                .unwrap_or(crate::spool::DEFAULT_MAX_BYTES),
+        }
+    }
+}
+
+/// One open connection to the core.
+struct Conn {
+    sender: futures_util::stream::SplitSink<Socket, WsMessage>,
+    receiver: futures_util::stream::SplitStream<Socket>,
+}
+
+impl Conn {
+    fn new(socket: Socket) -> Conn {
+        let (sender, receiver) = socket.split();
+        Conn { sender, receiver }
+    }
+}
+
 /// Serves jobs over `socket`: the first work frame, then — since HELLO says the agent accepts
 /// more — any further one the core hands over after a STATUS is acknowledged (merge on the
 /// last builder), until the core closes the connection or sends nothing for
-/// [`NEXT_WORK_WAIT`]. Returns the last job's report.
+/// [`NEXT_WORK_WAIT`]. A connection that drops mid-job is dialled again (see
+/// [`LinkSettings`]). Returns the last job's report.
 pub async fn serve(
     socket: Socket,
     hello: Hello,
+    link: LinkSettings,
     env: JobEnvironment,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Report> {
-    let (mut sender, mut receiver) = socket.split();
-    send_frame(&mut sender, &Message::Hello(hello))
+    let mut conn = Conn::new(socket);
+    send_frame(&mut conn.sender, &Message::Hello(hello.clone()))
         .await
         .context("sending HELLO")?;
+    let mut conn = Some(conn);
     let mut last: Option<Report> = None;
     let result = loop {
         let limit = if last.is_some() {
@@ -220,17 +301,31 @@ pub async fn serve(
         } else {
             WORK_WAIT_LIMIT
         };
-        let work = match next_work(&mut receiver, limit, &shutdown, last.is_some()).await {
+        let Some(open) = conn.as_mut() else {
+            break Ok(());
+        };
+        let work = match next_work(&mut open.receiver, limit, &shutdown, last.is_some()).await {
             Ok(Some(work)) => work,
             Ok(None) => break Ok(()),
             Err(error) => break Err(error),
         };
-        match serve_job(&mut sender, &mut receiver, work, env.clone(), &shutdown).await {
+        let job = JobLink {
+            hello: &hello,
+            link: &link,
+            shutdown: &shutdown,
+        };
+        match job.serve(&mut conn, work, env.clone()).await {
             Ok(report) => last = Some(report),
             Err(error) => break Err(error),
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send(WsMessage::Close(None))).await;
+    if let Some(mut open) = conn {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            open.sender.send(WsMessage::Close(None)),
+        )
+        .await;
+    }
     result?;
     last.ok_or_else(|| anyhow!("the connection ended without a job"))
 }
@@ -276,201 +371,515 @@ async fn next_work(
     }
 }
 
-/// Runs one job and returns once its STATUS is acknowledged.
-async fn serve_job(
-    sender: &mut futures_util::stream::SplitSink<Socket, WsMessage>,
-    receiver: &mut futures_util::stream::SplitStream<Socket>,
-    work: Message,
-    env: JobEnvironment,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Report> {
-    let job_id = work.job_id().unwrap_or_default().to_string();
-    let span = tracing::info_span!("job", job_id = %job_id);
-    let _entered = span.enter();
-    tracing::info!(kind = work.type_name(), "work received");
+/// Most frames sent in one turn of the job loop before it looks at ACKs and output again.
+const FRAMES_PER_TURN: usize = 256;
+/// Output pieces taken from the job per turn.
+const PIECES_PER_TURN: usize = 256;
 
-    // Host paths are the agent's business: the job log names the work directory `$WORK`.
-    let redactor = Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK");
+/// Why the connection is no longer usable.
+enum Broken {
+    /// The connection dropped or went silent: dial again.
+    Connection(anyhow::Error),
+    /// The agent itself cannot go on (its disk failed).
+    Agent(anyhow::Error),
+}
 
-    // The cloud's notice that it is reclaiming this (spot) instance, relayed once.
-    let metadata_url = env.metadata_url.clone();
-    let spot_watch = async move {
-        match metadata_url {
-            Some(base) => crate::spot::watch(base).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(spot_watch);
-    let mut interrupted = false;
-    let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
-    let cancel = CancellationToken::new();
-    let job_cancel = cancel.clone();
-    let job_task = tokio::spawn(async move {
-        let sink = OutputSink::new(output_tx.clone());
-        let report = match &work {
-            Message::Build(build) => job::run_build(build, &env, &sink, &job_cancel).await,
-            Message::Merge(merge) => job::run_merge(merge, &env, &sink, &job_cancel).await,
-            _ => unreachable_report(),
+type Redial = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<(Conn, u64)>> + Send>>;
+
+/// One job, from its work frame to its acknowledged STATUS, across any number of
+/// connections.
+struct JobLink<'a> {
+    hello: &'a Hello,
+    link: &'a LinkSettings,
+    shutdown: &'a CancellationToken,
+}
+
+impl JobLink<'_> {
+    /// Runs one job and returns once its STATUS is acknowledged. Output is masked, spooled
+    /// and sent from the spool; a dropped connection is dialled again within the grace while
+    /// the build goes on, and the core's RESUME says where to send from.
+    async fn serve(
+        &self,
+        conn: &mut Option<Conn>,
+        work: Message,
+        env: JobEnvironment,
+    ) -> anyhow::Result<Report> {
+        let job_id = work.job_id().unwrap_or_default().to_string();
+        let attempt = match &work {
+            Message::Build(build) => build.attempt,
+            Message::Merge(merge) => merge.attempt,
+            _ => None,
         };
-        let _ = output_tx.send(Output::Finished(report)).await;
-    });
+        let span = tracing::info_span!("job", job_id = %job_id);
+        let _entered = span.enter();
+        tracing::info!(kind = work.type_name(), "work received");
 
-    let mut pieces = LinePieces::default();
-    let mut seq: u64 = 0;
-    let mut status_seq: Option<u64> = None;
-    let mut final_report: Option<Report> = None;
-    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-    heartbeat.reset();
-    let mut last_heard = tokio::time::Instant::now();
-    let mut ack_deadline: Option<tokio::time::Instant> = None;
-    let mut output_open = true;
+        // Host paths are the agent's business: the job log names the work directory `$WORK`.
+        let redactor = Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK");
+        let spool_dir = env.work_dir.join("spool").join(safe_name(&job_id));
+        let mut spool = crate::spool::Spool::create(&spool_dir, self.link.spool_max_bytes)
+            .with_context(|| format!("creating the log spool in {}", spool_dir.display()))?;
 
-    let result: anyhow::Result<()> = loop {
-        let silence = tokio::time::sleep_until(last_heard + CORE_SILENCE_LIMIT);
-        let ack_wait = async {
-            match ack_deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
+        // The cloud's notice that it is reclaiming this (spot) instance, relayed once.
+        let metadata_url = env.metadata_url.clone();
+        let spot_watch = async move {
+            match metadata_url {
+                Some(base) => crate::spot::watch(base).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            item = output_rx.recv(), if output_open => match item {
-                Some(Output::Line(stream, text)) => {
-                    let Some((text, continues)) = pieces.take(&redactor, stream, text) else {
-                        continue;
-                    };
-                    if let Err(error) = send_log(sender, &job_id, stream, &text, continues, &mut seq).await {
-                        break Err(error);
-                    }
-                }
-                Some(Output::Finished(report)) => {
-                    // A line still held back (its process ended mid-line) goes first.
-                    let mut failed = None;
-                    for (stream, text) in pieces.drain(&redactor) {
-                        if let Err(error) = send_log(sender, &job_id, stream, &text, false, &mut seq).await {
-                            failed = Some(error);
-                            break;
+        tokio::pin!(spot_watch);
+        let mut interrupted = false;
+        let mut notice: Option<Message> = None;
+        let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
+        let cancel = CancellationToken::new();
+        let job_cancel = cancel.clone();
+        let job_task = tokio::spawn(async move {
+            let sink = OutputSink::new(output_tx.clone());
+            let report = match &work {
+                Message::Build(build) => job::run_build(build, &env, &sink, &job_cancel).await,
+                Message::Merge(merge) => job::run_merge(merge, &env, &sink, &job_cancel).await,
+                _ => unreachable_report(),
+            };
+            let _ = output_tx.send(Output::Finished(report)).await;
+        });
+
+        let mut pieces = LinePieces::default();
+        let mut status: Option<(Message, u64)> = None;
+        let mut status_sent = false;
+        let mut final_report: Option<Report> = None;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.reset();
+        let mut last_heard = tokio::time::Instant::now();
+        let mut ack_deadline: Option<tokio::time::Instant> = None;
+        let mut output_open = true;
+        let mut redial: Option<Redial> = None;
+        let mut lost_at: Option<tokio::time::Instant> = None;
+        let backlog_limit = self.link.spool_max_bytes / 2;
+
+        let result: anyhow::Result<()> = loop {
+            // Send what is spooled (and the STATUS after the last line) while connected.
+            if let Some(open) = conn.as_mut() {
+                let pumped =
+                    pump(open, &mut spool, &job_id, &mut notice, status.as_ref(), &mut status_sent)
+                        .await;
+                match pumped {
+                    Ok(sent_status) => {
+                        if sent_status {
+                            ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
                         }
                     }
-                    if let Some(error) = failed {
-                        break Err(error);
+                    Err(Broken::Agent(error)) => break Err(error),
+                    Err(Broken::Connection(error)) => {
+                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
+                        status_sent = false;
+                        ack_deadline = None;
                     }
-                    seq += 1;
-                    status_seq = Some(seq);
-                    let status = Message::Status(Status {
-                        job_id: job_id.clone(),
-                        state: report.state,
-                        exit_code: report.exit_code,
-                        artifact_url: report.artifact_url.clone(),
-                        digest: report.digest.clone(),
-                        error: report.error.as_deref().map(|e| redactor.scrub(e)),
-                        never_ran: report.never_ran,
-                        seq: Some(seq),
-                    });
-                    final_report = Some(report);
-                    if let Err(error) = send_frame(sender, &status).await {
-                        break Err(error.context("sending STATUS"));
-                    }
-                    ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
                 }
-                None => {
-                    output_open = false;
-                    if final_report.is_none() {
+            }
+            let connected = conn.is_some();
+            let backlogged = connected && spool.bytes() > backlog_limit;
+            let silence = tokio::time::sleep_until(last_heard + CORE_SILENCE_LIMIT);
+            let ack_wait = async {
+                match ack_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let grace_over = async {
+                match lost_at {
+                    Some(at) => tokio::time::sleep_until(at + self.link.reconnect_grace).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let incoming = async {
+                match conn.as_mut() {
+                    Some(open) => open.receiver.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let dialled = async {
+                match redial.as_mut() {
+                    Some(future) => future.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                item = output_rx.recv(), if output_open && !backlogged => {
+                    let mut item = item;
+                    let mut taken = 0;
+                    let mut spool_error = None;
+                    loop {
+                        match item {
+                            Some(Output::Line(stream, text)) => {
+                                if let Some((text, continues)) = pieces.take(&redactor, stream, text)
+                                    && let Err(error) = spool_piece(&mut spool, stream, &text, continues)
+                                {
+                                    spool_error = Some(error);
+                                    break;
+                                }
+                            }
+                            Some(Output::Finished(report)) => {
+                                // A line still held back (its process ended mid-line) goes first.
+                                for (stream, text) in pieces.drain(&redactor) {
+                                    let _ = spool_piece(&mut spool, stream, &text, false);
+                                }
+                                let _ = spool.close_dropped();
+                                let seq = spool.last_seq() + 1;
+                                status = Some((
+                                    Message::Status(Status {
+                                        job_id: job_id.clone(),
+                                        state: report.state,
+                                        exit_code: report.exit_code,
+                                        artifact_url: report.artifact_url.clone(),
+                                        digest: report.digest.clone(),
+                                        error: report.error.as_deref().map(|e| redactor.scrub(e)),
+                                        never_ran: report.never_ran,
+                                        seq: Some(seq),
+                                    }),
+                                    seq,
+                                ));
+                                final_report = Some(report);
+                            }
+                            None => {
+                                output_open = false;
+                                break;
+                            }
+                        }
+                        taken += 1;
+                        if taken >= PIECES_PER_TURN {
+                            break;
+                        }
+                        match output_rx.try_recv() {
+                            Ok(next) => item = Some(next),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(error) = spool_error {
+                        break Err(anyhow!(error).context("writing the log spool"));
+                    }
+                    if !output_open && final_report.is_none() {
                         break Err(anyhow!("the job task ended without a report"));
                     }
                 }
-            },
-            frame = receiver.next() => {
-                last_heard = tokio::time::Instant::now();
-                match frame {
-                    Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                        Ok(Message::Ack(ack)) => {
-                            if status_seq.is_some_and(|s| ack.seq >= s) {
+                frame = incoming => {
+                    last_heard = tokio::time::Instant::now();
+                    let broken = match frame {
+                        Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                            Ok(Message::Ack(ack)) => {
+                                if status.as_ref().is_some_and(|(_, s)| ack.seq >= *s) && status_sent {
+                                    break Ok(());
+                                }
+                                if let Err(error) = spool.ack(ack.seq) {
+                                    break Err(anyhow!(error).context("trimming the log spool"));
+                                }
+                                None
+                            }
+                            Ok(Message::Cancel(cancel_frame)) => {
+                                tracing::info!(reason = ?cancel_frame.reason, "core cancelled the job");
+                                cancel.cancel();
+                                None
+                            }
+                            Ok(Message::Heartbeat(_)) => None,
+                            Ok(other) => {
+                                tracing::warn!(frame = other.type_name(), "ignoring unexpected frame from the core");
+                                None
+                            }
+                            Err(error) => {
+                                tracing::warn!("ignoring malformed frame from the core: {error}");
+                                None
+                            }
+                        },
+                        Some(Ok(WsMessage::Close(frame))) => {
+                            if frame.as_ref().is_some_and(|f| u16::from(f.code) == 1008) {
+                                // A protocol violation: dialling again would repeat it.
+                                break Err(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())));
+                            }
+                            Some(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())))
+                        }
+                        Some(Ok(_)) => None,
+                        Some(Err(error)) => Some(anyhow!(error).context("connection to the core failed")),
+                        None => Some(anyhow!("connection to the core ended")),
+                    };
+                    if let Some(error) = broken {
+                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
+                        status_sent = false;
+                        ack_deadline = None;
+                    }
+                }
+                dialled = dialled => {
+                    redial = None;
+                    match dialled {
+                        Ok((open, stored)) => {
+                            let down = lost_at.take().map(|at| at.elapsed()).unwrap_or_default();
+                            tracing::info!(stored_seq = stored, spooled = spool.last_seq(), "reconnected to the core after {down:?}; resending from the stored position");
+                            if let Err(error) = spool.rewind(stored) {
+                                break Err(anyhow!(error).context("rewinding the log spool"));
+                            }
+                            *conn = Some(open);
+                            last_heard = tokio::time::Instant::now();
+                            heartbeat.reset();
+                            if status.as_ref().is_some_and(|(_, s)| stored >= *s) {
+                                // The core stored the STATUS before the drop.
                                 break Ok(());
                             }
                         }
-                        Ok(Message::Cancel(cancel_frame)) => {
-                            tracing::info!(reason = ?cancel_frame.reason, "core cancelled the job");
-                            cancel.cancel();
-                        }
-                        Ok(Message::Heartbeat(_)) => {}
-                        Ok(other) => {
-                            tracing::warn!(frame = other.type_name(), "ignoring unexpected frame from the core");
-                        }
-                        Err(error) => {
-                            tracing::warn!("ignoring malformed frame from the core: {error}");
-                        }
-                    },
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        break Err(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())));
+                        Err(error) => break Err(error),
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => break Err(anyhow!(error).context("connection to the core failed")),
-                    None => break Err(anyhow!("connection to the core ended")),
+                }
+                notice_now = &mut spot_watch, if !interrupted => {
+                    interrupted = true;
+                    tracing::warn!(action = %notice_now.action, time = ?notice_now.time, "spot interruption notice: telling the core");
+                    notice = Some(Message::Interruption(Interruption {
+                        job_id: job_id.clone(),
+                        action: notice_now.action,
+                        time: notice_now.time,
+                    }));
+                }
+                _ = heartbeat.tick(), if connected => {
+                    let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
+                    let sent = match conn.as_mut() {
+                        Some(open) => send_frame(&mut open.sender, &frame).await,
+                        None => Ok(()),
+                    };
+                    if let Err(error) = sent {
+                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error.context("sending HEARTBEAT"));
+                        status_sent = false;
+                        ack_deadline = None;
+                    }
+                }
+                () = silence, if connected => {
+                    self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, anyhow!("no frame from the core for {CORE_SILENCE_LIMIT:?}"));
+                    status_sent = false;
+                    ack_deadline = None;
+                }
+                () = ack_wait, if connected => {
+                    self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, anyhow!("the core did not acknowledge STATUS within {FINAL_ACK_WAIT:?}"));
+                    status_sent = false;
+                    ack_deadline = None;
+                }
+                () = grace_over => {
+                    break Err(anyhow!(
+                        "the core could not be reached again within {:?} (reconnect grace); the build was stopped",
+                        self.link.reconnect_grace
+                    ));
+                }
+                () = self.shutdown.cancelled(), if !cancel.is_cancelled() => {
+                    tracing::info!("shutting down: cancelling the job");
+                    cancel.cancel();
                 }
             }
-            notice = &mut spot_watch, if !interrupted => {
-                interrupted = true;
-                tracing::warn!(action = %notice.action, time = ?notice.time, "spot interruption notice: telling the core");
-                let frame = Message::Interruption(Interruption {
-                    job_id: job_id.clone(),
-                    action: notice.action,
-                    time: notice.time,
-                });
-                if let Err(error) = send_frame(sender, &frame).await {
-                    break Err(error.context("sending INTERRUPTION"));
-                }
-            }
-            _ = heartbeat.tick() => {
-                let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
-                if let Err(error) = send_frame(sender, &frame).await {
-                    break Err(error.context("sending HEARTBEAT"));
-                }
-            }
-            () = silence => break Err(anyhow!("no frame from the core for {CORE_SILENCE_LIMIT:?}")),
-            () = ack_wait => break Err(anyhow!("the core did not acknowledge STATUS within {FINAL_ACK_WAIT:?}")),
-            () = shutdown.cancelled(), if !cancel.is_cancelled() => {
-                tracing::info!("shutting down: cancelling the job");
-                cancel.cancel();
-            }
-        }
-    };
+        };
 
-    // Whatever happened, no build may outlive the connection. Dropping the receiver first
-    // unblocks a job task waiting on a full channel (its sends now fail and are ignored).
-    cancel.cancel();
-    drop(output_rx);
-    let _ = job_task.await;
-    result?;
-    final_report.ok_or_else(|| anyhow!("the job ended without a report"))
+        // Whatever happened, no build outlives the job. Dropping the receiver first unblocks
+        // a job task waiting on a full channel (its sends now fail and are ignored).
+        cancel.cancel();
+        drop(output_rx);
+        let _ = job_task.await;
+        if let Err(error) = spool.remove() {
+            tracing::warn!("removing the log spool failed: {error}");
+        }
+        result?;
+        final_report.ok_or_else(|| anyhow!("the job ended without a report"))
+    }
+
+    /// The connection broke: drop it and start dialling again (the build goes on).
+    #[allow(clippy::too_many_arguments)]
+    fn lost(
+        &self,
+        conn: &mut Option<Conn>,
+        redial: &mut Option<Redial>,
+        lost_at: &mut Option<tokio::time::Instant>,
+        spool: &crate::spool::Spool,
+        job_id: &str,
+        attempt: Option<u32>,
+        error: anyhow::Error,
+    ) {
+        tracing::warn!(
+            acked_seq = spool.acked(),
+            spooled = spool.last_seq(),
+            "the connection to the core dropped ({error:#}); the build goes on and the agent dials again for up to {:?}",
+            self.link.reconnect_grace
+        );
+        *conn = None;
+        let at = *lost_at.get_or_insert_with(tokio::time::Instant::now);
+        let hello = Hello {
+            job_id: Some(job_id.to_string()),
+            attempt,
+            acked_seq: Some(spool.acked()),
+            ..self.hello.clone()
+        };
+        *redial = Some(Box::pin(resume(
+            self.link.dialer.clone(),
+            hello,
+            at + self.link.reconnect_grace,
+        )));
+    }
 }
 
-/// Sends one piece of output as LOG frames (split at the frame limit, marked where the line
-/// goes on), numbering each with the next `seq`.
-async fn send_log<S>(
-    sender: &mut S,
-    job_id: &str,
+/// A file-name-safe form of a job id.
+fn safe_name(job_id: &str) -> String {
+    let name: String = job_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(100)
+        .collect();
+    if name.is_empty() { "job".into() } else { name }
+}
+
+/// Appends one masked piece of output to the spool (split at the frame limit, marked where
+/// the line goes on).
+fn spool_piece(
+    spool: &mut crate::spool::Spool,
     stream: LogStream,
     text: &str,
     continues: bool,
-    seq: &mut u64,
-) -> anyhow::Result<()>
+) -> std::io::Result<()> {
+    for piece in split_data(text, continues) {
+        spool.append(stream, &piece)?;
+    }
+    Ok(())
+}
+
+/// Sends what the spool holds beyond what was sent (at most [`FRAMES_PER_TURN`] frames), a
+/// pending interruption notice, and the STATUS once every line before it is out. Returns
+/// whether the STATUS went out now.
+async fn pump(
+    conn: &mut Conn,
+    spool: &mut crate::spool::Spool,
+    job_id: &str,
+    notice: &mut Option<Message>,
+    status: Option<&(Message, u64)>,
+    status_sent: &mut bool,
+) -> Result<bool, Broken> {
+    if let Some(frame) = notice.take()
+        && let Err(error) = send_frame(&mut conn.sender, &frame).await
+    {
+        *notice = Some(frame);
+        return Err(Broken::Connection(error.context("sending INTERRUPTION")));
+    }
+    let mut sent = 0;
+    while sent < FRAMES_PER_TURN {
+        let record = spool
+            .next_unsent()
+            .map_err(|error| Broken::Agent(anyhow!(error).context("reading the log spool")))?;
+        let Some(record) = record else { break };
+        let frame = Message::Log(Log {
+            job_id: job_id.to_string(),
+            stream: record.stream,
+            data: record.data,
+            seq: Some(record.seq),
+        });
+        feed_frame(&mut conn.sender, &frame)
+            .await
+            .map_err(|error| Broken::Connection(error.context("sending LOG")))?;
+        sent += 1;
+    }
+    if sent > 0 {
+        flush_frames(&mut conn.sender)
+            .await
+            .map_err(|error| Broken::Connection(error.context("sending LOG")))?;
+    }
+    if let Some((frame, _)) = status
+        && !*status_sent
+        && !spool.has_unsent()
+    {
+        send_frame(&mut conn.sender, frame)
+            .await
+            .map_err(|error| Broken::Connection(error.context("sending STATUS")))?;
+        *status_sent = true;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Dials the core again and resumes the job: a HELLO naming it, answered by RESUME with the
+/// highest seq the core stored. Retried with backoff and jitter until `give_up_at`; a refused
+/// token (the attempt is over) or a refusal of the HELLO is final.
+async fn resume(dialer: Dialer, hello: Hello, give_up_at: tokio::time::Instant) -> anyhow::Result<(Conn, u64)> {
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || async {
+        let socket = dialer.dial_once().await?;
+        let mut conn = Conn::new(socket);
+        send_frame(&mut conn.sender, &Message::Hello(hello.clone()))
+            .await
+            .context("sending HELLO")?;
+        let answer = tokio::time::timeout(DIAL_LIMIT, async {
+            loop {
+                match conn.receiver.next().await {
+                    Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                        Ok(Message::Resume(resume)) => return Ok(resume.seq),
+                        Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
+                        Ok(other) => bail!("the core answered a resuming HELLO with {}", other.type_name()),
+                        Err(error) => bail!("the core sent a malformed frame: {error}"),
+                    },
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        let reason = close_reason(frame.as_ref());
+                        if frame.as_ref().is_some_and(|f| u16::from(f.code) == 1008) {
+                            return Err(anyhow!(ConnectError::Rejected(reason)));
+                        }
+                        bail!("the core closed the connection before RESUME: {reason}")
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => bail!("the connection failed before RESUME: {error}"),
+                    None => bail!("the connection ended before RESUME"),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no RESUME within {DIAL_LIMIT:?}"))??;
+        Ok((conn, answer))
+    };
+    let retried = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .with_jitter(),
+        )
+        .when(|error: &anyhow::Error| error.downcast_ref::<ConnectError>().is_none())
+        .notify(|error, delay| {
+            tracing::warn!("reconnecting to the core failed, retrying in {delay:?}: {error:#}");
+        });
+    match tokio::time::timeout_at(give_up_at, retried).await {
+        Ok(Ok(resumed)) => Ok(resumed),
+        Ok(Err(error)) => match error.downcast_ref::<ConnectError>() {
+            Some(ConnectError::Refused(_)) => Err(anyhow!(
+                "the core no longer accepts this agent's token: the attempt ended while the connection was down; the build was stopped"
+            )),
+            _ => Err(error),
+        },
+        Err(_) => Err(anyhow!(
+            "the core could not be reached again within the reconnect grace; the build was stopped"
+        )),
+    }
+}
+
+/// Queues one frame without flushing (a batch is flushed by [`flush_frames`]).
+async fn feed_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
-    for piece in split_data(text, continues) {
-        *seq += 1;
-        let frame = Message::Log(Log {
-            job_id: job_id.to_string(),
-            stream,
-            data: piece,
-            seq: Some(*seq),
-        });
-        send_frame(sender, &frame)
-            .await
-            .map_err(|error| error.context("sending LOG"))?;
+    match tokio::time::timeout(SEND_LIMIT, sender.feed(WsMessage::text(encode(frame)))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(anyhow!(error)),
+        Err(_) => Err(anyhow!(
+            "the core did not take a {} frame within {SEND_LIMIT:?}",
+            frame.type_name()
+        )),
     }
-    Ok(())
+}
+
+async fn flush_frames<S>(sender: &mut S) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(SEND_LIMIT, sender.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(anyhow!(error)),
+        Err(_) => Err(anyhow!("the core did not take frames within {SEND_LIMIT:?}")),
+    }
 }
 
 /// Sends one frame; a core that stops reading cannot stall the agent forever.
@@ -655,6 +1064,9 @@ pub fn hello(instance_id: String, env: &JobEnvironment) -> Hello {
         builders: env.backend.iter().map(|b| b.kind()).collect(),
         emulated_arches: env.emulated_arches.clone(),
         accepts_more_work: true,
+        job_id: None,
+        attempt: None,
+        acked_seq: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod builder;
 pub mod connection;
 pub mod job;
 pub mod process;
+pub mod spool;
 pub mod spot;
 
 use std::path::{Path, PathBuf};
@@ -92,9 +93,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         signals.cancel();
     });
 
-    let socket = connection::connect(&config, &shutdown).await?;
+    let dialer = connection::Dialer::new(&config)?;
+    let socket = connection::connect_with(&dialer, &config, &shutdown).await?;
     let hello = connection::hello(instance_id, &env);
-    let report = connection::serve(socket, hello, env, shutdown).await?;
+    let link = connection::LinkSettings::new(dialer, &config);
+    let report = connection::serve(socket, hello, link, env, shutdown).await?;
     tracing::info!(state = ?report.state, exit_code = ?report.exit_code, "job finished");
     Ok(())
 }

@@ -57,6 +57,7 @@ fn build(repo_url: &str, commit: &str) -> Build {
         },
         registry_auth: None,
         registry: Default::default(),
+        attempt: None,
     }
 }
 

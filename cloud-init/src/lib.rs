@@ -59,7 +59,20 @@ pub struct AgentConfig {
     /// `http://169.254.169.254`; none: not watched (a non-cloud instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_url: Option<String>,
+    /// How long a job goes on after its connection to the core dropped while the agent dials
+    /// again (backoff with jitter); past it the agent stops the build and exits. The core
+    /// writes its own `[scheduler] agent_reconnect_grace_secs` here. Default
+    /// [`DEFAULT_RECONNECT_GRACE_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_grace_secs: Option<u64>,
+    /// Cap on the on-disk log spool (output kept until the core acknowledges it). Default
+    /// 256 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<u64>,
 }
+
+/// Default for [`AgentConfig::reconnect_grace_secs`]: two minutes.
+pub const DEFAULT_RECONNECT_GRACE_SECS: u64 = 120;
 
 /// Default for [`AgentConfig::core_unreachable_secs`]: ten minutes.
 pub const DEFAULT_CORE_UNREACHABLE_SECS: u64 = 600;
@@ -76,6 +89,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("allow_local_repos", &self.allow_local_repos)
             .field("core_unreachable_secs", &self.core_unreachable_secs)
             .field("metadata_url", &self.metadata_url)
+            .field("reconnect_grace_secs", &self.reconnect_grace_secs)
+            .field("spool_max_bytes", &self.spool_max_bytes)
             .finish()
     }
 }
@@ -93,6 +108,8 @@ impl AgentConfig {
             allow_local_repos: false,
             core_unreachable_secs: None,
             metadata_url: None,
+            reconnect_grace_secs: None,
+            spool_max_bytes: None,
         }
     }
 

@@ -31,6 +31,8 @@ pub enum LinkCommand {
     Work(Box<WorkOrder>),
     /// Stop the build: CANCEL to the agent (SIGTERM, SIGKILL after its grace).
     Cancel(String),
+    /// The attempt's agent dialled again (its connection dropped): serve it on this one.
+    Reconnected(WebSocket),
 }
 
 /// One attempt's work.
@@ -43,6 +45,9 @@ pub struct WorkOrder {
     pub target_image: String,
     /// Sent on a connection whose agent already finished another job (no new HELLO).
     pub handed_over: bool,
+    /// An attempt this core adopted from a stopped core: its agent already has the work and
+    /// resumes (only a resuming HELLO is accepted).
+    pub adopted: bool,
     /// How the instance was placed when not as asked (spot fell back to on-demand, arm64
     /// emulated on amd64): the job log's first line says it.
     pub placement: Option<String>,
@@ -57,21 +62,26 @@ pub struct LinkContext {
     pub images: std::sync::Arc<ImageChecker>,
     pub heartbeat_timeout: Duration,
     pub max_log_bytes_per_job: u64,
+    /// How long a link waits for an agent whose connection dropped to dial again.
+    pub reconnect_grace: Duration,
 }
-
-/// Runs one attempt over `socket`. Returns the outcome and the socket when it can carry more
-/// work (STATUS acknowledged, the agent's HELLO said it accepts more). `None` outcome: the
-/// runner closed the link (the attempt was ended by the engine), nothing to report.
+/// Runs one attempt over `socket` — and over every connection its agent dials after this
+/// one drops (the runner hands them in as [`LinkCommand::Reconnected`]): a dropped connection
+/// does not end the attempt unless the agent stays away for the reconnect grace. Returns the
+/// outcome and the socket when it can carry more work (STATUS acknowledged, the agent's HELLO
+/// said it accepts more). `None` outcome: the runner closed the link (the attempt was ended by
+/// the engine, or handed back at shutdown), nothing to report.
 pub async fn serve_attempt(
     context: &LinkContext,
-    mut socket: WebSocket,
+    socket: WebSocket,
     order: WorkOrder,
     commands: &mut mpsc::Receiver<LinkCommand>,
 ) -> (Option<AttemptOutcome>, Option<WebSocket>) {
+    let mut socket = Some(socket);
     let mut link = match Link::new(context, &order).await {
         Ok(link) => link,
         Err(message) => {
-            close(&mut socket, None).await;
+            close_current(&mut socket, None).await;
             return (
                 Some(AttemptOutcome::Infrastructure {
                     kind: InfraKind::AgentLost,
@@ -83,27 +93,28 @@ pub async fn serve_attempt(
     };
     let reusable = order.handed_over;
     match link.run(&mut socket, order, commands).await {
-        Ok(Ended::Status(outcome)) if reusable || link.accepts_more_work => {
-            (Some(outcome), Some(socket))
-        }
+        Ok(Ended::Status(outcome)) if reusable || link.accepts_more_work => (Some(outcome), socket),
         Ok(Ended::Status(outcome)) => {
-            close(&mut socket, None).await;
+            close_current(&mut socket, None).await;
             (Some(outcome), None)
         }
         Ok(Ended::Closed) => {
-            close(&mut socket, None).await;
+            close_current(&mut socket, None).await;
             (None, None)
         }
-        Err(Failure::Lost(message)) => (
-            Some(AttemptOutcome::Infrastructure {
-                kind: InfraKind::AgentLost,
-                message,
-            }),
-            None,
-        ),
+        Err(Failure::Lost(message)) => {
+            close_current(&mut socket, None).await;
+            (
+                Some(AttemptOutcome::Infrastructure {
+                    kind: InfraKind::AgentLost,
+                    message,
+                }),
+                None,
+            )
+        }
         Err(Failure::Interrupted(message)) => {
             tracing::warn!("{message}");
-            close(&mut socket, None).await;
+            close_current(&mut socket, None).await;
             (
                 Some(AttemptOutcome::Infrastructure {
                     kind: InfraKind::SpotInterrupted,
@@ -118,7 +129,7 @@ pub async fn serve_attempt(
             while reason.len() > 123 {
                 reason.pop();
             }
-            close(
+            close_current(
                 &mut socket,
                 Some(CloseFrame {
                     code: 1008,
@@ -129,7 +140,7 @@ pub async fn serve_attempt(
             (Some(AttemptOutcome::Protocol { message }), None)
         }
         Err(Failure::Store(message)) => {
-            close(&mut socket, None).await;
+            close_current(&mut socket, None).await;
             (
                 Some(AttemptOutcome::Infrastructure {
                     kind: InfraKind::AgentLost,
@@ -138,6 +149,12 @@ pub async fn serve_attempt(
                 None,
             )
         }
+    }
+}
+
+async fn close_current(socket: &mut Option<WebSocket>, frame: Option<CloseFrame>) {
+    if let Some(socket) = socket.as_mut() {
+        close(socket, frame).await;
     }
 }
 
@@ -168,7 +185,7 @@ enum Ended {
 }
 
 enum Failure {
-    /// The connection broke or went silent: infrastructure.
+    /// The connection broke or went silent and the agent did not come back: infrastructure.
     Lost(String),
     /// The agent relayed the cloud's notice that its spot instance is being reclaimed.
     Interrupted(String),
@@ -184,31 +201,54 @@ struct Link<'a> {
     /// Stored seq = `base` + the agent's seq: a retried attempt's lines follow the earlier
     /// attempts' instead of colliding with them.
     base: i64,
+    /// For an adopted attempt: the highest agent seq already stored.
+    resume_from: u64,
     batch: Vec<NewLogLine>,
     batch_bytes: usize,
     budget: LogBudget,
     /// The agent's HELLO said it takes more work after a STATUS.
     accepts_more_work: bool,
+    /// Since when the agent has been away, and why (its connection dropped).
+    lost: Option<(tokio::time::Instant, String)>,
 }
 
 impl<'a> Link<'a> {
     /// A link for `order`. Lines of a retried attempt are numbered after the earlier
     /// attempts' (read from the store: a failed read fails the attempt rather than numbering
-    /// over stored lines, which would drop the new ones as duplicates). A first attempt has
-    /// no earlier lines and starts at 1 without a read (each attempt has one link: agents do
-    /// not reconnect yet).
+    /// over stored lines, which would drop the new ones as duplicates), and where they start
+    /// is stored with the attempt, so a core that adopts the attempt numbers them alike. A
+    /// first attempt has no earlier lines and starts at 1 without a read.
     async fn new(context: &'a LinkContext, order: &WorkOrder) -> Result<Link<'a>, String> {
         let mut link = Link {
             context,
             job_id: order.job_id.clone(),
             base: 0,
+            resume_from: 0,
             batch: Vec::new(),
             batch_bytes: 0,
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
+            lost: None,
         };
+        let (db, job_id, attempt) = (&context.db, &order.job_id, order.attempt);
+        if order.adopted {
+            // Taken over from a core that stopped: its lines so far are stored; the agent
+            // resends whatever came after.
+            let read = async {
+                let base = crate::db::retry_transient(|| db.attempt_log_base(job_id, attempt)).await?;
+                let stored = crate::db::retry_transient(|| db.last_log_seq(job_id)).await?;
+                let (_, bytes) = crate::db::retry_transient(|| db.log_stats(job_id)).await?;
+                Ok::<_, crate::db::DbError>((base, stored, bytes))
+            };
+            let (base, stored, bytes) = read
+                .await
+                .map_err(|error| format!("reading the adopted attempt's log position failed: {error}"))?;
+            link.base = base;
+            link.resume_from = u64::try_from(stored - base).unwrap_or(0);
+            link.budget = LogBudget::resumed(context.max_log_bytes_per_job, bytes.max(0) as u64);
+            return Ok(link);
+        }
         let stored = if order.attempt > 1 {
-            let (db, job_id) = (&context.db, &order.job_id);
             crate::db::retry_transient(|| db.last_log_seq(job_id))
                 .await
                 .map_err(|error| format!("reading the job's stored log position failed: {error}"))?
@@ -249,6 +289,12 @@ impl<'a> Link<'a> {
                 publish(&context.hub, &order.job_id, &[line]);
             }
         }
+        if link.base != 0 && !order.handed_over {
+            let base = link.base;
+            crate::db::retry_transient(|| db.set_attempt_log_base(job_id, attempt, base))
+                .await
+                .map_err(|error| format!("storing the attempt's log position failed: {error}"))?;
+        }
         Ok(link)
     }
 
@@ -271,56 +317,96 @@ impl<'a> Link<'a> {
         Ok(())
     }
 
+    /// The agent's connection is gone: store what arrived, and wait for it to dial again
+    /// (within the grace; no grace: the attempt is lost now).
+    async fn drop_connection(
+        &mut self,
+        socket: &mut Option<WebSocket>,
+        session: &mut CoreSession,
+        why: String,
+    ) -> Result<(), Failure> {
+        self.flush(session).await?;
+        *socket = None;
+        let grace = self.context.reconnect_grace;
+        if grace.is_zero() {
+            return Err(Failure::Lost(why));
+        }
+        tracing::warn!(
+            stored_seq = session.persisted_seq(),
+            "{why}; waiting up to {}s for the agent to reconnect",
+            grace.as_secs()
+        );
+        self.lost.get_or_insert((tokio::time::Instant::now(), why));
+        Ok(())
+    }
+
     async fn run(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut Option<WebSocket>,
         order: WorkOrder,
         commands: &mut mpsc::Receiver<LinkCommand>,
     ) -> Result<Ended, Failure> {
         // The agent masks what it knows; the core masks again before anything is stored.
         let mask = stagely_protocol::SecretMask::new(order.work.secrets());
-        let mut session = if order.handed_over {
-            CoreSession::handed_over(
+        let now = std::time::Instant::now();
+        let heartbeat_timeout = self.context.heartbeat_timeout;
+        let mut session = if order.adopted {
+            CoreSession::adopted(
                 order.job_id.clone(),
-                order.work,
-                self.context.heartbeat_timeout,
-                std::time::Instant::now(),
+                order.attempt,
+                self.resume_from,
+                heartbeat_timeout,
+                now,
             )
+        } else if order.handed_over {
+            CoreSession::handed_over(order.job_id.clone(), order.work, heartbeat_timeout, now)
         } else {
-            CoreSession::new(
-                order.job_id.clone(),
-                order.work,
-                0,
-                self.context.heartbeat_timeout,
-                std::time::Instant::now(),
-            )
+            CoreSession::new(order.job_id.clone(), order.work, 0, heartbeat_timeout, now)
+                .with_attempt(order.attempt)
         };
         let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
         let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
         heartbeat_tick.reset();
         loop {
-            while let Some(frame) = session.poll_frame() {
-                if let Err(error) = send_frame(socket, &frame).await {
-                    self.flush(&mut session).await?;
-                    return Err(Failure::Lost(error));
+            if let Some(ws) = socket.as_mut() {
+                let mut broken = None;
+                while let Some(frame) = session.poll_frame() {
+                    if let Err(error) = send_frame(ws, &frame).await {
+                        broken = Some(error);
+                        break;
+                    }
+                    if matches!(frame, Message::Build(_) | Message::Merge(_)) {
+                        // The end of dispatch (the benchmark's "eligible → work sent" is
+                        // timed between `run submitted` and this event).
+                        tracing::debug!(
+                            target: "stagely_core::dispatch",
+                            job_id = %self.job_id,
+                            frame = frame.type_name(),
+                            "work sent"
+                        );
+                    }
                 }
-                if matches!(frame, Message::Build(_) | Message::Merge(_)) {
-                    // The end of dispatch (the benchmark's "eligible → work sent" is timed
-                    // between `run submitted` and this event).
-                    tracing::debug!(
-                        target: "stagely_core::dispatch",
-                        job_id = %self.job_id,
-                        frame = frame.type_name(),
-                        "work sent"
-                    );
+                if let Some(error) = broken {
+                    self.drop_connection(socket, &mut session, error).await?;
                 }
             }
+            let connected = socket.is_some();
             let heartbeat_due = session
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let grace_over = match &self.lost {
+                Some((since, _)) => *since + self.context.reconnect_grace,
+                None => tokio::time::Instant::now() + Duration::from_secs(3600),
+            };
+            let incoming = async {
+                match socket.as_mut() {
+                    Some(ws) => ws.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                incoming = socket.recv() => {
+                incoming = incoming => {
                     let now = std::time::Instant::now();
                     match incoming {
                         Some(Ok(WsMessage::Text(text))) => {
@@ -343,40 +429,58 @@ impl<'a> Link<'a> {
                             ));
                         }
                         Some(Ok(WsMessage::Close(_))) | None => {
-                            self.flush(&mut session).await?;
-                            return Err(Failure::Lost("the agent disconnected before reporting STATUS".into()));
+                            self.drop_connection(socket, &mut session, "the agent disconnected before reporting STATUS".into()).await?;
                         }
                         Some(Ok(_)) => {}
                         Some(Err(error)) => {
-                            self.flush(&mut session).await?;
-                            return Err(Failure::Lost(format!("the agent connection failed: {error}")));
+                            self.drop_connection(socket, &mut session, format!("the agent connection failed: {error}")).await?;
                         }
                     }
                 }
                 command = commands.recv() => match command {
                     Some(LinkCommand::Cancel(reason)) => session.cancel(reason),
+                    Some(LinkCommand::Reconnected(newer)) => {
+                        // What arrived on the old connection is stored first, so RESUME names
+                        // every line the agent need not send again.
+                        self.flush(&mut session).await?;
+                        if let Some((since, _)) = self.lost.take() {
+                            tracing::info!("the agent reconnected after {:?}", since.elapsed());
+                        }
+                        *socket = Some(newer);
+                        session.reconnected(std::time::Instant::now());
+                        heartbeat_tick.reset();
+                    }
                     Some(LinkCommand::Work(_)) => {
                         tracing::warn!("work for a link that is already busy was dropped");
                     }
                     None => {
-                        // The engine ended this attempt (terminate): store what arrived, go.
+                        // The engine ended this attempt (terminate) or handed it back
+                        // (shutdown): store what arrived, go.
                         let _ = self.flush(&mut session).await;
                         return Ok(Ended::Closed);
                     }
                 },
                 _ = flush_tick.tick() => self.flush(&mut session).await?,
-                _ = heartbeat_tick.tick() => {
+                _ = heartbeat_tick.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(self.job_id.clone()) });
-                    if let Err(error) = send_frame(socket, &frame).await {
-                        self.flush(&mut session).await?;
-                        return Err(Failure::Lost(error));
+                    if let Some(ws) = socket.as_mut()
+                        && let Err(error) = send_frame(ws, &frame).await
+                    {
+                        self.drop_connection(socket, &mut session, error).await?;
                     }
                 }
-                () = tokio::time::sleep_until(heartbeat_due) => {
+                () = tokio::time::sleep_until(heartbeat_due), if connected => {
                     if let Err(error) = session.handle_timeout(std::time::Instant::now()) {
-                        let _ = self.flush(&mut session).await;
-                        return Err(Failure::Lost(format!("agent lost: {error}")));
+                        self.drop_connection(socket, &mut session, format!("agent went silent: {error}")).await?;
                     }
+                }
+                () = tokio::time::sleep_until(grace_over), if !connected => {
+                    let why = self.lost.take().map(|(_, why)| why).unwrap_or_default();
+                    let _ = self.flush(&mut session).await;
+                    return Err(Failure::Lost(format!(
+                        "{why}, and it did not reconnect within {}s",
+                        self.context.reconnect_grace.as_secs()
+                    )));
                 }
             }
 
@@ -390,6 +494,16 @@ impl<'a> Link<'a> {
                             agent_version = %hello.agent_version,
                             builders = ?hello.builders,
                             "agent started the job"
+                        );
+                    }
+                    SessionEvent::Resumed { acked_seq } => {
+                        // A resuming agent is the one that said HELLO first: it takes more
+                        // work as it did then.
+                        self.accepts_more_work = true;
+                        tracing::info!(
+                            acked_seq,
+                            stored_seq = session.persisted_seq(),
+                            "agent resumed the job"
                         );
                     }
                     SessionEvent::Log(log) => {
@@ -434,7 +548,9 @@ impl<'a> Link<'a> {
                         session.handle_persisted(status.seq.unwrap_or(0));
                         while let Some(frame) = session.poll_frame() {
                             // Best effort: the outcome is decided whatever the agent does now.
-                            let _ = send_frame(socket, &frame).await;
+                            if let Some(ws) = socket.as_mut() {
+                                let _ = send_frame(ws, &frame).await;
+                            }
                         }
                         return Ok(Ended::Status(outcome));
                     }
@@ -528,9 +644,14 @@ pub struct LogBudget {
 
 impl LogBudget {
     pub fn new(max_bytes: u64) -> LogBudget {
+        LogBudget::resumed(max_bytes, 0)
+    }
+
+    /// A budget of which `stored_bytes` are already spent (an adopted attempt's job).
+    pub fn resumed(max_bytes: u64, stored_bytes: u64) -> LogBudget {
         LogBudget {
             max_bytes,
-            stored_bytes: 0,
+            stored_bytes,
             dropped_bytes: 0,
             dropped_lines: 0,
         }

@@ -254,6 +254,10 @@ pub struct SchedulerFile {
     pub lease_secs: Option<u64>,
     /// SIGTERM-to-SIGKILL grace a cancelled build gets (default 10).
     pub cancel_grace_secs: Option<u64>,
+    /// How long a running build goes on after its agent's connection dropped (or its core
+    /// stopped) while the agent dials again; past it the attempt is lost and retried
+    /// (default 120; 0: a dropped connection ends the attempt at once).
+    pub agent_reconnect_grace_secs: Option<u64>,
     /// How often the core re-reads unfinished runs (other replicas' changes; default 1000).
     pub sync_interval_ms: Option<u64>,
     /// How often leftover instances are looked for and terminated (default 60).
@@ -376,6 +380,8 @@ pub struct CoreConfig {
     pub retry_backoff: Duration,
     pub lease: Duration,
     pub cancel_grace: Duration,
+    /// `[scheduler] agent_reconnect_grace_secs`.
+    pub agent_reconnect_grace: Duration,
     pub sync_interval: Duration,
     pub reap_interval: Duration,
     /// Logs of runs finished longer ago are deleted; `None`: kept.
@@ -768,6 +774,9 @@ impl CoreConfig {
             retry_backoff: Duration::from_secs(retry_backoff),
             lease: Duration::from_secs(lease),
             cancel_grace: Duration::from_secs(cancel_grace),
+            agent_reconnect_grace: Duration::from_secs(
+                scheduler.agent_reconnect_grace_secs.unwrap_or(120),
+            ),
             sync_interval: Duration::from_millis(sync_interval),
             reap_interval: Duration::from_secs(reap_interval),
             log_retention,

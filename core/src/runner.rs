@@ -161,9 +161,6 @@ struct Shared {
     /// stored: a run taken over by another core (or after a restart) gets the core's
     /// `[secrets]` only. Added by `submitted`, removed when the run finishes.
     run_secrets: Mutex<HashMap<String, RunSecrets>>,
-    /// Attempts whose agent has connected to this core: a token is good for one connection
-    /// (agents do not reconnect yet), spent at authentication.
-    connected: Mutex<std::collections::HashSet<(String, u32)>>,
     /// Runs whose end is being stored (after their instances' terminations).
     finishing: Mutex<std::collections::HashSet<String>>,
     /// Work frames built before their attempt's instance was asked for, until sent: an agent
@@ -212,6 +209,7 @@ impl Runner {
             images: Arc::new(crate::image_check::ImageChecker::new(&settings.registry)),
             heartbeat_timeout: settings.heartbeat_timeout,
             max_log_bytes_per_job: settings.max_log_bytes_per_job,
+            reconnect_grace: settings.engine.reconnect_grace,
         };
         let shared = Arc::new(Shared {
             db,
@@ -219,7 +217,6 @@ impl Runner {
             link,
             settings,
             run_secrets: Mutex::new(HashMap::new()),
-            connected: Mutex::new(std::collections::HashSet::new()),
             finishing: Mutex::new(std::collections::HashSet::new()),
             prepared: Mutex::new(HashMap::new()),
             fresh_rows: Mutex::new(HashMap::new()),
@@ -367,18 +364,10 @@ impl Runner {
             Some(found) => Ok(Some(found)),
             None => self.shared.db.attempt_for_token(&hash).await,
         };
+        // A token is good until its attempt ends: an agent whose connection dropped dials
+        // again with it (and a new connection replaces the old one).
         match found {
-            Ok(Some(found)) => {
-                let mut connected = self
-                    .shared
-                    .connected
-                    .lock()
-                    .map_err(|_| ClaimError::Unavailable)?;
-                if !connected.insert(found.clone()) {
-                    return Err(ClaimError::Unauthorized);
-                }
-                Ok(found)
-            }
+            Ok(Some(found)) => Ok(found),
             Ok(None) => Err(ClaimError::Unauthorized),
             Err(error) => {
                 tracing::error!("looking up an agent token failed: {error}");
@@ -600,8 +589,25 @@ impl LoopState {
                 socket,
             } => {
                 let key = (job_id.clone(), attempt);
-                if self.links.contains_key(&key) {
-                    tracing::warn!(%job_id, attempt, "a second agent connection for one attempt was refused");
+                if let Some(link) = self.links.get(&key) {
+                    // The agent dialled again (its connection dropped): the link resumes it
+                    // on the new socket.
+                    tracing::info!(%job_id, attempt, "the agent reconnected");
+                    if let Err(error) = link.try_send(LinkCommand::Reconnected(socket)) {
+                        let socket = match error {
+                            mpsc::error::TrySendError::Full(LinkCommand::Reconnected(socket))
+                            | mpsc::error::TrySendError::Closed(LinkCommand::Reconnected(socket)) => socket,
+                            _ => return,
+                        };
+                        self.spawn_close(socket);
+                    }
+                    return;
+                }
+                if !self.engine.awaits_agent(&job_id, attempt) {
+                    // Not an attempt this core holds (another replica's, or handed back while
+                    // this core shuts down): the agent dials again and finds its owner, or
+                    // the core that adopts the attempt.
+                    tracing::info!(%job_id, attempt, "turned away an agent of an attempt this core does not hold");
                     self.spawn_close(socket);
                     return;
                 }
@@ -799,6 +805,16 @@ impl LoopState {
                 attempt,
                 via,
             } => self.send_work(job_id, run_id, attempt, via).await,
+            Action::Release { job_id, attempt } => {
+                // Dropping the sender closes the link without ending the attempt; its agent
+                // dials again and resumes with whichever core adopts the attempt.
+                tracing::info!(
+                    job_id,
+                    attempt,
+                    "handing a running attempt back: its agent resumes with the next core"
+                );
+                self.links.remove(&(job_id, attempt));
+            }
             Action::SendCancel {
                 job_id,
                 attempt,
@@ -822,11 +838,8 @@ impl LoopState {
                     minted.remove(&key);
                 }
                 // Dropping the sender closes the link. The attempt is over: its token no
-                // longer resolves, so the spent-token entry can go.
+                // longer resolves.
                 self.links.remove(&key);
-                if let Ok(mut connected) = self.shared.connected.lock() {
-                    connected.remove(&key);
-                }
                 if let Some(socket) = self.idle.remove(&key) {
                     self.spawn_close(socket);
                 }
@@ -921,6 +934,20 @@ impl LoopState {
             }
         };
         if applied {
+            if let Transition::AttemptAdopted {
+                job_id,
+                attempt,
+                from,
+                ..
+            } = &transition
+            {
+                tracing::info!(
+                    job_id,
+                    attempt,
+                    from,
+                    "adopted a running attempt; waiting for its agent to reconnect"
+                );
+            }
             // A final job's live log viewers end their streams.
             match &transition {
                 Transition::AttemptEnded { job_id, end, .. }
@@ -978,7 +1005,21 @@ impl LoopState {
                 let run_id = run_id.clone();
                 self.reload(&run_id).await;
             }
-            Transition::RunFinished { .. } => {}
+            Transition::RunFinished { .. } | Transition::AttemptReleased { .. } => {}
+            Transition::AttemptAdopted {
+                job_id, attempt, ..
+            } => {
+                // Its owner lives after all, or another replica adopted it first.
+                let (job_id, attempt) = (job_id.clone(), *attempt);
+                let _ = self.engine.handle(
+                    Input::AdoptionRefused {
+                        job_id: job_id.clone(),
+                        attempt,
+                    },
+                    now(),
+                );
+                self.reload_job(&job_id).await;
+            }
             Transition::JobSkipped { job_id, .. }
             | Transition::InstanceStarted { job_id, .. }
             | Transition::JobRunning { job_id, .. }
@@ -1004,18 +1045,24 @@ impl LoopState {
         self.shared.tasks.spawn(
             async move {
                 let mut socket = socket;
-                let order = tokio::select! {
-                    command = commands.recv() => match command {
-                        Some(LinkCommand::Work(order)) => *order,
-                        _ => {
+                let deadline = tokio::time::Instant::now() + WORK_WAIT;
+                let order = loop {
+                    tokio::select! {
+                        command = commands.recv() => match command {
+                            Some(LinkCommand::Work(order)) => break *order,
+                            // The agent dialled again before its work went out: the newer
+                            // connection is the one to serve.
+                            Some(LinkCommand::Reconnected(newer)) => socket = newer,
+                            _ => {
+                                agent_link::close(&mut socket, None).await;
+                                return;
+                            }
+                        },
+                        () = tokio::time::sleep_until(deadline) => {
+                            tracing::error!("no work arrived for a connected agent");
                             agent_link::close(&mut socket, None).await;
                             return;
                         }
-                    },
-                    () = tokio::time::sleep(WORK_WAIT) => {
-                        tracing::error!("no work arrived for a connected agent");
-                        agent_link::close(&mut socket, None).await;
-                        return;
                     }
                 };
                 let (outcome, socket) =
@@ -1046,7 +1093,7 @@ impl LoopState {
     /// Builds the attempt's BUILD or MERGE and hands it to the agent link.
     async fn send_work(&mut self, job_id: String, run_id: String, attempt: u32, via: Via) {
         let key = match &via {
-            Via::OwnAgent => (job_id.clone(), attempt),
+            Via::OwnAgent | Via::Adopted => (job_id.clone(), attempt),
             Via::AgentOf { job_id, attempt } => (job_id.clone(), *attempt),
         };
         let prepared = match &via {
@@ -1056,11 +1103,12 @@ impl LoopState {
                 .lock()
                 .ok()
                 .and_then(|mut prepared| prepared.remove(&(job_id.clone(), attempt))),
-            Via::AgentOf { .. } => None,
+            Via::AgentOf { .. } | Via::Adopted => None,
         };
+        let adopted = via == Via::Adopted;
         let read = match prepared {
             Some(order) => Ok(*order),
-            None => work_order(&self.shared, &job_id, &run_id, attempt).await,
+            None => work_order(&self.shared, &job_id, &run_id, attempt, adopted).await,
         };
         let mut order = match read {
             Ok(order) => order,
@@ -1079,8 +1127,9 @@ impl LoopState {
                 return;
             }
         };
+        order.adopted = adopted;
         match via {
-            Via::OwnAgent => match self.links.get(&key) {
+            Via::OwnAgent | Via::Adopted => match self.links.get(&key) {
                 Some(link) if link.try_send(LinkCommand::Work(Box::new(order))).is_ok() => {}
                 _ => {
                     let _ = self.engine.handle(
@@ -1197,7 +1246,10 @@ impl LoopState {
         self.shared.tasks.spawn(async move {
             let reap = async {
                 shared.reaper.sweeps.fetch_add(1, Ordering::Relaxed);
-                for (instance_id, reason) in shared.db.instances_to_reap(now()).await? {
+                for (instance_id, reason) in shared
+                    .db
+                    .instances_to_reap(now(), shared.settings.engine.reconnect_grace)
+                    .await? {
                     tracing::info!(instance_id, reason = reason.as_str(), "reaper: terminating an instance");
                     shared.reaper.count(reason);
                     terminate(&shared, &instance_id).await;
@@ -1354,9 +1406,10 @@ async fn work_order(
     job_id: &str,
     run_id: &str,
     attempt: u32,
+    adopted: bool,
 ) -> Result<WorkOrder, String> {
     let (run, job) = read_run_and_job(shared, run_id, job_id).await?;
-    build_order(shared, &run, &job, attempt).await
+    build_order(shared, &run, &job, attempt, adopted).await
 }
 
 /// The run and job rows, read at once (two connections).
@@ -1380,13 +1433,23 @@ async fn build_order(
     run: &RunRow,
     job: &JobRow,
     attempt: u32,
+    adopted: bool,
 ) -> Result<WorkOrder, String> {
     let db = &shared.db;
     let internal = |error: crate::db::DbError| format!("reading the job failed: {error}");
     let (run_id, job_id) = (run.id.as_str(), job.id.as_str());
     let spec: JobSpec = serde_json::from_str(&job.spec)
         .map_err(|error| format!("the stored job spec is unreadable: {error}"))?;
-    let secrets = secrets_for(shared, run, &spec)?;
+    let secrets = match secrets_for(shared, run, &spec) {
+        Ok(secrets) => secrets,
+        // An adopted attempt's agent already has its work (and masks its secrets itself):
+        // the core masks what it knows.
+        Err(_) if adopted => RunSecrets {
+            clone_token: None,
+            build_secrets: shared.settings.build_secrets.clone(),
+        },
+        Err(message) => return Err(message),
+    };
     let merge_sources = match &spec.kind {
         JobKind::Merge { sources } => {
             let jobs = db.jobs_of_run(run_id).await.map_err(internal)?;
@@ -1403,7 +1466,12 @@ async fn build_order(
         JobKind::Build => None,
     };
     let settings = &shared.settings;
-    let work = work_message(settings, run, job, &spec, merge_sources, &secrets);
+    let mut work = work_message(settings, run, job, &spec, merge_sources, &secrets);
+    match &mut work {
+        Message::Build(build) => build.attempt = Some(attempt),
+        Message::Merge(merge) => merge.attempt = Some(attempt),
+        _ => {}
+    }
     Ok(WorkOrder {
         placement: None,
         job_id: job_id.to_string(),
@@ -1411,6 +1479,7 @@ async fn build_order(
         work,
         target_image: image_for(settings, run, job, &spec),
         handed_over: false,
+        adopted,
     })
 }
 
@@ -1507,7 +1576,7 @@ async fn create_for_attempt(
     };
     // The work frame is built before the instance is asked for, so its agent gets it the
     // moment it connects (a failure here is met again, and reported, when the work is sent).
-    if let Ok(order) = build_order(shared, &run, &job, attempt).await
+    if let Ok(order) = build_order(shared, &run, &job, attempt, false).await
         && let Ok(mut prepared) = shared.prepared.lock()
     {
         prepared.insert((job_id.to_string(), attempt), Box::new(order));
@@ -1540,6 +1609,7 @@ async fn create_for_attempt(
             allow_local_repos: settings.allow_local_repos,
             core_unreachable_secs: hints.core_unreachable_secs,
             metadata_url: hints.metadata_url,
+            reconnect_grace_secs: Some(settings.engine.reconnect_grace.as_secs()),
             ..AgentConfig::new(settings.public_url.clone(), token)
         },
         ca_pem: settings.agent_ca_pem.clone(),
@@ -1754,6 +1824,7 @@ fn work_message(
             registry_auth: settings.registry.auth.clone(),
             registry,
             timeout_seconds: Some(spec.timeout_seconds),
+            attempt: None,
         }),
         None => {
             let cache = settings
@@ -1791,6 +1862,7 @@ fn work_message(
                 },
                 registry_auth: settings.registry.auth.clone(),
                 registry,
+                attempt: None,
             })
         }
     }

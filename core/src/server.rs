@@ -293,6 +293,7 @@ pub async fn start(
     engine.boot_timeout = config.agent_connect_timeout;
     engine.lease_duration = config.lease;
     engine.cancel_grace = config.cancel_grace;
+    engine.reconnect_grace = config.agent_reconnect_grace;
     let runner = Runner::start(
         db,
         provider,

@@ -47,7 +47,7 @@ pub enum DecodeError {
     },
 }
 
-const KNOWN_TYPES: [&str; 9] = [
+const KNOWN_TYPES: [&str; 10] = [
     "HELLO",
     "BUILD",
     "MERGE",
@@ -57,6 +57,7 @@ const KNOWN_TYPES: [&str; 9] = [
     "ACK",
     "HEARTBEAT",
     "INTERRUPTION",
+    "RESUME",
 ];
 
 /// Decodes one frame.
@@ -90,6 +91,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         "CANCEL" => typed(message_type, value).map(Message::Cancel),
         "ACK" => typed(message_type, value).map(Message::Ack),
         "INTERRUPTION" => typed(message_type, value).map(Message::Interruption),
+        "RESUME" => typed(message_type, value).map(Message::Resume),
         _ => typed(message_type, value).map(Message::Heartbeat),
     }
 }

@@ -29,6 +29,14 @@
 //!    builder) for another job on the same connection, without a new `HELLO`; that job's
 //!    frames start again at `seq` 1 and follow steps 4 to 7. An agent waits a bounded time
 //!    for more work and exits when it does not come.
+//! 8. A connection that drops before the STATUS is acknowledged does not end the job: the
+//!    build goes on, the agent keeps its output in a disk spool and dials again (backoff
+//!    with jitter, for a grace period) with the same token, which stays valid until the
+//!    attempt ends. Its [`Hello`] then names `job_id`, `attempt` and `acked_seq`; the core
+//!    answers [`Resume`] with the highest `seq` it has stored, and the agent resends every
+//!    frame after it. Frames the core already has are dropped as duplicates, so each line is
+//!    stored exactly once. A core that restarted, or another replica, takes the agent back
+//!    the same way.
 //!
 //! Seed fields are never renamed; everything this crate adds is a new, optional field.
 
@@ -81,6 +89,10 @@ pub enum Message {
     /// notice); the core ends the attempt and retries the job elsewhere at once.
     #[serde(rename = "INTERRUPTION")]
     Interruption(Interruption),
+    /// core → agent: the answer to a resuming HELLO: the job goes on, and every frame up to
+    /// `seq` is stored (the agent resends from `seq + 1`).
+    #[serde(rename = "RESUME")]
+    Resume(Resume),
 }
 
 impl Message {
@@ -96,13 +108,14 @@ impl Message {
             Message::Ack(_) => "ACK",
             Message::Heartbeat(_) => "HEARTBEAT",
             Message::Interruption(_) => "INTERRUPTION",
+            Message::Resume(_) => "RESUME",
         }
     }
 
     /// The job this frame is about, when it names one.
     pub fn job_id(&self) -> Option<&str> {
         match self {
-            Message::Hello(_) => None,
+            Message::Hello(hello) => hello.job_id.as_deref(),
             Message::Build(m) => Some(&m.job_id),
             Message::Merge(m) => Some(&m.job_id),
             Message::Log(m) => Some(&m.job_id),
@@ -111,6 +124,7 @@ impl Message {
             Message::Ack(m) => Some(&m.job_id),
             Message::Heartbeat(m) => m.job_id.as_deref(),
             Message::Interruption(m) => Some(&m.job_id),
+            Message::Resume(m) => Some(&m.job_id),
         }
     }
 
@@ -369,6 +383,23 @@ pub struct Hello {
     /// the same connection (see the lifecycle, step 7).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub accepts_more_work: bool,
+    /// Addition, set when the agent reconnects mid-job (see the lifecycle, step 8): the job
+    /// it is running...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// ...the attempt its work frame named...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// ...and the highest `seq` the core acknowledged before the connection dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_seq: Option<u64>,
+}
+
+impl Hello {
+    /// Whether this HELLO resumes a job already handed to the agent.
+    pub fn is_resume(&self) -> bool {
+        self.job_id.is_some()
+    }
 }
 
 /// A secret value on the wire (a secret build argument): serialized as the plain string, but
@@ -475,6 +506,9 @@ pub struct Build {
     pub registry_auth: Option<RegistryAuth>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub registry: RegistryOptions,
+    /// Addition: which attempt of the job this is; a reconnecting agent names it in HELLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// `MERGE`: make one manifest list from per-platform images.
@@ -489,6 +523,9 @@ pub struct Merge {
     pub registry: RegistryOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
+    /// Addition: which attempt of the job this is; a reconnecting agent names it in HELLO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// Which output a log line came from.
@@ -590,6 +627,13 @@ pub struct Cancel {
 /// `ACK`: every frame of the job up to and including `seq` is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
+    pub job_id: String,
+    pub seq: u64,
+}
+
+/// `RESUME`: the core took a reconnecting agent back; frames up to `seq` are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
     pub job_id: String,
     pub seq: u64,
 }

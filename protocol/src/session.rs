@@ -15,13 +15,16 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::{Ack, Cancel, Hello, Interruption, Log, Message, PROTOCOL_VERSION, Status};
+use crate::{Ack, Cancel, Hello, Interruption, Log, Message, PROTOCOL_VERSION, Resume, Status};
 
 /// What the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
     /// The agent introduced itself; the work frame has been queued.
     Started(Hello),
+    /// A reconnecting agent took the job up again; RESUME (with the stored position) has
+    /// been queued. `acked_seq` is what the agent says it saw acknowledged.
+    Resumed { acked_seq: u64 },
     /// A new line to store (never a duplicate). `seq` is always set.
     Log(Log),
     /// The job ended. Every line before it has already been delivered as `Log`.
@@ -56,6 +59,12 @@ pub enum SessionError {
     HeartbeatTimeout { silent_ms: u128 },
     #[error("{frame} frame after STATUS")]
     AfterFinish { frame: &'static str },
+    #[error(
+        "HELLO starts the job afresh, but the agent already ran it (a reconnecting agent must name job_id, attempt and acked_seq)"
+    )]
+    AgentRestarted,
+    #[error("HELLO resumes attempt {got} but this connection serves attempt {expected}")]
+    WrongAttempt { expected: u32, got: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,9 +78,16 @@ enum Phase {
 #[derive(Debug)]
 pub struct CoreSession {
     job_id: String,
+    /// The attempt this session serves, when known: a resuming HELLO must name it.
+    attempt: Option<u32>,
     phase: Phase,
-    /// The BUILD or MERGE frame handed over once HELLO arrives.
+    /// The BUILD or MERGE frame handed over once HELLO arrives (`None`: an adopted attempt
+    /// whose agent already has it).
     work: Option<Message>,
+    /// Highest log seq stored before this session began (an adopted attempt's).
+    initial_seq: u64,
+    /// Why the core asked the agent to stop, so a reconnecting agent is told again.
+    cancel_reason: Option<String>,
     /// Highest log seq delivered to the driver (lines 1..=this are known).
     delivered_seq: u64,
     /// Highest seq the driver reported as durably stored.
@@ -95,8 +111,11 @@ impl CoreSession {
     ) -> Self {
         CoreSession {
             job_id: job_id.into(),
+            attempt: None,
             phase: Phase::AwaitingHello,
             work: Some(work),
+            initial_seq: already_stored_seq,
+            cancel_reason: None,
             delivered_seq: already_stored_seq,
             persisted_seq: already_stored_seq,
             heartbeat_timeout,
@@ -120,6 +139,51 @@ impl CoreSession {
             session.outgoing.push_back(work);
         }
         session
+    }
+
+    /// A session for an attempt whose agent already has its work (this core took the attempt
+    /// over from a core that stopped): only a resuming HELLO is accepted, answered with
+    /// RESUME at `stored_seq`.
+    pub fn adopted(
+        job_id: impl Into<String>,
+        attempt: u32,
+        stored_seq: u64,
+        heartbeat_timeout: Duration,
+        now: Instant,
+    ) -> Self {
+        let mut session = CoreSession::new(
+            job_id,
+            Message::Heartbeat(crate::Heartbeat { job_id: None }),
+            stored_seq,
+            heartbeat_timeout,
+            now,
+        );
+        session.work = None;
+        session.attempt = Some(attempt);
+        session
+    }
+
+    /// Names the attempt this session serves (a resuming HELLO must name the same).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = Some(attempt);
+        self
+    }
+
+    /// The connection was replaced (the agent dialled again): a resuming HELLO is expected
+    /// next. Frames not yet sent are dropped but a CANCEL, which is queued again after
+    /// RESUME; lines delivered but not reported stored will be resent by the agent.
+    pub fn reconnected(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.outgoing.clear();
+        if self.phase == Phase::Working {
+            self.phase = Phase::AwaitingHello;
+        }
+        self.delivered_seq = self.persisted_seq;
+    }
+
+    /// Highest seq reported stored.
+    pub fn persisted_seq(&self) -> u64 {
+        self.persisted_seq
     }
 
     pub fn job_id(&self) -> &str {
@@ -152,10 +216,19 @@ impl CoreSession {
                         expected: PROTOCOL_VERSION,
                     });
                 }
-                self.phase = Phase::Working;
-                if let Some(work) = self.work.take() {
-                    self.outgoing.push_back(work);
+                if hello.is_resume() {
+                    return self.resume(hello);
                 }
+                // A fresh HELLO gets the work — unless the agent already ran part of it.
+                let Some(work) = self.work.clone() else {
+                    return Err(SessionError::AgentRestarted);
+                };
+                if self.delivered_seq > self.initial_seq {
+                    return Err(SessionError::AgentRestarted);
+                }
+                self.phase = Phase::Working;
+                self.outgoing.push_back(work);
+                self.requeue_cancel();
                 self.events.push_back(SessionEvent::Started(hello));
                 Ok(())
             }
@@ -197,6 +270,33 @@ impl CoreSession {
         }
     }
 
+    fn resume(&mut self, hello: Hello) -> Result<(), SessionError> {
+        if let (Some(expected), Some(got)) = (self.attempt, hello.attempt)
+            && expected != got
+        {
+            return Err(SessionError::WrongAttempt { expected, got });
+        }
+        self.phase = Phase::Working;
+        self.outgoing.push_back(Message::Resume(Resume {
+            job_id: self.job_id.clone(),
+            seq: self.persisted_seq,
+        }));
+        self.requeue_cancel();
+        self.events.push_back(SessionEvent::Resumed {
+            acked_seq: hello.acked_seq.unwrap_or(0),
+        });
+        Ok(())
+    }
+
+    fn requeue_cancel(&mut self) {
+        if let Some(reason) = &self.cancel_reason {
+            self.outgoing.push_back(Message::Cancel(Cancel {
+                job_id: self.job_id.clone(),
+                reason: Some(reason.clone()),
+            }));
+        }
+    }
+
     fn handle_log(&mut self, log: Log) -> Result<(), SessionError> {
         let seq = log.seq.ok_or(SessionError::MissingSeq)?;
         let expected = self.delivered_seq + 1;
@@ -223,10 +323,16 @@ impl CoreSession {
 
     /// Asks the agent to stop the job.
     pub fn cancel(&mut self, reason: impl Into<String>) {
-        if self.phase != Phase::Finished {
+        if self.phase == Phase::Finished {
+            return;
+        }
+        let reason = reason.into();
+        self.cancel_reason = Some(reason.clone());
+        // Before HELLO the frame waits: it is queued after the work or RESUME.
+        if self.phase == Phase::Working {
             self.outgoing.push_back(Message::Cancel(Cancel {
                 job_id: self.job_id.clone(),
-                reason: Some(reason.into()),
+                reason: Some(reason),
             }));
         }
     }

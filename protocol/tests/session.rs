@@ -30,6 +30,7 @@ fn build(job: &str) -> Message {
         },
         registry_auth: None,
         registry: Default::default(),
+        attempt: None,
     })
 }
 
@@ -42,6 +43,9 @@ fn hello() -> Message {
         builders: vec![BuilderKind::Buildah],
         emulated_arches: vec![],
         accepts_more_work: false,
+        job_id: None,
+        attempt: None,
+        acked_seq: None,
     })
 }
 
@@ -93,7 +97,9 @@ impl Harness {
         // Drain in the documented order; "persist" logs immediately.
         while let Some(event) = self.session.poll_event() {
             match event {
-                SessionEvent::Started(_) | SessionEvent::Interrupted(_) => {}
+                SessionEvent::Started(_)
+                | SessionEvent::Interrupted(_)
+                | SessionEvent::Resumed { .. } => {}
                 SessionEvent::Log(log) => {
                     let seq = log.seq.unwrap();
                     self.stored.push(seq);
@@ -319,4 +325,106 @@ fn an_interruption_notice_is_an_event_and_only_for_its_job() {
         session.handle_frame(Instant::now(), notice("j2")),
         Err(SessionError::WrongJob { .. })
     ));
+}
+
+fn resume_hello(job: &str, attempt: u32, acked: u64) -> Message {
+    let Message::Hello(mut hello) = hello() else {
+        unreachable!()
+    };
+    hello.job_id = Some(job.into());
+    hello.attempt = Some(attempt);
+    hello.acked_seq = Some(acked);
+    Message::Hello(hello)
+}
+
+#[test]
+fn a_reconnecting_agent_is_told_the_stored_position_and_its_resent_lines_are_dropped() {
+    let mut h = Harness::new(0);
+    h.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h.now).with_attempt(2);
+    h.feed(hello()).unwrap();
+    for seq in 1..=4 {
+        h.feed(log("j1", seq)).unwrap();
+    }
+    // The socket drops; the agent saw ACK 2 only, and dials again.
+    h.session.reconnected(h.now);
+    h.sent.clear();
+    // Nothing but a resuming HELLO is accepted now.
+    assert!(h.feed(log("j1", 5)).is_err());
+    let mut h2 = Harness::new(0);
+    h2.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h2.now).with_attempt(2);
+    h2.feed(hello()).unwrap();
+    h2.feed(log("j1", 1)).unwrap();
+    h2.session.reconnected(h2.now);
+    assert_eq!(
+        h2.feed(resume_hello("j1", 3, 1)),
+        Err(SessionError::WrongAttempt {
+            expected: 2,
+            got: 3
+        })
+    );
+    let mut h3 = Harness::new(0);
+    h3.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h3.now).with_attempt(2);
+    h3.feed(hello()).unwrap();
+    h3.feed(log("j1", 1)).unwrap();
+    h3.session.reconnected(h3.now);
+    assert_eq!(h3.feed(hello()), Err(SessionError::AgentRestarted));
+    // The good path: RESUME names seq 4; resent 3 and 4 are dropped, 5 is stored.
+    let mut h = Harness::new(0);
+    h.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h.now).with_attempt(2);
+    h.feed(hello()).unwrap();
+    for seq in 1..=4 {
+        h.feed(log("j1", seq)).unwrap();
+    }
+    h.session.reconnected(h.now);
+    h.sent.clear();
+    h.feed(resume_hello("j1", 2, 2)).unwrap();
+    assert!(
+        matches!(h.sent.as_slice(), [Message::Resume(r)] if r.seq == 4 && r.job_id == "j1"),
+        "{:?}",
+        h.sent
+    );
+    for seq in 3..=5 {
+        h.feed(log("j1", seq)).unwrap();
+    }
+    assert_eq!(h.stored, vec![1, 2, 3, 4, 5]);
+    h.feed(status("j1", 6)).unwrap();
+    assert!(h.finished.is_some());
+}
+
+#[test]
+fn an_adopted_attempt_takes_only_a_resuming_hello_and_a_cancel_is_told_again() {
+    let now = Instant::now();
+    let mut h = Harness::new(0);
+    h.session = CoreSession::adopted("j1", 1, 7, HEARTBEAT, now);
+    // A fresh HELLO would restart the build: refused.
+    assert_eq!(h.feed(hello()), Err(SessionError::AgentRestarted));
+    let mut h = Harness::new(0);
+    h.session = CoreSession::adopted("j1", 1, 7, HEARTBEAT, now);
+    // A cancel before the agent is back waits for it.
+    h.session.cancel("user asked");
+    assert!(h.session.poll_frame().is_none());
+    h.feed(resume_hello("j1", 1, 5)).unwrap();
+    assert!(matches!(&h.sent[0], Message::Resume(r) if r.seq == 7));
+    assert!(matches!(&h.sent[1], Message::Cancel(c) if c.reason.as_deref() == Some("user asked")));
+    h.feed(log("j1", 7)).unwrap();
+    h.feed(log("j1", 8)).unwrap();
+    assert_eq!(h.stored, vec![8]);
+    // After another drop the cancel is told again too.
+    h.session.reconnected(h.now);
+    h.sent.clear();
+    h.feed(resume_hello("j1", 1, 8)).unwrap();
+    assert!(matches!(&h.sent[0], Message::Resume(r) if r.seq == 8));
+    assert!(matches!(&h.sent[1], Message::Cancel(_)));
+}
+
+#[test]
+fn work_not_yet_answered_with_a_line_is_sent_again_to_a_fresh_hello() {
+    // The BUILD was lost with the connection: the agent, which never got it, says HELLO
+    // afresh and gets it again.
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.session.reconnected(h.now);
+    h.sent.clear();
+    h.feed(hello()).unwrap();
+    assert!(matches!(h.sent.as_slice(), [Message::Build(_)]));
 }

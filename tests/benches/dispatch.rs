@@ -325,6 +325,9 @@ impl SimulatedAgent {
                 builders: vec![BuilderKind::Buildah],
                 emulated_arches: vec![],
                 accepts_more_work: true,
+                job_id: None,
+                attempt: None,
+                acked_seq: None,
             }),
         )
         .await?;

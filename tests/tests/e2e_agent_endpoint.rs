@@ -52,6 +52,9 @@ fn hello() -> String {
         builders: vec![BuilderKind::Buildah],
         emulated_arches: vec![],
         accepts_more_work: false,
+        job_id: None,
+        attempt: None,
+        acked_seq: None,
     }))
 }
 

@@ -357,6 +357,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Highest stored seq for a job (0 when none).
     async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError>;
 
+    /// Records where an attempt's lines start (stored seq = base + the agent's seq).
+    async fn set_attempt_log_base(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        base: i64,
+    ) -> Result<(), DbError>;
+
+    /// Where an attempt's lines start (0 when none were numbered after earlier ones).
+    async fn attempt_log_base(&self, job_id: &str, attempt: u32) -> Result<i64, DbError>;
+
     /// One page of lines with `seq > after`, at most `limit`.
     async fn logs_page(&self, job_id: &str, after: i64, limit: i64)
     -> Result<Vec<LogRow>, DbError>;
@@ -413,9 +424,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Instances to terminate, oldest first, with why: alive, and their attempt ended, or
     /// their job's lease expired (its core is gone), or they belong to no attempt at all, or
     /// they outlived their maximum lifetime. Never otherwise an instance of a live attempt
-    /// whose lease holds, whichever replica owns it.
-    async fn instances_to_reap(&self, now: Timestamp)
-    -> Result<Vec<(String, ReapReason)>, DbError>;
+    /// whose lease holds, whichever replica owns it. A running job's lease counts as expired
+    /// only `running_grace` after it ran out: its agent may be dialling another core that
+    /// adopts the attempt.
+    async fn instances_to_reap(
+        &self,
+        now: Timestamp,
+        running_grace: std::time::Duration,
+    ) -> Result<Vec<(String, ReapReason)>, DbError>;
 
     /// Instances recorded for an attempt and not terminated.
     async fn instances_of_attempt(
@@ -626,6 +642,33 @@ macro_rules! impl_shared_store {
                 .fetch_one(&self.pool)
                 .await?;
         Ok(max.unwrap_or(0))
+    }
+
+    async fn set_attempt_log_base(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        base: i64,
+    ) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
+        sqlx::query("UPDATE job_attempts SET log_base = $3 WHERE build_job_id = $1 AND number = $2")
+            .bind(job_id)
+            .bind(attempt as i32)
+            .bind(base)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn attempt_log_base(&self, job_id: &str, attempt: u32) -> Result<i64, DbError> {
+        let base: Option<i64> = sqlx::query_scalar(
+            "SELECT log_base FROM job_attempts WHERE build_job_id = $1 AND number = $2",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(base.unwrap_or(0))
     }
 
     /// One page of lines with `seq > after`, at most `limit`.
@@ -944,6 +987,56 @@ macro_rules! impl_shared_store {
                 }
                 rows
             }
+            Transition::AttemptAdopted {
+                job_id,
+                attempt,
+                from,
+                owner,
+                lease_until,
+            } => {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(
+                    "UPDATE build_jobs SET lease_owner = $3, lease_until = $4
+                     WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $5
+                       AND (lease_until IS NULL OR lease_until <= $6)",
+                )
+                .bind(job_id)
+                .bind(*attempt as i32)
+                .bind(owner)
+                .bind(lease_until.millis())
+                .bind(from)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if rows == 1 {
+                    sqlx::query(
+                        "UPDATE job_attempts SET owner = $3 WHERE build_job_id = $1 AND number = $2 AND ended_at IS NULL",
+                    )
+                    .bind(job_id)
+                    .bind(*attempt as i32)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                rows
+            }
+            Transition::AttemptReleased {
+                job_id,
+                attempt,
+                owner,
+            } => sqlx::query(
+                "UPDATE build_jobs SET lease_until = $4
+                 WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $3",
+            )
+            .bind(job_id)
+            .bind(*attempt as i32)
+            .bind(owner)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
             Transition::LeasesRenewed {
                 owner,
                 job_ids,
@@ -1062,23 +1155,28 @@ macro_rules! impl_shared_store {
     async fn instances_to_reap(
         &self,
         now: Timestamp,
+        running_grace: std::time::Duration,
     ) -> Result<Vec<(String, ReapReason)>, DbError> {
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT i.id,
                     CASE WHEN a.number IS NULL OR j.id IS NULL THEN 'no_attempt'
                          WHEN a.ended_at IS NOT NULL OR j.attempt <> i.attempt THEN 'attempt_ended'
-                         WHEN j.lease_until IS NULL OR j.lease_until < $1 THEN 'lease_expired'
+                         WHEN j.lease_until IS NULL
+                              OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
+                              THEN 'lease_expired'
                          ELSE 'lifetime' END
              FROM builder_instances i
              LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
              LEFT JOIN build_jobs j ON j.id = i.build_job_id
              WHERE i.terminated_at IS NULL
                AND (a.number IS NULL OR a.ended_at IS NOT NULL OR j.id IS NULL
-                    OR j.attempt <> i.attempt OR j.lease_until IS NULL OR j.lease_until < $1
+                    OR j.attempt <> i.attempt OR j.lease_until IS NULL
+                    OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
                     OR i.expires_at < $1)
              ORDER BY i.created_at",
         )
         .bind(now.millis())
+        .bind(now.millis() - i64::try_from(running_grace.as_millis()).unwrap_or(i64::MAX / 2))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -1476,7 +1574,7 @@ mod tests {
         .unwrap();
         let reap = |at: i64| {
             let db = db.clone();
-            async move { db.instances_to_reap(Timestamp(at)).await.unwrap() }
+            async move { db.instances_to_reap(Timestamp(at), std::time::Duration::ZERO).await.unwrap() }
         };
         assert!(reap(1_000).await.is_empty(), "lease holds, lifetime left");
         assert_eq!(

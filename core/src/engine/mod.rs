@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub lease_duration: Duration,
     /// What an agent gets between CANCEL (SIGTERM) and SIGKILL.
     pub cancel_grace: Duration,
+    /// How long the agent of a running attempt taken over from a stopped core (or handed
+    /// back by one that shut down) has to dial in again before the attempt is lost.
+    pub reconnect_grace: Duration,
 }
 
 impl EngineConfig {
@@ -81,6 +84,7 @@ impl EngineConfig {
             boot_timeout: Duration::from_secs(300),
             lease_duration: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
+            reconnect_grace: Duration::from_secs(120),
         }
     }
 }
@@ -128,6 +132,9 @@ pub enum Input {
     },
     /// The attempt's agent connected (its token was accepted).
     AgentConnected { job_id: String, attempt: u32 },
+    /// The store refused this core's adoption of a running attempt (its owner renewed, or
+    /// another replica adopted it first): this core lets it go, touching nothing.
+    AdoptionRefused { job_id: String, attempt: u32 },
     /// Work could not be handed to the last builder's agent (it was gone).
     HandoverFailed { job_id: String, attempt: u32 },
     /// The attempt ended (STATUS stored, or the agent was lost).
@@ -184,6 +191,9 @@ pub struct Claim {
 pub enum Via {
     /// The agent that connected for this attempt.
     OwnAgent,
+    /// The agent of a running attempt this core adopted (from a core that stopped): it
+    /// already has its work and resumes where the store's log ends.
+    Adopted,
     /// The agent of another job's attempt that just finished on this core, before its
     /// instance is terminated.
     AgentOf { job_id: String, attempt: u32 },
@@ -230,6 +240,23 @@ pub enum Transition {
         result: AttemptResult,
         message: Option<String>,
         end: JobEnd,
+    },
+    /// A running attempt whose owner's lease expired becomes this core's, build and all: its
+    /// agent dials in again and resumes. Guarded by the old owner, the attempt, `running`
+    /// and the lease having run out in the store too.
+    AttemptAdopted {
+        job_id: String,
+        attempt: u32,
+        from: String,
+        owner: String,
+        lease_until: Timestamp,
+    },
+    /// This core shuts down but the attempt goes on: its lease ends now, so another core (or
+    /// this one's next incarnation) adopts it at once. Guarded by the owner and attempt.
+    AttemptReleased {
+        job_id: String,
+        attempt: u32,
+        owner: String,
     },
     /// Extend this core's leases.
     LeasesRenewed {
@@ -305,6 +332,9 @@ pub enum Action {
         attempt: u32,
         reason: String,
     },
+    /// Let go of the attempt's agent connection without ending the attempt (this core shuts
+    /// down; the agent dials another core and resumes there).
+    Release { job_id: String, attempt: u32 },
     /// Close the attempt's agent connection (if any) and terminate its instance.
     Terminate {
         job_id: String,
@@ -330,6 +360,9 @@ struct Local {
     stop: Option<(Stop, Timestamp)>,
     /// A merge sent to the last builder's agent: the finished job's attempt.
     reused_from: Option<(String, u32)>,
+    /// A running attempt adopted from this lease owner (a stopped core): `boot_deadline` is
+    /// then the end of its agent's reconnect grace.
+    adopted_from: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +470,7 @@ impl Engine {
             Input::InstanceCreated { job_id, .. }
             | Input::InstanceFailed { job_id, .. }
             | Input::AgentConnected { job_id, .. }
+            | Input::AdoptionRefused { job_id, .. }
             | Input::HandoverFailed { job_id, .. }
             | Input::Finished { job_id, .. } => self.touch(job_id),
         }
@@ -514,6 +548,14 @@ impl Engine {
             Input::AgentConnected { job_id, attempt } => {
                 self.agent_connected(&job_id, attempt, now)
             }
+            Input::AdoptionRefused { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(job) = self.jobs.get_mut(&job_id)
+                    && job.local.as_ref().is_some_and(|local| local.adopted_from.is_some())
+                {
+                    job.local = None;
+                }
+            }
             Input::HandoverFailed { job_id, attempt } => self.handover_failed(&job_id, attempt),
             Input::Finished {
                 job_id,
@@ -548,14 +590,31 @@ impl Engine {
         for (job_id, due) in due {
             match due {
                 Due::Boot => {
-                    let message = format!(
-                        "the instance's agent did not connect within {}s (boot timeout)",
-                        self.config.boot_timeout.as_secs()
-                    );
+                    let adopted_from = self
+                        .jobs
+                        .get(&job_id)
+                        .and_then(|job| job.local.as_ref())
+                        .and_then(|local| local.adopted_from.clone());
+                    let (kind, message) = match adopted_from {
+                        Some(from) => (
+                            InfraKind::AgentLost,
+                            format!(
+                                "the agent of this attempt (taken over from core {from}) did not reconnect within {}s",
+                                self.config.reconnect_grace.as_secs()
+                            ),
+                        ),
+                        None => (
+                            InfraKind::BootTimeout,
+                            format!(
+                                "the instance's agent did not connect within {}s (boot timeout)",
+                                self.config.boot_timeout.as_secs()
+                            ),
+                        ),
+                    };
                     self.end_attempt(
                         &job_id,
                         AttemptOutcome::Infrastructure {
-                            kind: InfraKind::BootTimeout,
+                            kind,
                             message,
                         },
                         now,
@@ -784,7 +843,35 @@ impl Engine {
 
     fn drain(&mut self, now: Timestamp) {
         self.draining = true;
-        for (job_id, _) in self.own_live() {
+        for (job_id, attempt) in self.own_live() {
+            // A running build goes on: its lease is handed back, its agent dials another
+            // core (or this one's next incarnation), which adopts the attempt.
+            let running = self.jobs.get(&job_id).is_some_and(|job| {
+                job.snapshot.status == JobStatus::Running
+                    && job
+                        .local
+                        .as_ref()
+                        .is_some_and(|local| local.connected && local.reused_from.is_none())
+            });
+            if running {
+                self.touch(&job_id);
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    job.local = None;
+                    job.snapshot.lease_until = Some(now);
+                }
+                self.actions.extend([
+                    Action::Release {
+                        job_id: job_id.clone(),
+                        attempt,
+                    },
+                    Action::Persist(Transition::AttemptReleased {
+                        job_id,
+                        attempt,
+                        owner: self.config.owner.clone(),
+                    }),
+                ]);
+                continue;
+            }
             self.end_attempt(
                 &job_id,
                 AttemptOutcome::Infrastructure {
@@ -938,6 +1025,17 @@ impl Engine {
         local.connected = true;
         local.boot_deadline = None;
         local.deadline = Some(deadline);
+        if local.adopted_from.is_some() {
+            // Already `running` in the store: the link resumes the agent's job.
+            let run_id = job.run_id.clone();
+            self.actions.push_back(Action::SendWork {
+                job_id: job_id.into(),
+                run_id,
+                attempt,
+                via: Via::Adopted,
+            });
+            return;
+        }
         job.snapshot.status = JobStatus::Running;
         let run_id = job.run_id.clone();
         // The work goes first: the claim already made the attempt this core's, so the agent
@@ -991,6 +1089,15 @@ impl Engine {
     }
 
     // ---- rules ----
+
+    /// Whether this core holds `attempt` and has no agent on it yet: a fresh attempt booting,
+    /// or one adopted from a stopped core whose agent is to reconnect.
+    pub fn awaits_agent(&self, job_id: &str, attempt: u32) -> bool {
+        self.jobs.get(job_id).is_some_and(|job| {
+            job.snapshot.attempt == attempt
+                && job.local.as_ref().is_some_and(|local| !local.connected)
+        })
+    }
 
     fn is_current_own(&self, job_id: &str, attempt: u32) -> bool {
         self.jobs
@@ -1542,6 +1649,29 @@ impl Engine {
                 continue;
             };
             let owner = job.snapshot.lease_owner.clone().unwrap_or_default();
+            if job.snapshot.status == JobStatus::Running {
+                // The build may well be going on: adopt the attempt and give its agent the
+                // reconnect grace to dial in and resume here.
+                let until = now.plus(self.config.lease_duration);
+                job.local = Some(Local {
+                    boot_deadline: Some(now.plus(self.config.reconnect_grace)),
+                    adopted_from: Some(owner.clone()),
+                    ..Local::default()
+                });
+                job.snapshot.lease_owner = Some(self.config.owner.clone());
+                job.snapshot.lease_until = Some(until);
+                let attempt = job.snapshot.attempt;
+                self.touch(&id);
+                self.actions
+                    .push_back(Action::Persist(Transition::AttemptAdopted {
+                        job_id: id,
+                        attempt,
+                        from: owner,
+                        owner: self.config.owner.clone(),
+                        lease_until: until,
+                    }));
+                continue;
+            }
             // End the other core's attempt as an infrastructure failure, as if it were ours.
             job.local = Some(Local::default());
             let message = format!("the lease of core {owner} expired (that core stopped)");

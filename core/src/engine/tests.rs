@@ -79,6 +79,8 @@ struct World {
     sent: HashMap<(String, u32), Vec<Via>>,
     cancels: Vec<(String, u32)>,
     terminated: Vec<(String, u32, Option<String>)>,
+    /// Attempts handed back (shutdown) without ending.
+    released: Vec<(String, u32)>,
     claims_seen: Vec<Vec<Claim>>,
     /// Claims the store refuses (another replica won them).
     refuse: BTreeSet<String>,
@@ -102,6 +104,7 @@ impl World {
             sent: HashMap::new(),
             cancels: Vec::new(),
             terminated: Vec::new(),
+            released: Vec::new(),
             claims_seen: Vec::new(),
             refuse: BTreeSet::new(),
             violations: Vec::new(),
@@ -291,6 +294,7 @@ impl World {
                     attempt,
                     instance_id,
                 } => self.terminated.push((job_id, attempt, instance_id)),
+                Action::Release { job_id, attempt } => self.released.push((job_id, attempt)),
             }
         }
     }
@@ -416,6 +420,36 @@ impl World {
                 let stored = self.jobs.get_mut(&job_id).expect("known");
                 stored.owner = None;
                 stored.end = Some(end);
+            }
+            Transition::AttemptAdopted {
+                job_id,
+                attempt,
+                from,
+                owner,
+                ..
+            } => {
+                let stored = self.jobs.get_mut(&job_id).expect("known");
+                if stored.attempt != attempt
+                    || stored.owner.as_deref() != Some(from.as_str())
+                    || stored.status != JobStatus::Running
+                {
+                    self.violations.push(format!(
+                        "adoption of {job_id}#{attempt} from {from} does not match {stored:?}"
+                    ));
+                    return;
+                }
+                stored.owner = Some(owner);
+            }
+            Transition::AttemptReleased {
+                job_id,
+                attempt,
+                owner,
+            } => {
+                let stored = &self.jobs[&job_id];
+                if stored.attempt != attempt || stored.owner.as_deref() != Some(owner.as_str()) {
+                    self.violations
+                        .push(format!("release of {job_id}#{attempt} by a non-owner"));
+                }
             }
             Transition::LeasesRenewed { .. } => {}
         }
@@ -936,17 +970,119 @@ fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
         "its lease is still valid"
     );
     world.advance(Duration::from_secs(3));
+    // A running build may be going on: the attempt is adopted, not ended, and its agent gets
+    // the reconnect grace.
+    assert_eq!(world.status("f"), JobStatus::Running);
+    assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
+    assert!(world.terminated.is_empty(), "{:?}", world.terminated);
+    assert!(world.engine.awaits_agent("f", 1));
+    // The agent never dials in: at the end of the grace the attempt is lost, its instance
+    // terminated, and the job requeued as an infrastructure failure, then claimed by this
+    // core as attempt 2.
+    world.advance(Duration::from_secs(119));
+    assert_eq!(world.status("f"), JobStatus::Running);
+    world.advance(Duration::from_secs(1));
     assert!(
         world
             .terminated
-            .contains(&("f".into(), 1, Some("i-foreign".into())))
+            .iter()
+            .any(|(job, attempt, _)| job == "f" && *attempt == 1),
+        "{:?}",
+        world.terminated
     );
-    // Requeued as an infrastructure failure, then claimed by this core as attempt 2.
+    match &world.jobs["f"].end {
+        Some(JobEnd::Requeued { infra_failures, .. }) => assert_eq!(*infra_failures, 1),
+        other => panic!("{other:?}"),
+    }
     world.advance(Duration::from_secs(5));
     assert_eq!(world.status("f"), JobStatus::Provisioning);
     assert_eq!(world.jobs["f"].attempt, 2);
     assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
     assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn an_adopted_attempt_whose_agent_reconnects_resumes_and_completes() {
+    let mut world = World::new(config());
+    let mut foreign = build("f");
+    foreign.status = JobStatus::Running;
+    foreign.attempt = 1;
+    foreign.lease_owner = Some("core-b/7".into());
+    foreign.lease_until = Some(world.now);
+    let snapshot = RunSnapshot {
+        status: RunStatus::Building,
+        ..run("r2", "env2", 2, vec![foreign])
+    };
+    world
+        .runs
+        .insert("r2".into(), (RunStatus::Building, None, None));
+    world.jobs.insert(
+        "f".into(),
+        StoredJob {
+            run: "r2".into(),
+            kind: JobKind::Build,
+            status: JobStatus::Running,
+            attempt: 1,
+            owner: Some("core-b/7".into()),
+            end: None,
+        },
+    );
+    world.input(Input::Load(snapshot));
+    world.advance(Duration::from_secs(1));
+    assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
+    world.advance(Duration::from_secs(60));
+    world.input(Input::AgentConnected {
+        job_id: "f".into(),
+        attempt: 1,
+    });
+    // The agent already has its work: the link resumes it.
+    assert_eq!(world.sent[&("f".to_string(), 1)], vec![Via::Adopted]);
+    assert!(!world.engine.awaits_agent("f", 1));
+    // Past the grace nothing happens now; the attempt ends with its STATUS.
+    world.advance(Duration::from_secs(120));
+    assert_eq!(world.status("f"), JobStatus::Running);
+    finish(&mut world, "f", completed("f"));
+    assert_eq!(world.status("f"), JobStatus::Completed);
+    assert_eq!(world.created.len(), 0, "no new instance");
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn a_refused_adoption_lets_the_attempt_go_without_touching_it() {
+    let mut world = World::new(config());
+    let mut foreign = build("f");
+    foreign.status = JobStatus::Running;
+    foreign.attempt = 1;
+    foreign.lease_owner = Some("core-b/7".into());
+    foreign.lease_until = Some(world.now);
+    world
+        .runs
+        .insert("r2".into(), (RunStatus::Building, None, None));
+    world.jobs.insert(
+        "f".into(),
+        StoredJob {
+            run: "r2".into(),
+            kind: JobKind::Build,
+            status: JobStatus::Running,
+            attempt: 1,
+            owner: Some("core-b/7".into()),
+            end: None,
+        },
+    );
+    world.input(Input::Load(RunSnapshot {
+        status: RunStatus::Building,
+        ..run("r2", "env2", 2, vec![foreign])
+    }));
+    world.advance(Duration::from_secs(1));
+    assert!(world.engine.awaits_agent("f", 1));
+    // The store said no (core-b renewed after all): this core forgets it, terminates nothing.
+    world.input(Input::AdoptionRefused {
+        job_id: "f".into(),
+        attempt: 1,
+    });
+    assert!(!world.engine.awaits_agent("f", 1));
+    world.advance(Duration::from_secs(200));
+    assert!(world.terminated.is_empty(), "{:?}", world.terminated);
 }
 
 #[test]
@@ -990,11 +1126,17 @@ fn a_previous_incarnation_of_this_core_is_taken_over_at_once() {
         },
     );
     world.input(Input::Load(snapshot));
-    // Requeued without waiting for the lease; claimed after the first backoff.
+    // Adopted without waiting for the lease: the build may still run, its agent dials in.
+    assert_eq!(world.status("b"), JobStatus::Running);
+    assert_eq!(world.jobs["b"].owner.as_deref(), Some(OWNER));
+    assert!(world.engine.awaits_agent("b", 1));
+    // It does not: requeued after the grace, claimed after the first backoff.
+    world.advance(Duration::from_secs(120));
     assert_eq!(world.status("b"), JobStatus::Queued);
     world.advance(Duration::from_secs(5));
     assert_eq!(world.jobs["b"].attempt, 2);
     assert!(!world.created.keys().any(|(job, _)| job == "done"));
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
 
 #[test]
@@ -1026,16 +1168,31 @@ fn draining_hands_jobs_back_without_spending_retries_and_stops_claiming() {
     let mut world = World::new(config);
     world.submit(run("r1", "env", 1, vec![build("a"), build("b")]));
     boot(&mut world, "a");
+    world.engine.handle(Input::Drain, world.now).unwrap();
+    world.pump();
+    // A running build goes on: handed back (lease ended), not ended, not terminated.
+    assert_eq!(world.status("a"), JobStatus::Running);
+    assert_eq!(world.released, vec![("a".to_string(), 1)]);
+    assert!(world.jobs["a"].end.is_none());
+    assert!(!world.terminated.iter().any(|(job, ..)| job == "a"));
+    world.advance(Duration::from_secs(60));
+    assert_eq!(world.status("b"), JobStatus::Queued);
+    assert_eq!(world.claims_seen.len(), 1);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn draining_hands_a_booting_attempt_back_to_the_queue_without_spending_retries() {
+    let mut world = World::new(config());
+    world.submit(run("r1", "env", 1, vec![build("a")]));
+    assert_eq!(world.status("a"), JobStatus::Provisioning);
     world.input(Input::Drain);
     assert_eq!(world.status("a"), JobStatus::Queued);
     match &world.jobs["a"].end {
         Some(JobEnd::Requeued { infra_failures, .. }) => assert_eq!(*infra_failures, 0),
         other => panic!("{other:?}"),
     }
-    world.advance(Duration::from_secs(60));
-    assert_eq!(world.status("a"), JobStatus::Queued);
-    assert_eq!(world.status("b"), JobStatus::Queued);
-    assert_eq!(world.claims_seen.len(), 1);
+    assert!(world.released.is_empty());
 }
 
 #[test]

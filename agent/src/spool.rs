@@ -1,0 +1,441 @@
+//! The agent's on-disk log spool: every piece of job output is appended here first (masked,
+//! numbered), sent from here, and trimmed only when the core acknowledges it as stored. A
+//! dropped connection loses nothing: after a reconnect the agent rewinds to the position the
+//! core names and sends again from the disk.
+//!
+//! Memory stays flat whatever the volume: records live in segment files of
+//! [`SEGMENT_BYTES`]; the writer and the reader each hold one small buffer. The spool has a
+//! size cap: past it, output is counted, not kept, and once there is room again one marker
+//! line says how much was dropped (the build itself never stops for it).
+//!
+//! Record layout (little endian): `u32 data length, u64 seq, u8 stream, data`.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use stagely_protocol::LogStream;
+
+/// Size at which a segment file is closed and a new one begun; acknowledged output is freed
+/// a whole segment at a time.
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Default cap on the spool's size on disk (`spool_max_bytes` in `agent.toml`).
+pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+const HEADER_BYTES: u64 = 4 + 8 + 1;
+const IO_BUFFER: usize = 64 * 1024;
+
+/// One spooled piece of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub stream: LogStream,
+    pub data: String,
+}
+
+struct Segment {
+    path: PathBuf,
+    first_seq: u64,
+    /// Seq of the last record written to it (`first_seq - 1` while empty).
+    last_seq: u64,
+    bytes: u64,
+}
+
+struct Cursor {
+    /// The segment being read, by its first seq.
+    segment_first: u64,
+    reader: BufReader<File>,
+}
+
+/// A bounded, append-only, acknowledged-trimmed log of one job's output.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    segments: VecDeque<Segment>,
+    writer: Option<BufWriter<File>>,
+    unflushed: bool,
+    /// Seq the next record gets.
+    next_seq: u64,
+    /// Seq of the next record to read (send).
+    read_seq: u64,
+    cursor: Option<Cursor>,
+    acked: u64,
+    bytes: u64,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+}
+
+impl Spool {
+    /// An empty spool in `dir` (created; anything there before is removed).
+    pub fn create(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            max_bytes: max_bytes.max(2 * HEADER_BYTES + 1024),
+            segments: VecDeque::new(),
+            writer: None,
+            unflushed: false,
+            next_seq: 1,
+            read_seq: 1,
+            cursor: None,
+            acked: 0,
+            bytes: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        })
+    }
+
+    /// Seq of the last record appended (0 when none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Highest seq the core acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether records remain to be sent.
+    pub fn has_unsent(&self) -> bool {
+        self.read_seq < self.next_seq
+    }
+
+    /// Output dropped because the spool was full and not yet reported by a marker line.
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.dropped_lines, self.dropped_bytes)
+    }
+
+    /// Appends one piece of output; returns its seq, or `None` when the spool is full (the
+    /// piece is counted and a marker line follows once there is room).
+    pub fn append(&mut self, stream: LogStream, data: &str) -> io::Result<Option<u64>> {
+        let need = HEADER_BYTES + data.len() as u64;
+        if self.dropped_lines > 0 {
+            let marker = self.marker();
+            // The marker goes first, and only with room for it and this piece.
+            if self.bytes + HEADER_BYTES + marker.len() as u64 + need > self.max_bytes {
+                self.dropped_lines += 1;
+                self.dropped_bytes += data.len() as u64;
+                return Ok(None);
+            }
+            self.dropped_lines = 0;
+            self.dropped_bytes = 0;
+            self.write_record(LogStream::System, &marker)?;
+        } else if self.bytes + need > self.max_bytes {
+            self.dropped_lines = 1;
+            self.dropped_bytes = data.len() as u64;
+            return Ok(None);
+        }
+        self.write_record(stream, data).map(Some)
+    }
+
+    /// Writes the marker of output still being dropped, if there is room (the job ended).
+    pub fn close_dropped(&mut self) -> io::Result<()> {
+        if self.dropped_lines == 0 {
+            return Ok(());
+        }
+        let marker = self.marker();
+        if self.bytes + HEADER_BYTES + marker.len() as u64 <= self.max_bytes + 1024 {
+            self.dropped_lines = 0;
+            self.dropped_bytes = 0;
+            self.write_record(LogStream::System, &marker)?;
+        }
+        Ok(())
+    }
+
+    fn marker(&self) -> String {
+        format!(
+            "[stagely] {} bytes in {} pieces of output were dropped: the agent's spool reached its limit of {} bytes while the core was not taking output\n",
+            self.dropped_bytes, self.dropped_lines, self.max_bytes
+        )
+    }
+
+    fn write_record(&mut self, stream: LogStream, data: &str) -> io::Result<u64> {
+        let roll = self
+            .segments
+            .back()
+            .is_none_or(|segment| segment.bytes >= SEGMENT_BYTES);
+        if roll {
+            self.writer_flush()?;
+            let path = self.dir.join(format!("{:020}.spool", self.next_seq));
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)?;
+            self.writer = Some(BufWriter::with_capacity(IO_BUFFER, file));
+            self.segments.push_back(Segment {
+                path,
+                first_seq: self.next_seq,
+                last_seq: self.next_seq - 1,
+                bytes: 0,
+            });
+        }
+        let (Some(writer), Some(segment)) = (self.writer.as_mut(), self.segments.back_mut()) else {
+            return Err(io::Error::other("spool has no open segment"));
+        };
+        let seq = self.next_seq;
+        let len = u32::try_from(data.len()).map_err(|_| io::Error::other("piece too long"))?;
+        writer.write_all(&len.to_le_bytes())?;
+        writer.write_all(&seq.to_le_bytes())?;
+        writer.write_all(&[stream_code(stream)])?;
+        writer.write_all(data.as_bytes())?;
+        let size = HEADER_BYTES + data.len() as u64;
+        segment.bytes += size;
+        segment.last_seq = seq;
+        self.bytes += size;
+        self.next_seq += 1;
+        self.unflushed = true;
+        Ok(seq)
+    }
+
+    fn writer_flush(&mut self) -> io::Result<()> {
+        if self.unflushed
+            && let Some(writer) = self.writer.as_mut()
+        {
+            writer.flush()?;
+        }
+        self.unflushed = false;
+        Ok(())
+    }
+
+    /// The core stored everything up to `seq`: whole segments at or below it are deleted.
+    pub fn ack(&mut self, seq: u64) -> io::Result<()> {
+        let seq = seq.min(self.last_seq());
+        if seq <= self.acked {
+            return Ok(());
+        }
+        self.acked = seq;
+        // The segment being written is kept (it may be appended to), unless it is full.
+        while let Some(front) = self.segments.front() {
+            let is_current = self.segments.len() == 1 && front.bytes < SEGMENT_BYTES;
+            if front.last_seq > seq || is_current || front.last_seq < front.first_seq {
+                break;
+            }
+            if let Some(segment) = self.segments.pop_front() {
+                if self.segments.is_empty() {
+                    self.writer_flush()?;
+                    self.writer = None;
+                }
+                if self
+                    .cursor
+                    .as_ref()
+                    .is_some_and(|cursor| cursor.segment_first == segment.first_seq)
+                {
+                    self.cursor = None;
+                }
+                self.bytes -= segment.bytes;
+                std::fs::remove_file(&segment.path)?;
+            }
+        }
+        if self.read_seq <= seq {
+            self.read_seq = seq + 1;
+            self.cursor = None;
+        }
+        Ok(())
+    }
+
+    /// The next read starts after `seq` (the core's stored position after a reconnect).
+    pub fn rewind(&mut self, seq: u64) -> io::Result<()> {
+        self.ack(seq)?;
+        let from = (seq + 1).max(self.acked + 1);
+        if from != self.read_seq {
+            self.read_seq = from;
+            self.cursor = None;
+        }
+        Ok(())
+    }
+
+    /// The next record to send, if any.
+    pub fn next_unsent(&mut self) -> io::Result<Option<Record>> {
+        if !self.has_unsent() {
+            return Ok(None);
+        }
+        self.writer_flush()?;
+        loop {
+            if self.cursor.is_none() {
+                self.cursor = Some(self.open_at(self.read_seq)?);
+            }
+            let Some(cursor) = self.cursor.as_mut() else {
+                return Ok(None);
+            };
+            match read_record(&mut cursor.reader)? {
+                Some(record) if record.seq < self.read_seq => continue,
+                Some(record) => {
+                    self.read_seq = record.seq + 1;
+                    return Ok(Some(record));
+                }
+                None => {
+                    // End of this segment: the next one holds `read_seq`.
+                    let last = self
+                        .segments
+                        .iter()
+                        .find(|segment| segment.first_seq == cursor.segment_first)
+                        .map(|segment| segment.last_seq);
+                    match last {
+                        Some(last) if last >= self.read_seq => {
+                            return Err(io::Error::other(format!(
+                                "spool segment ends before seq {}",
+                                self.read_seq
+                            )));
+                        }
+                        _ => self.cursor = None,
+                    }
+                }
+            }
+        }
+    }
+
+    fn open_at(&self, seq: u64) -> io::Result<Cursor> {
+        let segment = self
+            .segments
+            .iter()
+            .find(|segment| segment.first_seq <= seq && seq <= segment.last_seq)
+            .ok_or_else(|| io::Error::other(format!("seq {seq} is not in the spool")))?;
+        let mut file = File::open(&segment.path)?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(Cursor {
+            segment_first: segment.first_seq,
+            reader: BufReader::with_capacity(IO_BUFFER, file),
+        })
+    }
+
+    /// Removes the spool's files.
+    pub fn remove(self) -> io::Result<()> {
+        drop(self.writer);
+        std::fs::remove_dir_all(&self.dir)
+    }
+}
+
+fn stream_code(stream: LogStream) -> u8 {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+        LogStream::System => 2,
+    }
+}
+
+fn read_record(reader: &mut impl Read) -> io::Result<Option<Record>> {
+    let mut header = [0u8; HEADER_BYTES as usize];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let mut seq_bytes = [0u8; 8];
+    seq_bytes.copy_from_slice(&header[4..12]);
+    let seq = u64::from_le_bytes(seq_bytes);
+    let stream = match header[12] {
+        0 => LogStream::Stdout,
+        1 => LogStream::Stderr,
+        _ => LogStream::System,
+    };
+    let mut data = vec![0u8; len];
+    reader.read_exact(&mut data)?;
+    let data = String::from_utf8(data).map_err(|_| io::Error::other("spool record not UTF-8"))?;
+    Ok(Some(Record { seq, stream, data }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(spool: &mut Spool) -> Vec<Record> {
+        let mut out = Vec::new();
+        while let Some(record) = spool.next_unsent().unwrap() {
+            out.push(record);
+        }
+        out
+    }
+
+    #[test]
+    fn records_come_back_in_order_and_a_rewind_resends_from_the_named_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(&dir.path().join("s"), DEFAULT_MAX_BYTES).unwrap();
+        for i in 1..=10 {
+            assert_eq!(
+                spool
+                    .append(LogStream::Stdout, &format!("line {i}\n"))
+                    .unwrap(),
+                Some(i)
+            );
+        }
+        let first = drain(&mut spool);
+        assert_eq!(first.len(), 10);
+        assert_eq!(first[9].data, "line 10\n");
+        // Interleaved appends and reads.
+        spool.append(LogStream::Stderr, "late\n").unwrap();
+        assert_eq!(drain(&mut spool)[0].stream, LogStream::Stderr);
+        // The core stored up to 4: everything after is sent again.
+        spool.rewind(4).unwrap();
+        let again = drain(&mut spool);
+        assert_eq!(
+            again.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (5..=11).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn acknowledged_segments_are_deleted_and_reading_crosses_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(&dir.path().join("s"), DEFAULT_MAX_BYTES).unwrap();
+        let piece = "x".repeat(64 * 1024 - 1) + "\n";
+        let count = (3 * SEGMENT_BYTES / piece.len() as u64) + 5;
+        for _ in 0..count {
+            spool.append(LogStream::Stdout, &piece).unwrap();
+        }
+        let files = || std::fs::read_dir(dir.path().join("s")).unwrap().count();
+        assert_eq!(files(), 4);
+        let all = drain(&mut spool);
+        assert_eq!(all.len() as u64, count);
+        assert!(all.iter().all(|r| r.data == piece));
+        spool.ack(count - 1).unwrap();
+        assert_eq!(files(), 1, "only the segment being written stays");
+        assert!(spool.bytes() < SEGMENT_BYTES);
+        // A rewind to an acknowledged position cannot go behind the ACK.
+        spool.rewind(0).unwrap();
+        assert_eq!(drain(&mut spool).len(), 1);
+    }
+
+    #[test]
+    fn a_full_spool_drops_and_says_so_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(&dir.path().join("s"), 2 * SEGMENT_BYTES).unwrap();
+        let piece = "y".repeat(1023) + "\n";
+        let mut kept = 0u64;
+        let mut dropped = 0u64;
+        for _ in 0..(3 * SEGMENT_BYTES / 1024) {
+            match spool.append(LogStream::Stdout, &piece).unwrap() {
+                Some(_) => kept += 1,
+                None => dropped += 1,
+            }
+        }
+        assert!(dropped > 0 && kept > 0);
+        assert!(spool.bytes() <= 2 * SEGMENT_BYTES);
+        assert_eq!(spool.dropped().0, dropped);
+        // The core takes everything: room again, and the next piece is preceded by a marker.
+        let last = spool.last_seq();
+        drain(&mut spool);
+        spool.ack(last).unwrap();
+        let seq = spool.append(LogStream::Stdout, "after\n").unwrap().unwrap();
+        let tail = drain(&mut spool);
+        assert_eq!(tail.len(), 2);
+        assert_eq!(tail[0].stream, LogStream::System);
+        assert!(
+            tail[0]
+                .data
+                .contains(&format!("{} bytes in {dropped} pieces", dropped * 1024)),
+            "{}",
+            tail[0].data
+        );
+        assert_eq!(tail[1].seq, seq);
+        assert_eq!(tail[1].data, "after\n");
+    }
+}
