@@ -384,7 +384,8 @@ enum Broken {
     Agent(anyhow::Error),
 }
 
-type Redial = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<(Conn, u64)>> + Send>>;
+type Redial =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<(Conn, u64)>> + Send>>;
 
 /// One job, from its work frame to its acknowledged STATUS, across any number of
 /// connections.
@@ -460,9 +461,15 @@ impl JobLink<'_> {
         let result: anyhow::Result<()> = loop {
             // Send what is spooled (and the STATUS after the last line) while connected.
             if let Some(open) = conn.as_mut() {
-                let pumped =
-                    pump(open, &mut spool, &job_id, &mut notice, status.as_ref(), &mut status_sent)
-                        .await;
+                let pumped = pump(
+                    open,
+                    &mut spool,
+                    &job_id,
+                    &mut notice,
+                    status.as_ref(),
+                    &mut status_sent,
+                )
+                .await;
                 match pumped {
                     Ok(sent_status) => {
                         if sent_status {
@@ -471,7 +478,15 @@ impl JobLink<'_> {
                     }
                     Err(Broken::Agent(error)) => break Err(error),
                     Err(Broken::Connection(error)) => {
-                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
+                        self.lost(
+                            conn,
+                            &mut redial,
+                            &mut lost_at,
+                            &spool,
+                            &job_id,
+                            attempt,
+                            error,
+                        );
                         status_sent = false;
                         ack_deadline = None;
                     }
@@ -721,7 +736,13 @@ impl JobLink<'_> {
 fn safe_name(job_id: &str) -> String {
     let name: String = job_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect();
     if name.is_empty() { "job".into() } else { name }
@@ -796,7 +817,11 @@ async fn pump(
 /// Dials the core again and resumes the job: a HELLO naming it, answered by RESUME with the
 /// highest seq the core stored. Retried with backoff and jitter until `give_up_at`; a refused
 /// token (the attempt is over) or a refusal of the HELLO is final.
-async fn resume(dialer: Dialer, hello: Hello, give_up_at: tokio::time::Instant) -> anyhow::Result<(Conn, u64)> {
+async fn resume(
+    dialer: Dialer,
+    hello: Hello,
+    give_up_at: tokio::time::Instant,
+) -> anyhow::Result<(Conn, u64)> {
     use backon::{ExponentialBuilder, Retryable};
     let attempt = || async {
         let socket = dialer.dial_once().await?;
@@ -810,7 +835,10 @@ async fn resume(dialer: Dialer, hello: Hello, give_up_at: tokio::time::Instant) 
                     Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
                         Ok(Message::Resume(resume)) => return Ok(resume.seq),
                         Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
-                        Ok(other) => bail!("the core answered a resuming HELLO with {}", other.type_name()),
+                        Ok(other) => bail!(
+                            "the core answered a resuming HELLO with {}",
+                            other.type_name()
+                        ),
                         Err(error) => bail!("the core sent a malformed frame: {error}"),
                     },
                     Some(Ok(WsMessage::Close(frame))) => {
@@ -878,7 +906,9 @@ where
     match tokio::time::timeout(SEND_LIMIT, sender.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(anyhow!(error)),
-        Err(_) => Err(anyhow!("the core did not take frames within {SEND_LIMIT:?}")),
+        Err(_) => Err(anyhow!(
+            "the core did not take frames within {SEND_LIMIT:?}"
+        )),
     }
 }
 

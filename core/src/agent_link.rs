@@ -32,7 +32,7 @@ pub enum LinkCommand {
     /// Stop the build: CANCEL to the agent (SIGTERM, SIGKILL after its grace).
     Cancel(String),
     /// The attempt's agent dialled again (its connection dropped): serve it on this one.
-    Reconnected(WebSocket),
+    Reconnected(Box<WebSocket>),
 }
 
 /// One attempt's work.
@@ -235,14 +235,15 @@ impl<'a> Link<'a> {
             // Taken over from a core that stopped: its lines so far are stored; the agent
             // resends whatever came after.
             let read = async {
-                let base = crate::db::retry_transient(|| db.attempt_log_base(job_id, attempt)).await?;
+                let base =
+                    crate::db::retry_transient(|| db.attempt_log_base(job_id, attempt)).await?;
                 let stored = crate::db::retry_transient(|| db.last_log_seq(job_id)).await?;
                 let (_, bytes) = crate::db::retry_transient(|| db.log_stats(job_id)).await?;
                 Ok::<_, crate::db::DbError>((base, stored, bytes))
             };
-            let (base, stored, bytes) = read
-                .await
-                .map_err(|error| format!("reading the adopted attempt's log position failed: {error}"))?;
+            let (base, stored, bytes) = read.await.map_err(|error| {
+                format!("reading the adopted attempt's log position failed: {error}")
+            })?;
             link.base = base;
             link.resume_from = u64::try_from(stored - base).unwrap_or(0);
             link.budget = LogBudget::resumed(context.max_log_bytes_per_job, bytes.max(0) as u64);
@@ -440,6 +441,7 @@ impl<'a> Link<'a> {
                 command = commands.recv() => match command {
                     Some(LinkCommand::Cancel(reason)) => session.cancel(reason),
                     Some(LinkCommand::Reconnected(newer)) => {
+                        let newer = *newer;
                         // What arrived on the old connection is stored first, so RESUME names
                         // every line the agent need not send again.
                         self.flush(&mut session).await?;

@@ -593,10 +593,12 @@ impl LoopState {
                     // The agent dialled again (its connection dropped): the link resumes it
                     // on the new socket.
                     tracing::info!(%job_id, attempt, "the agent reconnected");
-                    if let Err(error) = link.try_send(LinkCommand::Reconnected(socket)) {
+                    if let Err(error) = link.try_send(LinkCommand::Reconnected(Box::new(socket))) {
                         let socket = match error {
                             mpsc::error::TrySendError::Full(LinkCommand::Reconnected(socket))
-                            | mpsc::error::TrySendError::Closed(LinkCommand::Reconnected(socket)) => socket,
+                            | mpsc::error::TrySendError::Closed(LinkCommand::Reconnected(socket)) => {
+                                *socket
+                            }
                             _ => return,
                         };
                         self.spawn_close(socket);
@@ -1052,7 +1054,7 @@ impl LoopState {
                             Some(LinkCommand::Work(order)) => break *order,
                             // The agent dialled again before its work went out: the newer
                             // connection is the one to serve.
-                            Some(LinkCommand::Reconnected(newer)) => socket = newer,
+                            Some(LinkCommand::Reconnected(newer)) => socket = *newer,
                             _ => {
                                 agent_link::close(&mut socket, None).await;
                                 return;

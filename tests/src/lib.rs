@@ -1091,13 +1091,13 @@ impl ServeProcess {
         serde_json::from_str(&body).expect("run view")
     }
 
-    /// Every stored line of a job with the time the core stored it (unix ms).
+    /// Every stored line of a job with its seq.
     pub async fn log_lines(&self, job_id: &str) -> Vec<(i64, String)> {
         all_log_lines(&self.client, &self.url, job_id)
             .await
             .expect("the job's log")
             .into_iter()
-            .map(|l| (l.timestamp, l.line))
+            .map(|l| (l.seq, l.line))
             .collect()
     }
 

@@ -161,11 +161,20 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
     refused_with(connect(&core, Some("stg_wrong")).await, 401);
     refused_with(connect(&core, Some(&format!("{token}x"))).await, 401);
 
-    let mut agent = connect(&core, Some(token))
+    let mut first = connect(&core, Some(token))
         .await
         .expect("the right token is accepted");
-    // A second connection with the same token is refused: tokens are one-time.
-    refused_with(connect(&core, Some(token)).await, 401);
+    // A token is good until its attempt ends: a second connection with it (the agent dialling
+    // again) replaces the first, which the core lets go.
+    let mut agent = connect(&core, Some(token))
+        .await
+        .expect("the token is still good while its attempt lives");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.send(Ws::text(hello())).await.ok();
+    match tokio::time::timeout(Duration::from_secs(10), first.next()).await {
+        Ok(Some(Ok(Ws::Close(_))) | None | Some(Err(_))) => {}
+        other => panic!("the replaced connection was not let go: {other:?}"),
+    }
 
     agent.send(Ws::text(hello())).await.unwrap();
     let Message::Build(build) = next_message(&mut agent).await else {
@@ -223,7 +232,7 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
     let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
     assert_eq!(view.jobs[0].status, "failed");
     assert_eq!(view.jobs[0].exit_code, Some(2));
-    // The instance was terminated, and the spent token is still refused.
+    // The instance was terminated, and the token of the ended attempt is refused.
     assert_eq!(
         *provider.terminated.lock().unwrap(),
         vec!["rec-0".to_string()]
@@ -661,5 +670,167 @@ async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
         "{message}"
     );
     assert!(!message.contains(&core.registry.password));
+    core.stop().await;
+}
+
+fn resume_hello(job_id: &str, attempt: Option<u32>, acked_seq: u64) -> String {
+    encode(&Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        instance_id: "hand-driven".into(),
+        arch: Arch::Amd64,
+        builders: vec![BuilderKind::Buildah],
+        emulated_arches: vec![],
+        accepts_more_work: false,
+        job_id: Some(job_id.into()),
+        attempt,
+        acked_seq: Some(acked_seq),
+    }))
+}
+
+fn line(job_id: &str, seq: u64) -> Message {
+    Message::Log(Log {
+        job_id: job_id.into(),
+        stream: LogStream::Stdout,
+        data: format!("line {seq}\n"),
+        seq: Some(seq),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_agent_resumes_where_the_store_ends_and_no_line_is_lost_or_doubled() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let (provider, mut core) = hand_driven_core().await;
+    let run = submit_builds(&core, &["api"]).await;
+    let (job_id, token) = tokens(&provider, 1).await.remove(0);
+    let mut agent = connect(&core, Some(&token)).await.unwrap();
+    agent.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(build) = next_message(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    assert_eq!(build.attempt, Some(1), "the BUILD names its attempt");
+    for seq in 1..=3 {
+        send(&mut agent, line(&job_id, seq)).await;
+    }
+    // The core acknowledges once it stored them.
+    loop {
+        if let Message::Ack(ack) = next_message(&mut agent).await
+            && ack.seq == 3
+        {
+            break;
+        }
+    }
+    // Two more go out, then the connection drops without a close frame.
+    send(&mut agent, line(&job_id, 4)).await;
+    send(&mut agent, line(&job_id, 5)).await;
+    drop(agent);
+
+    // The agent dials again with the same token, naming its job, attempt and last ACK.
+    let mut agent = connect(&core, Some(&token)).await.unwrap();
+    agent
+        .send(Ws::text(resume_hello(&job_id, Some(1), 3)))
+        .await
+        .unwrap();
+    let Message::Resume(resume) = next_message(&mut agent).await else {
+        panic!("expected RESUME")
+    };
+    assert_eq!(resume.job_id, job_id);
+    assert_eq!(
+        resume.seq, 5,
+        "lines 4 and 5 reached the store before the drop"
+    );
+    // It resends from its last ACK anyway (it cannot know): duplicates are dropped.
+    for seq in 4..=7 {
+        send(&mut agent, line(&job_id, seq)).await;
+    }
+    send(
+        &mut agent,
+        Message::Status(Status {
+            job_id: job_id.clone(),
+            state: JobState::Failed,
+            exit_code: Some(1),
+            artifact_url: None,
+            digest: None,
+            error: Some("builder exited with status 1".into()),
+            never_ran: None,
+            seq: Some(8),
+        }),
+    )
+    .await;
+    loop {
+        if let Message::Ack(ack) = next_message(&mut agent).await
+            && ack.seq == 8
+        {
+            break;
+        }
+    }
+    let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
+    assert_eq!(view.jobs[0].status, "failed");
+    assert_eq!(view.jobs[0].exit_code, Some(1));
+    assert_eq!(
+        view.jobs[0].attempts.len(),
+        1,
+        "the build was never restarted"
+    );
+    let stored = all_log_lines(&core.client, &core.url, &job_id)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = stored.iter().map(|line| line.seq).collect();
+    let lines: Vec<&str> = stored.iter().map(|line| line.line.as_str()).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<i64>>());
+    let expected: Vec<String> = (1..=7).map(|seq| format!("line {seq}\n")).collect();
+    assert_eq!(lines, expected);
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_does_not_come_back_within_the_grace_is_lost_and_retried() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let provider = Arc::new(RecordingProvider::default());
+    let mut core =
+        TestCore::start_with_provider_on(provider.clone(), Backend::from_env(), |file| {
+            file.scheduler.agent_reconnect_grace_secs = Some(2);
+            file.scheduler.retry_backoff_secs = Some(1);
+        })
+        .await
+        .unwrap();
+    let run = submit_builds(&core, &["api"]).await;
+    let (job_id, token) = tokens(&provider, 1).await.remove(0);
+    let mut agent = agent_with_build(&core, &token).await;
+    send(&mut agent, line(&job_id, 1)).await;
+    drop(agent);
+    // Within the grace the attempt lives; after it, it is lost and a second one starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(core.run(&run.id).await.unwrap().jobs[0].status, "running");
+    let second = poll_until(Duration::from_secs(20), "a second attempt", || async {
+        let tokens = provider.tokens();
+        Ok((
+            (tokens.len() == 2).then_some(()),
+            format!("{} instance(s)", tokens.len()),
+        ))
+    })
+    .await;
+    let _ = second;
+    let view = core.run(&run.id).await.unwrap();
+    let first = &view.jobs[0].attempts[0];
+    assert_eq!(
+        first.outcome.as_deref(),
+        Some("infrastructure"),
+        "{first:?}"
+    );
+    assert!(
+        first
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not reconnect within 2s"),
+        "{first:?}"
+    );
+    // The old token died with its attempt.
+    refused_with(connect(&core, Some(&token)).await, 401);
     core.stop().await;
 }

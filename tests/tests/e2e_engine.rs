@@ -324,6 +324,8 @@ async fn an_agent_killed_mid_build_is_retried_on_a_new_instance_and_completes() 
     ]);
     let mut core = TestCore::start_configured(|file| {
         file.scheduler.retry_backoff_secs = Some(1);
+        // A dead agent never dials again: its attempt is lost once the grace is over.
+        file.scheduler.agent_reconnect_grace_secs = Some(2);
     })
     .await
     .unwrap();

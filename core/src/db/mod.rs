@@ -1574,7 +1574,11 @@ mod tests {
         .unwrap();
         let reap = |at: i64| {
             let db = db.clone();
-            async move { db.instances_to_reap(Timestamp(at), std::time::Duration::ZERO).await.unwrap() }
+            async move {
+                db.instances_to_reap(Timestamp(at), std::time::Duration::ZERO)
+                    .await
+                    .unwrap()
+            }
         };
         assert!(reap(1_000).await.is_empty(), "lease holds, lifetime left");
         assert_eq!(

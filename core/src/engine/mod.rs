@@ -334,7 +334,10 @@ pub enum Action {
     },
     /// Let go of the attempt's agent connection without ending the attempt (this core shuts
     /// down; the agent dials another core and resumes there).
-    Release { job_id: String, attempt: u32 },
+    Release {
+        job_id: String,
+        attempt: u32,
+    },
     /// Close the attempt's agent connection (if any) and terminate its instance.
     Terminate {
         job_id: String,
@@ -551,7 +554,10 @@ impl Engine {
             Input::AdoptionRefused { job_id, attempt } => {
                 if self.is_current_own(&job_id, attempt)
                     && let Some(job) = self.jobs.get_mut(&job_id)
-                    && job.local.as_ref().is_some_and(|local| local.adopted_from.is_some())
+                    && job
+                        .local
+                        .as_ref()
+                        .is_some_and(|local| local.adopted_from.is_some())
                 {
                     job.local = None;
                 }
@@ -613,10 +619,7 @@ impl Engine {
                     };
                     self.end_attempt(
                         &job_id,
-                        AttemptOutcome::Infrastructure {
-                            kind,
-                            message,
-                        },
+                        AttemptOutcome::Infrastructure { kind, message },
                         now,
                     );
                 }
