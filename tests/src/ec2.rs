@@ -565,6 +565,44 @@ impl Hypervisor {
     }
 
     /// The next `count` launches are left unbooted: their agent never dials.
+    /// Takes an instance's network link down (`up = false`: a dead network, not a reset;
+    /// its connections see nothing at all) or back up.
+    pub fn set_link(&self, instance_id: &str, up: bool) -> Result<(), String> {
+        let namespace = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .booted
+            .get(instance_id)
+            .map(|booted| booted.namespace.clone())
+            .ok_or_else(|| format!("{instance_id} is not running"))?;
+        let (prefix, n) = namespace
+            .rsplit_once('n')
+            .ok_or_else(|| format!("unexpected namespace {namespace}"))?;
+        let inside = format!("{prefix}i{n}");
+        ip(&[
+            "-n",
+            &namespace,
+            "link",
+            "set",
+            &inside,
+            if up { "up" } else { "down" },
+        ])?;
+        if up {
+            // Taking the link down dropped the default route with it.
+            let _ = ip(&[
+                "-n",
+                &namespace,
+                "route",
+                "replace",
+                "default",
+                "via",
+                &HOST_IP.to_string(),
+            ]);
+        }
+        Ok(())
+    }
+
     pub fn hold_next(&self, count: usize) {
         self.state.lock().unwrap().hold_next = count;
     }
@@ -836,8 +874,11 @@ impl World {
             *value = config_path.to_string_lossy().into_owned();
         }
         let log = std::fs::File::create(root.join("agent.log")).map_err(|e| e.to_string())?;
-        let child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &namespace])
+        // `nsenter --net`, not `ip netns exec`: the latter mounts a fresh /sys for the
+        // namespace, which hides the cgroup mount runc needs for RUN steps.
+        let child = tokio::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{namespace}"))
+            .arg("--")
             .arg(&self.agent)
             .args(&args)
             .env_clear()

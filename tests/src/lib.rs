@@ -23,7 +23,9 @@ use stagely_core::registry::LocalRegistry;
 use stagely_core::server::{self, RunningCore};
 use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
 
+pub mod counting;
 pub mod ec2;
+pub mod proxy;
 
 /// True when running under CI, where a missing peer is a failure.
 pub fn in_ci() -> bool {

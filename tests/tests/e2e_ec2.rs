@@ -605,3 +605,68 @@ async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
     hypervisor.shut_down().await;
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_builder_whose_network_link_dies_mid_stream_resumes_and_loses_no_line() {
+    use stagely_tests::counting::{assert_exact, counting_repo, numbered};
+    // The link stays dead past the core's heartbeat timeout (30 s, the shortest allowed):
+    // the core drops its side; once the link is back the agent's connection is reset, and
+    // it dials again and resumes.
+    let Some(fleet) = fleet(
+        |_| {},
+        |file| file.scheduler.heartbeat_timeout_secs = Some(30),
+    )
+    .await
+    else {
+        return;
+    };
+    let repo = counting_repo();
+    let run = fleet.core.submit(&repo, None, "pr-link").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+    poll_until(
+        Duration::from_secs(120),
+        "a couple thousand lines",
+        || async {
+            let lines: Vec<(i64, String)> =
+                all_log_lines(&fleet.core.client, &fleet.core.url, &job_id)
+                    .await?
+                    .into_iter()
+                    .map(|l| (l.seq, l.line))
+                    .collect();
+            let count = numbered(&lines).len();
+            let view = fleet.core.run(&run.id).await?;
+            if view.status != "building" {
+                panic!("the run ended early: {}", fleet.diagnose(&view).await);
+            }
+            Ok(((count >= 2000).then_some(()), format!("{count} lines")))
+        },
+    )
+    .await;
+    let instance = fleet.hypervisor.launches()[0].instance_id.clone();
+    fleet.hypervisor.set_link(&instance, false).unwrap();
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    fleet.hypervisor.set_link(&instance, true).unwrap();
+    let view = fleet.core.wait_finished(&run.id, RUN_TIMEOUT).await;
+    assert_eq!(view.status, "completed", "{}", fleet.diagnose(&view).await);
+    let job = &view.jobs[0];
+    assert_eq!(
+        job.attempts.len(),
+        1,
+        "the build restarted: {:?}",
+        job.attempts
+    );
+    let agent_log = fleet.hypervisor.agent_log(&instance);
+    assert!(
+        agent_log.contains("reconnected to the core"),
+        "the link cut did not break the connection, so this proves little:\n{agent_log}"
+    );
+    let stored: Vec<(i64, String)> = all_log_lines(&fleet.core.client, &fleet.core.url, &job_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.seq, l.line))
+        .collect();
+    assert_exact(&stored);
+    fleet.wait_no_instances(&run.id).await;
+    fleet.finish().await;
+}
