@@ -806,7 +806,7 @@ async fn an_agent_that_does_not_come_back_within_the_grace_is_lost_and_retried()
     // Within the grace the attempt lives; after it, it is lost and a second one starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(core.run(&run.id).await.unwrap().jobs[0].status, "running");
-    let second = poll_until(Duration::from_secs(20), "a second attempt", || async {
+    poll_until(Duration::from_secs(20), "a second attempt", || async {
         let tokens = provider.tokens();
         Ok((
             (tokens.len() == 2).then_some(()),
@@ -814,7 +814,6 @@ async fn an_agent_that_does_not_come_back_within_the_grace_is_lost_and_retried()
         ))
     })
     .await;
-    let _ = second;
     let view = core.run(&run.id).await.unwrap();
     let first = &view.jobs[0].attempts[0];
     assert_eq!(
