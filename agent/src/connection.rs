@@ -884,47 +884,44 @@ async fn resume(
     }
 }
 
+/// One sink operation within [`SEND_LIMIT`]: a core that stops reading cannot stall the
+/// agent forever. `what` names the frame(s) for the error.
+async fn within_send_limit<F>(operation: F, what: &str) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), tungstenite::Error>>,
+{
+    match tokio::time::timeout(SEND_LIMIT, operation).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(anyhow!(error)),
+        Err(_) => Err(anyhow!(
+            "the core did not take {what} within {SEND_LIMIT:?}"
+        )),
+    }
+}
+
 /// Queues one frame without flushing (a batch is flushed by [`flush_frames`]).
 async fn feed_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
-    match tokio::time::timeout(SEND_LIMIT, sender.feed(WsMessage::text(encode(frame)))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(anyhow!(error)),
-        Err(_) => Err(anyhow!(
-            "the core did not take a {} frame within {SEND_LIMIT:?}",
-            frame.type_name()
-        )),
-    }
+    let what = format!("a {} frame", frame.type_name());
+    within_send_limit(sender.feed(WsMessage::text(encode(frame))), &what).await
 }
 
 async fn flush_frames<S>(sender: &mut S) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
-    match tokio::time::timeout(SEND_LIMIT, sender.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(anyhow!(error)),
-        Err(_) => Err(anyhow!(
-            "the core did not take frames within {SEND_LIMIT:?}"
-        )),
-    }
+    within_send_limit(sender.flush(), "frames").await
 }
 
-/// Sends one frame; a core that stops reading cannot stall the agent forever.
+/// Sends one frame.
 async fn send_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
-    match tokio::time::timeout(SEND_LIMIT, sender.send(WsMessage::text(encode(frame)))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(anyhow!(error)),
-        Err(_) => Err(anyhow!(
-            "the core did not take a {} frame within {SEND_LIMIT:?}",
-            frame.type_name()
-        )),
-    }
+    let what = format!("a {} frame", frame.type_name());
+    within_send_limit(sender.send(WsMessage::text(encode(frame))), &what).await
 }
 
 fn unreachable_report() -> Report {

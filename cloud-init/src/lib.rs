@@ -1,7 +1,7 @@
 //! The bootstrap contract between the core and a fresh builder instance.
 //!
 //! The core renders cloud-init user-data with [`render_user_data`]: a `#cloud-config` document
-//! that writes `/etc/stagely/agent.toml` (core URL, one-time token, optional CA) and starts the
+//! that writes `/etc/stagely/agent.toml` (core URL, agent token, optional CA) and starts the
 //! agent baked into the golden image. Rendering is a pure function of its input; the output is
 //! snapshot-tested and checked by the real `cloud-init schema` validator.
 //!

@@ -62,7 +62,7 @@ pub const MAX_SUBMIT_BODY_BYTES: usize = 2 * MAX_CONFIG_BYTES + 64 * 1024;
 /// Every route of the core.
 pub fn app(state: AppState) -> Router {
     // Routes for API callers: each needs a token. The agent endpoint authenticates with its
-    // own one-time token instead, and `/healthz` is open.
+    // own per-attempt token instead, and `/healthz` is open.
     let callers = Router::new()
         .route("/api/v1/workflows", post(submit_workflow))
         .route("/api/v1/workflows/{id}", get(get_workflow))

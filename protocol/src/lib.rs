@@ -9,8 +9,9 @@
 //! # Lifecycle of one connection (the agent<->core contract)
 //!
 //! 1. The agent dials `GET /api/v1/agent/connect` with `Authorization: Bearer <token>`.
-//!    The token is one-time and names exactly one job; the core refuses the upgrade
-//!    (HTTP 401) for a missing, wrong or spent token before any frame is read.
+//!    The token names exactly one attempt of one job and is good until that attempt ends;
+//!    the core refuses the upgrade (HTTP 401) for a missing, wrong or spent token before any
+//!    frame is read.
 //! 2. The agent sends [`Hello`] first. Anything else first is a protocol violation.
 //! 3. The core answers with exactly one work frame: [`Build`] or [`Merge`].
 //! 4. The agent streams output as [`Log`] frames carrying a strictly increasing `seq`

@@ -1093,8 +1093,18 @@ impl ServeProcess {
         serde_json::from_str(&body).expect("run view")
     }
 
-    /// Every stored line of a job with its seq.
+    /// Every stored line of a job with the time the core stored it (unix ms).
     pub async fn log_lines(&self, job_id: &str) -> Vec<(i64, String)> {
+        all_log_lines(&self.client, &self.url, job_id)
+            .await
+            .expect("the job's log")
+            .into_iter()
+            .map(|l| (l.timestamp, l.line))
+            .collect()
+    }
+
+    /// Every stored line of a job with its seq.
+    pub async fn seq_lines(&self, job_id: &str) -> Vec<(i64, String)> {
         all_log_lines(&self.client, &self.url, job_id)
             .await
             .expect("the job's log")

@@ -88,7 +88,7 @@ async fn a_core_sigkilled_mid_stream_and_restarted_stores_every_line_once() {
     let run = core.submit(&repo, "pr-crash").await;
     let job_id = run.jobs[0].id.clone();
     poll_until(Duration::from_secs(120), "a few thousand lines", || async {
-        let count = numbered(&core.log_lines(&job_id).await).len();
+        let count = numbered(&core.seq_lines(&job_id).await).len();
         Ok(((count >= 3000).then_some(()), format!("{count} lines")))
     })
     .await;
@@ -108,7 +108,7 @@ async fn a_core_sigkilled_mid_stream_and_restarted_stores_every_line_once() {
         job.attempts
     );
     assert_eq!(job.attempts[0].outcome.as_deref(), Some("completed"));
-    assert_exact(&core.log_lines(&job_id).await);
+    assert_exact(&core.seq_lines(&job_id).await);
     poll_until(Duration::from_secs(20), "the instance to go", || async {
         let live = core.live_instance_dirs();
         Ok((live.is_empty().then_some(()), format!("{live:?}")))

@@ -230,7 +230,7 @@ async fn sigterm_hands_the_running_build_over_and_the_restarted_core_completes_i
     assert_eq!(job.status, "completed");
     assert_eq!(job.attempts.len(), 1, "{:?}", job.attempts);
     assert_eq!(job.attempts[0].outcome.as_deref(), Some("completed"));
-    let lines = core.log_lines(&job_id).await;
+    let lines = core.seq_lines(&job_id).await;
     let seqs: Vec<i64> = lines.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(
         seqs,

@@ -1010,6 +1010,8 @@ macro_rules! impl_shared_store {
                 .await?
                 .rows_affected();
                 if rows == 1 {
+                    // The attempt's owner is the core that holds it now; its end, if the
+                    // agent never comes back, names the core it was taken from.
                     sqlx::query(
                         "UPDATE job_attempts SET owner = $3 WHERE build_job_id = $1 AND number = $2 AND ended_at IS NULL",
                     )

@@ -929,20 +929,15 @@ fn the_queue_is_fifo_within_the_global_and_per_environment_limits() {
     assert_eq!(world.status("b2"), JobStatus::Queued);
 }
 
-#[test]
-fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
-    let mut world = World::new(config());
-    world.submit(run("r1", "env", 1, vec![build("a")]));
-    boot(&mut world, "a");
-    world.advance(Duration::from_secs(10));
-    // Another replica's job whose core died: live, lease expired.
+/// Loads run `r2` holding one running job `f` of core-b whose lease runs out at `until`
+/// (another replica's, which then dies), into the store and the engine.
+fn load_foreign_running(world: &mut World, until: Timestamp) {
     let mut foreign = build("f");
     foreign.status = JobStatus::Running;
     foreign.attempt = 1;
     foreign.lease_owner = Some("core-b/7".into());
-    foreign.lease_until = Some(world.now.plus(Duration::from_secs(3)));
+    foreign.lease_until = Some(until);
     foreign.instance_id = Some("i-foreign".into());
-    let snapshot = run("r2", "env2", 2, vec![foreign]);
     world
         .runs
         .insert("r2".into(), (RunStatus::Building, None, None));
@@ -957,13 +952,24 @@ fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
             end: None,
         },
     );
-    // What the store records for that attempt; the runner terminates it after the guarded
-    // take-over write succeeded (the engine does not emit it itself).
-    world.instances.insert(("f".into(), 1), "i-foreign".into());
     world.input(Input::Load(RunSnapshot {
         status: RunStatus::Building,
-        ..snapshot
+        ..run("r2", "env2", 2, vec![foreign])
     }));
+}
+
+#[test]
+fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
+    let mut world = World::new(config());
+    world.submit(run("r1", "env", 1, vec![build("a")]));
+    boot(&mut world, "a");
+    world.advance(Duration::from_secs(10));
+    // Another replica's job whose core died: live, lease expired. What the store records
+    // for that attempt; the runner terminates it after the guarded take-over write
+    // succeeded (the engine does not emit it itself).
+    world.instances.insert(("f".into(), 1), "i-foreign".into());
+    let until = world.now.plus(Duration::from_secs(3));
+    load_foreign_running(&mut world, until);
     assert_eq!(
         world.status("f"),
         JobStatus::Running,
@@ -1004,30 +1010,8 @@ fn leases_are_renewed_and_an_expired_foreign_lease_is_taken_back_once() {
 #[test]
 fn an_adopted_attempt_whose_agent_reconnects_resumes_and_completes() {
     let mut world = World::new(config());
-    let mut foreign = build("f");
-    foreign.status = JobStatus::Running;
-    foreign.attempt = 1;
-    foreign.lease_owner = Some("core-b/7".into());
-    foreign.lease_until = Some(world.now);
-    let snapshot = RunSnapshot {
-        status: RunStatus::Building,
-        ..run("r2", "env2", 2, vec![foreign])
-    };
-    world
-        .runs
-        .insert("r2".into(), (RunStatus::Building, None, None));
-    world.jobs.insert(
-        "f".into(),
-        StoredJob {
-            run: "r2".into(),
-            kind: JobKind::Build,
-            status: JobStatus::Running,
-            attempt: 1,
-            owner: Some("core-b/7".into()),
-            end: None,
-        },
-    );
-    world.input(Input::Load(snapshot));
+    let now = world.now;
+    load_foreign_running(&mut world, now);
     world.advance(Duration::from_secs(1));
     assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
     world.advance(Duration::from_secs(60));
@@ -1050,29 +1034,8 @@ fn an_adopted_attempt_whose_agent_reconnects_resumes_and_completes() {
 #[test]
 fn a_refused_adoption_lets_the_attempt_go_without_touching_it() {
     let mut world = World::new(config());
-    let mut foreign = build("f");
-    foreign.status = JobStatus::Running;
-    foreign.attempt = 1;
-    foreign.lease_owner = Some("core-b/7".into());
-    foreign.lease_until = Some(world.now);
-    world
-        .runs
-        .insert("r2".into(), (RunStatus::Building, None, None));
-    world.jobs.insert(
-        "f".into(),
-        StoredJob {
-            run: "r2".into(),
-            kind: JobKind::Build,
-            status: JobStatus::Running,
-            attempt: 1,
-            owner: Some("core-b/7".into()),
-            end: None,
-        },
-    );
-    world.input(Input::Load(RunSnapshot {
-        status: RunStatus::Building,
-        ..run("r2", "env2", 2, vec![foreign])
-    }));
+    let now = world.now;
+    load_foreign_running(&mut world, now);
     world.advance(Duration::from_secs(1));
     assert!(world.engine.awaits_agent("f", 1));
     // The store said no (core-b renewed after all): this core forgets it, terminates nothing.
