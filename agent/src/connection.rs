@@ -19,8 +19,9 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
 use stagely_protocol::{
-    Arch, Heartbeat, Hello, Interruption, LINE_SPLIT_MARKER, Log, LogStream, MAX_FRAME_BYTES,
-    MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION, Status, decode, encode,
+    Arch, Codec, Heartbeat, Hello, Interruption, LINE_SPLIT_MARKER, LogLine, LogStream, Logs,
+    MAX_FRAME_BYTES, MAX_FRAME_DATA_BYTES, MAX_LINES_PER_FRAME, MAX_LOG_DATA_BYTES, Message,
+    PROTOCOL_VERSION, Status, decode, decode_proto, encode, encode_proto,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -76,6 +77,19 @@ fn tls_failure(error: &tungstenite::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The core answered an offer of subprotocols with none (it predates them).
+fn no_subprotocol(error: &anyhow::Error) -> bool {
+    use tungstenite::error::{ProtocolError, SubProtocolError};
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<tungstenite::Error>(),
+            Some(tungstenite::Error::Protocol(
+                ProtocolError::SecWebSocketSubProtocolError(SubProtocolError::NoSubProtocol)
+            ))
+        )
+    })
 }
 
 /// The agent-side endpoint URL for a core base URL.
@@ -136,6 +150,9 @@ pub struct Dialer {
     url: String,
     tls: std::sync::Arc<rustls::ClientConfig>,
     token: String,
+    /// Offer the protobuf subprotocol (cleared once a core that knows no subprotocols
+    /// answered: it speaks JSON).
+    offer_proto: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dialer {
@@ -144,12 +161,26 @@ impl Dialer {
             url: connect_url(&config.core_url)?,
             tls: tls_config(config)?,
             token: config.token.clone(),
+            offer_proto: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
     /// One dial: TCP, TLS and the WebSocket upgrade, within [`DIAL_LIMIT`]. A refused token
     /// and a TLS failure are [`ConnectError`]s (final); anything else may heal.
-    async fn dial_once(&self) -> anyhow::Result<Socket> {
+    async fn dial_once(&self) -> anyhow::Result<(Socket, Codec)> {
+        use std::sync::atomic::Ordering;
+        let offer = self.offer_proto.load(Ordering::Relaxed);
+        match self.dial(offer).await {
+            Err(error) if offer && no_subprotocol(&error) => {
+                // An older core: no subprotocols, JSON text frames.
+                self.offer_proto.store(false, Ordering::Relaxed);
+                self.dial(false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn dial(&self, offer_proto: bool) -> anyhow::Result<(Socket, Codec)> {
         let url = &self.url;
         let mut request = url
             .as_str()
@@ -159,6 +190,13 @@ impl Dialer {
             .parse()
             .map_err(|_| anyhow!("the token contains characters not allowed in a header"))?;
         request.headers_mut().insert("authorization", bearer);
+        // Binary frames preferred; JSON text frames are the fallback.
+        if offer_proto {
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                tungstenite::http::HeaderValue::from_static("stagely.v1.proto, stagely.v1.json"),
+            );
+        }
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
@@ -172,7 +210,15 @@ impl Dialer {
             bail!("connecting to {url}: no answer within {DIAL_LIMIT:?}");
         };
         match dialled {
-            Ok((socket, _response)) => Ok(socket),
+            Ok((socket, response)) => {
+                let chosen = response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|value| value.to_str().ok());
+                let codec = Codec::for_subprotocol(chosen)
+                    .ok_or_else(|| anyhow!("the core chose an unknown subprotocol {chosen:?}"))?;
+                Ok((socket, codec))
+            }
             Err(tungstenite::Error::Http(response))
                 if matches!(response.status().as_u16(), 401 | 403) =>
             {
@@ -188,7 +234,9 @@ impl Dialer {
 
 /// Dials the core, retrying network failures with backoff; a refused token is final.
 pub async fn connect(config: &AgentConfig, shutdown: &CancellationToken) -> anyhow::Result<Socket> {
-    connect_with(&Dialer::new(config)?, config, shutdown).await
+    Ok(connect_with(&Dialer::new(config)?, config, shutdown)
+        .await?
+        .0)
 }
 
 /// [`connect`] with a dialer the caller keeps (to dial again later).
@@ -196,7 +244,7 @@ pub async fn connect_with(
     dialer: &Dialer,
     config: &AgentConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Socket> {
+) -> anyhow::Result<(Socket, Codec)> {
     use backon::{ExponentialBuilder, Retryable};
     let attempt = || dialer.dial_once();
     // Network failures are retried until the core has been unreachable for
@@ -268,12 +316,36 @@ impl LinkSettings {
 struct Conn {
     sender: futures_util::stream::SplitSink<Socket, WsMessage>,
     receiver: futures_util::stream::SplitStream<Socket>,
+    /// How frames are written on it (the subprotocol the core chose).
+    codec: Codec,
 }
 
 impl Conn {
-    fn new(socket: Socket) -> Conn {
+    fn new(socket: Socket, codec: Codec) -> Conn {
         let (sender, receiver) = socket.split();
-        Conn { sender, receiver }
+        Conn {
+            sender,
+            receiver,
+            codec,
+        }
+    }
+}
+
+/// A frame as the connection's codec writes it.
+fn ws_message(codec: Codec, frame: &Message) -> WsMessage {
+    match codec {
+        Codec::Json => WsMessage::text(encode(frame)),
+        Codec::Proto => WsMessage::binary(encode_proto(frame)),
+    }
+}
+
+/// A received WebSocket message as a frame: text is JSON, binary is protobuf (`None`: a
+/// ping, pong or close).
+fn decode_ws(message: &WsMessage) -> Option<Result<Message, stagely_protocol::DecodeError>> {
+    match message {
+        WsMessage::Text(text) => Some(decode(text.as_bytes())),
+        WsMessage::Binary(bytes) => Some(decode_proto(bytes)),
+        _ => None,
     }
 }
 
@@ -284,13 +356,14 @@ impl Conn {
 /// [`LinkSettings`]). Returns the last job's report.
 pub async fn serve(
     socket: Socket,
+    codec: Codec,
     hello: Hello,
     link: LinkSettings,
     env: JobEnvironment,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Report> {
-    let mut conn = Conn::new(socket);
-    send_frame(&mut conn.sender, &Message::Hello(hello.clone()))
+    let mut conn = Conn::new(socket, codec);
+    send_frame(&mut conn.sender, codec, &Message::Hello(hello.clone()))
         .await
         .context("sending HELLO")?;
     let mut conn = Some(conn);
@@ -341,14 +414,18 @@ async fn next_work(
     let wait_for_work = tokio::time::timeout(limit, async {
         loop {
             match receiver.next().await {
-                Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                    Ok(message @ (Message::Build(_) | Message::Merge(_))) => {
-                        return Ok(Some(message));
+                Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                    match decode_ws(&frame)
+                        .unwrap_or(Err(stagely_protocol::DecodeError::MissingType))
+                    {
+                        Ok(message @ (Message::Build(_) | Message::Merge(_))) => {
+                            return Ok(Some(message));
+                        }
+                        Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
+                        Ok(other) => bail!("core sent {} before any work", other.type_name()),
+                        Err(error) => bail!("core sent a malformed frame: {error}"),
                     }
-                    Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
-                    Ok(other) => bail!("core sent {} before any work", other.type_name()),
-                    Err(error) => bail!("core sent a malformed frame: {error}"),
-                },
+                }
                 Some(Ok(WsMessage::Close(_))) | None if more => return Ok(None),
                 Some(Ok(WsMessage::Close(frame))) => bail!(
                     "core closed the connection before sending work: {}",
@@ -372,9 +449,9 @@ async fn next_work(
 }
 
 /// Most frames sent in one turn of the job loop before it looks at ACKs and output again.
-const FRAMES_PER_TURN: usize = 256;
+const FRAMES_PER_TURN: usize = 16;
 /// Output pieces taken from the job per turn.
-const PIECES_PER_TURN: usize = 256;
+const PIECES_PER_TURN: usize = 4096;
 
 /// Why the connection is no longer usable.
 enum Broken {
@@ -580,7 +657,7 @@ impl JobLink<'_> {
                 frame = incoming => {
                     last_heard = tokio::time::Instant::now();
                     let broken = match frame {
-                        Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame).unwrap_or(Err(stagely_protocol::DecodeError::MissingType)) {
                             Ok(Message::Ack(ack)) => {
                                 if status.as_ref().is_some_and(|(_, s)| ack.seq >= *s) && status_sent {
                                     break Ok(());
@@ -654,7 +731,7 @@ impl JobLink<'_> {
                 _ = heartbeat.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
                     let sent = match conn.as_mut() {
-                        Some(open) => send_frame(&mut open.sender, &frame).await,
+                        Some(open) => send_frame(&mut open.sender, open.codec, &frame).await,
                         None => Ok(()),
                     };
                     if let Err(error) = sent {
@@ -774,44 +851,76 @@ async fn pump(
     status_sent: &mut bool,
 ) -> Result<bool, Broken> {
     if let Some(frame) = notice.take()
-        && let Err(error) = send_frame(&mut conn.sender, &frame).await
+        && let Err(error) = send_frame(&mut conn.sender, conn.codec, &frame).await
     {
         *notice = Some(frame);
         return Err(Broken::Connection(error.context("sending INTERRUPTION")));
     }
     let mut sent = 0;
     while sent < FRAMES_PER_TURN {
-        let record = spool
-            .next_unsent()
-            .map_err(|error| Broken::Agent(anyhow!(error).context("reading the log spool")))?;
-        let Some(record) = record else { break };
-        let frame = Message::Log(Log {
-            job_id: job_id.to_string(),
-            stream: record.stream,
-            data: record.data,
-            seq: Some(record.seq),
-        });
-        feed_frame(&mut conn.sender, &frame)
-            .await
-            .map_err(|error| Broken::Connection(error.context("sending LOG")))?;
-        sent += 1;
+        // As many spooled lines as one frame takes: a quiet build's line goes alone and at
+        // once, a chatty build's go thousands to a frame.
+        let mut lines = Vec::new();
+        let mut first = None;
+        let mut bytes = 0;
+        while lines.len() < MAX_LINES_PER_FRAME && bytes < MAX_FRAME_DATA_BYTES {
+            let record = spool
+                .next_unsent()
+                .map_err(|error| Broken::Agent(anyhow!(error).context("reading the log spool")))?;
+            let Some(record) = record else { break };
+            first.get_or_insert(record.seq);
+            bytes += record.data.len();
+            lines.push(LogLine {
+                stream: record.stream,
+                data: record.data,
+            });
+        }
+        let Some(first) = first else { break };
+        for frame in logs_frames(conn.codec, job_id, first, lines) {
+            within_send_limit(conn.sender.feed(frame), "a LOGS frame")
+                .await
+                .map_err(|error| Broken::Connection(error.context("sending LOGS")))?;
+            sent += 1;
+        }
     }
     if sent > 0 {
         flush_frames(&mut conn.sender)
             .await
-            .map_err(|error| Broken::Connection(error.context("sending LOG")))?;
+            .map_err(|error| Broken::Connection(error.context("sending LOGS")))?;
     }
     if let Some((frame, _)) = status
         && !*status_sent
         && !spool.has_unsent()
     {
-        send_frame(&mut conn.sender, frame)
+        send_frame(&mut conn.sender, conn.codec, frame)
             .await
             .map_err(|error| Broken::Connection(error.context("sending STATUS")))?;
         *status_sent = true;
         return Ok(true);
     }
     Ok(false)
+}
+
+/// `LOGS` frames for consecutive lines from `first`: one, unless encoding (JSON escaping)
+/// made it larger than a frame may be, then halves until each fits.
+fn logs_frames(codec: Codec, job_id: &str, first: u64, lines: Vec<LogLine>) -> Vec<WsMessage> {
+    let count = lines.len();
+    let frame = Message::Logs(Logs {
+        job_id: job_id.to_string(),
+        seq: first,
+        lines,
+    });
+    let message = ws_message(codec, &frame);
+    if message.len() <= MAX_FRAME_BYTES || count < 2 {
+        return vec![message];
+    }
+    let Message::Logs(Logs { mut lines, .. }) = frame else {
+        return vec![message];
+    };
+    let tail = lines.split_off(count / 2);
+    let mut frames = logs_frames(codec, job_id, first, lines);
+    frames.extend(logs_frames(codec, job_id, first + (count / 2) as u64, tail));
+    frames
 }
 
 /// Dials the core again and resumes the job: a HELLO naming it, answered by RESUME with the
@@ -824,23 +933,27 @@ async fn resume(
 ) -> anyhow::Result<(Conn, u64)> {
     use backon::{ExponentialBuilder, Retryable};
     let attempt = || async {
-        let socket = dialer.dial_once().await?;
-        let mut conn = Conn::new(socket);
-        send_frame(&mut conn.sender, &Message::Hello(hello.clone()))
+        let (socket, codec) = dialer.dial_once().await?;
+        let mut conn = Conn::new(socket, codec);
+        send_frame(&mut conn.sender, codec, &Message::Hello(hello.clone()))
             .await
             .context("sending HELLO")?;
         let answer = tokio::time::timeout(DIAL_LIMIT, async {
             loop {
                 match conn.receiver.next().await {
-                    Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                        Ok(Message::Resume(resume)) => return Ok(resume.seq),
-                        Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
-                        Ok(other) => bail!(
-                            "the core answered a resuming HELLO with {}",
-                            other.type_name()
-                        ),
-                        Err(error) => bail!("the core sent a malformed frame: {error}"),
-                    },
+                    Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                        match decode_ws(&frame)
+                            .unwrap_or(Err(stagely_protocol::DecodeError::MissingType))
+                        {
+                            Ok(Message::Resume(resume)) => return Ok(resume.seq),
+                            Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
+                            Ok(other) => bail!(
+                                "the core answered a resuming HELLO with {}",
+                                other.type_name()
+                            ),
+                            Err(error) => bail!("the core sent a malformed frame: {error}"),
+                        }
+                    }
                     Some(Ok(WsMessage::Close(frame))) => {
                         let reason = close_reason(frame.as_ref());
                         if frame.as_ref().is_some_and(|f| u16::from(f.code) == 1008) {
@@ -899,15 +1012,6 @@ where
     }
 }
 
-/// Queues one frame without flushing (a batch is flushed by [`flush_frames`]).
-async fn feed_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
-where
-    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
-{
-    let what = format!("a {} frame", frame.type_name());
-    within_send_limit(sender.feed(WsMessage::text(encode(frame))), &what).await
-}
-
 async fn flush_frames<S>(sender: &mut S) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
@@ -916,12 +1020,12 @@ where
 }
 
 /// Sends one frame.
-async fn send_frame<S>(sender: &mut S, frame: &Message) -> anyhow::Result<()>
+async fn send_frame<S>(sender: &mut S, codec: Codec, frame: &Message) -> anyhow::Result<()>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
     let what = format!("a {} frame", frame.type_name());
-    within_send_limit(sender.send(WsMessage::text(encode(frame))), &what).await
+    within_send_limit(sender.send(ws_message(codec, frame)), &what).await
 }
 
 fn unreachable_report() -> Report {

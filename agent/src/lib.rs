@@ -94,10 +94,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     });
 
     let dialer = connection::Dialer::new(&config)?;
-    let socket = connection::connect_with(&dialer, &config, &shutdown).await?;
+    let (socket, codec) = connection::connect_with(&dialer, &config, &shutdown).await?;
+    tracing::info!(codec = codec.subprotocol(), "connected to the core");
     let hello = connection::hello(instance_id, &env);
     let link = connection::LinkSettings::new(dialer, &config);
-    let report = connection::serve(socket, hello, link, env, shutdown).await?;
+    let report = connection::serve(socket, codec, hello, link, env, shutdown).await?;
     tracing::info!(state = ?report.state, exit_code = ?report.exit_code, "job finished");
     Ok(())
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use stagely_protocol::session::{CoreSession, SessionEvent};
-use stagely_protocol::{Heartbeat, JobState, Message, NeverRan, decode, encode};
+use stagely_protocol::{
+    Codec, Heartbeat, JobState, Message, NeverRan, decode, decode_proto, encode, encode_proto,
+};
 use tokio::sync::mpsc;
 
 use crate::db::{Db, NewLogLine};
@@ -16,10 +18,11 @@ use crate::engine::{AttemptOutcome, InfraKind};
 use crate::image_check::ImageChecker;
 use crate::images::valid_digest;
 
-/// Lines buffered before a database write; also flushed every [`LOG_FLUSH_EVERY`].
-const LOG_BATCH_LINES: usize = 1000;
+/// Lines buffered before a database write (one chunk row per MiB); also flushed every
+/// [`LOG_FLUSH_EVERY`], so live viewers see a line within that.
+const LOG_BATCH_LINES: usize = 8192;
 const LOG_BATCH_BYTES: usize = 1024 * 1024;
-const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(50);
 const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 /// Longest a single frame may take to send before the agent counts as not reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -299,6 +302,33 @@ impl<'a> Link<'a> {
         Ok(link)
     }
 
+    /// Masks, bounds and batches one line for storage.
+    fn take_line(
+        &mut self,
+        seq: i64,
+        stream: stagely_protocol::LogStream,
+        data: String,
+        mask: &stagely_protocol::SecretMask,
+    ) {
+        let mut data = mask.mask(data);
+        if data.contains('\0') {
+            // PostgreSQL text holds no NUL; the line keeps its length.
+            data = data.replace('\0', "\u{FFFD}");
+        }
+        if let Some(line) = self.budget.admit(data) {
+            self.batch_bytes += line.len();
+            self.batch.push(NewLogLine {
+                seq,
+                stream: stream.as_str(),
+                line,
+            });
+        }
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.len() >= LOG_BATCH_LINES || self.batch_bytes >= LOG_BATCH_BYTES
+    }
+
     async fn flush(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
         let Some(last) = self.batch.last().map(|line| line.seq) else {
             return Ok(());
@@ -368,11 +398,12 @@ impl<'a> Link<'a> {
         let mut flush_tick = tokio::time::interval(LOG_FLUSH_EVERY);
         let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
         heartbeat_tick.reset();
+        let mut codec = socket.as_ref().map(codec_of).unwrap_or(Codec::Json);
         loop {
             if let Some(ws) = socket.as_mut() {
                 let mut broken = None;
                 while let Some(frame) = session.poll_frame() {
-                    if let Err(error) = send_frame(ws, &frame).await {
+                    if let Err(error) = send_frame(ws, codec, &frame).await {
                         broken = Some(error);
                         break;
                     }
@@ -410,8 +441,18 @@ impl<'a> Link<'a> {
                 incoming = incoming => {
                     let now = std::time::Instant::now();
                     match incoming {
-                        Some(Ok(WsMessage::Text(text))) => {
-                            let handled = decode(text.as_bytes())
+                        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                            let decoded = match (&frame, codec) {
+                                (WsMessage::Text(text), _) => decode(text.as_bytes()),
+                                (WsMessage::Binary(bytes), Codec::Proto) => decode_proto(bytes),
+                                _ => {
+                                    let _ = self.flush(&mut session).await;
+                                    return Err(Failure::Violation(
+                                        "agent sent a binary frame on a connection without the stagely.v1.proto subprotocol".into(),
+                                    ));
+                                }
+                            };
+                            let handled = decoded
                                 .map_err(|error| format!("agent sent a malformed frame: {error}"))
                                 .and_then(|message| {
                                     session
@@ -422,12 +463,6 @@ impl<'a> Link<'a> {
                                 let _ = self.flush(&mut session).await;
                                 return Err(Failure::Violation(error));
                             }
-                        }
-                        Some(Ok(WsMessage::Binary(_))) => {
-                            let _ = self.flush(&mut session).await;
-                            return Err(Failure::Violation(
-                                "agent sent a binary frame; the protocol is JSON text frames".into(),
-                            ));
                         }
                         Some(Ok(WsMessage::Close(_))) | None => {
                             self.drop_connection(socket, &mut session, "the agent disconnected before reporting STATUS".into()).await?;
@@ -448,6 +483,7 @@ impl<'a> Link<'a> {
                         if let Some((since, _)) = self.lost.take() {
                             tracing::info!("the agent reconnected after {:?}", since.elapsed());
                         }
+                        codec = codec_of(&newer);
                         *socket = Some(newer);
                         session.reconnected(std::time::Instant::now());
                         heartbeat_tick.reset();
@@ -466,7 +502,7 @@ impl<'a> Link<'a> {
                 _ = heartbeat_tick.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(self.job_id.clone()) });
                     if let Some(ws) = socket.as_mut()
-                        && let Err(error) = send_frame(ws, &frame).await
+                        && let Err(error) = send_frame(ws, codec, &frame).await
                     {
                         self.drop_connection(socket, &mut session, error).await?;
                     }
@@ -510,14 +546,17 @@ impl<'a> Link<'a> {
                     }
                     SessionEvent::Log(log) => {
                         let seq = self.base + log.seq.unwrap_or(0) as i64;
-                        let stream = log.stream.as_str();
-                        if let Some(line) = self.budget.admit(mask.mask(log.data)) {
-                            self.batch_bytes += line.len();
-                            self.batch.push(NewLogLine { seq, stream, line });
+                        self.take_line(seq, log.stream, log.data, &mask);
+                        if self.batch_full() {
+                            self.flush(&mut session).await?;
                         }
-                        if self.batch.len() >= LOG_BATCH_LINES
-                            || self.batch_bytes >= LOG_BATCH_BYTES
-                        {
+                    }
+                    SessionEvent::Lines { first_seq, lines } => {
+                        let first = self.base + first_seq as i64;
+                        for (offset, line) in lines.into_iter().enumerate() {
+                            self.take_line(first + offset as i64, line.stream, line.data, &mask);
+                        }
+                        if self.batch_full() {
                             self.flush(&mut session).await?;
                         }
                     }
@@ -551,7 +590,7 @@ impl<'a> Link<'a> {
                         while let Some(frame) = session.poll_frame() {
                             // Best effort: the outcome is decided whatever the agent does now.
                             if let Some(ws) = socket.as_mut() {
-                                let _ = send_frame(ws, &frame).await;
+                                let _ = send_frame(ws, codec, &frame).await;
                             }
                         }
                         return Ok(Ended::Status(outcome));
@@ -616,8 +655,18 @@ impl<'a> Link<'a> {
 }
 
 /// Sends one frame; an agent that stops reading cannot stall the link.
-async fn send_frame(socket: &mut WebSocket, frame: &Message) -> Result<(), String> {
-    match tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::text(encode(frame)))).await {
+/// The codec of a connection: the subprotocol it was upgraded with (none: JSON).
+pub fn codec_of(socket: &WebSocket) -> Codec {
+    Codec::for_subprotocol(socket.protocol().and_then(|value| value.to_str().ok()))
+        .unwrap_or(Codec::Json)
+}
+
+async fn send_frame(socket: &mut WebSocket, codec: Codec, frame: &Message) -> Result<(), String> {
+    let message = match codec {
+        Codec::Json => WsMessage::text(encode(frame)),
+        Codec::Proto => WsMessage::Binary(encode_proto(frame).into()),
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("the agent connection broke while sending to it".into()),
         Err(_) => Err(format!(

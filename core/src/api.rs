@@ -1369,6 +1369,11 @@ async fn agent_connect(
     tracing::info!(%job_id, attempt, "agent authenticated");
     let runner = state.runner.clone();
     upgrade
+        // Binary (protobuf) frames when the agent offers them; JSON text frames otherwise.
+        .protocols([
+            stagely_protocol::SUBPROTOCOL_PROTO,
+            stagely_protocol::SUBPROTOCOL_JSON,
+        ])
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(

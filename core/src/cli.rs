@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// (on stderr, with the progress; the summary stays on stdout).
     #[arg(long)]
     pub follow: bool,
+    /// A `stagely.toml` for the embedded core (its `[scheduler]`, `[secrets]`, `[prices]`...);
+    /// `listen`, `data_dir`, the registry and the API token stay `run`'s own.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -489,7 +493,10 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             temp_data.path().to_path_buf()
         }
     };
-    let mut file = FileConfig::default();
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
     if let Some(registry) = &throwaway {
         file.registry.username = Some(registry.username.clone());
         file.registry.password = Some(registry.password.clone());

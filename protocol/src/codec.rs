@@ -26,9 +26,11 @@ pub enum DecodeError {
     TooLarge { len: usize, max: usize },
     #[error("frame is not valid JSON: {detail}")]
     NotJson { detail: String },
+    #[error("frame is not a valid protobuf Frame: {detail}")]
+    NotProtobuf { detail: String },
     #[error("frame is not a JSON object")]
     NotAnObject,
-    #[error("frame has no `type` field")]
+    #[error("frame has no `type` field (protobuf: no body)")]
     MissingType,
     #[error("frame field `type` must be a string")]
     TypeNotString,
@@ -47,7 +49,7 @@ pub enum DecodeError {
     },
 }
 
-const KNOWN_TYPES: [&str; 10] = [
+const KNOWN_TYPES: [&str; 11] = [
     "HELLO",
     "BUILD",
     "MERGE",
@@ -58,6 +60,7 @@ const KNOWN_TYPES: [&str; 10] = [
     "HEARTBEAT",
     "INTERRUPTION",
     "RESUME",
+    "LOGS",
 ];
 
 /// Decodes one frame.
@@ -92,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         "ACK" => typed(message_type, value).map(Message::Ack),
         "INTERRUPTION" => typed(message_type, value).map(Message::Interruption),
         "RESUME" => typed(message_type, value).map(Message::Resume),
+        "LOGS" => typed(message_type, value).map(Message::Logs),
         _ => typed(message_type, value).map(Message::Heartbeat),
     }
 }

@@ -42,6 +42,7 @@
 //! Seed fields are never renamed; everything this crate adds is a new, optional field.
 
 pub mod codec;
+pub mod proto;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -51,6 +52,7 @@ use serde::{Deserialize, Serialize};
 pub use codec::{
     DecodeError, LINE_SPLIT_MARKER, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode,
 };
+pub use proto::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO, decode_proto, encode_proto};
 
 /// Version of this contract. An agent announces it in `HELLO`; the core refuses others.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -74,6 +76,9 @@ pub enum Message {
     /// agent → core: one line of builder output.
     #[serde(rename = "LOG")]
     Log(Log),
+    /// agent → core: consecutive lines of output in one frame (what the agent sends).
+    #[serde(rename = "LOGS")]
+    Logs(Logs),
     /// agent → core: the job's outcome; the last frame the agent sends for a job.
     #[serde(rename = "STATUS")]
     Status(Status),
@@ -104,6 +109,7 @@ impl Message {
             Message::Build(_) => "BUILD",
             Message::Merge(_) => "MERGE",
             Message::Log(_) => "LOG",
+            Message::Logs(_) => "LOGS",
             Message::Status(_) => "STATUS",
             Message::Cancel(_) => "CANCEL",
             Message::Ack(_) => "ACK",
@@ -120,6 +126,7 @@ impl Message {
             Message::Build(m) => Some(&m.job_id),
             Message::Merge(m) => Some(&m.job_id),
             Message::Log(m) => Some(&m.job_id),
+            Message::Logs(m) => Some(&m.job_id),
             Message::Status(m) => Some(&m.job_id),
             Message::Cancel(m) => Some(&m.job_id),
             Message::Ack(m) => Some(&m.job_id),
@@ -569,6 +576,33 @@ pub struct Log {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
 }
+
+/// Addition — `LOGS`: consecutive pieces of output in one frame; line `i` (from 0) has seq
+/// `seq + i`. The agent sends whatever it has spooled and not yet sent once the socket is
+/// free, at most [`MAX_LINES_PER_FRAME`] lines and [`MAX_FRAME_DATA_BYTES`] bytes of data
+/// per frame, so a quiet build's line goes out at once and a chatty one's in large frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logs {
+    pub job_id: String,
+    /// The first line's position in the job's stream.
+    pub seq: u64,
+    pub lines: Vec<LogLine>,
+}
+
+/// One line of a [`Logs`] frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub stream: LogStream,
+    /// The line, including its trailing newline when it had one.
+    pub data: String,
+}
+
+/// Most lines one `LOGS` frame may carry.
+pub const MAX_LINES_PER_FRAME: usize = 4096;
+
+/// Most bytes of line data an agent puts in one `LOGS` frame (escaping can grow it; the frame
+/// itself stays under [`MAX_FRAME_BYTES`]).
+pub const MAX_FRAME_DATA_BYTES: usize = 256 * 1024;
 
 /// Final state reported in `STATUS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::{Ack, Cancel, Hello, Interruption, Log, Message, PROTOCOL_VERSION, Resume, Status};
+use crate::{
+    Ack, Cancel, Hello, Interruption, Log, LogLine, Logs, MAX_LINES_PER_FRAME, Message,
+    PROTOCOL_VERSION, Resume, Status,
+};
 
 /// What the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +30,8 @@ pub enum SessionEvent {
     Resumed { acked_seq: u64 },
     /// A new line to store (never a duplicate). `seq` is always set.
     Log(Log),
+    /// New consecutive lines to store (never duplicates): `lines[i]` has seq `first_seq + i`.
+    Lines { first_seq: u64, lines: Vec<LogLine> },
     /// The job ended. Every line before it has already been delivered as `Log`.
     Finished(Status),
     /// The cloud is reclaiming the instance: the job cannot finish here.
@@ -53,6 +58,10 @@ pub enum SessionError {
     MissingSeq,
     #[error("LOG frame seq {got} skips ahead; next expected seq is {expected}")]
     SeqGap { expected: u64, got: u64 },
+    #[error("LOGS frame carries no line")]
+    EmptyBatch,
+    #[error("LOGS frame carries {got} lines; at most {max} are allowed")]
+    TooManyLines { got: usize, max: usize },
     #[error("STATUS frame seq {got} does not follow the last LOG seq {last_log}")]
     StatusSeq { last_log: u64, got: u64 },
     #[error("agent sent nothing for {silent_ms} ms (heartbeat timeout)")]
@@ -237,6 +246,7 @@ impl CoreSession {
                 got: frame,
             }),
             (Phase::Working, Message::Log(log)) => self.handle_log(log),
+            (Phase::Working, Message::Logs(logs)) => self.handle_logs(logs),
             (Phase::Working, Message::Interruption(notice)) => {
                 self.events.push_back(SessionEvent::Interrupted(notice));
                 Ok(())
@@ -258,10 +268,10 @@ impl CoreSession {
                 Ok(())
             }
             (Phase::Working, _) => Err(SessionError::UnexpectedFrame {
-                expected: "LOG, STATUS, INTERRUPTION or HEARTBEAT",
+                expected: "LOG, LOGS, STATUS, INTERRUPTION or HEARTBEAT",
                 got: frame,
             }),
-            (Phase::Finished, Message::Status(_) | Message::Log(_)) => {
+            (Phase::Finished, Message::Status(_) | Message::Log(_) | Message::Logs(_)) => {
                 // A resend after a lost ACK: acknowledge again, store nothing.
                 self.queue_ack();
                 Ok(())
@@ -310,6 +320,45 @@ impl CoreSession {
         }
         self.delivered_seq = seq;
         self.events.push_back(SessionEvent::Log(log));
+        Ok(())
+    }
+
+    fn handle_logs(&mut self, logs: Logs) -> Result<(), SessionError> {
+        let count = logs.lines.len();
+        if count == 0 {
+            return Err(SessionError::EmptyBatch);
+        }
+        if count > MAX_LINES_PER_FRAME {
+            return Err(SessionError::TooManyLines {
+                got: count,
+                max: MAX_LINES_PER_FRAME,
+            });
+        }
+        let expected = self.delivered_seq + 1;
+        let last = logs.seq.saturating_add(count as u64 - 1);
+        if last < expected {
+            // All of it resent after a reconnect: drop it, re-acknowledge.
+            self.queue_ack();
+            return Ok(());
+        }
+        if logs.seq > expected {
+            return Err(SessionError::SeqGap {
+                expected,
+                got: logs.seq,
+            });
+        }
+        let mut lines = logs.lines;
+        let known = (expected - logs.seq) as usize;
+        if known > 0 {
+            // Its head was stored already: only the rest is new.
+            lines.drain(..known);
+            self.queue_ack();
+        }
+        self.delivered_seq = last;
+        self.events.push_back(SessionEvent::Lines {
+            first_seq: expected,
+            lines,
+        });
         Ok(())
     }
 

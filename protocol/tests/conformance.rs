@@ -121,3 +121,21 @@ fn debug_output_never_shows_secret_build_args_or_clone_tokens() {
     assert!(!shown.contains("npm_secret_value"), "{shown}");
     assert!(!shown.contains("ghp_clone_token_value"), "{shown}");
 }
+
+#[test]
+fn every_vector_round_trips_through_protobuf_to_the_same_message() {
+    use stagely_protocol::{decode_proto, encode_proto};
+    for (name, bytes) in vectors() {
+        let message = decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let binary = encode_proto(&message);
+        assert_eq!(
+            decode_proto(&binary).unwrap_or_else(|e| panic!("{name}: {e}")),
+            message,
+            "{name}: protobuf changed the message"
+        );
+        // Every truncation is a typed error or a (shorter) message, never a panic.
+        for end in 0..binary.len() {
+            let _ = decode_proto(&binary[..end]);
+        }
+    }
+}

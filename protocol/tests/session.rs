@@ -105,6 +105,11 @@ impl Harness {
                     self.stored.push(seq);
                     self.session.handle_persisted(seq);
                 }
+                SessionEvent::Lines { first_seq, lines } => {
+                    let last = first_seq + lines.len() as u64 - 1;
+                    self.stored.extend(first_seq..=last);
+                    self.session.handle_persisted(last);
+                }
                 SessionEvent::Finished(status) => {
                     self.session.handle_persisted(status.seq.unwrap_or(0));
                     self.finished = Some(status);
@@ -427,4 +432,56 @@ fn work_not_yet_answered_with_a_line_is_sent_again_to_a_fresh_hello() {
     h.sent.clear();
     h.feed(hello()).unwrap();
     assert!(matches!(h.sent.as_slice(), [Message::Build(_)]));
+}
+
+fn logs(job: &str, first: u64, count: u64) -> Message {
+    Message::Logs(Logs {
+        job_id: job.into(),
+        seq: first,
+        lines: (first..first + count)
+            .map(|seq| LogLine {
+                stream: LogStream::Stdout,
+                data: format!("line {seq}\n"),
+            })
+            .collect(),
+    })
+}
+
+#[test]
+fn a_logs_frame_stores_its_new_lines_once_whatever_overlaps() {
+    let mut h = Harness::new(0);
+    h.feed(hello()).unwrap();
+    h.feed(logs("j1", 1, 3)).unwrap();
+    assert_eq!(h.stored, vec![1, 2, 3]);
+    assert_eq!(h.last_ack(), Some(3));
+    // Resent whole after a reconnect: nothing new, acknowledged again.
+    h.sent.clear();
+    h.feed(logs("j1", 1, 3)).unwrap();
+    assert_eq!(h.stored, vec![1, 2, 3]);
+    assert_eq!(h.last_ack(), Some(3));
+    // Overlapping: only 4 and 5 are new.
+    h.feed(logs("j1", 2, 4)).unwrap();
+    assert_eq!(h.stored, vec![1, 2, 3, 4, 5]);
+    // Single LOG frames (the seed's shape) and LOGS mix.
+    h.feed(log("j1", 6)).unwrap();
+    h.feed(logs("j1", 7, 2)).unwrap();
+    assert_eq!(h.stored, (1..=8).collect::<Vec<_>>());
+    // A gap, an empty frame and an oversized one are violations.
+    assert_eq!(
+        h.feed(logs("j1", 10, 1)),
+        Err(SessionError::SeqGap {
+            expected: 9,
+            got: 10
+        })
+    );
+    assert_eq!(h.feed(logs("j1", 9, 0)), Err(SessionError::EmptyBatch));
+    assert_eq!(
+        h.feed(logs("j1", 9, MAX_LINES_PER_FRAME as u64 + 1)),
+        Err(SessionError::TooManyLines {
+            got: MAX_LINES_PER_FRAME + 1,
+            max: MAX_LINES_PER_FRAME
+        })
+    );
+    h.feed(status("j1", 9)).unwrap();
+    assert!(h.finished.is_some());
 }

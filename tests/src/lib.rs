@@ -315,6 +315,7 @@ impl TestDatabase {
             "workflow_runs",
             "build_jobs",
             "build_logs",
+            "log_chunks",
             "job_attempts",
             "builder_instances",
         ] {

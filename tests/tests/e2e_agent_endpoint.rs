@@ -833,3 +833,118 @@ async fn an_agent_that_does_not_come_back_within_the_grace_is_lost_and_retried()
     refused_with(connect(&core, Some(&token)).await, 401);
     core.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fallback() {
+    use stagely_protocol::{LogLine, Logs, encode_proto};
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let (provider, mut core) = hand_driven_core().await;
+    let run = submit_builds(&core, &["api", "web"]).await;
+    let tokens = tokens(&provider, 2).await;
+
+    // The first agent offers protobuf first: the core picks it.
+    let (job_id, token) = &tokens[0];
+    let url = format!(
+        "{}/api/v1/agent/connect",
+        core.url.replace("http://", "ws://")
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "stagely.v1.proto, stagely.v1.json".parse().unwrap(),
+    );
+    let (mut agent, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "stagely.v1.proto"
+    );
+    let Message::Hello(hello) = decode(hello().as_bytes()).unwrap() else {
+        unreachable!()
+    };
+    agent
+        .send(Ws::binary(encode_proto(&Message::Hello(hello))))
+        .await
+        .unwrap();
+    let Message::Build(build) = next_binary(&mut agent).await else {
+        panic!("expected BUILD")
+    };
+    assert_eq!(&build.job_id, job_id);
+    let lines = Message::Logs(Logs {
+        job_id: job_id.clone(),
+        seq: 1,
+        lines: vec![
+            LogLine {
+                stream: LogStream::Stdout,
+                data: "one\n".into(),
+            },
+            LogLine {
+                stream: LogStream::Stderr,
+                data: "two\n".into(),
+            },
+        ],
+    });
+    agent.send(Ws::binary(encode_proto(&lines))).await.unwrap();
+    let status = Message::Status(Status {
+        job_id: job_id.clone(),
+        state: JobState::Failed,
+        exit_code: Some(3),
+        artifact_url: None,
+        digest: None,
+        error: Some("builder exited with status 3".into()),
+        never_ran: None,
+        seq: Some(3),
+    });
+    agent.send(Ws::binary(encode_proto(&status))).await.unwrap();
+    loop {
+        if let Message::Ack(ack) = next_binary(&mut agent).await
+            && ack.seq == 3
+        {
+            break;
+        }
+    }
+
+    // The second offers nothing: JSON text frames, and a binary frame there is a violation
+    // named as such.
+    let mut json_agent = agent_with_build(&core, &tokens[1].1).await;
+    json_agent.send(Ws::binary(vec![1, 2, 3])).await.unwrap();
+    let (code, reason) = close_reason(&mut json_agent).await;
+    assert_eq!(code, 1008);
+    assert!(reason.contains("binary frame"), "{reason}");
+
+    let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
+    let api = view.jobs.iter().find(|j| &j.id == job_id).unwrap();
+    assert_eq!(api.exit_code, Some(3));
+    let stored = all_log_lines(&core.client, &core.url, job_id)
+        .await
+        .unwrap();
+    let lines: Vec<(i64, &str, &str)> = stored
+        .iter()
+        .map(|l| (l.seq, l.stream.as_str(), l.line.as_str()))
+        .collect();
+    assert_eq!(lines, vec![(1, "stdout", "one\n"), (2, "stderr", "two\n")]);
+    core.stop().await;
+}
+
+/// The next frame of a protobuf connection (heartbeats skipped).
+async fn next_binary(agent: &mut Socket) -> Message {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), agent.next()).await {
+            Ok(Some(Ok(Ws::Binary(bytes)))) => {
+                match stagely_protocol::decode_proto(&bytes).unwrap() {
+                    Message::Heartbeat(_) => continue,
+                    message => return message,
+                }
+            }
+            Ok(Some(Ok(Ws::Text(text)))) => {
+                panic!("a text frame on a protobuf connection: {text}")
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}

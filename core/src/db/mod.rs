@@ -40,6 +40,8 @@ pub enum DbError {
     Config(String),
     #[error("database: no answer to {what} within {secs}s")]
     Unanswered { what: &'static str, secs: u64 },
+    #[error("database: {0}")]
+    Chunk(#[from] chunks::ChunkError),
 }
 
 impl DbError {
@@ -609,38 +611,59 @@ macro_rules! impl_shared_store {
         )
     }
 
-    /// Stores a batch of lines in one transaction; duplicates (same seq) are ignored.
+    /// Stores a batch of lines as chunks in one transaction; lines at or below the highest
+    /// seq already stored are dropped (a batch stored twice stores nothing twice).
     async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
         let _turn = self.write_turn().await;
         if lines.is_empty() {
             return Ok(());
         }
         let now = now_ms();
-        // SQLite allows 32766 bound parameters; 5 per row keeps a chunk well below that.
-        for chunk in lines.chunks(1000) {
-            let mut builder: QueryBuilder<$db> = QueryBuilder::new(
-                "INSERT INTO build_logs (build_job_id, seq, timestamp, stream, line) ",
-            );
-            builder.push_values(chunk, |mut row, line| {
-                row.push_bind(job_id)
-                    .push_bind(line.seq)
-                    .push_bind(now)
-                    .push_bind(line.stream)
-                    .push_bind(line.line.as_str());
-            });
-            builder.push(" ON CONFLICT (build_job_id, seq) DO NOTHING");
-            builder.build().execute(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(m) FROM (SELECT MAX(last_seq) AS m FROM log_chunks WHERE build_job_id = $1
+                                 UNION ALL SELECT MAX(seq) AS m FROM build_logs WHERE build_job_id = $1) x",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut last = stored.unwrap_or(0);
+        let fresh = lines.iter().filter(|line| {
+            // Ascending and new only.
+            let keep = line.seq > last;
+            if keep {
+                last = line.seq;
+            }
+            keep
+        });
+        for chunk in chunks::encode(fresh) {
+            sqlx::query(
+                "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(job_id)
+            .bind(chunk.first_seq)
+            .bind(chunk.last_seq)
+            .bind(now)
+            .bind(chunk.line_count)
+            .bind(chunk.bytes)
+            .bind(chunk.text)
+            .execute(&mut *tx)
+            .await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
     /// Highest stored seq for a job (0 when none).
     async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError> {
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM build_logs WHERE build_job_id = $1")
-                .bind(job_id)
-                .fetch_one(&self.pool)
-                .await?;
+        let max: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(m) FROM (SELECT MAX(last_seq) AS m FROM log_chunks WHERE build_job_id = $1
+                                 UNION ALL SELECT MAX(seq) AS m FROM build_logs WHERE build_job_id = $1) x",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(max.unwrap_or(0))
     }
 
@@ -678,14 +701,44 @@ macro_rules! impl_shared_store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LogRow>, DbError> {
-        Ok(sqlx::query_as::<_, LogRow>(
+        let wanted = usize::try_from(limit.max(0)).unwrap_or(0);
+        // Lines an earlier version stored one per row.
+        let legacy = sqlx::query_as::<_, LogRow>(
             "SELECT seq, timestamp, stream, line FROM build_logs WHERE build_job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(job_id)
         .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let mut chunked: Vec<LogRow> = Vec::new();
+        let mut cursor = after;
+        while chunked.len() < wanted {
+            let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+                "SELECT first_seq, last_seq, stored_at, data FROM log_chunks
+                 WHERE build_job_id = $1 AND last_seq > $2 ORDER BY first_seq LIMIT 4",
+            )
+            .bind(job_id)
+            .bind(cursor)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for (first_seq, last_seq, stored_at, data) in rows {
+                chunked.extend(chunks::decode(job_id, first_seq, &data, stored_at, after)?);
+                cursor = cursor.max(last_seq);
+            }
+        }
+        if legacy.is_empty() {
+            chunked.truncate(wanted);
+            return Ok(chunked);
+        }
+        let mut all: Vec<LogRow> = legacy.into_iter().chain(chunked).collect();
+        all.sort_by_key(|row| row.seq);
+        all.dedup_by_key(|row| row.seq);
+        all.truncate(wanted);
+        Ok(all)
     }
 
     async fn mark_instance_terminated(&self, instance_id: &str) -> Result<(), DbError> {
@@ -1226,18 +1279,38 @@ macro_rules! impl_shared_store {
         max_jobs: i64,
     ) -> Result<u64, DbError> {
         let _turn = self.write_turn().await;
-        Ok(sqlx::query(
-            "DELETE FROM build_logs WHERE build_job_id IN (
-                 SELECT j.id FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
-                 WHERE r.status IN ('completed', 'failed', 'cancelled') AND r.updated_at < $1
-                   AND EXISTS (SELECT 1 FROM build_logs l WHERE l.build_job_id = j.id)
-                 LIMIT $2)",
+        let jobs: Vec<String> = sqlx::query_scalar(
+            "SELECT j.id FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+             WHERE r.status IN ('completed', 'failed', 'cancelled') AND r.updated_at < $1
+               AND (EXISTS (SELECT 1 FROM log_chunks c WHERE c.build_job_id = j.id)
+                    OR EXISTS (SELECT 1 FROM build_logs l WHERE l.build_job_id = j.id))
+             LIMIT $2",
         )
         .bind(cutoff)
         .bind(max_jobs)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut lines: i64 = 0;
+        let mut tx = self.pool.begin().await?;
+        for job in &jobs {
+            lines += sqlx::query_scalar::<_, i64>(
+                "SELECT CAST(COALESCE(SUM(line_count), 0) AS BIGINT) FROM log_chunks WHERE build_job_id = $1",
+            )
+            .bind(job)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM log_chunks WHERE build_job_id = $1")
+                .bind(job)
+                .execute(&mut *tx)
+                .await?;
+            lines += sqlx::query("DELETE FROM build_logs WHERE build_job_id = $1")
+                .bind(job)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected() as i64;
+        }
+        tx.commit().await?;
+        Ok(lines.max(0) as u64)
     }
 
     async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError> {
@@ -1298,6 +1371,7 @@ macro_rules! impl_shared_store {
     };
 }
 
+pub mod chunks;
 pub mod postgres;
 pub mod sqlite;
 

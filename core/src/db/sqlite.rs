@@ -154,7 +154,16 @@ impl SqliteStore {
         .bind(job_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok((count, bytes.unwrap_or(0)))
+        let (chunk_lines, chunk_bytes): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT SUM(line_count), SUM(bytes) FROM log_chunks WHERE build_job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            count + chunk_lines.unwrap_or(0),
+            bytes.unwrap_or(0) + chunk_bytes.unwrap_or(0),
+        ))
     }
 }
 

@@ -1,0 +1,187 @@
+//! Log chunks: many lines per row (`log_chunks`), so storing a chatty build costs one insert
+//! per batch, not one per line.
+//!
+//! A chunk is text, so the database holds lines as readable as before: per line a header
+//! `SEQ STREAM LEN\n` (`STREAM` is `o`, `e` or `s`; `LEN` the byte length of the data) and
+//! then exactly `LEN` bytes of data. Seqs ascend within a chunk (gaps allowed: lines past a
+//! job's log cap are counted, not stored) and chunks of one job never overlap.
+
+use super::{LogRow, NewLogLine};
+
+/// Largest chunk text written in one row; a bigger batch becomes several chunks.
+pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A stored chunk that does not parse (a bug or a damaged row), named for the error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("log chunk of job {job_id} starting at seq {first_seq} is damaged at byte {at}")]
+pub struct ChunkError {
+    pub job_id: String,
+    pub first_seq: i64,
+    pub at: usize,
+}
+
+/// One chunk ready to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub line_count: i64,
+    /// Bytes of line data (without the headers).
+    pub bytes: i64,
+    pub text: String,
+}
+
+fn stream_code(stream: &str) -> char {
+    match stream {
+        "stdout" => 'o',
+        "stderr" => 'e',
+        _ => 's',
+    }
+}
+
+fn stream_name(code: &str) -> Option<&'static str> {
+    match code {
+        "o" => Some("stdout"),
+        "e" => Some("stderr"),
+        "s" => Some("system"),
+        _ => None,
+    }
+}
+
+/// Packs ascending lines into chunks of at most [`MAX_CHUNK_BYTES`] (a single line longer
+/// than that still gets a chunk of its own).
+pub fn encode<'a>(lines: impl IntoIterator<Item = &'a NewLogLine>) -> Vec<Chunk> {
+    use std::fmt::Write as _;
+    let mut chunks = Vec::new();
+    let mut current: Option<Chunk> = None;
+    for line in lines {
+        let header_len = 32;
+        if let Some(chunk) = &current
+            && chunk.text.len() + header_len + line.line.len() > MAX_CHUNK_BYTES
+        {
+            chunks.extend(current.take());
+        }
+        let chunk = current.get_or_insert_with(|| Chunk {
+            first_seq: line.seq,
+            last_seq: line.seq,
+            line_count: 0,
+            bytes: 0,
+            text: String::new(),
+        });
+        let _ = writeln!(
+            chunk.text,
+            "{} {} {}",
+            line.seq,
+            stream_code(line.stream),
+            line.line.len()
+        );
+        chunk.text.push_str(&line.line);
+        chunk.last_seq = line.seq;
+        chunk.line_count += 1;
+        chunk.bytes += line.line.len() as i64;
+    }
+    chunks.extend(current);
+    chunks
+}
+
+/// The lines of a chunk with `seq > after`, stamped `stored_at`.
+pub fn decode(
+    job_id: &str,
+    first_seq: i64,
+    text: &str,
+    stored_at: i64,
+    after: i64,
+) -> Result<Vec<LogRow>, ChunkError> {
+    let damaged = |at: usize| ChunkError {
+        job_id: job_id.to_string(),
+        first_seq,
+        at,
+    };
+    let mut rows = Vec::new();
+    let mut at = 0;
+    while at < text.len() {
+        let rest = &text[at..];
+        let header_end = rest.find('\n').ok_or_else(|| damaged(at))?;
+        let mut fields = rest[..header_end].split(' ');
+        let (Some(seq), Some(stream), Some(len), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(damaged(at));
+        };
+        let seq: i64 = seq.parse().map_err(|_| damaged(at))?;
+        let stream = stream_name(stream).ok_or_else(|| damaged(at))?;
+        let len: usize = len.parse().map_err(|_| damaged(at))?;
+        let start = at + header_end + 1;
+        let end = start.checked_add(len).ok_or_else(|| damaged(at))?;
+        let line = text.get(start..end).ok_or_else(|| damaged(at))?;
+        if seq > after {
+            rows.push(LogRow {
+                seq,
+                timestamp: stored_at,
+                stream: stream.to_string(),
+                line: line.to_string(),
+            });
+        }
+        at = end;
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(seq: i64, stream: &'static str, text: &str) -> NewLogLine {
+        NewLogLine {
+            seq,
+            stream,
+            line: text.to_string(),
+        }
+    }
+
+    #[test]
+    fn lines_come_back_exactly_whatever_they_hold() {
+        let lines = vec![
+            line(3, "stdout", "plain\n"),
+            line(4, "stderr", "two\nlines and a 5 e 12 fake header\n"),
+            line(7, "system", ""),
+            line(8, "stdout", "no newline, é ünïcode"),
+        ];
+        let chunks = encode(&lines);
+        assert_eq!(chunks.len(), 1);
+        let chunk = &chunks[0];
+        assert_eq!(
+            (chunk.first_seq, chunk.last_seq, chunk.line_count),
+            (3, 8, 4)
+        );
+        let rows = decode("j", 3, &chunk.text, 99, 0).unwrap();
+        assert_eq!(rows.len(), 4);
+        for (row, line) in rows.iter().zip(&lines) {
+            assert_eq!(row.seq, line.seq);
+            assert_eq!(row.stream, line.stream);
+            assert_eq!(row.line, line.line);
+            assert_eq!(row.timestamp, 99);
+        }
+        // Only what follows `after`.
+        let tail = decode("j", 3, &chunk.text, 99, 4).unwrap();
+        assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8]);
+    }
+
+    #[test]
+    fn big_batches_are_split_and_damage_is_named() {
+        let big = "x".repeat(100_000);
+        let lines: Vec<NewLogLine> = (1..=25).map(|seq| line(seq, "stdout", &big)).collect();
+        let chunks = encode(&lines);
+        assert!(chunks.len() >= 3);
+        assert!(chunks.iter().all(|c| c.text.len() <= MAX_CHUNK_BYTES));
+        let seqs: Vec<i64> = chunks
+            .iter()
+            .flat_map(|c| decode("j", c.first_seq, &c.text, 0, 0).unwrap())
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
+        let error = decode("j", 1, "1 o 50\nshort", 0, 0).unwrap_err();
+        assert_eq!(error.at, 0);
+        assert!(decode("j", 1, "1 q 1\nx", 0, 0).is_err());
+    }
+}
