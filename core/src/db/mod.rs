@@ -370,6 +370,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Where an attempt's lines start (0 when none were numbered after earlier ones).
     async fn attempt_log_base(&self, job_id: &str, attempt: u32) -> Result<i64, DbError>;
 
+    /// Stores one line the way versions before chunked logs did (tests of reading both).
+    #[cfg(test)]
+    async fn insert_legacy_log_line_for_tests(
+        &self,
+        job_id: &str,
+        seq: i64,
+        line: &str,
+    ) -> Result<(), DbError>;
+
     /// One page of lines with `seq > after`, at most `limit`.
     async fn logs_page(&self, job_id: &str, after: i64, limit: i64)
     -> Result<Vec<LogRow>, DbError>;
@@ -680,6 +689,24 @@ macro_rules! impl_shared_store {
             .bind(base)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    async fn insert_legacy_log_line_for_tests(
+        &self,
+        job_id: &str,
+        seq: i64,
+        line: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO build_logs (build_job_id, seq, timestamp, stream, line) VALUES ($1, $2, 0, 'stdout', $3)",
+        )
+        .bind(job_id)
+        .bind(seq)
+        .bind(line)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -1576,6 +1603,7 @@ mod tests {
     on_both_backends!(claims_are_guarded_by_status_attempt_and_the_limits);
     on_both_backends!(an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it);
     on_both_backends!(duplicate_log_lines_are_stored_once);
+    on_both_backends!(chunked_logs_page_across_chunks_and_read_older_rows_alongside);
     on_both_backends!(logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others);
 
     async fn claims_are_guarded_by_status_attempt_and_the_limits(backend: Backend) {
@@ -1732,6 +1760,74 @@ mod tests {
         let page = db.logs_page("j1", 0, 10).await.unwrap();
         assert_eq!(page.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(db.log_stats("j1").await.unwrap(), (3, 21));
+    }
+
+    async fn chunked_logs_page_across_chunks_and_read_older_rows_alongside(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["j1"]).await else {
+            return;
+        };
+        // Lines stored one per row by an earlier version: seqs 1..=3.
+        for seq in 1..=3i64 {
+            sqlx_insert_legacy(&db, seq).await;
+        }
+        // Then chunks: 4..=2003 in batches of 500, with a gap at 1000 (a capped line) and
+        // lines big enough that a batch spans several chunk rows.
+        let big = "z".repeat(3000);
+        let mut seq = 4;
+        while seq <= 2003 {
+            let batch: Vec<NewLogLine> = (seq..(seq + 500).min(2004))
+                .filter(|s| *s != 1000)
+                .map(|s| NewLogLine {
+                    seq: s,
+                    stream: if s % 2 == 0 { "stdout" } else { "stderr" },
+                    line: format!("{s} {big}\n"),
+                })
+                .collect();
+            db.append_logs("j1", &batch).await.unwrap();
+            seq += 500;
+        }
+        assert_eq!(db.last_log_seq("j1").await.unwrap(), 2003);
+        // Page through with odd page sizes: every line once, in order, the gap kept.
+        let mut after = 0;
+        let mut seen = Vec::new();
+        loop {
+            let page = db.logs_page("j1", after, 37).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 37);
+            after = page.last().unwrap().seq;
+            seen.extend(page);
+        }
+        let expected: Vec<i64> = (1..=2003).filter(|s| *s != 1000).collect();
+        assert_eq!(seen.iter().map(|l| l.seq).collect::<Vec<_>>(), expected);
+        assert_eq!(seen[0].line, "legacy 1\n");
+        assert_eq!(seen[10].stream, if seen[10].seq % 2 == 0 { "stdout" } else { "stderr" });
+        assert!(seen[10].line.starts_with(&format!("{} zzz", seen[10].seq)));
+        let (count, bytes) = db.log_stats("j1").await.unwrap();
+        assert_eq!(count, expected.len() as i64);
+        assert_eq!(bytes, seen.iter().map(|l| l.line.len() as i64).sum::<i64>());
+        // A batch that overlaps what is stored keeps only its new lines.
+        let overlap: Vec<NewLogLine> = (2000..=2005)
+            .map(|s| NewLogLine {
+                seq: s,
+                stream: "stdout",
+                line: format!("again {s}\n"),
+            })
+            .collect();
+        db.append_logs("j1", &overlap).await.unwrap();
+        let tail = db.logs_page("j1", 1999, 100).await.unwrap();
+        let tail: Vec<(i64, &str)> = tail.iter().map(|l| (l.seq, l.line.as_str())).collect();
+        assert_eq!(tail.len(), 6);
+        assert!(tail[..4].iter().all(|(_, l)| !l.starts_with("again")));
+        assert_eq!(tail[4], (2004, "again 2004\n"));
+    }
+
+    /// A line as an earlier version stored it (one row in `build_logs`).
+    async fn sqlx_insert_legacy(db: &Db, seq: i64) {
+        db.insert_legacy_log_line_for_tests("j1", seq, &format!("legacy {seq}\n"))
+            .await
+            .unwrap();
     }
 
     async fn logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others(backend: Backend) {
