@@ -213,6 +213,9 @@ struct Link<'a> {
     accepts_more_work: bool,
     /// Since when the agent has been away, and why (its connection dropped).
     lost: Option<(tokio::time::Instant, String)>,
+    /// The batch being written while the next one fills (at most one; lines are stored in
+    /// order and acknowledged once written).
+    writing: Option<tokio::task::JoinHandle<Result<Vec<NewLogLine>, crate::db::DbError>>>,
 }
 
 impl<'a> Link<'a> {
@@ -232,6 +235,7 @@ impl<'a> Link<'a> {
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
             lost: None,
+            writing: None,
         };
         let (db, job_id, attempt) = (&context.db, &order.job_id, order.attempt);
         if order.adopted {
@@ -329,23 +333,50 @@ impl<'a> Link<'a> {
         self.batch.len() >= LOG_BATCH_LINES || self.batch_bytes >= LOG_BATCH_BYTES
     }
 
+    /// Stores everything batched so far and waits until it is written (and acknowledged).
     async fn flush(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
-        let Some(last) = self.batch.last().map(|line| line.seq) else {
+        self.write_behind(session).await?;
+        self.written(session).await
+    }
+
+    /// Starts writing the batch in the background and goes on reading the agent meanwhile;
+    /// a write still in flight is waited for first, so at most one is.
+    async fn write_behind(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.written(session).await?;
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOG_BATCH_LINES));
+        self.batch_bytes = 0;
+        let (db, job_id) = (self.context.db.clone(), self.job_id.clone());
+        self.writing = Some(tokio::spawn(async move {
+            // Storing a batch again stores nothing twice (seqs at or below the stored ones
+            // are dropped), so a transient failure is simply retried.
+            crate::db::retry_transient(|| db.append_logs(&job_id, &batch)).await?;
+            Ok(batch)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any: its lines go to live viewers and are
+    /// acknowledged.
+    async fn written(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
+        let Some(writing) = self.writing.take() else {
             return Ok(());
         };
-        // Lines are keyed by (job, seq): storing a batch again stores nothing twice.
-        let (db, job_id, batch) = (&self.context.db, &self.job_id, &self.batch);
-        crate::db::retry_transient(|| db.append_logs(job_id, batch))
+        let batch = writing
             .await
+            .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?
             .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
-        publish(&self.context.hub, job_id, batch);
-        self.batch.clear();
-        if self.batch.capacity() > 4 * LOG_BATCH_LINES {
-            self.batch.shrink_to(LOG_BATCH_LINES);
-        }
-        self.batch_bytes = 0;
-        session.handle_persisted((last - self.base) as u64);
+        self.acknowledge(session, &batch);
         Ok(())
+    }
+
+    fn acknowledge(&self, session: &mut CoreSession, batch: &[NewLogLine]) {
+        if let Some(last) = batch.last().map(|line| line.seq) {
+            publish(&self.context.hub, &self.job_id, batch);
+            session.handle_persisted((last - self.base) as u64);
+        }
     }
 
     /// The agent's connection is gone: store what arrived, and wait for it to dial again
@@ -498,7 +529,19 @@ impl<'a> Link<'a> {
                         return Ok(Ended::Closed);
                     }
                 },
-                _ = flush_tick.tick() => self.flush(&mut session).await?,
+                _ = flush_tick.tick() => self.write_behind(&mut session).await?,
+                done = async {
+                    match self.writing.as_mut() {
+                        Some(writing) => writing.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.writing = None;
+                    let batch = done
+                        .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?
+                        .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
+                    self.acknowledge(&mut session, &batch);
+                }
                 _ = heartbeat_tick.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(self.job_id.clone()) });
                     if let Some(ws) = socket.as_mut()
@@ -548,7 +591,7 @@ impl<'a> Link<'a> {
                         let seq = self.base + log.seq.unwrap_or(0) as i64;
                         self.take_line(seq, log.stream, log.data, &mask);
                         if self.batch_full() {
-                            self.flush(&mut session).await?;
+                            self.write_behind(&mut session).await?;
                         }
                     }
                     SessionEvent::Lines { first_seq, lines } => {
@@ -557,7 +600,7 @@ impl<'a> Link<'a> {
                             self.take_line(first + offset as i64, line.stream, line.data, &mask);
                         }
                         if self.batch_full() {
-                            self.flush(&mut session).await?;
+                            self.write_behind(&mut session).await?;
                         }
                     }
                     SessionEvent::Interrupted(notice) => {

@@ -71,6 +71,19 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             max: MAX_FRAME_BYTES,
         });
     }
+    // The hot path: LOGS frames as agents write them (`type` first) parse straight into the
+    // struct; anything else, or anything wrong with them, takes the path below, which names
+    // precisely what is wrong.
+    if bytes.starts_with(br#"{"type":"LOGS","#)
+        && let Ok(frame) = serde_json::from_slice::<TaggedLogs>(bytes)
+        && frame.kind == "LOGS"
+    {
+        return Ok(Message::Logs(crate::Logs {
+            job_id: frame.job_id,
+            seq: frame.seq,
+            lines: frame.lines,
+        }));
+    }
     let value: Value = serde_json::from_slice(bytes).map_err(|error| DecodeError::NotJson {
         detail: error.to_string(),
     })?;
@@ -98,6 +111,17 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         "LOGS" => typed(message_type, value).map(Message::Logs),
         _ => typed(message_type, value).map(Message::Heartbeat),
     }
+}
+
+/// A `LOGS` frame with its tag, for the direct parse.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaggedLogs {
+    #[serde(rename = "type")]
+    kind: String,
+    job_id: String,
+    seq: u64,
+    lines: Vec<crate::LogLine>,
 }
 
 fn typed<T: serde::de::DeserializeOwned>(

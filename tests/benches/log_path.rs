@@ -9,7 +9,11 @@
 //! - lines/s stored for 1 agent and for 100 agents at once (first frame sent → the ACK of the
 //!   last line, which the core sends only once the line is in the database);
 //! - delivery latency, agent write → SSE client, median and p99, for a line every 5 ms;
-//! - bytes on the wire per line: one `LOG` frame per line (the seed's shape) vs `LOGS`.
+//! - bytes on the wire per line: one `LOG` frame per line (the seed's shape) vs `LOGS`, in
+//!   JSON and in protobuf.
+//!
+//! Agents speak protobuf (`stagely.v1.proto`, what the real agent negotiates); the single
+//! agent runs once more in JSON for comparison.
 //!
 //! Run: `cargo bench -p stagely-tests --bench log_path` (`STAGELY_BENCH_LINES` changes the
 //! single agent's line count; the store is the suite's: SQLite, or PostgreSQL with
@@ -20,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use stagely_protocol::{
-    Arch, BuilderKind, Hello, JobState, Log, LogLine, LogStream, Logs, Message, PROTOCOL_VERSION,
-    Status, decode, encode,
+    Arch, BuilderKind, Codec, Hello, JobState, Log, LogLine, LogStream, Logs, Message,
+    PROTOCOL_VERSION, Status, decode, decode_proto, encode, encode_proto,
 };
 use stagely_tests::*;
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -73,7 +77,22 @@ async fn tokens_for(provider: &RecordingProvider, jobs: &[String]) -> Vec<(Strin
     .await
 }
 
-async fn agent(core: &TestCore, token: &str) -> Socket {
+fn ws(codec: Codec, frame: &Message) -> Ws {
+    match codec {
+        Codec::Json => Ws::text(encode(frame)),
+        Codec::Proto => Ws::binary(encode_proto(frame)),
+    }
+}
+
+fn decoded(message: &Ws) -> Option<Message> {
+    match message {
+        Ws::Text(text) => decode(text.as_bytes()).ok(),
+        Ws::Binary(bytes) => decode_proto(bytes).ok(),
+        _ => None,
+    }
+}
+
+async fn agent(core: &TestCore, token: &str, codec: Codec) -> Socket {
     let url = format!(
         "{}/api/v1/agent/connect",
         core.url.replace("http://", "ws://")
@@ -81,7 +100,11 @@ async fn agent(core: &TestCore, token: &str) -> Socket {
     let mut request = url.into_client_request().expect("request");
     request.headers_mut().insert(
         "authorization",
-        format!("Bearer {token}").parse().expect("header"),
+                format!("Bearer {token}").parse().expect("header"),
+    );
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        codec.subprotocol().parse().expect("header"),
     );
     let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
         .await
@@ -98,15 +121,14 @@ async fn agent(core: &TestCore, token: &str) -> Socket {
         attempt: None,
         acked_seq: None,
     });
-    socket.send(Ws::text(encode(&hello))).await.expect("hello");
+        socket.send(ws(codec, &hello)).await.expect("hello");
     loop {
         match socket.next().await {
-            Some(Ok(Ws::Text(text))) => {
-                if let Ok(Message::Build(_)) = decode(text.as_bytes()) {
+            Some(Ok(message)) => {
+                if let Some(Message::Build(_)) = decoded(&message) {
                     return socket;
                 }
             }
-            Some(Ok(_)) => {}
             other => panic!("no BUILD: {other:?}"),
         }
     }
@@ -114,7 +136,7 @@ async fn agent(core: &TestCore, token: &str) -> Socket {
 
 /// Streams `count` lines in LOGS frames, keeping at most `window` lines unacknowledged;
 /// returns when the last is acknowledged, then ends the job.
-async fn stream_lines(mut socket: Socket, job_id: String, count: u64, window: u64) {
+async fn stream_lines(mut socket: Socket, codec: Codec, job_id: String, count: u64, window: u64) {
     let mut next = 1u64;
     let mut acked = 0u64;
     while acked < count {
@@ -130,17 +152,16 @@ async fn stream_lines(mut socket: Socket, job_id: String, count: u64, window: u6
                     })
                     .collect(),
             });
-            socket.feed(Ws::text(encode(&frame))).await.expect("send");
+            socket.feed(ws(codec, &frame)).await.expect("send");
             next = last + 1;
         }
         socket.flush().await.expect("flush");
         match socket.next().await {
-            Some(Ok(Ws::Text(text))) => {
-                if let Ok(Message::Ack(ack)) = decode(text.as_bytes()) {
+                        Some(Ok(message)) => {
+                if let Some(Message::Ack(ack)) = decoded(&message) {
                     acked = acked.max(ack.seq);
                 }
             }
-            Some(Ok(_)) => {}
             other => panic!("connection ended: {other:?}"),
         }
     }
@@ -154,26 +175,27 @@ async fn stream_lines(mut socket: Socket, job_id: String, count: u64, window: u6
         never_ran: None,
         seq: Some(count + 1),
     });
-    let _ = socket.send(Ws::text(encode(&status))).await;
+        let _ = socket.send(ws(codec, &status)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
 }
 
 async fn throughput(
     core: &TestCore,
     provider: &RecordingProvider,
-    agents: usize,
+        agents: usize,
     lines_each: u64,
+    codec: Codec,
 ) -> f64 {
-    let jobs = submit(core, agents, &format!("bench-{agents}")).await;
+    let jobs = submit(core, agents, &format!("bench-{agents}-{}", codec.subprotocol())).await;
     let tokens = tokens_for(provider, &jobs).await;
     let mut sockets = Vec::new();
     for (job, token) in &tokens {
-        sockets.push((job.clone(), agent(core, token).await));
+        sockets.push((job.clone(), agent(core, token, codec).await));
     }
     let started = Instant::now();
     let tasks: Vec<_> = sockets
         .into_iter()
-        .map(|(job, socket)| tokio::spawn(stream_lines(socket, job, lines_each, 16_000)))
+        .map(|(job, socket)| tokio::spawn(stream_lines(socket, codec, job, lines_each, 16_000)))
         .collect();
     for task in tasks {
         task.await.expect("agent task");
@@ -187,7 +209,7 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
     let jobs = submit(core, 1, "bench-latency").await;
     let tokens = tokens_for(provider, &jobs).await;
     let (job_id, token) = tokens[0].clone();
-    let mut socket = agent(core, &token).await;
+    let mut socket = agent(core, &token, Codec::Proto).await;
     let client = core.client.clone();
     let url = format!("{}/api/v1/jobs/{job_id}/logs/stream", core.url);
     let origin = Instant::now();
@@ -223,7 +245,7 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
             data: format!("t={}\n", origin.elapsed().as_micros()),
             seq: Some(seq),
         });
-        socket.send(Ws::text(encode(&frame))).await.expect("send");
+                socket.send(ws(Codec::Proto, &frame)).await.expect("send");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let status = Message::Status(Status {
@@ -236,10 +258,7 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
         never_ran: None,
         seq: Some(count + 1),
     });
-    socket
-        .send(Ws::text(encode(&status)))
-        .await
-        .expect("status");
+        socket.send(ws(Codec::Proto, &status)).await.expect("status");
     let mut samples = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the stream ended")
@@ -250,7 +269,7 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
     (at(0.5), at(0.99))
 }
 
-fn bytes_per_line() -> (f64, f64) {
+fn bytes_per_line() -> (f64, f64, f64) {
     let lines: Vec<String> = (1..=LINES_PER_FRAME as u64).map(line_text).collect();
     let single: usize = lines
         .iter()
@@ -265,7 +284,7 @@ fn bytes_per_line() -> (f64, f64) {
             .len()
         })
         .sum();
-    let batched = encode(&Message::Logs(Logs {
+    let frame = Message::Logs(Logs {
         job_id: "0bd039f1-4f02-4bc6-9d15-db3244ee91e7".into(),
         seq: 1_000_000,
         lines: lines
@@ -275,12 +294,11 @@ fn bytes_per_line() -> (f64, f64) {
                 data: data.clone(),
             })
             .collect(),
-    }))
-    .len();
-    (
-        single as f64 / lines.len() as f64,
-        batched as f64 / lines.len() as f64,
-    )
+    });
+    let json = encode(&frame).len();
+    let proto = encode_proto(&frame).len();
+    let per_line = |bytes: usize| bytes as f64 / lines.len() as f64;
+    (per_line(single), per_line(json), per_line(proto))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -305,23 +323,24 @@ async fn main() {
         .await
         .expect("core");
     println!("store: {:?}", Backend::from_env());
-    let one = throughput(&core, &provider, 1, single).await;
+    for codec in [Codec::Proto, Codec::Json] {
+        let one = throughput(&core, &provider, 1, single, codec).await;
+        println!(
+            "1 agent ({}), {single} lines of 100 bytes: {one:.0} lines/s stored",
+            codec.subprotocol()
+        );
+    }
+    let hundred = throughput(&core, &provider, 100, 10_000, Codec::Proto).await;
     println!(
-        "1 agent, {single} lines of 100 bytes: {:.0} lines/s stored",
-        one
-    );
-    let hundred = throughput(&core, &provider, 100, 10_000).await;
-    println!(
-        "100 agents x 10000 lines of 100 bytes: {:.0} lines/s stored in total",
-        hundred
+        "100 agents (stagely.v1.proto) x 10000 lines of 100 bytes: {hundred:.0} lines/s stored in total"
     );
     let (median, p99) = latency(&core, &provider, 1000).await;
     println!(
         "agent write -> SSE client, 1000 lines 5 ms apart: median {median:.1} ms, p99 {p99:.1} ms"
     );
-    let (log, logs) = bytes_per_line();
+    let (log, json, proto) = bytes_per_line();
     println!(
-        "bytes on the wire per 100-byte line: LOG (one per frame) {log:.1}, LOGS ({LINES_PER_FRAME} per frame, JSON) {logs:.1}"
+        "bytes on the wire per 100-byte line: LOG (JSON, one per frame) {log:.1}; LOGS ({LINES_PER_FRAME} per frame): JSON {json:.1}, protobuf {proto:.1}"
     );
     core.stop().await;
 }

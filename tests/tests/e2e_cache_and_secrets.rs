@@ -154,8 +154,11 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
     assert_eq!(status, 201, "{answer}");
     let run_id = answer["id"].as_str().unwrap().to_string();
 
-    // While it builds: on no command line and in no environment.
+    // While it builds: on no command line, in no environment, and in no spool file (the
+    // agent masks before it writes output to its disk spool).
+    let printed = printed_forms(&secret, &pem);
     let mut builder_seen = false;
+    let mut spooled_seen = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let view = loop {
         for (pid, cmdline) in cmdlines() {
@@ -171,6 +174,20 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
                 );
             }
         }
+        for file in files_under(&core.data.path().join("instances")) {
+            if !file.to_string_lossy().contains("/spool/") {
+                continue;
+            }
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            spooled_seen |= contains_bytes(&bytes, b"[REDACTED]");
+            for form in &printed {
+                assert!(
+                    !contains_bytes(&bytes, form.as_bytes()),
+                    "the spool file {} holds a form of the secret: {form}",
+                    file.display()
+                );
+            }
+        }
         let view = core.run(&run_id).await.unwrap();
         if matches!(view.status.as_str(), "completed" | "failed") {
             break view;
@@ -179,6 +196,10 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     };
     assert!(builder_seen, "the scan never saw buildah");
+    assert!(
+        spooled_seen,
+        "the scan never saw the masked lines in the agent's spool, so it proves nothing"
+    );
     assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
 
     // The build read it (its length), printed it, and the log holds only the mask.
@@ -194,7 +215,6 @@ async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
         "{log}"
     );
     assert!(log.contains("[REDACTED]"), "{log}");
-    let printed = printed_forms(&secret, &pem);
     for form in &printed {
         assert!(
             !log.contains(form.as_str()),
