@@ -21,7 +21,7 @@ use crate::images::valid_digest;
 /// Lines buffered before a database write (one chunk row per MiB); also flushed every
 /// [`LOG_FLUSH_EVERY`], so live viewers see a line within that.
 const LOG_BATCH_LINES: usize = 8192;
-const LOG_BATCH_BYTES: usize = 1024 * 1024;
+const LOG_BATCH_BYTES: usize = 512 * 1024;
 const LOG_FLUSH_EVERY: Duration = Duration::from_millis(50);
 const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 /// Longest a single frame may take to send before the agent counts as not reading.
