@@ -100,7 +100,7 @@ async fn agent(core: &TestCore, token: &str, codec: Codec) -> Socket {
     let mut request = url.into_client_request().expect("request");
     request.headers_mut().insert(
         "authorization",
-                format!("Bearer {token}").parse().expect("header"),
+        format!("Bearer {token}").parse().expect("header"),
     );
     request.headers_mut().insert(
         "sec-websocket-protocol",
@@ -121,7 +121,7 @@ async fn agent(core: &TestCore, token: &str, codec: Codec) -> Socket {
         attempt: None,
         acked_seq: None,
     });
-        socket.send(ws(codec, &hello)).await.expect("hello");
+    socket.send(ws(codec, &hello)).await.expect("hello");
     loop {
         match socket.next().await {
             Some(Ok(message)) => {
@@ -157,7 +157,7 @@ async fn stream_lines(mut socket: Socket, codec: Codec, job_id: String, count: u
         }
         socket.flush().await.expect("flush");
         match socket.next().await {
-                        Some(Ok(message)) => {
+            Some(Ok(message)) => {
                 if let Some(Message::Ack(ack)) = decoded(&message) {
                     acked = acked.max(ack.seq);
                 }
@@ -165,28 +165,24 @@ async fn stream_lines(mut socket: Socket, codec: Codec, job_id: String, count: u
             other => panic!("connection ended: {other:?}"),
         }
     }
-    let status = Message::Status(Status {
-        job_id,
-        state: JobState::Failed,
-        exit_code: Some(1),
-        artifact_url: None,
-        digest: None,
-        error: Some("bench".into()),
-        never_ran: None,
-        seq: Some(count + 1),
-    });
-        let _ = socket.send(ws(codec, &status)).await;
+    let status = end_status(job_id, count + 1);
+    let _ = socket.send(ws(codec, &status)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
 }
 
 async fn throughput(
     core: &TestCore,
     provider: &RecordingProvider,
-        agents: usize,
+    agents: usize,
     lines_each: u64,
     codec: Codec,
 ) -> f64 {
-    let jobs = submit(core, agents, &format!("bench-{agents}-{}", codec.subprotocol())).await;
+    let jobs = submit(
+        core,
+        agents,
+        &format!("bench-{agents}-{}", codec.subprotocol()),
+    )
+    .await;
     let tokens = tokens_for(provider, &jobs).await;
     let mut sockets = Vec::new();
     for (job, token) in &tokens {
@@ -245,20 +241,14 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
             data: format!("t={}\n", origin.elapsed().as_micros()),
             seq: Some(seq),
         });
-                socket.send(ws(Codec::Proto, &frame)).await.expect("send");
+        socket.send(ws(Codec::Proto, &frame)).await.expect("send");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let status = Message::Status(Status {
-        job_id,
-        state: JobState::Failed,
-        exit_code: Some(1),
-        artifact_url: None,
-        digest: None,
-        error: Some("bench".into()),
-        never_ran: None,
-        seq: Some(count + 1),
-    });
-        socket.send(ws(Codec::Proto, &status)).await.expect("status");
+    let status = end_status(job_id, count + 1);
+    socket
+        .send(ws(Codec::Proto, &status))
+        .await
+        .expect("status");
     let mut samples = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the stream ended")
@@ -267,6 +257,20 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     (at(0.5), at(0.99))
+}
+
+/// The STATUS that ends a simulated job (failed: nothing to check in the registry).
+fn end_status(job_id: String, seq: u64) -> Message {
+    Message::Status(Status {
+        job_id,
+        state: JobState::Failed,
+        exit_code: Some(1),
+        artifact_url: None,
+        digest: None,
+        error: Some("bench".into()),
+        never_ran: None,
+        seq: Some(seq),
+    })
 }
 
 fn bytes_per_line() -> (f64, f64, f64) {

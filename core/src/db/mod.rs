@@ -629,10 +629,7 @@ macro_rules! impl_shared_store {
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let stored: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(m) FROM (SELECT MAX(last_seq) AS m FROM log_chunks WHERE build_job_id = $1
-                                 UNION ALL SELECT MAX(seq) AS m FROM build_logs WHERE build_job_id = $1) x",
-        )
+        let stored: Option<i64> = sqlx::query_scalar($crate::db::LAST_LOG_SEQ)
         .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -666,10 +663,7 @@ macro_rules! impl_shared_store {
 
     /// Highest stored seq for a job (0 when none).
     async fn last_log_seq(&self, job_id: &str) -> Result<i64, DbError> {
-        let max: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(m) FROM (SELECT MAX(last_seq) AS m FROM log_chunks WHERE build_job_id = $1
-                                 UNION ALL SELECT MAX(seq) AS m FROM build_logs WHERE build_job_id = $1) x",
-        )
+        let max: Option<i64> = sqlx::query_scalar($crate::db::LAST_LOG_SEQ)
         .bind(job_id)
         .fetch_one(&self.pool)
         .await?;
@@ -1398,6 +1392,11 @@ macro_rules! impl_shared_store {
     };
 }
 
+/// The highest stored seq of job `$1`: in chunks, or one per row as earlier versions stored.
+pub(crate) const LAST_LOG_SEQ: &str =
+    "SELECT MAX(m) FROM (SELECT MAX(last_seq) AS m FROM log_chunks WHERE build_job_id = $1
+                        UNION ALL SELECT MAX(seq) AS m FROM build_logs WHERE build_job_id = $1) x";
+
 pub mod chunks;
 pub mod postgres;
 pub mod sqlite;
@@ -1802,7 +1801,14 @@ mod tests {
         let expected: Vec<i64> = (1..=2003).filter(|s| *s != 1000).collect();
         assert_eq!(seen.iter().map(|l| l.seq).collect::<Vec<_>>(), expected);
         assert_eq!(seen[0].line, "legacy 1\n");
-        assert_eq!(seen[10].stream, if seen[10].seq % 2 == 0 { "stdout" } else { "stderr" });
+        assert_eq!(
+            seen[10].stream,
+            if seen[10].seq % 2 == 0 {
+                "stdout"
+            } else {
+                "stderr"
+            }
+        );
         assert!(seen[10].line.starts_with(&format!("{} zzz", seen[10].seq)));
         let (count, bytes) = db.log_stats("j1").await.unwrap();
         assert_eq!(count, expected.len() as i64);
