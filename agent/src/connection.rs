@@ -339,13 +339,13 @@ fn ws_message(codec: Codec, frame: &Message) -> WsMessage {
     }
 }
 
-/// A received WebSocket message as a frame: text is JSON, binary is protobuf (`None`: a
-/// ping, pong or close).
-fn decode_ws(message: &WsMessage) -> Option<Result<Message, stagely_protocol::DecodeError>> {
+/// A received text or binary WebSocket message as a frame: text is JSON, binary protobuf.
+fn decode_ws(message: &WsMessage) -> Result<Message, stagely_protocol::DecodeError> {
     match message {
-        WsMessage::Text(text) => Some(decode(text.as_bytes())),
-        WsMessage::Binary(bytes) => Some(decode_proto(bytes)),
-        _ => None,
+        WsMessage::Text(text) => decode(text.as_bytes()),
+        WsMessage::Binary(bytes) => decode_proto(bytes),
+        // Callers pass only text and binary messages.
+        _ => Err(stagely_protocol::DecodeError::MissingType),
     }
 }
 
@@ -415,9 +415,7 @@ async fn next_work(
         loop {
             match receiver.next().await {
                 Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
-                    match decode_ws(&frame)
-                        .unwrap_or(Err(stagely_protocol::DecodeError::MissingType))
-                    {
+                    match decode_ws(&frame) {
                         Ok(message @ (Message::Build(_) | Message::Merge(_))) => {
                             return Ok(Some(message));
                         }
@@ -657,7 +655,7 @@ impl JobLink<'_> {
                 frame = incoming => {
                     last_heard = tokio::time::Instant::now();
                     let broken = match frame {
-                        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame).unwrap_or(Err(stagely_protocol::DecodeError::MissingType)) {
+                        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame) {
                             Ok(Message::Ack(ack)) => {
                                 if status.as_ref().is_some_and(|(_, s)| ack.seq >= *s) && status_sent {
                                     break Ok(());
@@ -942,9 +940,7 @@ async fn resume(
             loop {
                 match conn.receiver.next().await {
                     Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
-                        match decode_ws(&frame)
-                            .unwrap_or(Err(stagely_protocol::DecodeError::MissingType))
-                        {
+                        match decode_ws(&frame) {
                             Ok(Message::Resume(resume)) => return Ok(resume.seq),
                             Ok(Message::Heartbeat(_) | Message::Ack(_)) => continue,
                             Ok(other) => bail!(

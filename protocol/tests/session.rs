@@ -342,24 +342,27 @@ fn resume_hello(job: &str, attempt: u32, acked: u64) -> Message {
     Message::Hello(hello)
 }
 
-#[test]
-fn a_reconnecting_agent_is_told_the_stored_position_and_its_resent_lines_are_dropped() {
+/// A session for attempt 2 whose agent said HELLO and sent lines 1..=`lines`, then whose
+/// connection was replaced (`reconnected`), with what was sent so far cleared.
+fn dropped_after(lines: u64) -> Harness {
     let mut h = Harness::new(0);
     h.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h.now).with_attempt(2);
     h.feed(hello()).unwrap();
-    for seq in 1..=4 {
+    for seq in 1..=lines {
         h.feed(log("j1", seq)).unwrap();
     }
-    // The socket drops; the agent saw ACK 2 only, and dials again.
     h.session.reconnected(h.now);
     h.sent.clear();
-    // Nothing but a resuming HELLO is accepted now.
+    h
+}
+
+#[test]
+fn a_reconnecting_agent_is_told_the_stored_position_and_its_resent_lines_are_dropped() {
+    // The socket drops; the agent saw ACK 2 only, and dials again. Nothing but a resuming
+    // HELLO is accepted now.
+    let mut h = dropped_after(4);
     assert!(h.feed(log("j1", 5)).is_err());
-    let mut h2 = Harness::new(0);
-    h2.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h2.now).with_attempt(2);
-    h2.feed(hello()).unwrap();
-    h2.feed(log("j1", 1)).unwrap();
-    h2.session.reconnected(h2.now);
+    let mut h2 = dropped_after(1);
     assert_eq!(
         h2.feed(resume_hello("j1", 3, 1)),
         Err(SessionError::WrongAttempt {
@@ -367,21 +370,10 @@ fn a_reconnecting_agent_is_told_the_stored_position_and_its_resent_lines_are_dro
             got: 3
         })
     );
-    let mut h3 = Harness::new(0);
-    h3.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h3.now).with_attempt(2);
-    h3.feed(hello()).unwrap();
-    h3.feed(log("j1", 1)).unwrap();
-    h3.session.reconnected(h3.now);
+    let mut h3 = dropped_after(1);
     assert_eq!(h3.feed(hello()), Err(SessionError::AgentRestarted));
     // The good path: RESUME names seq 4; resent 3 and 4 are dropped, 5 is stored.
-    let mut h = Harness::new(0);
-    h.session = CoreSession::new("j1", build("j1"), 0, HEARTBEAT, h.now).with_attempt(2);
-    h.feed(hello()).unwrap();
-    for seq in 1..=4 {
-        h.feed(log("j1", seq)).unwrap();
-    }
-    h.session.reconnected(h.now);
-    h.sent.clear();
+    let mut h = dropped_after(4);
     h.feed(resume_hello("j1", 2, 2)).unwrap();
     assert!(
         matches!(h.sent.as_slice(), [Message::Resume(r)] if r.seq == 4 && r.job_id == "j1"),

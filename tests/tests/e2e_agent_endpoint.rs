@@ -674,18 +674,29 @@ async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
 }
 
 fn resume_hello(job_id: &str, attempt: Option<u32>, acked_seq: u64) -> String {
+    let Ok(Message::Hello(hello)) = decode(hello().as_bytes()) else {
+        unreachable!("hello() is a HELLO")
+    };
     encode(&Message::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "test".into(),
-        instance_id: "hand-driven".into(),
-        arch: Arch::Amd64,
-        builders: vec![BuilderKind::Buildah],
-        emulated_arches: vec![],
-        accepts_more_work: false,
         job_id: Some(job_id.into()),
         attempt,
         acked_seq: Some(acked_seq),
+        ..hello
     }))
+}
+
+/// The STATUS of a build whose builder exited with `code`.
+fn builder_failed(job_id: &str, code: i32, seq: u64) -> Message {
+    Message::Status(Status {
+        job_id: job_id.into(),
+        state: JobState::Failed,
+        exit_code: Some(code),
+        artifact_url: None,
+        digest: None,
+        error: Some(format!("builder exited with status {code}")),
+        never_ran: None,
+        seq: Some(seq),
+    })
 }
 
 fn line(job_id: &str, seq: u64) -> Message {
@@ -745,20 +756,7 @@ async fn a_dropped_agent_resumes_where_the_store_ends_and_no_line_is_lost_or_dou
     for seq in 4..=7 {
         send(&mut agent, line(&job_id, seq)).await;
     }
-    send(
-        &mut agent,
-        Message::Status(Status {
-            job_id: job_id.clone(),
-            state: JobState::Failed,
-            exit_code: Some(1),
-            artifact_url: None,
-            digest: None,
-            error: Some("builder exited with status 1".into()),
-            never_ran: None,
-            seq: Some(8),
-        }),
-    )
-    .await;
+    send(&mut agent, builder_failed(&job_id, 1, 8)).await;
     loop {
         if let Message::Ack(ack) = next_message(&mut agent).await
             && ack.seq == 8
@@ -889,16 +887,7 @@ async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fall
         ],
     });
     agent.send(Ws::binary(encode_proto(&lines))).await.unwrap();
-    let status = Message::Status(Status {
-        job_id: job_id.clone(),
-        state: JobState::Failed,
-        exit_code: Some(3),
-        artifact_url: None,
-        digest: None,
-        error: Some("builder exited with status 3".into()),
-        never_ran: None,
-        seq: Some(3),
-    });
+    let status = builder_failed(job_id, 3, 3);
     agent.send(Ws::binary(encode_proto(&status))).await.unwrap();
     loop {
         if let Message::Ack(ack) = next_binary(&mut agent).await
