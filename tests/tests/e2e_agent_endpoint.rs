@@ -164,13 +164,16 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
     let mut first = connect(&core, Some(token))
         .await
         .expect("the right token is accepted");
+    // The core serves it (its BUILD arrives) before the agent dials again.
+    first.send(Ws::text(hello())).await.unwrap();
+    let Message::Build(_) = next_message(&mut first).await else {
+        panic!("expected BUILD")
+    };
     // A token is good until its attempt ends: a second connection with it (the agent dialling
     // again) replaces the first, which the core lets go.
     let mut agent = connect(&core, Some(token))
         .await
         .expect("the token is still good while its attempt lives");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    first.send(Ws::text(hello())).await.ok();
     match tokio::time::timeout(Duration::from_secs(10), first.next()).await {
         Ok(Some(Ok(Ws::Close(_))) | None | Some(Err(_))) => {}
         other => panic!("the replaced connection was not let go: {other:?}"),
@@ -736,6 +739,19 @@ async fn a_dropped_agent_resumes_where_the_store_ends_and_no_line_is_lost_or_dou
     // Two more go out, then the connection drops without a close frame.
     send(&mut agent, line(&job_id, 4)).await;
     send(&mut agent, line(&job_id, 5)).await;
+    // (Both reach the store before the agent dials again, so RESUME must name 5.)
+    poll_until(
+        Duration::from_secs(10),
+        "lines 4 and 5 to be stored",
+        || async {
+            let stored = all_log_lines(&core.client, &core.url, &job_id).await?;
+            Ok((
+                (stored.len() == 5).then_some(()),
+                format!("{} stored", stored.len()),
+            ))
+        },
+    )
+    .await;
     drop(agent);
 
     // The agent dials again with the same token, naming its job, attempt and last ACK.
