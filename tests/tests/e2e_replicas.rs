@@ -171,15 +171,38 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
         }
     }
     assert!(taken_over > 0, "the kill interrupted nothing: {by_job:?}");
-    let instance_dirs = std::fs::read_dir(data.path().join("instances"))
+    // Every created instance is known: recorded in the store, or (core-a killed between
+    // the provider's create and the record) found by a reaper and terminated, which removes
+    // its instance.json.
+    let recorded: std::collections::BTreeSet<String> =
+        sqlx::query_scalar("SELECT id FROM builder_instances")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(recorded.len(), per_attempt.len());
+    let instances_dir = data.path().join("instances");
+    let unrecorded: Vec<String> = std::fs::read_dir(&instances_dir)
         .unwrap()
         .flatten()
-        .count();
-    assert_eq!(
-        instance_dirs,
-        per_attempt.len(),
-        "an instance was created that the store does not know"
-    );
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| !recorded.contains(name))
+        .collect();
+    poll_until(
+        Duration::from_secs(60),
+        "every instance the store does not know to be reaped",
+        || {
+            let live: Vec<&String> = unrecorded
+                .iter()
+                .filter(|id| instances_dir.join(id).join("instance.json").exists())
+                .collect();
+            let detail = format!("unrecorded and still running: {live:?}");
+            let done = live.is_empty().then_some(());
+            async move { Ok((done, detail)) }
+        },
+    )
+    .await;
     // Nothing left running: every instance was terminated, core-a's too.
     poll_until(
         Duration::from_secs(30),
