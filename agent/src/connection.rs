@@ -2,8 +2,10 @@
 //! and dial again when the connection drops mid-job.
 //!
 //! Output arrives from the job task through a bounded channel, is masked and appended to the
-//! job's disk spool ([`crate::spool`]), which numbers it (`seq`), and is sent from there; the
-//! core's ACKs trim the spool. When the connection drops the build goes on: output keeps
+//! job's disk spool ([`crate::spool`]), which numbers it (`seq`), and is sent from there in
+//! `LOGS` frames (full at 4096 lines or 256 KiB; a partial frame waits at most
+//! [`LOG_LINGER`]); the core's ACKs trim the spool. A connection's own task writes its frames
+//! (a small bounded outbox), so taking output never waits on the socket. When the connection drops the build goes on: output keeps
 //! going to the spool while the agent dials again (backoff with jitter, for the reconnect
 //! grace), says HELLO naming the job, attempt and last acknowledged seq, and resends from the
 //! position the core's RESUME names. Memory stays flat whatever the log volume: while
@@ -31,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, JobEnvironment, Output, OutputSink, Report};
 
-/// Pieces buffered between the job and the spool. Each holds at most one line piece
-/// (64 KiB), so the buffer is bounded at a few MiB.
-const OUTPUT_BUFFER: usize = 256;
+/// Messages buffered between the job and the spool. Each holds one line piece (at most
+/// 64 KiB) or a batch of lines (one piece and at most 16 KiB more), so the buffer is bounded
+/// at a few MiB.
+const OUTPUT_BUFFER: usize = 32;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// Silence from the core longer than this means the core is gone.
 const CORE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
@@ -312,23 +315,96 @@ impl LinkSettings {
     }
 }
 
-/// One open connection to the core.
+/// Frames queued for a connection's writer: enough that the socket stays busy while the job
+/// loop spools output, few enough that memory stays flat (each at most [`MAX_FRAME_BYTES`]).
+const OUTBOX_FRAMES: usize = 2;
+
+/// One open connection to the core. Its own task writes the frames queued in `outbox`, so
+/// taking the build's output never waits on the socket (the spool absorbs a slow core).
 struct Conn {
-    sender: futures_util::stream::SplitSink<Socket, WsMessage>,
     receiver: futures_util::stream::SplitStream<Socket>,
+    outbox: mpsc::Sender<WsMessage>,
+    /// The writer: ends with the error that broke the socket, or when `outbox` closes.
+    writer: tokio_util::task::AbortOnDropHandle<anyhow::Result<()>>,
     /// How frames are written on it (the subprotocol the core chose).
     codec: Codec,
+}
+
+/// What a connection yields to the job loop.
+enum ConnEvent {
+    Frame(Option<Result<WsMessage, tungstenite::Error>>),
+    /// The writer stopped: the socket can take no more frames.
+    WriterStopped(anyhow::Error),
 }
 
 impl Conn {
     fn new(socket: Socket, codec: Codec) -> Conn {
         let (sender, receiver) = socket.split();
+        let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
+        let writer =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(write_frames(sender, frames)));
         Conn {
-            sender,
             receiver,
+            outbox,
+            writer,
             codec,
         }
     }
+
+    /// Queues `frame` for the writer, waiting for room at most [`SEND_LIMIT`].
+    async fn send(&self, frame: &Message) -> anyhow::Result<()> {
+        self.queue(ws_message(self.codec, frame), frame.type_name())
+            .await
+    }
+
+    async fn queue(&self, message: WsMessage, what: &str) -> anyhow::Result<()> {
+        match tokio::time::timeout(SEND_LIMIT, self.outbox.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(anyhow!(
+                "the connection can take no more frames (its writer stopped)"
+            )),
+            Err(_) => Err(anyhow!(
+                "the core did not take a {what} frame within {SEND_LIMIT:?}"
+            )),
+        }
+    }
+
+    /// The next frame from the core, or the writer's failure, whichever comes first.
+    async fn next_event(&mut self) -> ConnEvent {
+        tokio::select! {
+            frame = self.receiver.next() => ConnEvent::Frame(frame),
+            ended = &mut self.writer => ConnEvent::WriterStopped(match ended {
+                Ok(Ok(())) => anyhow!("the connection's writer ended"),
+                Ok(Err(error)) => error,
+                Err(error) => anyhow!("the connection's writer failed: {error}"),
+            }),
+        }
+    }
+
+    /// Sends a close frame after everything queued and waits (briefly) for it to go out.
+    async fn close(self) {
+        let Conn { outbox, writer, .. } = self;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), outbox.send(WsMessage::Close(None))).await;
+        drop(outbox);
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
+}
+
+/// A connection's writer: feeds every queued frame to the socket and flushes once the queue
+/// is empty (many frames, one flush). Each operation is bounded by [`SEND_LIMIT`].
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
+    mut frames: mpsc::Receiver<WsMessage>,
+) -> anyhow::Result<()> {
+    while let Some(frame) = frames.recv().await {
+        within_send_limit(sink.feed(frame), "a frame").await?;
+        while let Ok(frame) = frames.try_recv() {
+            within_send_limit(sink.feed(frame), "a frame").await?;
+        }
+        within_send_limit(sink.flush(), "frames").await?;
+    }
+    Ok(())
 }
 
 /// A frame as the connection's codec writes it.
@@ -362,8 +438,8 @@ pub async fn serve(
     env: JobEnvironment,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Report> {
-    let mut conn = Conn::new(socket, codec);
-    send_frame(&mut conn.sender, codec, &Message::Hello(hello.clone()))
+    let conn = Conn::new(socket, codec);
+    conn.send(&Message::Hello(hello.clone()))
         .await
         .context("sending HELLO")?;
     let mut conn = Some(conn);
@@ -392,12 +468,8 @@ pub async fn serve(
             Err(error) => break Err(error),
         }
     };
-    if let Some(mut open) = conn {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            open.sender.send(WsMessage::Close(None)),
-        )
-        .await;
+    if let Some(open) = conn {
+        open.close().await;
     }
     result?;
     last.ok_or_else(|| anyhow!("the connection ended without a job"))
@@ -446,18 +518,11 @@ async fn next_work(
     }
 }
 
-/// Most frames sent in one turn of the job loop before it looks at ACKs and output again.
-const FRAMES_PER_TURN: usize = 16;
+/// Longest a frame that is not full waits for more lines ("a few milliseconds"): a chatty
+/// build fills frames long before, a quiet one's line is delayed by at most this.
+const LOG_LINGER: Duration = Duration::from_millis(5);
 /// Output pieces taken from the job per turn.
 const PIECES_PER_TURN: usize = 4096;
-
-/// Why the connection is no longer usable.
-enum Broken {
-    /// The connection dropped or went silent: dial again.
-    Connection(anyhow::Error),
-    /// The agent itself cannot go on (its disk failed).
-    Agent(anyhow::Error),
-}
 
 type Redial =
     std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<(Conn, u64)>> + Send>>;
@@ -533,42 +598,43 @@ impl JobLink<'_> {
         let mut lost_at: Option<tokio::time::Instant> = None;
         let backlog_limit = self.link.spool_max_bytes / 2;
 
+        // When the oldest line not yet handed to the writer was spooled (a frame that is not
+        // full waits up to LOG_LINGER for more).
+        let mut unsent_since: Option<tokio::time::Instant> = None;
+
         let result: anyhow::Result<()> = loop {
-            // Send what is spooled (and the STATUS after the last line) while connected.
-            if let Some(open) = conn.as_mut() {
-                let pumped = pump(
-                    open,
-                    &mut spool,
-                    &job_id,
-                    &mut notice,
-                    status.as_ref(),
-                    &mut status_sent,
-                )
-                .await;
-                match pumped {
-                    Ok(sent_status) => {
-                        if sent_status {
-                            ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
-                        }
-                    }
-                    Err(Broken::Agent(error)) => break Err(error),
-                    Err(Broken::Connection(error)) => {
-                        self.lost(
-                            conn,
-                            &mut redial,
-                            &mut lost_at,
-                            &spool,
-                            &job_id,
-                            attempt,
-                            error,
-                        );
-                        status_sent = false;
-                        ack_deadline = None;
-                    }
-                }
-            }
             let connected = conn.is_some();
             let backlogged = connected && spool.bytes() > backlog_limit;
+            // The writer gets the next frame as soon as it has room: a notice, a full frame
+            // of lines or the STATUS at once, a partial frame once it has lingered.
+            let status_due = status.is_some() && !status_sent;
+            let (unsent_lines, unsent_bytes) = spool.unsent();
+            let to_send = notice.is_some() || unsent_lines > 0 || status_due;
+            let send_at = if notice.is_some()
+                || status.is_some()
+                || unsent_lines >= MAX_LINES_PER_FRAME as u64
+                || unsent_bytes >= MAX_FRAME_DATA_BYTES as u64
+            {
+                None
+            } else {
+                unsent_since.map(|since| since + LOG_LINGER)
+            };
+            let outbox = conn.as_ref().map(|open| open.outbox.clone());
+            let room = async {
+                match (&outbox, to_send) {
+                    (Some(outbox), true) => {
+                        if let Some(at) = send_at {
+                            tokio::time::sleep_until(at).await;
+                        }
+                        match outbox.reserve().await {
+                            Ok(permit) => permit,
+                            // The writer stopped; the connection reports why.
+                            Err(_) => std::future::pending().await,
+                        }
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
             let silence = tokio::time::sleep_until(last_heard + CORE_SILENCE_LIMIT);
             let ack_wait = async {
                 match ack_deadline {
@@ -584,7 +650,7 @@ impl JobLink<'_> {
             };
             let incoming = async {
                 match conn.as_mut() {
-                    Some(open) => open.receiver.next().await,
+                    Some(open) => open.next_event().await,
                     None => std::future::pending().await,
                 }
             };
@@ -595,6 +661,38 @@ impl JobLink<'_> {
                 }
             };
             tokio::select! {
+                permit = room => {
+                    let Some(open) = conn.as_ref() else { continue };
+                    let next = next_frames(open.codec, &mut spool, &job_id, &mut notice, status.as_ref(), status_sent);
+                    let (messages, is_status) = match next {
+                        Ok(Some(next)) => next,
+                        Ok(None) => continue,
+                        Err(error) => break Err(error),
+                    };
+                    let mut messages = messages.into_iter();
+                    if let Some(first) = messages.next() {
+                        permit.send(first);
+                    }
+                    let mut queued = Ok(());
+                    for message in messages {
+                        // A batch JSON escaping made larger than a frame goes as more frames.
+                        queued = open.queue(message, "LOGS").await;
+                        if queued.is_err() {
+                            break;
+                        }
+                    }
+                    if !spool.has_unsent() {
+                        unsent_since = None;
+                    }
+                    if let Err(error) = queued {
+                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
+                        status_sent = false;
+                        ack_deadline = None;
+                    } else if is_status {
+                        status_sent = true;
+                        ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
+                    }
+                }
                 item = output_rx.recv(), if output_open && !backlogged => {
                     let mut item = item;
                     let mut taken = 0;
@@ -602,8 +700,16 @@ impl JobLink<'_> {
                     loop {
                         match item {
                             Some(Output::Line(stream, text)) => {
-                                if let Some((text, continues)) = pieces.take(&redactor, stream, text)
-                                    && let Err(error) = spool_piece(&mut spool, stream, &text, continues)
+                                if let Err(error) = intake(&mut pieces, &redactor, &mut spool, stream, text) {
+                                    spool_error = Some(error);
+                                    break;
+                                }
+                            }
+                            Some(Output::Lines(stream, texts)) => {
+                                taken += texts.len().saturating_sub(1);
+                                if let Some(error) = texts
+                                    .into_iter()
+                                    .find_map(|text| intake(&mut pieces, &redactor, &mut spool, stream, text).err())
                                 {
                                     spool_error = Some(error);
                                     break;
@@ -612,7 +718,7 @@ impl JobLink<'_> {
                             Some(Output::Finished(report)) => {
                                 // A line still held back (its process ended mid-line) goes first.
                                 for (stream, text) in pieces.drain(&redactor) {
-                                    let _ = spool_piece(&mut spool, stream, &text, false);
+                                    let _ = spool_piece(&mut spool, stream, text, false);
                                 }
                                 let _ = spool.close_dropped();
                                 let seq = spool.last_seq() + 1;
@@ -648,11 +754,23 @@ impl JobLink<'_> {
                     if let Some(error) = spool_error {
                         break Err(anyhow!(error).context("writing the log spool"));
                     }
+                    if unsent_since.is_none() && spool.has_unsent() {
+                        unsent_since = Some(tokio::time::Instant::now());
+                    }
                     if !output_open && final_report.is_none() {
                         break Err(anyhow!("the job task ended without a report"));
                     }
                 }
-                frame = incoming => {
+                event = incoming => {
+                    let frame = match event {
+                        ConnEvent::Frame(frame) => frame,
+                        ConnEvent::WriterStopped(error) => {
+                            self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error.context("sending to the core"));
+                            status_sent = false;
+                            ack_deadline = None;
+                            continue;
+                        }
+                    };
                     last_heard = tokio::time::Instant::now();
                     let broken = match frame {
                         Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame) {
@@ -707,6 +825,7 @@ impl JobLink<'_> {
                                 break Err(anyhow!(error).context("rewinding the log spool"));
                             }
                             *conn = Some(open);
+                            unsent_since = spool.has_unsent().then(tokio::time::Instant::now);
                             last_heard = tokio::time::Instant::now();
                             heartbeat.reset();
                             if status.as_ref().is_some_and(|(_, s)| stored >= *s) {
@@ -728,14 +847,10 @@ impl JobLink<'_> {
                 }
                 _ = heartbeat.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
-                    let sent = match conn.as_mut() {
-                        Some(open) => send_frame(&mut open.sender, open.codec, &frame).await,
-                        None => Ok(()),
-                    };
-                    if let Err(error) = sent {
-                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error.context("sending HEARTBEAT"));
-                        status_sent = false;
-                        ack_deadline = None;
+                    if let Some(open) = conn.as_ref() {
+                        // A full outbox means frames are flowing: the core hears the agent
+                        // anyway. A stopped writer is reported by the connection.
+                        let _ = open.outbox.try_send(ws_message(open.codec, &frame));
                     }
                 }
                 () = silence, if connected => {
@@ -823,80 +938,75 @@ fn safe_name(job_id: &str) -> String {
     if name.is_empty() { "job".into() } else { name }
 }
 
+/// Masks one piece of output and spools it (a piece cut mid-line may be held back).
+fn intake(
+    pieces: &mut LinePieces,
+    redactor: &Redactor,
+    spool: &mut crate::spool::Spool,
+    stream: LogStream,
+    text: String,
+) -> std::io::Result<()> {
+    match pieces.take(redactor, stream, text) {
+        Some((text, continues)) => spool_piece(spool, stream, text, continues),
+        None => Ok(()),
+    }
+}
+
 /// Appends one masked piece of output to the spool (split at the frame limit, marked where
 /// the line goes on).
 fn spool_piece(
     spool: &mut crate::spool::Spool,
     stream: LogStream,
-    text: &str,
+    text: String,
     continues: bool,
 ) -> std::io::Result<()> {
-    for piece in split_data(text, continues) {
-        spool.append(stream, &piece)?;
+    if !continues && text.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
+        // The common case: one piece as it is.
+        spool.append_owned(stream, std::borrow::Cow::Owned(text))?;
+        return Ok(());
+    }
+    for piece in split_data(&text, continues) {
+        spool.append_owned(stream, std::borrow::Cow::Owned(piece))?;
     }
     Ok(())
 }
 
-/// Sends what the spool holds beyond what was sent (at most [`FRAMES_PER_TURN`] frames), a
-/// pending interruption notice, and the STATUS once every line before it is out. Returns
-/// whether the STATUS went out now.
-async fn pump(
-    conn: &mut Conn,
+/// The next frame(s) for the writer, by priority: a pending interruption notice; the spooled
+/// lines not yet handed over (as many as one frame takes: a quiet build's line goes alone, a
+/// chatty build's go thousands to a frame); the STATUS once every line before it is out.
+/// The flag says the frame is the STATUS. `None`: nothing to send.
+fn next_frames(
+    codec: Codec,
     spool: &mut crate::spool::Spool,
     job_id: &str,
     notice: &mut Option<Message>,
     status: Option<&(Message, u64)>,
-    status_sent: &mut bool,
-) -> Result<bool, Broken> {
-    if let Some(frame) = notice.take()
-        && let Err(error) = send_frame(&mut conn.sender, conn.codec, &frame).await
-    {
-        *notice = Some(frame);
-        return Err(Broken::Connection(error.context("sending INTERRUPTION")));
+    status_sent: bool,
+) -> anyhow::Result<Option<(Vec<WsMessage>, bool)>> {
+    if let Some(frame) = notice.take() {
+        return Ok(Some((vec![ws_message(codec, &frame)], false)));
     }
-    let mut sent = 0;
-    while sent < FRAMES_PER_TURN {
-        // As many spooled lines as one frame takes: a quiet build's line goes alone and at
-        // once, a chatty build's go thousands to a frame.
-        let mut lines = Vec::new();
-        let mut first = None;
-        let mut bytes = 0;
-        while lines.len() < MAX_LINES_PER_FRAME && bytes < MAX_FRAME_DATA_BYTES {
-            let record = spool
-                .next_unsent()
-                .map_err(|error| Broken::Agent(anyhow!(error).context("reading the log spool")))?;
-            let Some(record) = record else { break };
-            first.get_or_insert(record.seq);
-            bytes += record.data.len();
-            lines.push(LogLine {
-                stream: record.stream,
-                data: record.data,
-            });
-        }
-        let Some(first) = first else { break };
-        for frame in logs_frames(conn.codec, job_id, first, lines) {
-            within_send_limit(conn.sender.feed(frame), "a LOGS frame")
-                .await
-                .map_err(|error| Broken::Connection(error.context("sending LOGS")))?;
-            sent += 1;
-        }
+    let mut lines = Vec::new();
+    let mut first = None;
+    let mut bytes = 0;
+    while lines.len() < MAX_LINES_PER_FRAME && bytes < MAX_FRAME_DATA_BYTES {
+        let Some(record) = spool.next_unsent().context("reading the log spool")? else {
+            break;
+        };
+        first.get_or_insert(record.seq);
+        bytes += record.data.len();
+        lines.push(LogLine {
+            stream: record.stream,
+            data: record.data,
+        });
     }
-    if sent > 0 {
-        flush_frames(&mut conn.sender)
-            .await
-            .map_err(|error| Broken::Connection(error.context("sending LOGS")))?;
+    if let Some(first) = first {
+        return Ok(Some((logs_frames(codec, job_id, first, lines), false)));
     }
-    if let Some((frame, _)) = status
-        && !*status_sent
-        && !spool.has_unsent()
-    {
-        send_frame(&mut conn.sender, conn.codec, frame)
-            .await
-            .map_err(|error| Broken::Connection(error.context("sending STATUS")))?;
-        *status_sent = true;
-        return Ok(true);
+    match status {
+        Some((frame, _)) if !status_sent => Ok(Some((vec![ws_message(codec, frame)], true))),
+        _ => Ok(None),
     }
-    Ok(false)
 }
 
 /// `LOGS` frames for consecutive lines from `first`: one, unless encoding (JSON escaping)
@@ -933,7 +1043,7 @@ async fn resume(
     let attempt = || async {
         let (socket, codec) = dialer.dial_once().await?;
         let mut conn = Conn::new(socket, codec);
-        send_frame(&mut conn.sender, codec, &Message::Hello(hello.clone()))
+        conn.send(&Message::Hello(hello.clone()))
             .await
             .context("sending HELLO")?;
         let answer = tokio::time::timeout(DIAL_LIMIT, async {
@@ -1008,22 +1118,6 @@ where
     }
 }
 
-async fn flush_frames<S>(sender: &mut S) -> anyhow::Result<()>
-where
-    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
-{
-    within_send_limit(sender.flush(), "frames").await
-}
-
-/// Sends one frame.
-async fn send_frame<S>(sender: &mut S, codec: Codec, frame: &Message) -> anyhow::Result<()>
-where
-    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
-{
-    let what = format!("a {} frame", frame.type_name());
-    within_send_limit(sender.send(ws_message(codec, frame)), &what).await
-}
-
 fn unreachable_report() -> Report {
     Report {
         state: stagely_protocol::JobState::Failed,
@@ -1077,6 +1171,8 @@ pub struct Redactor {
     secrets: stagely_protocol::SecretMask,
     /// (host path prefix, alias); longest first so a canonical path wins over its prefix.
     aliases: Vec<(String, String)>,
+    /// A searcher per alias path (built once: most lines hold none).
+    finders: Vec<memchr::memmem::Finder<'static>>,
 }
 
 impl Redactor {
@@ -1084,6 +1180,7 @@ impl Redactor {
         Redactor {
             secrets: stagely_protocol::SecretMask::new(secrets),
             aliases: Vec::new(),
+            finders: Vec::new(),
         }
     }
 
@@ -1102,6 +1199,11 @@ impl Redactor {
         }
         self.aliases
             .sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        self.finders = self
+            .aliases
+            .iter()
+            .map(|(path, _)| memchr::memmem::Finder::new(path.as_bytes()).into_owned())
+            .collect();
         self
     }
 
@@ -1123,9 +1225,14 @@ impl Redactor {
     }
 
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = self.secrets.mask(text.to_string());
-        for (path, alias) in &self.aliases {
-            if out.contains(path.as_str()) {
+        self.scrub_owned(text.to_string())
+    }
+
+    /// [`Redactor::scrub`] of a line the caller gives up (no copy when nothing matches).
+    pub fn scrub_owned(&self, text: String) -> String {
+        let mut out = self.secrets.mask(text);
+        for ((path, alias), finder) in self.aliases.iter().zip(&self.finders) {
+            if finder.find(out.as_bytes()).is_some() {
                 out = out.replace(path.as_str(), alias);
             }
         }
@@ -1162,7 +1269,7 @@ impl LinePieces {
         let cut = !joined.ends_with('\n')
             && joined.len() >= crate::process::MAX_LINE_BYTES.saturating_sub(3);
         if !cut {
-            return Some((redactor.scrub(&joined), false));
+            return Some((redactor.scrub_owned(joined), false));
         }
         let keep = redactor.safe_end(&joined);
         let (send, hold) = joined.split_at(keep);
@@ -1176,7 +1283,7 @@ impl LinePieces {
     fn drain(&mut self, redactor: &Redactor) -> Vec<(LogStream, String)> {
         self.held
             .drain(..)
-            .map(|(stream, text)| (stream, redactor.scrub(&text)))
+            .map(|(stream, text)| (stream, redactor.scrub_owned(text)))
             .collect()
     }
 }

@@ -23,6 +23,8 @@ use crate::process::{self, LineSink, Outcome, RunningProcess};
 #[derive(Debug)]
 pub enum Output {
     Line(LogStream, String),
+    /// Consecutive lines of one stream.
+    Lines(LogStream, Vec<String>),
     Finished(Report),
 }
 
@@ -87,6 +89,10 @@ impl LineSink for OutputSink {
         // If the connection is gone the job is being torn down; dropping output is all
         // that is left to do.
         let _ = self.sender.send(Output::Line(stream, text)).await;
+    }
+
+    async fn lines(&self, stream: LogStream, texts: Vec<String>) {
+        let _ = self.sender.send(Output::Lines(stream, texts)).await;
     }
 }
 

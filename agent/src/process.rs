@@ -33,7 +33,26 @@ pub trait LineSink: Clone + Send + 'static {
     /// Called for each line (with its `\n` when it had one). Awaiting applies backpressure.
     fn line(&self, stream: LogStream, text: String)
     -> impl std::future::Future<Output = ()> + Send;
+
+    /// Called with consecutive lines of one stream that were read together (a chatty
+    /// process's output goes on in batches, not a call per line).
+    fn lines(
+        &self,
+        stream: LogStream,
+        texts: Vec<String>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let sink = self.clone();
+        async move {
+            for text in texts {
+                sink.line(stream, text).await;
+            }
+        }
+    }
 }
+
+/// Most lines handed to the sink in one batch, and their most bytes (beyond the first line).
+const BATCH_LINES: usize = 512;
+const BATCH_BYTES: usize = 16 * 1024;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,11 +269,25 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
                 if buffer.len() >= MAX_LINE_BYTES && buffer.last() != Some(&b'\n') {
                     carry = buffer.split_off(utf8_safe_end(&buffer));
                 }
-                let text = String::from_utf8_lossy(&buffer).into_owned();
+                let mut batch = vec![text_of(&buffer)];
+                if carry.is_empty() {
+                    // Whole lines already read go along, without waiting for more.
+                    let mut bytes = 0;
+                    while batch.len() < BATCH_LINES && bytes < BATCH_BYTES {
+                        let available = reader.buffer();
+                        let Some(newline) = memchr::memchr(b'\n', available) else {
+                            break;
+                        };
+                        bytes += newline + 1;
+                        batch.push(text_of(&available[..=newline]));
+                        reader.consume(newline + 1);
+                    }
+                }
+                let count = batch.len() as u64;
                 progress.in_sink.fetch_add(1, Ordering::Relaxed);
-                sink.line(stream, text).await;
+                sink.lines(stream, batch).await;
                 progress.in_sink.fetch_sub(1, Ordering::Relaxed);
-                progress.delivered.fetch_add(1, Ordering::Relaxed);
+                progress.delivered.fetch_add(count, Ordering::Relaxed);
             }
             Err(error) => {
                 sink.line(
@@ -271,6 +304,15 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
         if buffer.capacity() > 64 * 1024 {
             buffer = Vec::with_capacity(4096);
         }
+    }
+}
+
+/// A line as text: as it is when it is UTF-8 (the common case, one copy), else with
+/// replacement characters.
+fn text_of(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
 }
 

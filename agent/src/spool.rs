@@ -10,6 +10,7 @@
 //!
 //! Record layout (little endian): `u32 data length, u64 seq, u8 stream, data`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -24,6 +25,10 @@ pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 const HEADER_BYTES: u64 = 4 + 8 + 1;
 const IO_BUFFER: usize = 64 * 1024;
+/// Most unsent output kept in memory as well as on disk (see [`Spool::keep_hot`]).
+const HOT_BYTES: usize = 512 * 1024;
+/// What a record kept in memory costs beyond its data.
+const HOT_RECORD_OVERHEAD: usize = 64;
 
 /// One spooled piece of output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +66,11 @@ pub struct Spool {
     cursor: Option<Cursor>,
     acked: u64,
     bytes: u64,
+    /// Data bytes of the records not yet sent (an upper bound after a rewind).
+    unsent_bytes: u64,
+    /// The newest unsent records, also in memory: consecutive, ending at the last written.
+    hot: VecDeque<Record>,
+    hot_bytes: usize,
     dropped_lines: u64,
     dropped_bytes: u64,
 }
@@ -85,6 +95,9 @@ impl Spool {
             bytes: 0,
             dropped_lines: 0,
             dropped_bytes: 0,
+            unsent_bytes: 0,
+            hot: VecDeque::new(),
+            hot_bytes: 0,
         })
     }
 
@@ -108,6 +121,15 @@ impl Spool {
         self.read_seq < self.next_seq
     }
 
+    /// Records not yet sent, and their data bytes (after a rewind, at most that).
+    pub fn unsent(&self) -> (u64, u64) {
+        if self.has_unsent() {
+            (self.next_seq - self.read_seq, self.unsent_bytes)
+        } else {
+            (0, 0)
+        }
+    }
+
     /// Output dropped because the spool was full and not yet reported by a marker line.
     pub fn dropped(&self) -> (u64, u64) {
         (self.dropped_lines, self.dropped_bytes)
@@ -116,6 +138,15 @@ impl Spool {
     /// Appends one piece of output; returns its seq, or `None` when the spool is full (the
     /// piece is counted and a marker line follows once there is room).
     pub fn append(&mut self, stream: LogStream, data: &str) -> io::Result<Option<u64>> {
+        self.append_owned(stream, Cow::Borrowed(data))
+    }
+
+    /// [`Spool::append`] of a piece the caller gives up (kept for sending without a copy).
+    pub fn append_owned(
+        &mut self,
+        stream: LogStream,
+        data: Cow<'_, str>,
+    ) -> io::Result<Option<u64>> {
         let need = HEADER_BYTES + data.len() as u64;
         if self.dropped_lines > 0 {
             let marker = self.marker();
@@ -128,12 +159,47 @@ impl Spool {
             self.dropped_lines = 0;
             self.dropped_bytes = 0;
             self.write_record(LogStream::System, &marker)?;
+            self.keep_hot(LogStream::System, Cow::Owned(marker));
         } else if self.bytes + need > self.max_bytes {
             self.dropped_lines = 1;
             self.dropped_bytes = data.len() as u64;
             return Ok(None);
         }
-        self.write_record(stream, data).map(Some)
+        let seq = self.write_record(stream, &data)?;
+        self.keep_hot(stream, data);
+        Ok(Some(seq))
+    }
+
+    /// Keeps the record just written in memory too, while every unsent record is there
+    /// (the sender keeps up): it is then sent without reading it back from disk. Past
+    /// [`HOT_BYTES`] the memory copy is dropped and reading goes to disk until it catches up.
+    fn keep_hot(&mut self, stream: LogStream, data: Cow<'_, str>) {
+        let seq = self.next_seq - 1;
+        if self.hot.is_empty() && self.read_seq != seq {
+            return;
+        }
+        let cost = data.len() + HOT_RECORD_OVERHEAD;
+        if self.hot_bytes + cost > HOT_BYTES {
+            self.hot.clear();
+            self.hot_bytes = 0;
+            return;
+        }
+        self.hot_bytes += cost;
+        self.hot.push_back(Record {
+            seq,
+            stream,
+            data: data.into_owned(),
+        });
+    }
+
+    /// Drops memory copies of records before `read_seq` (acknowledged without being read).
+    fn trim_hot(&mut self) {
+        while let Some(front) = self.hot.front()
+            && front.seq < self.read_seq
+        {
+            self.hot_bytes -= front.data.len() + HOT_RECORD_OVERHEAD;
+            self.hot.pop_front();
+        }
     }
 
     /// Writes the marker of output still being dropped, if there is room (the job ended).
@@ -146,6 +212,7 @@ impl Spool {
             self.dropped_lines = 0;
             self.dropped_bytes = 0;
             self.write_record(LogStream::System, &marker)?;
+            self.keep_hot(LogStream::System, Cow::Owned(marker));
         }
         Ok(())
     }
@@ -190,6 +257,10 @@ impl Spool {
         segment.bytes += size;
         segment.last_seq = seq;
         self.bytes += size;
+        if !self.has_unsent() {
+            self.unsent_bytes = 0;
+        }
+        self.unsent_bytes += data.len() as u64;
         self.next_seq += 1;
         self.unflushed = true;
         Ok(seq)
@@ -237,6 +308,7 @@ impl Spool {
         if self.read_seq <= seq {
             self.read_seq = seq + 1;
             self.cursor = None;
+            self.trim_hot();
         }
         Ok(())
     }
@@ -248,6 +320,8 @@ impl Spool {
         if from != self.read_seq {
             self.read_seq = from;
             self.cursor = None;
+            // Not counted per record: everything on disk is an upper bound.
+            self.unsent_bytes = self.bytes;
         }
         Ok(())
     }
@@ -256,6 +330,18 @@ impl Spool {
     pub fn next_unsent(&mut self) -> io::Result<Option<Record>> {
         if !self.has_unsent() {
             return Ok(None);
+        }
+        if self
+            .hot
+            .front()
+            .is_some_and(|record| record.seq == self.read_seq)
+            && let Some(record) = self.hot.pop_front()
+        {
+            // A disk cursor left behind skips forward past it when it is used again.
+            self.hot_bytes -= record.data.len() + HOT_RECORD_OVERHEAD;
+            self.read_seq = record.seq + 1;
+            self.unsent_bytes = self.unsent_bytes.saturating_sub(record.data.len() as u64);
+            return Ok(Some(record));
         }
         self.writer_flush()?;
         loop {
@@ -269,6 +355,7 @@ impl Spool {
                 Some(record) if record.seq < self.read_seq => continue,
                 Some(record) => {
                     self.read_seq = record.seq + 1;
+                    self.unsent_bytes = self.unsent_bytes.saturating_sub(record.data.len() as u64);
                     return Ok(Some(record));
                 }
                 None => {
@@ -367,7 +454,10 @@ mod tests {
                 Some(i)
             );
         }
+        // "line 1\n" .. "line 9\n" are 7 bytes, "line 10\n" 8.
+        assert_eq!(spool.unsent(), (10, 9 * 7 + 8));
         let first = drain(&mut spool);
+        assert_eq!(spool.unsent(), (0, 0));
         assert_eq!(first.len(), 10);
         assert_eq!(first[9].data, "line 10\n");
         // Interleaved appends and reads.
@@ -375,11 +465,58 @@ mod tests {
         assert_eq!(drain(&mut spool)[0].stream, LogStream::Stderr);
         // The core stored up to 4: everything after is sent again.
         spool.rewind(4).unwrap();
+        assert_eq!(spool.unsent().0, 7);
+        assert!(spool.unsent().1 >= 5 * 7 + 8 + 5);
         let again = drain(&mut spool);
         assert_eq!(
             again.iter().map(|r| r.seq).collect::<Vec<_>>(),
             (5..=11).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn reads_move_between_memory_and_disk_without_losing_or_repeating_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(&dir.path().join("s"), DEFAULT_MAX_BYTES).unwrap();
+        let line = |seq: u64| format!("{seq:08} {}\n", "y".repeat(1000));
+        let mut written = 0u64;
+        let mut read = Vec::new();
+        let take = |spool: &mut Spool, n: usize, read: &mut Vec<u64>| {
+            for _ in 0..n {
+                match spool.next_unsent().unwrap() {
+                    Some(record) => {
+                        assert_eq!(record.data, line(record.seq));
+                        read.push(record.seq);
+                    }
+                    None => break,
+                }
+            }
+        };
+        // Kept up with (memory), then a backlog past HOT_BYTES (disk), caught up again.
+        for round in 0..40u64 {
+            let burst = if round % 10 == 9 { 3000 } else { 50 };
+            for _ in 0..burst {
+                written += 1;
+                spool.append(LogStream::Stdout, &line(written)).unwrap();
+            }
+            take(
+                &mut spool,
+                if round % 10 == 9 { 700 } else { 400 },
+                &mut read,
+            );
+            if round == 25 {
+                // A reconnect: the core stored less than was read.
+                let stored = read[read.len() / 2];
+                spool.rewind(stored).unwrap();
+                read.retain(|seq| *seq <= stored);
+            }
+            if round % 7 == 0 && !read.is_empty() {
+                spool.ack(read[read.len() - 1] / 2).unwrap();
+            }
+        }
+        take(&mut spool, usize::MAX, &mut read);
+        assert_eq!(read, (1..=written).collect::<Vec<_>>());
+        assert!(spool.hot_bytes <= HOT_BYTES);
     }
 
     #[test]

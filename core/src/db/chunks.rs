@@ -48,10 +48,12 @@ fn stream_name(code: &str) -> Option<&'static str> {
     }
 }
 
+/// A chunk's first allocation (it grows from there, to at most about [`MAX_CHUNK_BYTES`]).
+const CHUNK_START_CAPACITY: usize = 256 * 1024;
+
 /// Packs ascending lines into chunks of at most [`MAX_CHUNK_BYTES`] (a single line longer
 /// than that still gets a chunk of its own).
 pub fn encode<'a>(lines: impl IntoIterator<Item = &'a NewLogLine>) -> Vec<Chunk> {
-    use std::fmt::Write as _;
     let mut chunks = Vec::new();
     let mut current: Option<Chunk> = None;
     for line in lines {
@@ -66,15 +68,16 @@ pub fn encode<'a>(lines: impl IntoIterator<Item = &'a NewLogLine>) -> Vec<Chunk>
             last_seq: line.seq,
             line_count: 0,
             bytes: 0,
-            text: String::new(),
+            text: String::with_capacity(CHUNK_START_CAPACITY),
         });
-        let _ = writeln!(
-            chunk.text,
-            "{} {} {}",
-            line.seq,
-            stream_code(line.stream),
-            line.line.len()
-        );
+        // `SEQ STREAM LEN\n` then the data (itoa: this runs for every stored line).
+        let mut number = itoa::Buffer::new();
+        chunk.text.push_str(number.format(line.seq));
+        chunk.text.push(' ');
+        chunk.text.push(stream_code(line.stream));
+        chunk.text.push(' ');
+        chunk.text.push_str(number.format(line.line.len()));
+        chunk.text.push('\n');
         chunk.text.push_str(&line.line);
         chunk.last_seq = line.seq;
         chunk.line_count += 1;
