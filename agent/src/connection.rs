@@ -751,7 +751,7 @@ impl JobLink<'_> {
                             Err(_) => break,
                         }
                     }
-                    if let Some(error) = spool_error {
+                    if let Some(error) = spool_error.or_else(|| spool.flush().err()) {
                         break Err(anyhow!(error).context("writing the log spool"));
                     }
                     if unsent_since.is_none() && spool.has_unsent() {

@@ -266,6 +266,12 @@ impl Spool {
         Ok(seq)
     }
 
+    /// Hands what is buffered to the file (the job loop does after each turn of intake, so
+    /// the disk holds every piece taken even while sending reads from memory).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.writer_flush()
+    }
+
     fn writer_flush(&mut self) -> io::Result<()> {
         if self.unflushed
             && let Some(writer) = self.writer.as_mut()

@@ -120,6 +120,15 @@ async fn main() {
     )
     .expect("config");
     let data = data_dir.to_string_lossy().into_owned();
+    // STAGELY_BENCH_KEEP=1 keeps the run's data directory (database, agent.log) and its log
+    // (run.log there), to read where the time went.
+    let keep = std::env::var_os("STAGELY_BENCH_KEEP").is_some();
+    let run_stderr = if keep {
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        std::process::Stdio::from(std::fs::File::create(data_dir.join("run.log")).expect("run.log"))
+    } else {
+        std::process::Stdio::null()
+    };
     let started = Instant::now();
     let mut child = tokio::process::Command::new(agent_binary().with_file_name("stagely"))
         .args([
@@ -137,7 +146,7 @@ async fn main() {
         .env("STAGELY_REGISTRY_USERNAME", &registry.username)
         .env("STAGELY_REGISTRY_PASSWORD", &registry.password)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(run_stderr)
         .spawn()
         .expect("stagely run");
     let core_pid = child.id().map(|pid| pid.to_string()).unwrap_or_default();
@@ -226,6 +235,10 @@ async fn main() {
     if core_peak_kib >= CORE_RSS_BUDGET_KIB {
         println!("FAIL: core peak RSS is over budget");
         failed = true;
+    }
+    if keep {
+        let kept = work.keep();
+        println!("  kept                  {}", kept.display());
     }
     if failed {
         std::process::exit(1);

@@ -9,9 +9,20 @@ pub const LINES: usize = 20_000;
 /// A build whose RUN step prints `line 1` .. `line 20000`, pausing 0.1 s every 250 lines
 /// (about 8 s in all), so disconnects land mid-stream.
 pub fn counting_repo() -> TestRepo {
+    counting_repo_holding(0)
+}
+
+/// [`counting_repo`] whose RUN step then sleeps `hold_secs` before it ends: the build is
+/// still running (and needs no network) until then, whatever happened to the link.
+pub fn counting_repo_holding(hold_secs: u32) -> TestRepo {
     let busybox = busybox("amd64").unwrap();
+    let hold = if hold_secs > 0 {
+        format!("; /bin/busybox sleep {hold_secs}")
+    } else {
+        String::new()
+    };
     let script = format!(
-        "i=1; while [ $i -le {LINES} ]; do echo \\\"line $i\\\"; if [ $((i % 250)) -eq 0 ]; then /bin/busybox sleep 0.1; fi; i=$((i+1)); done; echo counted"
+        "i=1; while [ $i -le {LINES} ]; do echo \\\"line $i\\\"; if [ $((i % 250)) -eq 0 ]; then /bin/busybox sleep 0.1; fi; i=$((i+1)); done; echo counted{hold}"
     );
     let dockerfile = format!(
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"{script}\"]\n"

@@ -608,7 +608,7 @@ async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_builder_whose_network_link_dies_mid_stream_resumes_and_loses_no_line() {
-    use stagely_tests::counting::{assert_exact, counting_repo, numbered};
+    use stagely_tests::counting::{assert_exact, counting_repo_holding, numbered};
     // A network test: the suite's PostgreSQL pass would only repeat it (the storage side of
     // resuming runs on both backends in e2e_reconnect.rs).
     if testing_postgres() {
@@ -625,7 +625,10 @@ async fn a_builder_whose_network_link_dies_mid_stream_resumes_and_loses_no_line(
     else {
         return;
     };
-    let repo = counting_repo();
+    // The agent keeps taking output while the link is dead (the spool absorbs it), so the
+    // build prints everything in about 8 s; it then holds until well after the link is back,
+    // or its push (which needs the network) would fail the build.
+    let repo = counting_repo_holding(50);
     let run = fleet.core.submit(&repo, None, "pr-link").await.unwrap();
     let job_id = run.jobs[0].id.clone();
     poll_until(
