@@ -1,6 +1,8 @@
 //! Two `stagely serve` processes on one PostgreSQL database: both take work, every job
 //! attempt is dispatched exactly once, and when one core is SIGKILLed the other takes its
-//! jobs over once their leases expire and finishes every run.
+//! jobs over once their leases expire and finishes every run; behind one address (a
+//! forwarder standing in for a load balancer) the survivor takes the dead core's agents back
+//! and their builds finish without a restart.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -224,4 +226,95 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
     let _ = connection.close().await;
     assert!(b.terminate().await.success());
     std::mem::forget(guard);
+}
+
+/// Two replicas behind one address (a forwarder standing in for the load balancer): the
+/// agent of a build on core-a, SIGKILLed mid-stream, dials the same address again, is
+/// forwarded to core-b, which adopts the attempt once core-a's lease has expired, and the
+/// build finishes there: one attempt, every line stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_surviving_replica_behind_the_same_address_takes_the_agent_back() {
+    use stagely_tests::counting::{assert_exact, counting_repo, numbered};
+    if !require_build_peers() {
+        return;
+    }
+    if testing_postgres() {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let balancer = stagely_tests::proxy::CuttingProxy::start().await.unwrap();
+    // Both cores tell their agents the balancer's address. The agent's grace outlasts the
+    // lease (core-b adopts only once core-a's lease has expired, and turns the agent away
+    // until then).
+    let extra = format!(
+        "public_url = \"{}\"\n[scheduler]\nlease_secs = 10\nsync_interval_ms = 200\nretry_backoff_secs = 1\nreap_interval_secs = 2\nagent_reconnect_grace_secs = 90\n",
+        balancer.url()
+    );
+    let guard = DumpLogsOnPanic(data.path().to_path_buf());
+    let mut a =
+        ServeProcess::start_replica(data.path(), "core-a", &registry, &database.url, &extra).await;
+    balancer.set_upstream(address_of(&a.url));
+    let mut b =
+        ServeProcess::start_replica(data.path(), "core-b", &registry, &database.url, &extra).await;
+
+    let repo = counting_repo();
+    let run = a.submit(&repo, "pr-balanced").await;
+    let job_id = run.jobs[0].id.clone();
+    poll_until(Duration::from_secs(120), "a few thousand lines", || async {
+        let count = numbered(&a.seq_lines(&job_id).await).len();
+        Ok(((count >= 3000).then_some(()), format!("{count} lines")))
+    })
+    .await;
+    // core-a dies mid-stream; the balancer's health check takes it out.
+    a.kill();
+    balancer.set_upstream(address_of(&b.url));
+    balancer.cut_all();
+
+    let view = b
+        .wait_for_status(&run.id, "completed", Duration::from_secs(180))
+        .await;
+    let job = &view.jobs[0];
+    assert_eq!(
+        job.attempts.len(),
+        1,
+        "the build restarted instead of being taken back: {:?}",
+        job.attempts
+    );
+    assert_eq!(job.attempts[0].outcome.as_deref(), Some("completed"));
+    assert_exact(&b.seq_lines(&job_id).await);
+    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let owner: String =
+        sqlx::query_scalar("SELECT owner FROM job_attempts WHERE build_job_id = $1")
+            .bind(&job_id)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+    assert!(owner.starts_with("core-b/"), "finished by {owner}");
+    let _ = connection.close().await;
+    // The same agent came back through the balancer and resumed with core-b.
+    assert!(balancer.accepted() >= 2, "the agent never dialled again");
+    let b_log = std::fs::read_to_string(data.path().join("core-b.log")).unwrap_or_default();
+    assert!(
+        b_log.contains("agent resumed the job"),
+        "core-b never heard the agent resume"
+    );
+    poll_until(Duration::from_secs(30), "the instance to go", || async {
+        let live = b.live_instance_dirs();
+        Ok((live.is_empty().then_some(()), format!("{live:?}")))
+    })
+    .await;
+    assert!(b.terminate().await.success());
+    std::mem::forget(guard);
+}
+
+/// The socket address of `http://HOST:PORT`.
+fn address_of(url: &str) -> std::net::SocketAddr {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
 }
