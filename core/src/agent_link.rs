@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use stagely_protocol::session::{CoreSession, SessionEvent};
 use stagely_protocol::{
-    Codec, Heartbeat, JobState, Message, NeverRan, decode, decode_proto, encode, encode_proto,
+    Codec, Heartbeat, JobState, LINE_SPLIT_MARKER, Message, NeverRan, decode, decode_proto, encode,
+    encode_proto,
 };
 use tokio::sync::mpsc;
 
@@ -161,6 +162,53 @@ async fn close_current(socket: &mut Option<WebSocket>, frame: Option<CloseFrame>
     }
 }
 
+/// `open_cuts` slot of a stream.
+fn stream_slot(stream: stagely_protocol::LogStream) -> usize {
+    match stream {
+        stagely_protocol::LogStream::Stdout => 0,
+        stagely_protocol::LogStream::Stderr => 1,
+        stagely_protocol::LogStream::System => 2,
+    }
+}
+
+/// The core's second masking across the cut of a long line: `previous` is a piece ending in
+/// [`LINE_SPLIT_MARKER`] and `next` the piece that continues it. A secret form straddling
+/// the cut is whole in neither; joining the end of one to the start of the other finds it,
+/// and each part is masked where it lies. (The agent already holds back cut tails, so this
+/// matters only for an agent that does not.)
+fn mask_across_cut(mask: &stagely_protocol::SecretMask, previous: &mut String, next: &mut String) {
+    let hold = mask.longest().saturating_sub(1);
+    let Some(body_end) = previous.len().checked_sub(LINE_SPLIT_MARKER.len()) else {
+        return;
+    };
+    if hold == 0 || !previous.ends_with(LINE_SPLIT_MARKER) {
+        return;
+    }
+    let mut start = body_end.saturating_sub(hold);
+    while !previous.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut head_end = next.len().min(hold);
+    while !next.is_char_boundary(head_end) {
+        head_end += 1;
+    }
+    let cut = body_end - start;
+    let joined = format!("{}{}", &previous[start..body_end], &next[..head_end]);
+    let straddling: Vec<(usize, usize)> = mask
+        .find(&joined)
+        .into_iter()
+        .filter(|(from, to)| *from < cut && *to > cut)
+        .collect();
+    let (Some(from), Some(to)) = (
+        straddling.iter().map(|(from, _)| *from).min(),
+        straddling.iter().map(|(_, to)| *to).max(),
+    ) else {
+        return;
+    };
+    previous.replace_range(start + from..body_end, stagely_protocol::SecretMask::MASK);
+    next.replace_range(..to - cut, stagely_protocol::SecretMask::MASK);
+}
+
 /// Hands stored lines to the job's live viewers, if it has any (rows are built only then).
 fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
     hub.publish(job_id, || {
@@ -208,6 +256,10 @@ struct Link<'a> {
     resume_from: u64,
     batch: Vec<NewLogLine>,
     batch_bytes: usize,
+    /// Per stream (stdout, stderr, system): where in `batch` the last piece of a cut line
+    /// is, while its continuation has not arrived. Held back from writing (unless the batch
+    /// is full) so a secret straddling the cut is masked in both pieces.
+    open_cuts: [Option<usize>; 3],
     budget: LogBudget,
     /// The agent's HELLO said it takes more work after a STATUS.
     accepts_more_work: bool,
@@ -232,6 +284,7 @@ impl<'a> Link<'a> {
             resume_from: 0,
             batch: Vec::new(),
             batch_bytes: 0,
+            open_cuts: [None; 3],
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
             lost: None,
@@ -314,6 +367,13 @@ impl<'a> Link<'a> {
         data: String,
         mask: &stagely_protocol::SecretMask,
     ) {
+        let slot = stream_slot(stream);
+        let mut data = data;
+        if let Some(at) = self.open_cuts[slot].take()
+            && let Some(previous) = self.batch.get_mut(at)
+        {
+            mask_across_cut(mask, &mut previous.line, &mut data);
+        }
         let mut data = mask.mask(data);
         if data.contains('\0') {
             // PostgreSQL text holds no NUL; the line keeps its length.
@@ -321,6 +381,9 @@ impl<'a> Link<'a> {
         }
         if let Some(line) = self.budget.admit(data) {
             self.batch_bytes += line.len();
+            if line.ends_with(LINE_SPLIT_MARKER) {
+                self.open_cuts[slot] = Some(self.batch.len());
+            }
             self.batch.push(NewLogLine {
                 seq,
                 stream: stream.as_str(),
@@ -335,19 +398,32 @@ impl<'a> Link<'a> {
 
     /// Stores everything batched so far and waits until it is written (and acknowledged).
     async fn flush(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
+        self.open_cuts = [None; 3];
         self.write_behind(session).await?;
         self.written(session).await
     }
 
     /// Starts writing the batch in the background and goes on reading the agent meanwhile;
-    /// a write still in flight is waited for first, so at most one is.
+    /// a write still in flight is waited for first, so at most one is. The piece of a cut
+    /// line whose continuation has not arrived stays, with every line after it, unless the
+    /// batch is full.
     async fn write_behind(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
-        if self.batch.is_empty() {
+        let hold_from = match self.open_cuts.iter().flatten().min() {
+            Some(&at) if !self.batch_full() => at,
+            _ => self.batch.len(),
+        };
+        if hold_from == 0 {
             return Ok(());
         }
         self.written(session).await?;
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOG_BATCH_LINES));
-        self.batch_bytes = 0;
+        let held = self.batch.split_off(hold_from);
+        let batch = std::mem::replace(&mut self.batch, held);
+        self.batch
+            .reserve(LOG_BATCH_LINES.saturating_sub(self.batch.len()));
+        self.batch_bytes = self.batch.iter().map(|line| line.line.len()).sum();
+        for cut in &mut self.open_cuts {
+            *cut = cut.and_then(|at| at.checked_sub(hold_from));
+        }
         let (db, job_id) = (self.context.db.clone(), self.job_id.clone());
         self.writing = Some(tokio::spawn(async move {
             // Storing a batch again stores nothing twice (seqs at or below the stored ones
@@ -792,6 +868,36 @@ impl LogBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_straddling_the_cut_of_a_long_line_is_masked_in_both_pieces() {
+        let mask = stagely_protocol::SecretMask::new(["hunter2-password"]);
+        let mut previous = format!("{}hunter2-{LINE_SPLIT_MARKER}", "a".repeat(100));
+        let mut next = "password and more\n".to_string();
+        mask_across_cut(&mask, &mut previous, &mut next);
+        assert_eq!(
+            previous,
+            format!("{}[REDACTED]{LINE_SPLIT_MARKER}", "a".repeat(100))
+        );
+        assert_eq!(next, "[REDACTED] and more\n");
+        // Nothing straddles: both stay as they are (a whole secret is the per-line mask's).
+        let mut previous = format!("hunter2-password xyz{LINE_SPLIT_MARKER}");
+        let mut next = "plain\n".to_string();
+        let before = (previous.clone(), next.clone());
+        mask_across_cut(&mask, &mut previous, &mut next);
+        assert_eq!((previous, next), before);
+        // Multi-byte text around the cut stays valid.
+        let mut previous = format!("ééé hunt{LINE_SPLIT_MARKER}");
+        let mut next = "er2-password ééé\n".to_string();
+        mask_across_cut(&mask, &mut previous, &mut next);
+        assert_eq!(previous, format!("ééé [REDACTED]{LINE_SPLIT_MARKER}"));
+        assert_eq!(next, "[REDACTED] ééé\n");
+        // Not a cut piece: untouched.
+        let mut previous = "hunter2-\n".to_string();
+        let mut next = "password\n".to_string();
+        mask_across_cut(&mask, &mut previous, &mut next);
+        assert_eq!(previous, "hunter2-\n");
+    }
 
     #[test]
     fn the_log_budget_cuts_long_lines_and_stops_at_the_cap() {

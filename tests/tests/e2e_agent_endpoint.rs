@@ -628,6 +628,65 @@ async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secret_split_across_two_frames_by_a_careless_agent_is_still_masked_by_the_core() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let (provider, mut core) = hand_driven_core().await;
+    let clone_token = "ghp_split_token_that_must_not_be_stored_42";
+    let (status, body) = core
+        .submit_raw(serde_json::json!({
+            "repo_url": "https://git.example.invalid/private.git",
+            "commit_hash": FAKE_COMMIT,
+            "branch": "main",
+            "environment_id": "pr-11",
+            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
+            "clone_token": clone_token,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let run_id = body["id"].as_str().unwrap().to_string();
+    let tokens = tokens(&provider, 1).await;
+    let (job_id, token) = &tokens[0];
+    let mut agent = agent_with_build(&core, token).await;
+    // A cut line (its first piece marked as going on) whose cut falls inside the token: an
+    // agent that did not hold the tail back. The pieces come in two frames, apart by more
+    // than the core's flush interval.
+    let (head, tail) = clone_token.split_at(20);
+    let logs = |seq: u64, data: String| {
+        Message::Logs(stagely_protocol::Logs {
+            job_id: job_id.clone(),
+            seq,
+            lines: vec![stagely_protocol::LogLine {
+                stream: LogStream::Stdout,
+                data,
+            }],
+        })
+    };
+    let marker = stagely_protocol::LINE_SPLIT_MARKER;
+    send(&mut agent, logs(1, format!("token={head}{marker}"))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut agent, logs(2, format!("{tail} used\n"))).await;
+    send(&mut agent, builder_failed(job_id, 1, 3)).await;
+    core.wait_finished(&run_id, Duration::from_secs(20)).await;
+    let lines = core.logs(job_id).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|(_, line)| line.as_str()).collect();
+    assert_eq!(texts[0], format!("token=[REDACTED]{marker}"), "{texts:?}");
+    assert_eq!(texts[1], "[REDACTED] used\n", "{texts:?}");
+    core.stop().await;
+    for (file, bytes) in core.stored().await {
+        for part in [head, tail] {
+            assert!(
+                !contains_bytes(&bytes, part.as_bytes()),
+                "{} holds part of the token: {part}",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reported_digest_the_registry_does_not_hold_fails_the_job() {
     if !require("docker-registry", "--version") {
         return;
