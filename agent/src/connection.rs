@@ -4,8 +4,9 @@
 //! Output arrives from the job task through a bounded channel, is masked and appended to the
 //! job's disk spool ([`crate::spool`]), which numbers it (`seq`), and is sent from there in
 //! `LOGS` frames (full at 4096 lines or 256 KiB; a partial frame waits at most
-//! [`LOG_LINGER`]); the core's ACKs trim the spool. A connection's own task writes its frames
-//! (a small bounded outbox), so taking output never waits on the socket. When the connection drops the build goes on: output keeps
+//! [`LOG_LINGER`]); the core's ACKs trim the spool. A connection's own task writes its
+//! frames (a small bounded outbox), so taking output never waits on the socket. When the
+//! connection drops the build goes on: output keeps
 //! going to the spool while the agent dials again (backoff with jitter, for the reconnect
 //! grace), says HELLO naming the job, attempt and last acknowledged seq, and resends from the
 //! position the core's RESUME names. Memory stays flat whatever the log volume: while
