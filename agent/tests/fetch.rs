@@ -87,8 +87,10 @@ async fn run(
     let collector = tokio::spawn(async move {
         let mut text = String::new();
         while let Some(output) = receiver.recv().await {
-            if let Output::Line(_, line) = output {
-                text.push_str(&line);
+            match output {
+                Output::Line(_, line) => text.push_str(&line),
+                Output::Lines(_, lines) => lines.iter().for_each(|line| text.push_str(line)),
+                Output::Finished(_) => {}
             }
         }
         text
