@@ -230,7 +230,7 @@ impl Spool {
             .back()
             .is_none_or(|segment| segment.bytes >= SEGMENT_BYTES);
         if roll {
-            self.writer_flush()?;
+            self.flush()?;
             let path = self.dir.join(format!("{:020}.spool", self.next_seq));
             let file = OpenOptions::new()
                 .create_new(true)
@@ -269,10 +269,6 @@ impl Spool {
     /// Hands what is buffered to the file (the job loop does after each turn of intake, so
     /// the disk holds every piece taken even while sending reads from memory).
     pub fn flush(&mut self) -> io::Result<()> {
-        self.writer_flush()
-    }
-
-    fn writer_flush(&mut self) -> io::Result<()> {
         if self.unflushed
             && let Some(writer) = self.writer.as_mut()
         {
@@ -297,7 +293,7 @@ impl Spool {
             }
             if let Some(segment) = self.segments.pop_front() {
                 if self.segments.is_empty() {
-                    self.writer_flush()?;
+                    self.flush()?;
                     self.writer = None;
                 }
                 if self
@@ -349,7 +345,7 @@ impl Spool {
             self.unsent_bytes = self.unsent_bytes.saturating_sub(record.data.len() as u64);
             return Ok(Some(record));
         }
-        self.writer_flush()?;
+        self.flush()?;
         loop {
             if self.cursor.is_none() {
                 self.cursor = Some(self.open_at(self.read_seq)?);

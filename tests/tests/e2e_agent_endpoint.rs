@@ -107,6 +107,27 @@ async fn submit_builds(core: &TestCore, names: &[&str]) -> stagely_core::api::Ru
     serde_json::from_value(body).unwrap()
 }
 
+/// Submits one build of a private repository whose clone token is `clone_token`.
+async fn submit_with_clone_token(
+    core: &TestCore,
+    clone_token: &str,
+    environment: &str,
+) -> serde_json::Value {
+    let (status, body) = core
+        .submit_raw(serde_json::json!({
+            "repo_url": "https://git.example.invalid/private.git",
+            "commit_hash": FAKE_COMMIT,
+            "branch": "main",
+            "environment_id": environment,
+            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
+            "clone_token": clone_token,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
 /// A core whose instances boot nothing: the test plays each agent.
 async fn hand_driven_core() -> (Arc<RecordingProvider>, TestCore) {
     let provider = Arc::new(RecordingProvider::default());
@@ -511,18 +532,7 @@ async fn a_clone_token_reaches_the_agent_and_nothing_else() {
         .await
         .unwrap();
     let clone_token = "ghp_clone_token_that_must_not_leak_0123456789";
-    let (status, body) = core
-        .submit_raw(serde_json::json!({
-            "repo_url": "https://git.example.invalid/private.git",
-            "commit_hash": FAKE_COMMIT,
-            "branch": "main",
-            "environment_id": "pr-10",
-            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
-            "clone_token": clone_token,
-        }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
+    let body = submit_with_clone_token(&core, clone_token, "pr-10").await;
     assert!(
         !body.to_string().contains(clone_token),
         "the API echoed the token"
@@ -634,18 +644,7 @@ async fn a_secret_split_across_two_frames_by_a_careless_agent_is_still_masked_by
     }
     let (provider, mut core) = hand_driven_core().await;
     let clone_token = "ghp_split_token_that_must_not_be_stored_42";
-    let (status, body) = core
-        .submit_raw(serde_json::json!({
-            "repo_url": "https://git.example.invalid/private.git",
-            "commit_hash": FAKE_COMMIT,
-            "branch": "main",
-            "environment_id": "pr-11",
-            "stagely_yaml": "builds:\n  api:\n    context: .\n    platform: linux/amd64\n",
-            "clone_token": clone_token,
-        }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
+    let body = submit_with_clone_token(&core, clone_token, "pr-11").await;
     let run_id = body["id"].as_str().unwrap().to_string();
     let tokens = tokens(&provider, 1).await;
     let (job_id, token) = &tokens[0];

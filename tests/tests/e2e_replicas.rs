@@ -27,23 +27,32 @@ impl Drop for DumpLogsOnPanic {
     }
 }
 
-/// (job, number, owner, result, message) of `job_attempts`.
-type AttemptRow = (String, i32, String, Option<String>, Option<String>);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill() {
-    if !require_build_peers() {
-        return;
-    }
-    // It always runs on PostgreSQL: the suite's second (PostgreSQL) pass would only repeat it.
-    if testing_postgres() {
-        return;
+/// What two replicas share: a PostgreSQL database, a registry and a data directory. `None`
+/// when build peers are missing (outside CI) or in the suite's PostgreSQL pass (these tests
+/// always run on PostgreSQL; that pass would only repeat them).
+async fn replica_peers() -> Option<(
+    TestDatabase,
+    stagely_core::registry::LocalRegistry,
+    tempfile::TempDir,
+)> {
+    if !require_build_peers() || testing_postgres() {
+        return None;
     }
     let database = TestDatabase::create().await;
     let registry = stagely_core::registry::LocalRegistry::start()
         .await
         .unwrap();
-    let data = tempfile::tempdir().unwrap();
+    Some((database, registry, tempfile::tempdir().unwrap()))
+}
+
+/// (job, number, owner, result, message) of `job_attempts`.
+type AttemptRow = (String, i32, String, Option<String>, Option<String>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill() {
+    let Some((database, registry, data)) = replica_peers().await else {
+        return;
+    };
     // Short leases so the survivor takes over quickly (not shorter: under twenty concurrent
     // builds on a small machine a live core's renewal can be seconds late); fast syncs so
     // both see every run.
@@ -235,17 +244,9 @@ async fn two_cores_share_the_work_dispatch_each_attempt_once_and_survive_a_kill(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_surviving_replica_behind_the_same_address_takes_the_agent_back() {
     use stagely_tests::counting::{assert_exact, counting_repo, numbered};
-    if !require_build_peers() {
+    let Some((database, registry, data)) = replica_peers().await else {
         return;
-    }
-    if testing_postgres() {
-        return;
-    }
-    let database = TestDatabase::create().await;
-    let registry = stagely_core::registry::LocalRegistry::start()
-        .await
-        .unwrap();
-    let data = tempfile::tempdir().unwrap();
+    };
     let balancer = stagely_tests::proxy::CuttingProxy::start().await.unwrap();
     // Both cores tell their agents the balancer's address. The agent's grace outlasts the
     // lease (core-b adopts only once core-a's lease has expired, and turns the agent away
