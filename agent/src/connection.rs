@@ -961,12 +961,7 @@ fn spool_piece(
     text: String,
     continues: bool,
 ) -> std::io::Result<()> {
-    if !continues && text.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
-        // The common case: one piece as it is.
-        spool.append_owned(stream, std::borrow::Cow::Owned(text))?;
-        return Ok(());
-    }
-    for piece in split_data(&text, continues) {
+    for piece in split_data(text, continues) {
         spool.append_owned(stream, std::borrow::Cow::Owned(piece))?;
     }
     Ok(())
@@ -1138,19 +1133,19 @@ fn close_reason(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
 }
 
 /// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries.
-fn split_data(data: &str, continues: bool) -> Vec<String> {
+/// A piece that fits (the common case) is passed on as it is, without a copy.
+fn split_data(data: String, continues: bool) -> Vec<String> {
     let marked = |mut piece: String| {
         piece.push_str(LINE_SPLIT_MARKER);
         piece
     };
     if data.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
-        let piece = data.to_string();
-        return vec![if continues { marked(piece) } else { piece }];
+        return vec![if continues { marked(data) } else { data }];
     }
     // Every piece but the line's true end says the line goes on.
     let room = MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len();
     let mut pieces = Vec::new();
-    let mut rest = data;
+    let mut rest = data.as_str();
     while !rest.is_empty() {
         let mut end = rest.len().min(room);
         while !rest.is_char_boundary(end) {
@@ -1394,7 +1389,7 @@ mod tests {
     #[test]
     fn long_data_is_split_on_char_boundaries_and_every_piece_but_the_end_is_marked() {
         let text = format!("{}\n", "é".repeat(MAX_LOG_DATA_BYTES));
-        let pieces = split_data(&text, false);
+        let pieces = split_data(text.clone(), false);
         assert!(pieces.len() >= 3);
         assert!(pieces.iter().all(|p| p.len() <= MAX_LOG_DATA_BYTES));
         let (last, rest) = pieces.split_last().unwrap();
@@ -1406,7 +1401,7 @@ mod tests {
             .collect();
         assert_eq!(joined, text, "stripping the markers gives the line back");
         // A piece the reader cut (the line goes on) is marked even when short.
-        let cut = split_data("abc", true);
+        let cut = split_data("abc".to_string(), true);
         assert_eq!(cut, [format!("abc{LINE_SPLIT_MARKER}")]);
     }
 }

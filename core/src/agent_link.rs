@@ -162,6 +162,17 @@ async fn close_current(socket: &mut Option<WebSocket>, frame: Option<CloseFrame>
     }
 }
 
+/// The lines a background write stored, or why it failed.
+fn stored_batch(
+    done: Result<Result<Vec<NewLogLine>, crate::db::DbError>, tokio::task::JoinError>,
+) -> Result<Vec<NewLogLine>, Failure> {
+    match done {
+        Ok(Ok(batch)) => Ok(batch),
+        Ok(Err(error)) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
+        Err(error) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
+    }
+}
+
 /// `open_cuts` slot of a stream.
 fn stream_slot(stream: stagely_protocol::LogStream) -> usize {
     match stream {
@@ -440,10 +451,7 @@ impl<'a> Link<'a> {
         let Some(writing) = self.writing.take() else {
             return Ok(());
         };
-        let batch = writing
-            .await
-            .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?
-            .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
+        let batch = stored_batch(writing.await)?;
         self.acknowledge(session, &batch);
         Ok(())
     }
@@ -613,9 +621,7 @@ impl<'a> Link<'a> {
                     }
                 } => {
                     self.writing = None;
-                    let batch = done
-                        .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?
-                        .map_err(|error| Failure::Store(format!("storing log lines failed: {error}")))?;
+                    let batch = stored_batch(done)?;
                     self.acknowledge(&mut session, &batch);
                 }
                 _ = heartbeat_tick.tick(), if connected => {
