@@ -961,6 +961,11 @@ fn spool_piece(
     text: String,
     continues: bool,
 ) -> std::io::Result<()> {
+    if !continues && text.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
+        // A whole line that fits (nearly every line): no list of pieces to build.
+        spool.append_owned(stream, std::borrow::Cow::Owned(text))?;
+        return Ok(());
+    }
     for piece in split_data(text, continues) {
         spool.append_owned(stream, std::borrow::Cow::Owned(piece))?;
     }

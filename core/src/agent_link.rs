@@ -386,7 +386,7 @@ impl<'a> Link<'a> {
             mask_across_cut(mask, &mut previous.line, &mut data);
         }
         let mut data = mask.mask(data);
-        if data.contains('\0') {
+        if memchr::memchr(0, data.as_bytes()).is_some() {
             // PostgreSQL text holds no NUL; the line keeps its length.
             data = data.replace('\0', "\u{FFFD}");
         }

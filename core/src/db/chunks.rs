@@ -48,27 +48,30 @@ fn stream_name(code: &str) -> Option<&'static str> {
     }
 }
 
-/// A chunk's first allocation (it grows from there, to at most about [`MAX_CHUNK_BYTES`]).
-const CHUNK_START_CAPACITY: usize = 256 * 1024;
+/// Longest line header: two 20-digit numbers, the stream code, two spaces and a newline.
+const MAX_HEADER_BYTES: usize = 44;
 
 /// Packs ascending lines into chunks of at most [`MAX_CHUNK_BYTES`] (a single line longer
-/// than that still gets a chunk of its own).
-pub fn encode<'a>(lines: impl IntoIterator<Item = &'a NewLogLine>) -> Vec<Chunk> {
+/// than that still gets a chunk of its own). Each chunk's text is allocated once, at the size
+/// its lines need at most (a chunk that grew by doubling would copy itself on every step).
+pub fn encode<'a>(lines: &'a [&'a NewLogLine]) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut current: Option<Chunk> = None;
-    for line in lines {
-        let header_len = 32;
-        if let Some(chunk) = &current
-            && chunk.text.len() + header_len + line.line.len() > MAX_CHUNK_BYTES
-        {
+    // The current chunk's size as `chunk_capacity` counts it (each header at its longest).
+    let mut reserved = 0;
+    for (index, line) in lines.iter().enumerate() {
+        let size = MAX_HEADER_BYTES + line.line.len();
+        if current.is_some() && reserved + size > MAX_CHUNK_BYTES {
             chunks.extend(current.take());
+            reserved = 0;
         }
+        reserved += size;
         let chunk = current.get_or_insert_with(|| Chunk {
             first_seq: line.seq,
             last_seq: line.seq,
             line_count: 0,
             bytes: 0,
-            text: String::with_capacity(CHUNK_START_CAPACITY),
+            text: String::with_capacity(chunk_capacity(&lines[index..])),
         });
         // `SEQ STREAM LEN\n` then the data (itoa: this runs for every stored line).
         let mut number = itoa::Buffer::new();
@@ -85,6 +88,20 @@ pub fn encode<'a>(lines: impl IntoIterator<Item = &'a NewLogLine>) -> Vec<Chunk>
     }
     chunks.extend(current);
     chunks
+}
+
+/// Bytes of the chunk that starts with `lines[0]`: as many of them as fit in
+/// [`MAX_CHUNK_BYTES`] (always the first), each with its longest header.
+fn chunk_capacity(lines: &[&NewLogLine]) -> usize {
+    let mut total = 0;
+    for line in lines {
+        let size = MAX_HEADER_BYTES + line.line.len();
+        if total > 0 && total + size > MAX_CHUNK_BYTES {
+            break;
+        }
+        total += size;
+    }
+    total
 }
 
 /// The lines of a chunk with `seq > after`, stamped `stored_at`.
@@ -150,7 +167,7 @@ mod tests {
             line(7, "system", ""),
             line(8, "stdout", "no newline, é ünïcode"),
         ];
-        let chunks = encode(&lines);
+        let chunks = encode(&lines.iter().collect::<Vec<_>>());
         assert_eq!(chunks.len(), 1);
         let chunk = &chunks[0];
         assert_eq!(
@@ -174,9 +191,11 @@ mod tests {
     fn big_batches_are_split_and_damage_is_named() {
         let big = "x".repeat(100_000);
         let lines: Vec<NewLogLine> = (1..=25).map(|seq| line(seq, "stdout", &big)).collect();
-        let chunks = encode(&lines);
+        let chunks = encode(&lines.iter().collect::<Vec<_>>());
         assert!(chunks.len() >= 3);
         assert!(chunks.iter().all(|c| c.text.len() <= MAX_CHUNK_BYTES));
+        // Each chunk's text was allocated once, at its size (a regrown one doubles).
+        assert!(chunks.iter().all(|c| c.text.capacity() <= MAX_CHUNK_BYTES));
         let seqs: Vec<i64> = chunks
             .iter()
             .flat_map(|c| decode("j", c.first_seq, &c.text, 0, 0).unwrap())

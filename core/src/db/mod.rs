@@ -634,15 +634,18 @@ macro_rules! impl_shared_store {
         .fetch_one(&mut *tx)
         .await?;
         let mut last = stored.unwrap_or(0);
-        let fresh = lines.iter().filter(|line| {
-            // Ascending and new only.
-            let keep = line.seq > last;
-            if keep {
-                last = line.seq;
-            }
-            keep
-        });
-        for chunk in chunks::encode(fresh) {
+        let fresh: Vec<&NewLogLine> = lines
+            .iter()
+            .filter(|line| {
+                // Ascending and new only.
+                let keep = line.seq > last;
+                if keep {
+                    last = line.seq;
+                }
+                keep
+            })
+            .collect();
+        for chunk in chunks::encode(&fresh) {
             sqlx::query(
                 "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -10,6 +10,12 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use super::*;
 use crate::engine::{JobEnd, Timestamp, Transition};
 
+/// Page size of a new database file (an existing one keeps its own: WAL mode cannot change
+/// it). Log chunks are up to 1 MiB each: with SQLite's default 4 KiB pages one chunk is 256
+/// overflow pages, each written, checksummed and checkpointed on its own; 64 KiB pages cut that
+/// work per stored byte (see BENCHMARKS.md, log volume).
+const SQLITE_PAGE_SIZE: u32 = 64 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
@@ -24,6 +30,7 @@ impl SqliteStore {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
+            .page_size(SQLITE_PAGE_SIZE)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10))
