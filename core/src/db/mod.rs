@@ -623,7 +623,7 @@ macro_rules! impl_shared_store {
     /// Stores a batch of lines as chunks in one transaction; lines at or below the highest
     /// seq already stored are dropped (a batch stored twice stores nothing twice).
     async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
-        let _turn = self.write_turn().await;
+        let _turn = self.log_write_turn().await;
         if lines.is_empty() {
             return Ok(());
         }
@@ -1302,7 +1302,9 @@ macro_rules! impl_shared_store {
         cutoff: i64,
         max_jobs: i64,
     ) -> Result<u64, DbError> {
+        // Both files (SQLite): the main one's turn first, as every write to both.
         let _turn = self.write_turn().await;
+        let _log_turn = self.log_write_turn().await;
         let jobs: Vec<String> = sqlx::query_scalar(
             "SELECT j.id FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
              WHERE r.status IN ('completed', 'failed', 'cancelled') AND r.updated_at < $1
@@ -1994,6 +1996,96 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept().await, 0, "a deleted run's live jobs leave the count");
+    }
+
+    #[tokio::test]
+    async fn sqlite_log_chunks_live_in_their_own_file_with_large_pages_and_older_ones_move_there() {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        // A database as versions before the log file left it: migrated up to 0005, one chunk
+        // in the main file.
+        {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .foreign_keys(false);
+            let mut connection = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .unwrap();
+            let mut migrator = sqlx::migrate!("./migrations/sqlite");
+            migrator.migrations = migrator
+                .migrations
+                .iter()
+                .filter(|migration| migration.version <= 5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            migrator.run(&mut connection).await.unwrap();
+            // (No job row: this is about where the chunk goes, not whose it is.)
+            sqlx::query("PRAGMA foreign_keys = OFF")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data)
+                 VALUES ('old-job', 1, 2, 0, 2, 12, '1 o 6\nhello\n2 e 6\nworld\n')",
+            )
+            .execute(&mut connection)
+            .await
+            .unwrap();
+            connection.close().await.unwrap();
+        }
+        let store = sqlite::SqliteStore::open(&path).await.unwrap();
+        assert!(sqlite::logs_path(&path).exists());
+        let pragma = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(pragma("PRAGMA main.page_size").await, 4096);
+        assert_eq!(pragma("PRAGMA logs.page_size").await, 65536);
+        assert_eq!(
+            pragma("SELECT COUNT(*) FROM main.sqlite_master WHERE name = 'log_chunks'").await,
+            0
+        );
+        assert_eq!(
+            pragma("SELECT COUNT(*) FROM logs.sqlite_master WHERE name = 'log_chunks'").await,
+            1
+        );
+        // The moved chunk reads back; new lines follow it into the log file.
+        let db = Db(Arc::new(store));
+        db.append_logs(
+            "old-job",
+            &[NewLogLine {
+                seq: 3,
+                stream: "stdout",
+                line: "again\n".into(),
+            }],
+        )
+        .await
+        .unwrap();
+        let page = db.logs_page("old-job", 0, 10).await.unwrap();
+        let lines: Vec<(i64, &str, &str)> = page
+            .iter()
+            .map(|row| (row.seq, row.stream.as_str(), row.line.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (1, "stdout", "hello\n"),
+                (2, "stderr", "world\n"),
+                (3, "stdout", "again\n")
+            ]
+        );
+        // Opened again (both files exist): nothing moves twice, nothing is lost.
+        drop(db);
+        let db = Db::open_sqlite(&path).await.unwrap();
+        assert_eq!(db.log_stats("old-job").await.unwrap(), (3, 18));
     }
 
     #[tokio::test]

@@ -39,6 +39,11 @@ impl PostgresStore {
         None
     }
 
+    /// [`Self::write_turn`] for log writes: none either.
+    pub(crate) async fn log_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        None
+    }
+
     /// [`Store::claim`] in one round trip: `stagely_claim` (migration 0003) takes the
     /// advisory lock that serializes the claims of every replica, then claim by claim locks
     /// the job row with `FOR UPDATE SKIP LOCKED` (a row another transaction holds is lost),

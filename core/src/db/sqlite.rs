@@ -1,20 +1,28 @@
 //! The SQLite backend: the embedded default for `stagely run` and single-machine installs.
-//! WAL mode, one file; claims take the write lock up front (`BEGIN IMMEDIATE`) so counting and
+//! WAL mode, two files: the main one, and log chunks in one of their own attached as `logs`
+//! ([`logs_path`]). Claims take the write lock up front (`BEGIN IMMEDIATE`) so counting and
 //! claiming are one atomic step across processes sharing the file.
 
 use std::path::Path;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqlitePool};
 
 use super::*;
 use crate::engine::{JobEnd, Timestamp, Transition};
 
-/// Page size of a new database file (an existing one keeps its own: WAL mode cannot change
-/// it). Log chunks are up to 1 MiB each: with SQLite's default 4 KiB pages one chunk is 256
-/// overflow pages, each written, checksummed and checkpointed on its own; 64 KiB pages cut that
-/// work per stored byte (see BENCHMARKS.md, log volume).
-const SQLITE_PAGE_SIZE: u32 = 64 * 1024;
+/// Page size of a new log database file ([`logs_path`]; an existing one keeps its own: WAL
+/// mode cannot change it). Log chunks are up to 1 MiB each: with SQLite's default 4 KiB pages
+/// one chunk is 256 overflow pages, each written, checksummed, checkpointed and written back
+/// on its own; 64 KiB pages cut that work per stored byte (see BENCHMARKS.md, log volume).
+/// The main file keeps 4 KiB pages: the engine's transactions write a few small rows, and
+/// with 64 KiB pages each wrote 16 times the bytes (dispatch measured 2-3x slower).
+const LOG_PAGE_SIZE: u32 = 64 * 1024;
+
+/// The log database beside the main file: `stagely.db` → `stagely.logs.db`.
+pub fn logs_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("logs.db")
+}
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -22,34 +30,75 @@ pub struct SqliteStore {
     /// One writer at a time, queued here: SQLite allows one, and writers that meet in the
     /// file wait in its busy handler, which sleeps in steps of up to 100 ms.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The same for the log file: its own write lock, its own queue.
+    log_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file at `path` and migrates it.
+    /// Opens (creating if needed) the database file at `path` and the log file beside it
+    /// ([`logs_path`], attached to every connection as `logs`), and migrates them.
     pub async fn open(path: &Path) -> Result<SqliteStore, DbError> {
+        let logs = logs_path(path);
+        // A new log file gets its page size before anything is written to it.
+        let log_options = SqliteConnectOptions::new()
+            .filename(&logs)
+            .create_if_missing(true)
+            .page_size(LOG_PAGE_SIZE)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        sqlx::SqliteConnection::connect_with(&log_options)
+            .await?
+            .close()
+            .await?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
-            .page_size(SQLITE_PAGE_SIZE)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10))
             .foreign_keys(true);
+        let logs = logs.to_string_lossy().into_owned();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
+            .after_connect(move |connection, _| {
+                let logs = logs.clone();
+                Box::pin(async move {
+                    sqlx::query("ATTACH DATABASE $1 AS logs")
+                        .bind(logs)
+                        .execute(&mut *connection)
+                        .await?;
+                    // Per connection, as the main file's settings: commits are not synced one
+                    // by one (checkpoints are), and a small page cache (1 MiB) does for chunks
+                    // written once and read rarely.
+                    for pragma in [
+                        "PRAGMA logs.synchronous = NORMAL",
+                        "PRAGMA logs.cache_size = -1024",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *connection).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore {
             pool,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            log_writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
-    /// Held by every write of this process ([`SqliteStore::writer`]).
+    /// Held by every write of this process to the main file ([`SqliteStore::writer`]).
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         Some(self.writer.lock().await)
+    }
+
+    /// Held by every write of this process to the log file ([`SqliteStore::log_writer`]); a
+    /// write to both files takes [`SqliteStore::write_turn`] first.
+    pub(crate) async fn log_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.log_writer.lock().await)
     }
 
     /// [`Store::claim`]: one IMMEDIATE transaction (the write lock is taken before the counts
