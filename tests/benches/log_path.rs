@@ -3,7 +3,10 @@
 //! A real core (agent endpoint, session, masking, log budget, chunked storage, ACKs, the SSE
 //! fan-out) in this process, with a provider whose instances boot nothing: each simulated
 //! agent reads its token from the user-data, dials `/api/v1/agent/connect`, says HELLO, takes
-//! its BUILD and streams 100-byte lines in `LOGS` frames as fast as the core acknowledges them.
+//! its BUILD and streams 100-byte lines in `LOGS` frames as fast as the core acknowledges them,
+//! keeping at most a window of lines unacknowledged (64,000 lines, about 7 MB: the real agent
+//! sends whatever its spool holds without waiting for ACKs, up to half its 256 MiB spool; a
+//! smaller window makes the figure the ACK round trip's, not the core's).
 //!
 //! Prints, in one run:
 //! - lines/s stored for 1 agent and for 100 agents at once (first frame sent → the ACK of the
@@ -16,7 +19,7 @@
 //! agent runs once more in JSON for comparison.
 //!
 //! Run: `cargo bench -p stagely-tests --bench log_path` (`STAGELY_BENCH_LINES` changes the
-//! single agent's line count; the store is the suite's: SQLite, or PostgreSQL with
+//! single agent's line count, `STAGELY_BENCH_WINDOW` the window; the store is the suite's: SQLite, or PostgreSQL with
 //! `STAGELY_TEST_DATABASE=postgres`).
 
 use std::sync::Arc;
@@ -170,6 +173,14 @@ async fn stream_lines(mut socket: Socket, codec: Codec, job_id: String, count: u
     let _ = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
 }
 
+/// Lines a simulated agent keeps unacknowledged at most (`STAGELY_BENCH_WINDOW`).
+fn window() -> u64 {
+    std::env::var("STAGELY_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64_000)
+}
+
 async fn throughput(
     core: &TestCore,
     provider: &RecordingProvider,
@@ -191,7 +202,7 @@ async fn throughput(
     let started = Instant::now();
     let tasks: Vec<_> = sockets
         .into_iter()
-        .map(|(job, socket)| tokio::spawn(stream_lines(socket, codec, job, lines_each, 16_000)))
+        .map(|(job, socket)| tokio::spawn(stream_lines(socket, codec, job, lines_each, window())))
         .collect();
     for task in tasks {
         task.await.expect("agent task");
@@ -326,7 +337,11 @@ async fn main() {
         })
         .await
         .expect("core");
-    println!("store: {:?}", Backend::from_env());
+    println!(
+        "store: {:?}; at most {} lines unacknowledged per agent",
+        Backend::from_env(),
+        window()
+    );
     for codec in [Codec::Proto, Codec::Json] {
         let one = throughput(&core, &provider, 1, single, codec).await;
         println!(
