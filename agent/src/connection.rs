@@ -1172,8 +1172,9 @@ pub struct Redactor {
     secrets: stagely_protocol::SecretMask,
     /// (host path prefix, alias); longest first so a canonical path wins over its prefix.
     aliases: Vec<(String, String)>,
-    /// A searcher per alias path (built once: most lines hold none).
-    finders: Vec<memchr::memmem::Finder<'static>>,
+    /// One searcher over every alias path (built once; one pass per line, and most lines
+    /// hold none). Leftmost-longest: a canonical path wins over its prefix.
+    paths: Option<aho_corasick::AhoCorasick>,
 }
 
 impl Redactor {
@@ -1181,7 +1182,7 @@ impl Redactor {
         Redactor {
             secrets: stagely_protocol::SecretMask::new(secrets),
             aliases: Vec::new(),
-            finders: Vec::new(),
+            paths: None,
         }
     }
 
@@ -1200,11 +1201,10 @@ impl Redactor {
         }
         self.aliases
             .sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-        self.finders = self
-            .aliases
-            .iter()
-            .map(|(path, _)| memchr::memmem::Finder::new(path.as_bytes()).into_owned())
-            .collect();
+        self.paths = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(self.aliases.iter().map(|(path, _)| path))
+            .ok();
         self
     }
 
@@ -1232,10 +1232,15 @@ impl Redactor {
     /// [`Redactor::scrub`] of a line the caller gives up (no copy when nothing matches).
     pub fn scrub_owned(&self, text: String) -> String {
         let mut out = self.secrets.mask(text);
-        for ((path, alias), finder) in self.aliases.iter().zip(&self.finders) {
-            if finder.find(out.as_bytes()).is_some() {
-                out = out.replace(path.as_str(), alias);
-            }
+        if let Some(paths) = &self.paths
+            && paths.is_match(&out)
+        {
+            let aliases: Vec<&str> = self
+                .aliases
+                .iter()
+                .map(|(_, alias)| alias.as_str())
+                .collect();
+            out = paths.replace_all(&out, &aliases);
         }
         out
     }
@@ -1389,6 +1394,24 @@ mod tests {
             redactor.scrub("step build: buildah --root /tmp/stagely-core-x/instances/local-1/work/buildah/storage bud /tmp/stagely-core-x/instances/local-1/work/src/api"),
             "step build: buildah --root $WORK/buildah/storage bud $WORK/src/api"
         );
+        // Both forms of a path reached through a symlink, in one line; text without either
+        // is the same string back.
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real-work");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("work");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let redactor = Redactor::new([]).with_path_alias(&link, "$WORK");
+        let real = real.canonicalize().unwrap();
+        assert_eq!(
+            redactor.scrub(&format!(
+                "cd {}/src && ls {}/src\n",
+                link.display(),
+                real.display()
+            )),
+            "cd $WORK/src && ls $WORK/src\n"
+        );
+        assert_eq!(redactor.scrub("no path here\n"), "no path here\n");
     }
 
     #[test]

@@ -272,16 +272,8 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
                 let mut batch = vec![text_of(&buffer)];
                 if carry.is_empty() {
                     // Whole lines already read go along, without waiting for more.
-                    let mut bytes = 0;
-                    while batch.len() < BATCH_LINES && bytes < BATCH_BYTES {
-                        let available = reader.buffer();
-                        let Some(newline) = memchr::memchr(b'\n', available) else {
-                            break;
-                        };
-                        bytes += newline + 1;
-                        batch.push(text_of(&available[..=newline]));
-                        reader.consume(newline + 1);
-                    }
+                    let taken = whole_lines(reader.buffer(), &mut batch);
+                    reader.consume(taken);
                 }
                 let count = batch.len() as u64;
                 progress.in_sink.fetch_add(1, Ordering::Relaxed);
@@ -305,6 +297,40 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
             buffer = Vec::with_capacity(4096);
         }
     }
+}
+
+/// Appends to `batch` the whole lines at the start of `available` (up to [`BATCH_LINES`]
+/// in all, and [`BATCH_BYTES`] or the line that crosses it); returns the bytes they took.
+/// Their text is checked as UTF-8 once for all of them (a check per line cost more than the
+/// check itself); only when that fails, line by line, with replacement characters.
+fn whole_lines(available: &[u8], batch: &mut Vec<String>) -> usize {
+    let mut ends = Vec::new();
+    let mut end = 0;
+    while batch.len() + ends.len() < BATCH_LINES && end < BATCH_BYTES {
+        let Some(newline) = memchr::memchr(b'\n', &available[end..]) else {
+            break;
+        };
+        end += newline + 1;
+        ends.push(end);
+    }
+    let region = &available[..end];
+    match std::str::from_utf8(region) {
+        Ok(text) => {
+            let mut start = 0;
+            for &stop in &ends {
+                batch.push(text[start..stop].to_owned());
+                start = stop;
+            }
+        }
+        Err(_) => {
+            let mut start = 0;
+            for &stop in &ends {
+                batch.push(text_of(&region[start..stop]));
+                start = stop;
+            }
+        }
+    }
+    end
 }
 
 /// A line as text: as it is when it is UTF-8 (the common case, one copy), else with
@@ -370,6 +396,25 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    #[test]
+    fn whole_lines_are_taken_with_one_utf8_check_and_a_bad_byte_costs_only_its_line() {
+        let mut batch = vec!["first\n".to_string()];
+        let taken = whole_lines(b"a\n\xc3\xa9\nhalf", &mut batch);
+        assert_eq!(taken, 5, "the unfinished line stays");
+        assert_eq!(batch, ["first\n", "a\n", "\u{e9}\n"]);
+        let mut batch = Vec::new();
+        let taken = whole_lines(b"ok\nbad \xff here\nfine\n", &mut batch);
+        assert_eq!(taken, 19);
+        assert_eq!(batch, ["ok\n", "bad \u{FFFD} here\n", "fine\n"]);
+        // At most BATCH_LINES in the batch, counting what it held.
+        let many = "x\n".repeat(BATCH_LINES * 2);
+        let mut batch = vec!["held\n".to_string()];
+        let taken = whole_lines(many.as_bytes(), &mut batch);
+        assert_eq!(batch.len(), BATCH_LINES);
+        assert_eq!(taken, (BATCH_LINES - 1) * 2);
+        assert_eq!(whole_lines(b"no newline", &mut Vec::new()), 0);
+    }
 
     #[derive(Clone, Default)]
     struct Collect(Arc<Mutex<Vec<(LogStream, String)>>>);

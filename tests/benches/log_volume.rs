@@ -32,6 +32,17 @@ fn status_kib(pid: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds a process has used so far, (user, system), from /proc (clock ticks of
+/// 1/100 s, as Linux reports them to user space).
+fn cpu_secs(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index)?.parse::<f64>().ok();
+    Some((ticks(11)? / 100.0, ticks(12)? / 100.0))
+}
+
 /// Processes whose command line holds all of `needles`.
 fn pids_with(needles: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
@@ -200,6 +211,9 @@ async fn main() {
     let mut agent_peak_kib = 0;
     let mut core_peak_kib = 0;
     let mut samples = 0;
+    // CPU used, as last sampled (within 50 ms of each process's end).
+    let mut agent_cpu = (0.0, 0.0);
+    let mut core_cpu = (0.0, 0.0);
     let status = loop {
         for pid in pids_with(&["stagely-agent", &data]) {
             // VmHWM is the process's own high-water mark: no spike between samples is missed.
@@ -207,10 +221,12 @@ async fn main() {
                 agent_peak_kib = agent_peak_kib.max(kib);
                 samples += 1;
             }
+            agent_cpu = cpu_secs(&pid).unwrap_or(agent_cpu);
         }
         if let Some(kib) = status_kib(&core_pid, "VmHWM:") {
             core_peak_kib = core_peak_kib.max(kib);
         }
+        core_cpu = cpu_secs(&core_pid).unwrap_or(core_cpu);
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
@@ -265,6 +281,15 @@ async fn main() {
         "  core peak RSS         {:.1} MiB (the `stagely run` process, VmHWM; budget {} MiB)",
         core_peak_kib as f64 / 1024.0,
         CORE_RSS_BUDGET_KIB / 1024
+    );
+    println!(
+        "  CPU used               agent {:.2} s (user {:.2}, system {:.2}); core {:.2} s (user {:.2}, system {:.2})",
+        agent_cpu.0 + agent_cpu.1,
+        agent_cpu.0,
+        agent_cpu.1,
+        core_cpu.0 + core_cpu.1,
+        core_cpu.0,
+        core_cpu.1
     );
     let mut failed = false;
     if job_status != "completed" {
