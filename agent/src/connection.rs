@@ -1172,6 +1172,8 @@ pub struct Redactor {
     secrets: stagely_protocol::SecretMask,
     /// (host path prefix, alias); longest first so a canonical path wins over its prefix.
     aliases: Vec<(String, String)>,
+    /// The aliases alone, in the same order (what [`Redactor::paths`] replaces matches with).
+    replacements: Vec<String>,
     /// One searcher over every alias path (built once; one pass per line, and most lines
     /// hold none). Leftmost-longest: a canonical path wins over its prefix.
     paths: Option<aho_corasick::AhoCorasick>,
@@ -1182,6 +1184,7 @@ impl Redactor {
         Redactor {
             secrets: stagely_protocol::SecretMask::new(secrets),
             aliases: Vec::new(),
+            replacements: Vec::new(),
             paths: None,
         }
     }
@@ -1201,6 +1204,11 @@ impl Redactor {
         }
         self.aliases
             .sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        self.replacements = self
+            .aliases
+            .iter()
+            .map(|(_, alias)| alias.clone())
+            .collect();
         self.paths = aho_corasick::AhoCorasick::builder()
             .match_kind(aho_corasick::MatchKind::LeftmostLongest)
             .build(self.aliases.iter().map(|(path, _)| path))
@@ -1235,12 +1243,7 @@ impl Redactor {
         if let Some(paths) = &self.paths
             && paths.is_match(&out)
         {
-            let aliases: Vec<&str> = self
-                .aliases
-                .iter()
-                .map(|(_, alias)| alias.as_str())
-                .collect();
-            out = paths.replace_all(&out, &aliases);
+            out = paths.replace_all(&out, &self.replacements);
         }
         out
     }

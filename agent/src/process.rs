@@ -314,21 +314,14 @@ fn whole_lines(available: &[u8], batch: &mut Vec<String>) -> usize {
         ends.push(end);
     }
     let region = &available[..end];
-    match std::str::from_utf8(region) {
-        Ok(text) => {
-            let mut start = 0;
-            for &stop in &ends {
-                batch.push(text[start..stop].to_owned());
-                start = stop;
-            }
-        }
-        Err(_) => {
-            let mut start = 0;
-            for &stop in &ends {
-                batch.push(text_of(&region[start..stop]));
-                start = stop;
-            }
-        }
+    let text = std::str::from_utf8(region).ok();
+    let mut start = 0;
+    for &stop in &ends {
+        batch.push(match text {
+            Some(text) => text[start..stop].to_owned(),
+            None => text_of(&region[start..stop]),
+        });
+        start = stop;
     }
     end
 }
