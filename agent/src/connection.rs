@@ -961,15 +961,11 @@ fn spool_piece(
     text: String,
     continues: bool,
 ) -> std::io::Result<()> {
-    if !continues && text.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
-        // A whole line that fits (nearly every line): no list of pieces to build.
-        spool.append_owned(stream, std::borrow::Cow::Owned(text))?;
-        return Ok(());
-    }
-    for piece in split_data(text, continues) {
-        spool.append_owned(stream, std::borrow::Cow::Owned(piece))?;
-    }
-    Ok(())
+    split_data(text, continues, |piece| {
+        spool
+            .append_owned(stream, std::borrow::Cow::Owned(piece))
+            .map(|_| ())
+    })
 }
 
 /// The next frame(s) for the writer, by priority: a pending interruption notice; the spooled
@@ -1137,19 +1133,23 @@ fn close_reason(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
     }
 }
 
-/// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries.
-/// A piece that fits (the common case) is passed on as it is, without a copy.
-fn split_data(data: String, continues: bool) -> Vec<String> {
+/// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries, and
+/// hands each to `each` in order (stopping at its first error). A piece that fits (nearly
+/// every line) is handed on as it is: no copy, no list of pieces.
+fn split_data(
+    data: String,
+    continues: bool,
+    mut each: impl FnMut(String) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let marked = |mut piece: String| {
         piece.push_str(LINE_SPLIT_MARKER);
         piece
     };
     if data.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
-        return vec![if continues { marked(data) } else { data }];
+        return each(if continues { marked(data) } else { data });
     }
     // Every piece but the line's true end says the line goes on.
     let room = MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len();
-    let mut pieces = Vec::new();
     let mut rest = data.as_str();
     while !rest.is_empty() {
         let mut end = rest.len().min(room);
@@ -1158,13 +1158,13 @@ fn split_data(data: String, continues: bool) -> Vec<String> {
         }
         let piece = rest[..end].to_string();
         rest = &rest[end..];
-        pieces.push(if rest.is_empty() && !continues {
+        each(if rest.is_empty() && !continues {
             piece
         } else {
             marked(piece)
-        });
+        })?;
     }
-    pieces
+    Ok(())
 }
 
 /// Replaces known secrets in output with `[REDACTED]`, and host paths with a short alias.
@@ -1415,6 +1415,17 @@ mod tests {
             "cd $WORK/src && ls $WORK/src\n"
         );
         assert_eq!(redactor.scrub("no path here\n"), "no path here\n");
+    }
+
+    /// The pieces [`split_data`] hands on, in order.
+    fn split_data(data: String, continues: bool) -> Vec<String> {
+        let mut pieces = Vec::new();
+        super::split_data(data, continues, |piece| {
+            pieces.push(piece);
+            Ok(())
+        })
+        .unwrap();
+        pieces
     }
 
     #[test]

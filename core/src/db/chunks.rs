@@ -54,54 +54,53 @@ const MAX_HEADER_BYTES: usize = 44;
 /// Packs ascending lines into chunks of at most [`MAX_CHUNK_BYTES`] (a single line longer
 /// than that still gets a chunk of its own). Each chunk's text is allocated once, at the size
 /// its lines need at most (a chunk that grew by doubling would copy itself on every step).
-pub fn encode<'a>(lines: &'a [&'a NewLogLine]) -> Vec<Chunk> {
+pub fn encode(lines: &[&NewLogLine]) -> Vec<Chunk> {
     let mut chunks = Vec::new();
-    let mut current: Option<Chunk> = None;
-    // The current chunk's size as `chunk_capacity` counts it (each header at its longest).
-    let mut reserved = 0;
-    for (index, line) in lines.iter().enumerate() {
-        let size = MAX_HEADER_BYTES + line.line.len();
-        if current.is_some() && reserved + size > MAX_CHUNK_BYTES {
-            chunks.extend(current.take());
-            reserved = 0;
-        }
-        reserved += size;
-        let chunk = current.get_or_insert_with(|| Chunk {
-            first_seq: line.seq,
-            last_seq: line.seq,
+    let mut rest = lines;
+    while let Some(first) = rest.first() {
+        let (count, capacity) = chunk_extent(rest);
+        let (these, after) = rest.split_at(count);
+        rest = after;
+        let mut chunk = Chunk {
+            first_seq: first.seq,
+            last_seq: first.seq,
             line_count: 0,
             bytes: 0,
-            text: String::with_capacity(chunk_capacity(&lines[index..])),
-        });
-        // `SEQ STREAM LEN\n` then the data (itoa: this runs for every stored line).
-        let mut number = itoa::Buffer::new();
-        chunk.text.push_str(number.format(line.seq));
-        chunk.text.push(' ');
-        chunk.text.push(stream_code(line.stream));
-        chunk.text.push(' ');
-        chunk.text.push_str(number.format(line.line.len()));
-        chunk.text.push('\n');
-        chunk.text.push_str(&line.line);
-        chunk.last_seq = line.seq;
-        chunk.line_count += 1;
-        chunk.bytes += line.line.len() as i64;
+            text: String::with_capacity(capacity),
+        };
+        for line in these {
+            // `SEQ STREAM LEN\n` then the data (itoa: this runs for every stored line).
+            let mut number = itoa::Buffer::new();
+            chunk.text.push_str(number.format(line.seq));
+            chunk.text.push(' ');
+            chunk.text.push(stream_code(line.stream));
+            chunk.text.push(' ');
+            chunk.text.push_str(number.format(line.line.len()));
+            chunk.text.push('\n');
+            chunk.text.push_str(&line.line);
+            chunk.last_seq = line.seq;
+            chunk.line_count += 1;
+            chunk.bytes += line.line.len() as i64;
+        }
+        chunks.push(chunk);
     }
-    chunks.extend(current);
     chunks
 }
 
-/// Bytes of the chunk that starts with `lines[0]`: as many of them as fit in
-/// [`MAX_CHUNK_BYTES`] (always the first), each with its longest header.
-fn chunk_capacity(lines: &[&NewLogLine]) -> usize {
+/// The chunk that starts with `lines[0]`: how many lines it takes (as many as fit in
+/// [`MAX_CHUNK_BYTES`], always the first) and its size at most, each header at its longest.
+fn chunk_extent(lines: &[&NewLogLine]) -> (usize, usize) {
     let mut total = 0;
+    let mut count = 0;
     for line in lines {
         let size = MAX_HEADER_BYTES + line.line.len();
-        if total > 0 && total + size > MAX_CHUNK_BYTES {
+        if count > 0 && total + size > MAX_CHUNK_BYTES {
             break;
         }
         total += size;
+        count += 1;
     }
-    total
+    (count, total)
 }
 
 /// The lines of a chunk with `seq > after`, stamped `stored_at`.
