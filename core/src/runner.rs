@@ -48,6 +48,8 @@ pub struct RunnerSettings {
     /// URL agents dial (`http://127.0.0.1:PORT` for local instances).
     pub public_url: String,
     pub core_id: String,
+    /// The store's deployment id, shared by every replica on it (`stagely:deployment`).
+    pub deployment_id: String,
     pub registry: RegistryConfig,
     pub heartbeat_timeout: Duration,
     /// Local paths and `file://` repositories are accepted (and agents may fetch them).
@@ -1256,26 +1258,39 @@ impl LoopState {
                     shared.reaper.count(reason);
                     terminate(&shared, &instance_id).await;
                 }
-                // Instances the provider has for this core id but the store does not list as
-                // live: a core that died between create and record leaves these behind. One
-                // whose attempt still holds its lease may be mid-record and is left alone.
-                // Only this core id's: other deployments may share the account.
+                // Instances the provider has for this deployment (any of its cores) but the
+                // store does not list as live: a core that died between create and record
+                // leaves these behind, and it may never start again. One whose attempt still
+                // holds its lease may be mid-record (by its core, alive) and is left alone.
+                // Only this deployment's: other deployments may share the account. Instances
+                // launched before deployment tags existed are found by this core's id.
                 let known: std::collections::HashSet<String> =
                     shared.db.live_instances().await?.into_iter().collect();
-                let mine = BTreeMap::from([(
-                    "stagely:core".to_string(),
-                    shared.settings.core_id.clone(),
-                )]);
-                let instances = match shared.provider.list_instances(&mine).await {
-                    Ok(instances) => instances,
-                    Err(error) => {
-                        shared.reaper.list_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!("reaper: listing instances failed: {error}");
-                        Vec::new()
+                let scopes = [
+                    ("stagely:deployment", &shared.settings.deployment_id),
+                    ("stagely:core", &shared.settings.core_id),
+                ];
+                let mut instances = Vec::new();
+                for (key, value) in scopes {
+                    let tags = BTreeMap::from([(key.to_string(), value.clone())]);
+                    match shared.provider.list_instances(&tags).await {
+                        Ok(listed) => instances.extend(listed),
+                        Err(error) => {
+                            shared.reaper.list_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!("reaper: listing instances by {key} failed: {error}");
+                        }
                     }
-                };
+                }
+                let mut seen = std::collections::HashSet::new();
                 for instance in instances {
-                    if known.contains(&instance.id) {
+                    let other_deployment = instance
+                        .tags
+                        .get("stagely:deployment")
+                        .is_some_and(|id| *id != shared.settings.deployment_id);
+                    if known.contains(&instance.id)
+                        || other_deployment
+                        || !seen.insert(instance.id.clone())
+                    {
                         continue;
                     }
                     let job = instance.tags.get("stagely:job");
@@ -1292,7 +1307,11 @@ impl LoopState {
                             provider: shared.provider.name(),
                             job_id: job,
                             attempt,
-                            owner: &shared.settings.core_id,
+                            // The core that launched it (maybe another replica).
+                            owner: instance
+                                .tags
+                                .get("stagely:core")
+                                .unwrap_or(&shared.settings.core_id),
                             instance_type: &instance.instance_type,
                             market: instance.market.map(|market| market.as_str()),
                             placement: None,
@@ -1623,6 +1642,10 @@ async fn create_for_attempt(
         user_data,
         tags: BTreeMap::from([
             ("stagely:core".to_string(), settings.core_id.clone()),
+            (
+                "stagely:deployment".to_string(),
+                settings.deployment_id.clone(),
+            ),
             ("stagely:run".to_string(), run_id.to_string()),
             ("stagely:job".to_string(), job_id.to_string()),
             ("stagely:attempt".to_string(), attempt.to_string()),

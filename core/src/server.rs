@@ -294,12 +294,18 @@ pub async fn start(
     engine.lease_duration = config.lease;
     engine.cancel_grace = config.cancel_grace;
     engine.reconnect_grace = config.agent_reconnect_grace;
+    // Every replica on this database tags its instances with the same deployment id.
+    let deployment_id = db
+        .deployment_id()
+        .await
+        .context("reading the deployment id from the database")?;
     let runner = Runner::start(
         db,
         provider,
         RunnerSettings {
             public_url,
             core_id: config.core_id.clone(),
+            deployment_id,
             registry: config.registry.clone(),
             heartbeat_timeout: config.heartbeat_timeout,
             allow_local_repos: config.allow_local_repos,

@@ -168,6 +168,8 @@ struct ProcessInfo {
     pid: i32,
     session: i32,
     start_time: u64,
+    /// The command name (`comm`).
+    name: String,
     cmdline: String,
 }
 
@@ -190,9 +192,14 @@ fn processes() -> Vec<ProcessInfo> {
         };
         // Fields after the command name, which is wrapped in parentheses and may contain any
         // character: state(3) ppid(4) pgrp(5) session(6) ... starttime(22).
-        let Some(after_comm) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+        let Some(close) = stat.rfind(')') else {
             continue;
         };
+        let after_comm = &stat[close + 1..];
+        let name = stat[..close]
+            .split_once('(')
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_default();
         let fields: Vec<&str> = after_comm.split_whitespace().collect();
         // A zombie has exited already; it only waits to be reaped by its parent.
         if fields.first() == Some(&"Z") {
@@ -211,6 +218,7 @@ fn processes() -> Vec<ProcessInfo> {
             pid,
             session,
             start_time,
+            name,
             cmdline,
         });
     }
@@ -420,7 +428,18 @@ impl Provider for LocalProvider {
             return Ok(());
         };
         let dir = self.instance_dir(instance_id);
-        let sessions = instance_sessions(record.agent.as_ref(), &dir, &processes());
+        let all = processes();
+        let sessions = instance_sessions(record.agent.as_ref(), &dir, &all);
+        // Which processes a termination stops (by name, never arguments): a post-mortem of
+        // an instance stopped early starts here.
+        let stopping: Vec<String> = all
+            .iter()
+            .filter(|process| sessions.contains(&process.session))
+            .map(|process| format!("{} {}", process.pid, process.name))
+            .collect();
+        if !stopping.is_empty() {
+            tracing::info!(instance_id, ?sessions, processes = ?stopping, "stopping the instance's processes");
+        }
         if signal_sessions(&sessions, Signal::SIGTERM) > 0 {
             let grace = tokio::time::Instant::now() + TERMINATE_GRACE;
             while !session_members(&sessions).is_empty() && tokio::time::Instant::now() < grace {

@@ -1,6 +1,8 @@
-//! The reaper's second list: instances the provider has for this core's id that the store
-//! does not know (a core that died between create and record) are terminated and counted;
-//! instances of another deployment (another `stagely:core`) are never touched.
+//! The reaper's second list: instances the provider has for this deployment that the store
+//! does not know (a core that died between create and record: this core, or another replica
+//! on the same database that may never start again) are terminated and counted; instances of
+//! another deployment (another database's `stagely:deployment`, another `stagely:core`) are
+//! never touched.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -10,7 +12,7 @@ use stagely_cloud_init::{AgentConfig, Bootstrap, render_user_data};
 use stagely_provisioning::{Arch, MachineSize, MachineSpec};
 use stagely_tests::*;
 
-fn spec(core: &str, job: &str) -> MachineSpec {
+fn spec(core: &str, deployment: &str, job: &str) -> MachineSpec {
     MachineSpec {
         size: MachineSize::Small,
         arch: Arch::from_rust_arch(std::env::consts::ARCH).unwrap_or(Arch::Amd64),
@@ -22,6 +24,7 @@ fn spec(core: &str, job: &str) -> MachineSpec {
         .unwrap(),
         tags: BTreeMap::from([
             ("stagely:core".to_string(), core.to_string()),
+            ("stagely:deployment".to_string(), deployment.to_string()),
             ("stagely:run".to_string(), "run-gone".to_string()),
             ("stagely:job".to_string(), job.to_string()),
             ("stagely:attempt".to_string(), "1".to_string()),
@@ -31,28 +34,63 @@ fn spec(core: &str, job: &str) -> MachineSpec {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unrecorded_instances_of_this_core_are_reaped_and_other_deployments_are_left_alone() {
+async fn unrecorded_instances_of_this_deployment_are_reaped_whichever_core_launched_them_and_other_deployments_are_left_alone()
+ {
     let mut core = TestCore::start_configured(|file| {
         file.core_id = Some("reaper-test".into());
         file.scheduler.reap_interval_secs = Some(1);
     })
     .await
     .unwrap();
+    let deployment = core
+        .core
+        .as_ref()
+        .unwrap()
+        .runner
+        .settings()
+        .deployment_id
+        .clone();
+    assert_eq!(
+        deployment.len(),
+        32,
+        "a fresh id per database: {deployment}"
+    );
     let ghost = core
         .provider
-        .create_instance(&spec("reaper-test", "job-the-store-never-saw"))
+        .create_instance(&spec("reaper-test", &deployment, "job-the-store-never-saw"))
+        .await
+        .unwrap();
+    // Launched by another replica of this deployment (a core id this core does not have)
+    // that died before recording it.
+    let replicas_ghost = core
+        .provider
+        .create_instance(&spec("dead-replica", &deployment, "their-lost-job"))
         .await
         .unwrap();
     let foreign = core
         .provider
-        .create_instance(&spec("another-deployment", "their-job"))
+        .create_instance(&spec(
+            "another-deployment",
+            "0123456789abcdef0123456789abcdef",
+            "their-job",
+        ))
+        .await
+        .unwrap();
+    // Another deployment whose operator left `core_id` the same as this one's.
+    let same_core_id = core
+        .provider
+        .create_instance(&spec(
+            "reaper-test",
+            "fedcba9876543210fedcba9876543210",
+            "their-other-job",
+        ))
         .await
         .unwrap();
     let stats = || core.core.as_ref().unwrap().runner.reaper_stats();
     let sweeps_before = stats().sweeps.load(Ordering::Relaxed);
     poll_until(
         Duration::from_secs(20),
-        "the unrecorded instance reaped",
+        "the unrecorded instances reaped",
         || async {
             let live: Vec<String> = core
                 .live_instances()
@@ -60,12 +98,12 @@ async fn unrecorded_instances_of_this_core_are_reaped_and_other_deployments_are_
                 .into_iter()
                 .map(|i| i.id)
                 .collect();
-            let gone = !live.contains(&ghost.id);
+            let gone = !live.contains(&ghost.id) && !live.contains(&replicas_ghost.id);
             Ok((gone.then_some(()), format!("live: {live:?}")))
         },
     )
     .await;
-    assert!(stats().unrecorded.load(Ordering::Relaxed) >= 1, "counted");
+    assert!(stats().unrecorded.load(Ordering::Relaxed) >= 2, "counted");
     // Two more sweeps, and the other deployment's instance is still there.
     poll_until(Duration::from_secs(20), "two more sweeps", || async {
         let sweeps = stats().sweeps.load(Ordering::Relaxed);
@@ -82,10 +120,14 @@ async fn unrecorded_instances_of_this_core_are_reaped_and_other_deployments_are_
         .map(|i| i.id)
         .collect();
     assert!(
-        live.contains(&foreign.id),
+        live.contains(&foreign.id) && live.contains(&same_core_id.id),
         "another deployment's instance was touched"
     );
     core.provider.terminate_instance(&foreign.id).await.unwrap();
+    core.provider
+        .terminate_instance(&same_core_id.id)
+        .await
+        .unwrap();
     assert_eq!(
         stats().terminated(),
         stats().unrecorded.load(Ordering::Relaxed)

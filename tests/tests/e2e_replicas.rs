@@ -24,6 +24,34 @@ impl Drop for DumpLogsOnPanic {
                 eprintln!("{line}");
             }
         }
+        // Each instance's agent: what it logged at WARN or above, and why it stopped a job.
+        let agents = std::fs::read_dir(self.0.join("instances"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for instance in agents {
+            let text =
+                std::fs::read_to_string(instance.path().join("agent.log")).unwrap_or_default();
+            eprintln!(
+                "---- {} agent.log ----",
+                instance.file_name().to_string_lossy()
+            );
+            let notable = text.lines().filter(|line| {
+                [
+                    "WARN",
+                    "ERROR",
+                    "cancel",
+                    "shutting down",
+                    "starting",
+                    "finished",
+                ]
+                .iter()
+                .any(|word| line.contains(word))
+            });
+            for line in notable.take(40) {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

@@ -463,6 +463,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Instances recorded and not terminated (diagnostics and tests).
     async fn live_instances(&self) -> Result<Vec<String>, DbError>;
 
+    /// The id of the deployment this store belongs to, shared by every core that uses it
+    /// (created by a migration): instances carry it as `stagely:deployment`.
+    async fn deployment_id(&self) -> Result<String, DbError>;
+
     /// Whether an earlier attempt of the job ended by a spot interruption (its retries are
     /// never placed on spot again).
     async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError>;
@@ -1359,6 +1363,13 @@ macro_rules! impl_shared_store {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn deployment_id(&self) -> Result<String, DbError> {
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM deployment")
+            .fetch_optional(&self.pool)
+            .await?;
+        id.ok_or_else(|| DbError::Corrupt("the deployment table has no row".into()))
     }
 
     /// The newest run of an environment.
