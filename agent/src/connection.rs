@@ -871,7 +871,21 @@ impl JobLink<'_> {
                     ));
                 }
                 () = self.shutdown.cancelled(), if !cancel.is_cancelled() => {
-                    tracing::info!("shutting down: cancelling the job");
+                    // Stopped from outside (the machine shuts down) with no CANCEL from the
+                    // core: the build did not fail, so the core is told before anything
+                    // else and runs the job again elsewhere. A job that already reported
+                    // only finishes delivering that.
+                    if status.is_none() && !interrupted {
+                        tracing::warn!("shutting down mid-job: telling the core, cancelling the job");
+                        interrupted = true;
+                        notice = Some(Message::Interruption(Interruption {
+                            job_id: job_id.clone(),
+                            action: stagely_protocol::SHUTDOWN_ACTION.into(),
+                            time: None,
+                        }));
+                    } else {
+                        tracing::info!("shutting down: cancelling the job");
+                    }
                     cancel.cancel();
                 }
             }

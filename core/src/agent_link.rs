@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use stagely_protocol::session::{CoreSession, SessionEvent};
 use stagely_protocol::{
-    Codec, Heartbeat, JobState, LINE_SPLIT_MARKER, Message, NeverRan, decode, decode_proto, encode,
-    encode_proto,
+    Codec, Heartbeat, JobState, LINE_SPLIT_MARKER, Message, NeverRan, SHUTDOWN_ACTION, decode,
+    decode_proto, encode, encode_proto,
 };
 use tokio::sync::mpsc;
 
@@ -122,6 +122,17 @@ pub async fn serve_attempt(
             (
                 Some(AttemptOutcome::Infrastructure {
                     kind: InfraKind::SpotInterrupted,
+                    message,
+                }),
+                None,
+            )
+        }
+        Err(Failure::Shutdown(message)) => {
+            tracing::warn!("{message}");
+            close_current(&mut socket, None).await;
+            (
+                Some(AttemptOutcome::Infrastructure {
+                    kind: InfraKind::InstanceShutdown,
                     message,
                 }),
                 None,
@@ -251,6 +262,8 @@ enum Failure {
     Lost(String),
     /// The agent relayed the cloud's notice that its spot instance is being reclaimed.
     Interrupted(String),
+    /// The agent said its instance is shutting down under the job.
+    Shutdown(String),
     /// The agent broke the protocol.
     Violation(String),
     /// Storing lines failed.
@@ -684,6 +697,13 @@ impl<'a> Link<'a> {
                         if self.batch_full() {
                             self.write_behind(&mut session).await?;
                         }
+                    }
+                    SessionEvent::Interrupted(notice) if notice.action == SHUTDOWN_ACTION => {
+                        // What arrived before the notice is kept; the attempt is over.
+                        self.flush(&mut session).await?;
+                        return Err(Failure::Shutdown(
+                            "the builder instance shut down during the job (its agent was stopped from outside, not by the build); running it again on a new instance".into(),
+                        ));
                     }
                     SessionEvent::Interrupted(notice) => {
                         // What arrived before the notice is kept; the attempt is over.

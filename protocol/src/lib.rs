@@ -673,6 +673,9 @@ pub struct Resume {
     pub seq: u64,
 }
 
+/// [`Interruption::action`] when the instance's own shutdown stops the agent mid-job.
+pub const SHUTDOWN_ACTION: &str = "shutdown";
+
 /// `HEARTBEAT`: liveness, either direction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -680,11 +683,14 @@ pub struct Heartbeat {
     pub job_id: Option<String>,
 }
 
-/// A notice that the instance will be reclaimed (EC2's `spot/instance-action`).
+/// A notice that the instance will be reclaimed (EC2's `spot/instance-action`), or, with
+/// action [`SHUTDOWN_ACTION`], that the instance itself is stopping the agent (SIGTERM: the
+/// machine shuts down) while its job runs and no CANCEL came: the job is stopped from
+/// outside, not by its build, and belongs on another instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interruption {
     pub job_id: String,
-    /// What the cloud will do: `terminate`, `stop` or `hibernate`.
+    /// What the cloud will do: `terminate`, `stop` or `hibernate`; or [`SHUTDOWN_ACTION`].
     pub action: String,
     /// When, as the cloud said it (RFC 3339), if it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]

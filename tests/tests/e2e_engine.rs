@@ -1,6 +1,6 @@
 //! The durable engine end to end (local provider, buildah, a real registry): fail-fast and
-//! its opt-out, supersede, job and boot timeouts, an agent lost mid-build, rebuild and the
-//! queue — through the public API only.
+//! its opt-out, supersede, job and boot timeouts, an agent lost mid-build or stopped by its
+//! machine's shutdown, rebuild and the queue — through the public API only.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -374,6 +374,55 @@ async fn an_agent_killed_mid_build_is_retried_on_a_new_instance_and_completes() 
         .rposition(|(_, l)| l.contains("started victim"))
         .unwrap();
     assert!(first < marker && marker < second, "{lines:?}");
+    assert!(core.live_instances().await.is_empty());
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_stopped_by_its_machine_shutting_down_is_retried_elsewhere_not_failed() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = repo(&[
+        (
+            "stagely.yaml",
+            "builds:\n  app:\n    context: ./app\n    platform: linux/amd64\n".into(),
+        ),
+        ("app/Dockerfile", sleeper("stopped", 4, 0)),
+    ]);
+    let mut core = TestCore::start_configured(|file| {
+        file.scheduler.retry_backoff_secs = Some(1);
+    })
+    .await
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-shutdown").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+    wait_for_log(&core, &job_id, "started stopped").await;
+    // SIGTERM, as a machine's shutdown sends it (no CANCEL from the core): the build
+    // stops, but it did not fail.
+    let data = core.data.path().to_string_lossy().to_string();
+    let agents: Vec<(i32, String)> = cmdlines()
+        .into_iter()
+        .filter(|(_, c)| c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare"))
+        .collect();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0].0),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let view = wait_for_status(&core, &run.id, "completed").await;
+    let job = &view.jobs[0];
+    assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+    assert_eq!(job.attempts[0].outcome.as_deref(), Some("infrastructure"));
+    let message = job.attempts[0].message.as_deref().unwrap_or("");
+    assert!(
+        message.contains("instance_shutdown") && message.contains("shut down during the job"),
+        "{:?}",
+        job.attempts[0]
+    );
+    assert_eq!(job.attempts[1].outcome.as_deref(), Some("completed"));
+    assert_ne!(job.attempts[0].instance_id, job.attempts[1].instance_id);
     assert!(core.live_instances().await.is_empty());
     core.stop().await;
 }

@@ -159,6 +159,9 @@ spelled! {
         /// The cloud reclaimed the spot instance (its agent relayed the interruption
         /// notice). The job is retried at once and never placed on spot again.
         SpotInterrupted => "spot_interrupted",
+        /// The instance shut down under a running job (its agent was stopped by SIGTERM
+        /// with no CANCEL from the core, and said so): stopped from outside, not by the build.
+        InstanceShutdown => "instance_shutdown",
     }
 }
 
