@@ -573,6 +573,10 @@ impl JobLink<'_> {
         tokio::pin!(spot_watch);
         let mut interrupted = false;
         let mut notice: Option<Message> = None;
+        // The notice once queued: handed to a connection that then broke, it may never have
+        // reached the core, so every resumed connection carries it again (the core ends the
+        // attempt on the first it reads; a resume after that is refused).
+        let mut relayed: Option<Message> = None;
         let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
@@ -826,6 +830,8 @@ impl JobLink<'_> {
                                 break Err(anyhow!(error).context("rewinding the log spool"));
                             }
                             *conn = Some(open);
+                            // Before any line: the core may never have read it.
+                            notice.clone_from(&relayed);
                             unsent_since = spool.has_unsent().then(tokio::time::Instant::now);
                             last_heard = tokio::time::Instant::now();
                             heartbeat.reset();
@@ -845,6 +851,7 @@ impl JobLink<'_> {
                         action: notice_now.action,
                         time: notice_now.time,
                     }));
+                    relayed.clone_from(&notice);
                 }
                 _ = heartbeat.tick(), if connected => {
                     let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
@@ -883,6 +890,7 @@ impl JobLink<'_> {
                             action: stagely_protocol::SHUTDOWN_ACTION.into(),
                             time: None,
                         }));
+                        relayed.clone_from(&notice);
                     } else {
                         tracing::info!("shutting down: cancelling the job");
                     }

@@ -1,7 +1,8 @@
 //! Nothing lost across disconnects: a build that prints 20,000 numbered lines while its
 //! agent's connection is reset again and again, or while its core is SIGKILLed and started
 //! again, ends with a stored log that holds every line exactly once, in order, under
-//! contiguous sequence numbers — and the build never restarted (one attempt).
+//! contiguous sequence numbers — and the build never restarted (one attempt). A notice the
+//! agent wrote into a connection that then broke is sent again on the resumed one.
 //!
 //! The netns link cut (a dead network rather than a reset) is in `e2e_ec2.rs`, where agents
 //! run in their own network namespaces.
@@ -115,4 +116,87 @@ async fn a_core_sigkilled_mid_stream_and_restarted_stores_every_line_once() {
     })
     .await;
     assert!(core.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_notice_lost_with_its_connection_is_sent_again_after_the_resume() {
+    if !require_build_peers() {
+        return;
+    }
+    let proxy = CuttingProxy::start().await.unwrap();
+    let public_url = proxy.url();
+    let mut core = TestCore::start_configured(|file| {
+        file.public_url = Some(public_url);
+        file.scheduler.retry_backoff_secs = Some(1);
+    })
+    .await
+    .unwrap();
+    let core_addr: std::net::SocketAddr = core.url.trim_start_matches("http://").parse().unwrap();
+    proxy.set_upstream(core_addr);
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n".as_slice(),
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo noticed; /bin/busybox sleep 6\"]\n".as_slice(),
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-notice").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+    poll_until(Duration::from_secs(120), "the build to start", || async {
+        let lines = core.logs(&job_id).await?;
+        let started = lines.iter().any(|(_, l)| l.trim_end() == "noticed");
+        Ok((started.then_some(()), format!("{} lines", lines.len())))
+    })
+    .await;
+    // Nothing the agent writes from now on reaches the core: its SHUTDOWN notice (SIGTERM,
+    // as a machine's shutdown sends it), the lines and the STATUS after it wait in the
+    // proxy's socket, and the cut loses them.
+    proxy.hold(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = core.data.path().to_string_lossy().to_string();
+    let agents: Vec<(i32, String)> = cmdlines()
+        .into_iter()
+        .filter(|(_, c)| c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare"))
+        .collect();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0].0),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut_all();
+    proxy.hold(false);
+    // The resumed connection carries the notice again: the attempt ends as the machine's
+    // shutdown (not as a build cancelled by a signal) and the job runs again elsewhere.
+    let mut view = core.run(&run.id).await.unwrap();
+    poll_until(Duration::from_secs(180), "the run to end", || async {
+        let view = core.run(&run.id).await?;
+        let ended = !matches!(view.status.as_str(), "pending" | "building");
+        Ok((ended.then_some(()), view.status.clone()))
+    })
+    .await;
+    view = core.run(&run.id).await.unwrap_or(view);
+    assert_eq!(view.status, "completed", "{view:?}");
+    let job = &view.jobs[0];
+    assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+    assert_eq!(job.attempts[0].outcome.as_deref(), Some("infrastructure"));
+    assert!(
+        job.attempts[0]
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("instance_shutdown"),
+        "{:?}",
+        job.attempts[0]
+    );
+    assert!(proxy.accepted() >= 3, "the agent never dialled again");
+    assert!(core.live_instances().await.is_empty());
+    core.stop().await;
 }
