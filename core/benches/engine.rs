@@ -22,6 +22,7 @@ fn build(id: &str) -> JobSnapshot {
         not_before: None,
         timeout: Duration::from_secs(1800),
         instance_id: None,
+        attempt_connected_at: None,
     }
 }
 

@@ -136,6 +136,11 @@ pub struct JobRow {
     pub not_before: Option<i64>,
     pub failure_kind: Option<String>,
     pub merge_path: Option<String>,
+    /// When the current attempt's agent first connected (`job_attempts.connected_at`); read
+    /// only where the engine loads jobs (an adopted attempt keeps its deadline).
+    #[sqlx(default)]
+    #[serde(skip)]
+    pub attempt_connected_at: Option<i64>,
 }
 
 /// One attempt of a job.
@@ -305,6 +310,7 @@ impl NewJob {
             not_before: None,
             failure_kind: None,
             merge_path: None,
+            attempt_connected_at: None,
         }
     }
 }
@@ -803,7 +809,9 @@ macro_rules! impl_shared_store {
         .fetch_all(&mut *tx)
         .await?;
         let jobs = sqlx::query_as::<_, JobRow>(
-            "SELECT j.* FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+            "SELECT j.*, a.connected_at AS attempt_connected_at
+             FROM build_jobs j JOIN workflow_runs r ON r.id = j.workflow_run_id
+             LEFT JOIN job_attempts a ON a.build_job_id = j.id AND a.number = j.attempt
              WHERE r.status IN ('pending', 'building') ORDER BY j.workflow_run_id, j.ordinal",
         )
         .fetch_all(&mut *tx)
@@ -829,7 +837,14 @@ macro_rules! impl_shared_store {
         let Some(run) = self.run(run_id).await? else {
             return Ok(None);
         };
-        let jobs = self.jobs_of_run(run_id).await?;
+        let jobs = sqlx::query_as::<_, JobRow>(
+            "SELECT j.*, a.connected_at AS attempt_connected_at FROM build_jobs j
+             LEFT JOIN job_attempts a ON a.build_job_id = j.id AND a.number = j.attempt
+             WHERE j.workflow_run_id = $1 ORDER BY j.ordinal, j.name",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
         $crate::db::snapshot(run, jobs).map(Some)
     }
 
@@ -1454,6 +1469,7 @@ pub fn snapshot(run: RunRow, jobs: Vec<JobRow>) -> Result<RunSnapshot, DbError> 
                 not_before: job.not_before.map(Timestamp),
                 timeout: std::time::Duration::from_secs(spec.timeout_seconds),
                 instance_id: job.vm_id,
+                attempt_connected_at: job.attempt_connected_at.map(Timestamp),
             })
         })
         .collect::<Result<Vec<_>, DbError>>()?;
@@ -1620,6 +1636,48 @@ mod tests {
     on_both_backends!(duplicate_log_lines_are_stored_once);
     on_both_backends!(chunked_logs_page_across_chunks_and_read_older_rows_alongside);
     on_both_backends!(logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others);
+    on_both_backends!(the_engine_loads_when_the_current_attempt_first_connected);
+
+    /// What an adopting core needs to keep an attempt's timeout: its first connection, in
+    /// both ways the engine loads jobs, and nothing for a job not yet connected.
+    async fn the_engine_loads_when_the_current_attempt_first_connected(backend: Backend) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["a", "b"]).await else {
+            return;
+        };
+        let lease = Timestamp(600_000);
+        db.claim(
+            "core/1",
+            &[claim("a", 0), claim("b", 0)],
+            lease,
+            10,
+            10,
+            Timestamp(1_000),
+        )
+        .await
+        .unwrap();
+        let running = Transition::JobRunning {
+            job_id: "a".into(),
+            attempt: 1,
+        };
+        assert!(db.apply(&running, Timestamp(5_000)).await.unwrap());
+        // A second report of the same connection keeps the first time.
+        db.apply(&running, Timestamp(9_000)).await.unwrap();
+        let connected = |snapshot: &RunSnapshot| -> Vec<(String, Option<Timestamp>)> {
+            snapshot
+                .jobs
+                .iter()
+                .map(|job| (job.id.clone(), job.attempt_connected_at))
+                .collect()
+        };
+        let want = vec![
+            ("a".to_string(), Some(Timestamp(5_000))),
+            ("b".to_string(), None),
+        ];
+        let one = db.run_snapshot("r1").await.unwrap().unwrap();
+        assert_eq!(connected(&one), want);
+        let all = db.unfinished_runs().await.unwrap();
+        assert_eq!(connected(&all[0]), want);
+    }
 
     async fn claims_are_guarded_by_status_attempt_and_the_limits(backend: Backend) {
         let Some((_dir, db)) = db_with_jobs(backend, &["a", "b", "c"]).await else {

@@ -1018,13 +1018,19 @@ impl Engine {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return;
         };
-        let deadline = now.plus(job.snapshot.timeout);
         let Some(local) = job.local.as_mut() else {
             return;
         };
         if local.connected {
             return;
         }
+        // The timeout runs from the attempt's first connection: an adopted attempt's agent
+        // resuming here keeps the time it has used already.
+        let since = match (&local.adopted_from, job.snapshot.attempt_connected_at) {
+            (Some(_), Some(first)) if first < now => first,
+            _ => now,
+        };
+        let deadline = since.plus(job.snapshot.timeout);
         local.connected = true;
         local.boot_deadline = None;
         local.deadline = Some(deadline);

@@ -33,6 +33,7 @@ fn build(id: &str) -> JobSnapshot {
         not_before: None,
         timeout: Duration::from_secs(1800),
         instance_id: None,
+        attempt_connected_at: None,
     }
 }
 
@@ -932,7 +933,13 @@ fn the_queue_is_fifo_within_the_global_and_per_environment_limits() {
 /// Loads run `r2` holding one running job `f` of core-b whose lease runs out at `until`
 /// (another replica's, which then dies), into the store and the engine.
 fn load_foreign_running(world: &mut World, until: Timestamp) {
+    load_foreign_running_since(world, until, None);
+}
+
+/// [`load_foreign_running`], its agent first connected at `connected`.
+fn load_foreign_running_since(world: &mut World, until: Timestamp, connected: Option<Timestamp>) {
     let mut foreign = build("f");
+    foreign.attempt_connected_at = connected;
     foreign.status = JobStatus::Running;
     foreign.attempt = 1;
     foreign.lease_owner = Some("core-b/7".into());
@@ -1028,6 +1035,35 @@ fn an_adopted_attempt_whose_agent_reconnects_resumes_and_completes() {
     finish(&mut world, "f", completed("f"));
     assert_eq!(world.status("f"), JobStatus::Completed);
     assert_eq!(world.created.len(), 0, "no new instance");
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+#[test]
+fn an_adopted_attempt_keeps_the_timeout_it_had_used_before_its_core_died() {
+    let mut world = World::new(config());
+    let now = world.now;
+    // Connected 25 minutes ago under another core; the job's timeout is 30 minutes.
+    let connected = Timestamp(now.0 - 25 * 60 * 1000);
+    load_foreign_running_since(&mut world, now, Some(connected));
+    world.advance(Duration::from_secs(1));
+    assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
+    world.advance(Duration::from_secs(60));
+    world.input(Input::AgentConnected {
+        job_id: "f".into(),
+        attempt: 1,
+    });
+    // Not a fresh 30 minutes from the resume: what is left of them.
+    world.advance(Duration::from_secs(3 * 60 + 50));
+    assert!(world.cancels.is_empty(), "{:?}", world.cancels);
+    world.advance(Duration::from_secs(15));
+    assert_eq!(world.cancels, vec![("f".to_string(), 1)]);
+    // The agent stops as told: the job fails as timed out.
+    finish(&mut world, "f", build_failed());
+    assert_eq!(world.status("f"), JobStatus::Failed);
+    match &world.jobs["f"].end {
+        Some(JobEnd::Failed { kind, .. }) => assert_eq!(*kind, FailureKind::Timeout),
+        other => panic!("{other:?}"),
+    }
     assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
 

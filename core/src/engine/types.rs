@@ -287,6 +287,9 @@ pub struct JobSnapshot {
     pub timeout: Duration,
     /// The current attempt's instance, once created.
     pub instance_id: Option<String>,
+    /// When the current attempt's agent first connected (its timeout runs from then, also
+    /// for a core that adopts the attempt later).
+    pub attempt_connected_at: Option<Timestamp>,
 }
 
 /// Why the engine cannot do what a command asks: answered to the caller (`404`, `409`).
