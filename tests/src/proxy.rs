@@ -139,8 +139,12 @@ where
         let read = match holds.as_mut() {
             Some(holds) => tokio::select! {
                 read = from.read(&mut buffer) => read,
-                // Held meanwhile: stop reading before anything more arrives.
-                _ = holds.changed() => continue,
+                // Held meanwhile: stop reading before anything more arrives. The proxy gone:
+                // nothing to forward to any more.
+                changed = holds.changed() => match changed {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                },
             },
             None => from.read(&mut buffer).await,
         };
