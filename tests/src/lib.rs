@@ -386,6 +386,22 @@ pub struct TestCore {
 }
 
 impl TestCore {
+    /// Sends `signal` to the agent of this core's one running local instance (the agent
+    /// itself, not the `unshare` that started it): a VM dying (SIGKILL) or shutting down
+    /// (SIGTERM). Panics unless exactly one agent runs.
+    pub fn signal_the_agent(&self, signal: nix::sys::signal::Signal) {
+        let data = self.data.path().to_string_lossy().to_string();
+        let agents: Vec<(i32, String)> = cmdlines()
+            .into_iter()
+            .filter(|(_, c)| {
+                c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare")
+            })
+            .collect();
+        assert_eq!(agents.len(), 1, "{agents:?}");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agents[0].0), signal)
+            .expect("signalling the agent");
+    }
+
     /// A core with the local provider and a fresh registry.
     pub async fn start() -> anyhow::Result<TestCore> {
         let data = tempfile::Builder::new().prefix("stagely-core-").tempdir()?;

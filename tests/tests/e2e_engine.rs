@@ -334,17 +334,7 @@ async fn an_agent_killed_mid_build_is_retried_on_a_new_instance_and_completes() 
     wait_for_log(&core, &job_id, "started victim").await;
     // Kill the agent of the first instance (not the builder: the agent is what vanishes
     // when a VM dies).
-    let data = core.data.path().to_string_lossy().to_string();
-    let agents: Vec<(i32, String)> = cmdlines()
-        .into_iter()
-        .filter(|(_, c)| c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare"))
-        .collect();
-    assert_eq!(agents.len(), 1, "{agents:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents[0].0),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    core.signal_the_agent(nix::sys::signal::Signal::SIGKILL);
     let view = wait_for_status(&core, &run.id, "completed").await;
     let job = &view.jobs[0];
     assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
@@ -400,17 +390,7 @@ async fn an_agent_stopped_by_its_machine_shutting_down_is_retried_elsewhere_not_
     wait_for_log(&core, &job_id, "started stopped").await;
     // SIGTERM, as a machine's shutdown sends it (no CANCEL from the core): the build
     // stops, but it did not fail.
-    let data = core.data.path().to_string_lossy().to_string();
-    let agents: Vec<(i32, String)> = cmdlines()
-        .into_iter()
-        .filter(|(_, c)| c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare"))
-        .collect();
-    assert_eq!(agents.len(), 1, "{agents:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents[0].0),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    core.signal_the_agent(nix::sys::signal::Signal::SIGTERM);
     let view = wait_for_status(&core, &run.id, "completed").await;
     let job = &view.jobs[0];
     assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);

@@ -159,17 +159,7 @@ async fn a_shutdown_notice_lost_with_its_connection_is_sent_again_after_the_resu
     // proxy's socket, and the cut loses them.
     proxy.hold(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let data = core.data.path().to_string_lossy().to_string();
-    let agents: Vec<(i32, String)> = cmdlines()
-        .into_iter()
-        .filter(|(_, c)| c.contains("stagely-agent") && c.contains(&data) && !c.contains("unshare"))
-        .collect();
-    assert_eq!(agents.len(), 1, "{agents:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents[0].0),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    core.signal_the_agent(nix::sys::signal::Signal::SIGTERM);
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.cut_all();
     proxy.hold(false);
