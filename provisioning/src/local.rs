@@ -674,11 +674,13 @@ mod tests {
     async fn a_new_provider_sees_instances_of_an_earlier_one() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("instances");
-        let first = LocalProvider::new(fake_agent(dir.path()), base.clone()).unwrap();
+        // Written once: rewriting it while the first instance execs it fails (ETXTBSY).
+        let agent = fake_agent(dir.path());
+        let first = LocalProvider::new(agent.clone(), base.clone()).unwrap();
         let instance = first.create_instance(&spec(&[("k", "v")])).await.unwrap();
         drop(first);
         // A restarted core builds a fresh provider over the same directory.
-        let second = LocalProvider::new(fake_agent(dir.path()), base).unwrap();
+        let second = LocalProvider::new(agent, base).unwrap();
         let listed = second.list_instances(&BTreeMap::new()).await.unwrap();
         assert_eq!(listed.len(), 1);
         second.terminate_instance(&instance.id).await.unwrap();
