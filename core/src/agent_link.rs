@@ -116,27 +116,10 @@ pub async fn serve_attempt(
                 None,
             )
         }
-        Err(Failure::Interrupted(message)) => {
+        Err(Failure::Interrupted { kind, message }) => {
             tracing::warn!("{message}");
             close_current(&mut socket, None).await;
-            (
-                Some(AttemptOutcome::Infrastructure {
-                    kind: InfraKind::SpotInterrupted,
-                    message,
-                }),
-                None,
-            )
-        }
-        Err(Failure::Shutdown(message)) => {
-            tracing::warn!("{message}");
-            close_current(&mut socket, None).await;
-            (
-                Some(AttemptOutcome::Infrastructure {
-                    kind: InfraKind::InstanceShutdown,
-                    message,
-                }),
-                None,
-            )
+            (Some(AttemptOutcome::Infrastructure { kind, message }), None)
         }
         Err(Failure::Violation(message)) => {
             tracing::error!("closing agent connection: {message}");
@@ -257,13 +240,34 @@ enum Ended {
     Closed,
 }
 
+/// What an `INTERRUPTION` ends the attempt as.
+fn interruption(notice: &stagely_protocol::Interruption) -> Failure {
+    if notice.action == SHUTDOWN_ACTION {
+        return Failure::Interrupted {
+            kind: InfraKind::InstanceShutdown,
+            message: "the builder instance shut down during the job (its agent was stopped from outside, not by the build); running it again on a new instance".into(),
+        };
+    }
+    let when = notice
+        .time
+        .as_deref()
+        .map(|time| format!(" at {time}"))
+        .unwrap_or_default();
+    Failure::Interrupted {
+        kind: InfraKind::SpotInterrupted,
+        message: format!(
+            "the cloud is reclaiming the spot instance ({}{when}); retrying on on-demand",
+            notice.action
+        ),
+    }
+}
+
 enum Failure {
     /// The connection broke or went silent and the agent did not come back: infrastructure.
     Lost(String),
-    /// The agent relayed the cloud's notice that its spot instance is being reclaimed.
-    Interrupted(String),
-    /// The agent said its instance is shutting down under the job.
-    Shutdown(String),
+    /// The agent said its instance is going away under the job: the cloud reclaims the spot
+    /// instance (`SpotInterrupted`), or the machine shuts down (`InstanceShutdown`).
+    Interrupted { kind: InfraKind, message: String },
     /// The agent broke the protocol.
     Violation(String),
     /// Storing lines failed.
@@ -698,25 +702,10 @@ impl<'a> Link<'a> {
                             self.write_behind(&mut session).await?;
                         }
                     }
-                    SessionEvent::Interrupted(notice) if notice.action == SHUTDOWN_ACTION => {
-                        // What arrived before the notice is kept; the attempt is over.
-                        self.flush(&mut session).await?;
-                        return Err(Failure::Shutdown(
-                            "the builder instance shut down during the job (its agent was stopped from outside, not by the build); running it again on a new instance".into(),
-                        ));
-                    }
                     SessionEvent::Interrupted(notice) => {
                         // What arrived before the notice is kept; the attempt is over.
                         self.flush(&mut session).await?;
-                        let when = notice
-                            .time
-                            .as_deref()
-                            .map(|time| format!(" at {time}"))
-                            .unwrap_or_default();
-                        return Err(Failure::Interrupted(format!(
-                            "the cloud is reclaiming the spot instance ({}{when}); retrying on on-demand",
-                            notice.action
-                        )));
+                        return Err(interruption(&notice));
                     }
                     SessionEvent::Finished(status) => {
                         // What the cap dropped is said once more at the end, with the count;

@@ -168,8 +168,6 @@ struct ProcessInfo {
     pid: i32,
     session: i32,
     start_time: u64,
-    /// The command name (`comm`).
-    name: String,
     cmdline: String,
 }
 
@@ -192,14 +190,9 @@ fn processes() -> Vec<ProcessInfo> {
         };
         // Fields after the command name, which is wrapped in parentheses and may contain any
         // character: state(3) ppid(4) pgrp(5) session(6) ... starttime(22).
-        let Some(close) = stat.rfind(')') else {
+        let Some(after_comm) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
             continue;
         };
-        let after_comm = &stat[close + 1..];
-        let name = stat[..close]
-            .split_once('(')
-            .map(|(_, name)| name.to_string())
-            .unwrap_or_default();
         let fields: Vec<&str> = after_comm.split_whitespace().collect();
         // A zombie has exited already; it only waits to be reaped by its parent.
         if fields.first() == Some(&"Z") {
@@ -218,7 +211,6 @@ fn processes() -> Vec<ProcessInfo> {
             pid,
             session,
             start_time,
-            name,
             cmdline,
         });
     }
@@ -435,7 +427,12 @@ impl Provider for LocalProvider {
         let stopping: Vec<String> = all
             .iter()
             .filter(|process| sessions.contains(&process.session))
-            .map(|process| format!("{} {}", process.pid, process.name))
+            .map(|process| {
+                // Read only here: the scans that follow (every 50 ms) need no names.
+                let name = std::fs::read_to_string(format!("/proc/{}/comm", process.pid))
+                    .unwrap_or_default();
+                format!("{} {}", process.pid, name.trim_end())
+            })
             .collect();
         if !stopping.is_empty() {
             tracing::info!(instance_id, ?sessions, processes = ?stopping, "stopping the instance's processes");
