@@ -557,7 +557,10 @@ impl JobLink<'_> {
         tracing::info!(kind = work.type_name(), "work received");
 
         // Host paths are the agent's business: the job log names the work directory `$WORK`.
-        let redactor = Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK");
+        let redactor = std::sync::Arc::new(
+            Redactor::new(work.secrets()).with_path_alias(&env.work_dir, "$WORK"),
+        );
+        let sink_redactor = redactor.clone();
         let spool_dir = env.work_dir.join("spool").join(safe_name(&job_id));
         let mut spool = crate::spool::Spool::create(&spool_dir, self.link.spool_max_bytes)
             .with_context(|| format!("creating the log spool in {}", spool_dir.display()))?;
@@ -581,7 +584,7 @@ impl JobLink<'_> {
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
         let job_task = tokio::spawn(async move {
-            let sink = OutputSink::new(output_tx.clone());
+            let sink = OutputSink::new(output_tx.clone()).masked_by(sink_redactor);
             let report = match &work {
                 Message::Build(build) => job::run_build(build, &env, &sink, &job_cancel).await,
                 Message::Merge(merge) => job::run_merge(merge, &env, &sink, &job_cancel).await,
@@ -705,16 +708,16 @@ impl JobLink<'_> {
                     loop {
                         match item {
                             Some(Output::Line(stream, text)) => {
-                                if let Err(error) = intake(&mut pieces, &redactor, &mut spool, stream, text) {
+                                if let Err(error) = intake(&mut pieces, &redactor, &mut spool, stream, text, false) {
                                     spool_error = Some(error);
                                     break;
                                 }
                             }
-                            Some(Output::Lines(stream, texts)) => {
+                            Some(Output::Lines(stream, texts, clean)) => {
                                 taken += texts.len().saturating_sub(1);
                                 if let Some(error) = texts
                                     .into_iter()
-                                    .find_map(|text| intake(&mut pieces, &redactor, &mut spool, stream, text).err())
+                                    .find_map(|text| intake(&mut pieces, &redactor, &mut spool, stream, text, clean).err())
                                 {
                                     spool_error = Some(error);
                                     break;
@@ -962,14 +965,16 @@ fn safe_name(job_id: &str) -> String {
 }
 
 /// Masks one piece of output and spools it (a piece cut mid-line may be held back).
+/// `clean`: it was read from bytes [`Redactor::is_clean`] passed.
 fn intake(
     pieces: &mut LinePieces,
     redactor: &Redactor,
     spool: &mut crate::spool::Spool,
     stream: LogStream,
     text: String,
+    clean: bool,
 ) -> std::io::Result<()> {
-    match pieces.take(redactor, stream, text) {
+    match pieces.take(redactor, stream, text, clean) {
         Some((text, continues)) => spool_piece(spool, stream, text, continues),
         None => Ok(()),
     }
@@ -1255,6 +1260,16 @@ impl Redactor {
         end
     }
 
+    /// Whether `bytes` hold nothing [`Redactor::scrub`] would rewrite: no secret form and no
+    /// host path. Checked over many lines at once, it spares each line its own search.
+    pub fn is_clean(&self, bytes: &[u8]) -> bool {
+        !self.secrets.holds_any(bytes)
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| !paths.is_match(bytes))
+    }
+
     pub fn scrub(&self, text: &str) -> String {
         self.scrub_owned(text.to_string())
     }
@@ -1282,24 +1297,29 @@ struct LinePieces {
 
 impl LinePieces {
     /// The masked text to send for this piece, and whether the line goes on after it
-    /// (`None`: all of it is held back for now).
+    /// (`None`: all of it is held back for now). `clean`: `text` was checked as read and holds
+    /// nothing to mask (it still is when joined to bytes held back from an earlier piece).
     fn take(
         &mut self,
         redactor: &Redactor,
         stream: LogStream,
         text: String,
+        clean: bool,
     ) -> Option<(String, bool)> {
-        let joined = match self.held.iter().position(|(s, _)| *s == stream) {
+        let (joined, clean) = match self.held.iter().position(|(s, _)| *s == stream) {
             Some(at) => {
                 let (_, mut held) = self.held.swap_remove(at);
                 held.push_str(&text);
-                held
+                (held, false)
             }
-            None => text,
+            None => (text, clean),
         };
         let cut = !joined.ends_with('\n')
             && joined.len() >= crate::process::MAX_LINE_BYTES.saturating_sub(3);
         if !cut {
+            if clean {
+                return Some((joined, false));
+            }
             return Some((redactor.scrub_owned(joined), false));
         }
         let keep = redactor.safe_end(&joined);
@@ -1372,12 +1392,14 @@ mod tests {
             let mut sent = String::new();
             sent.extend(
                 pieces
-                    .take(&redactor, LogStream::Stdout, first)
+                    .take(&redactor, LogStream::Stdout, first, false)
                     .map(|(t, _)| t),
             );
             sent.extend(
                 pieces
-                    .take(&redactor, LogStream::Stdout, second)
+                    // Its bytes alone hold no secret, so the reader may call it clean; joined
+                    // to the held-back end of the first piece it still is masked.
+                    .take(&redactor, LogStream::Stdout, second, true)
                     .map(|(t, _)| t),
             );
             sent.extend(pieces.drain(&redactor).into_iter().map(|(_, t)| t));
@@ -1388,16 +1410,43 @@ mod tests {
         // Another stream's lines pass in between untouched.
         let mut pieces = LinePieces::default();
         let first = format!("{}hunt", "y".repeat(cap - 4));
-        assert!(pieces.take(&redactor, LogStream::Stdout, first).is_some());
+        assert!(
+            pieces
+                .take(&redactor, LogStream::Stdout, first, false)
+                .is_some()
+        );
         assert_eq!(
-            pieces.take(&redactor, LogStream::Stderr, "other\n".into()),
+            pieces.take(&redactor, LogStream::Stderr, "other\n".into(), false),
             Some(("other\n".to_string(), false))
         );
         let (rest, continues) = pieces
-            .take(&redactor, LogStream::Stdout, "er22-very-secret!\n".into())
+            .take(
+                &redactor,
+                LogStream::Stdout,
+                "er22-very-secret!\n".into(),
+                true,
+            )
             .unwrap();
         assert!(!continues);
         assert!(rest.ends_with("y[REDACTED]!\n"), "{rest}");
+    }
+
+    #[test]
+    fn a_block_is_clean_only_when_no_secret_or_host_path_is_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let redactor = Redactor::new(["hunter22"]).with_path_alias(dir.path(), "$WORK");
+        assert!(redactor.is_clean(b"plain\nlines\n"));
+        assert!(!redactor.is_clean(b"plain\nthe hunter22 line\n"));
+        // Derived forms count too (base64 of the secret).
+        assert!(!redactor.is_clean(b"aHVudGVyMjI=\n"));
+        let path = format!("x\n{}/file\n", dir.path().display());
+        assert!(!redactor.is_clean(path.as_bytes()));
+        // A clean piece is passed on as it is, without a scan.
+        let mut pieces = LinePieces::default();
+        assert_eq!(
+            pieces.take(&redactor, LogStream::Stdout, "ok\n".into(), true),
+            Some(("ok\n".to_string(), false))
+        );
     }
 
     #[test]

@@ -23,8 +23,9 @@ use crate::process::{self, LineSink, Outcome, RunningProcess};
 #[derive(Debug)]
 pub enum Output {
     Line(LogStream, String),
-    /// Consecutive lines of one stream.
-    Lines(LogStream, Vec<String>),
+    /// Consecutive lines of one stream; `true`: read from bytes that hold no secret or host
+    /// path (see [`LineSink::clean`]), so they need no per-line masking.
+    Lines(LogStream, Vec<String>, bool),
     Finished(Report),
 }
 
@@ -67,11 +68,22 @@ impl Report {
 #[derive(Clone)]
 pub struct OutputSink {
     sender: mpsc::Sender<Output>,
+    /// What the receiving end masks with: lets a batch be checked once, as read.
+    redactor: Option<std::sync::Arc<crate::connection::Redactor>>,
 }
 
 impl OutputSink {
     pub fn new(sender: mpsc::Sender<Output>) -> Self {
-        OutputSink { sender }
+        OutputSink {
+            sender,
+            redactor: None,
+        }
+    }
+
+    /// A sink that marks batches holding nothing `redactor` rewrites as clean.
+    pub fn masked_by(mut self, redactor: std::sync::Arc<crate::connection::Redactor>) -> Self {
+        self.redactor = Some(redactor);
+        self
     }
 
     /// A line written by the agent itself.
@@ -91,8 +103,14 @@ impl LineSink for OutputSink {
         let _ = self.sender.send(Output::Line(stream, text)).await;
     }
 
-    async fn lines(&self, stream: LogStream, texts: Vec<String>) {
-        let _ = self.sender.send(Output::Lines(stream, texts)).await;
+    async fn lines(&self, stream: LogStream, texts: Vec<String>, clean: bool) {
+        let _ = self.sender.send(Output::Lines(stream, texts, clean)).await;
+    }
+
+    fn clean(&self, bytes: &[u8]) -> bool {
+        self.redactor
+            .as_ref()
+            .is_some_and(|redactor| redactor.is_clean(bytes))
     }
 }
 

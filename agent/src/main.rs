@@ -28,7 +28,11 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the agent's tasks (pipe readers, the spool, the connection's writer) hand
+    // each batch of output from one to the next, and across threads every hand-over woke
+    // another one (a futex and a context switch); on a builder VM the build wants the cores.
+    // Measured: a quarter less agent CPU per 200 MiB of output (BENCHMARKS.md, log volume).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -35,18 +35,29 @@ pub trait LineSink: Clone + Send + 'static {
     -> impl std::future::Future<Output = ()> + Send;
 
     /// Called with consecutive lines of one stream that were read together (a chatty
-    /// process's output goes on in batches, not a call per line).
+    /// process's output goes on in batches, not a call per line). `clean`: [`LineSink::clean`]
+    /// said the bytes they were read from hold nothing the sink rewrites.
     fn lines(
         &self,
         stream: LogStream,
         texts: Vec<String>,
+        clean: bool,
     ) -> impl std::future::Future<Output = ()> + Send {
+        let _ = clean;
         let sink = self.clone();
         async move {
             for text in texts {
                 sink.line(stream, text).await;
             }
         }
+    }
+
+    /// Whether `bytes` (lines read together, before they are cut apart) hold nothing this
+    /// sink would rewrite (a secret, a host path): one search over the block instead of one
+    /// per line. Default: not known.
+    fn clean(&self, bytes: &[u8]) -> bool {
+        let _ = bytes;
+        false
     }
 }
 
@@ -269,15 +280,19 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
                 if buffer.len() >= MAX_LINE_BYTES && buffer.last() != Some(&b'\n') {
                     carry = buffer.split_off(utf8_safe_end(&buffer));
                 }
-                let mut batch = vec![text_of(&buffer)];
+                let mut batch = Vec::with_capacity(BATCH_LINES);
+                batch.push(text_of(&buffer));
+                // A piece of a cut line is never marked clean: a secret may straddle the cut.
+                let mut clean = carry.is_empty() && sink.clean(&buffer);
                 if carry.is_empty() {
                     // Whole lines already read go along, without waiting for more.
                     let taken = whole_lines(reader.buffer(), &mut batch);
+                    clean = clean && (taken == 0 || sink.clean(&reader.buffer()[..taken]));
                     reader.consume(taken);
                 }
                 let count = batch.len() as u64;
                 progress.in_sink.fetch_add(1, Ordering::Relaxed);
-                sink.lines(stream, batch).await;
+                sink.lines(stream, batch, clean).await;
                 progress.in_sink.fetch_sub(1, Ordering::Relaxed);
                 progress.delivered.fetch_add(count, Ordering::Relaxed);
             }
@@ -304,24 +319,20 @@ async fn pump<R: AsyncRead + Unpin, S: LineSink>(
 /// Their text is checked as UTF-8 once for all of them (a check per line cost more than the
 /// check itself); only when that fails, line by line, with replacement characters.
 fn whole_lines(available: &[u8], batch: &mut Vec<String>) -> usize {
-    let mut ends = Vec::new();
-    let mut end = 0;
-    while batch.len() + ends.len() < BATCH_LINES && end < BATCH_BYTES {
+    let room = BATCH_LINES.saturating_sub(batch.len());
+    let (mut end, mut count) = (0, 0);
+    while count < room && end < BATCH_BYTES {
         let Some(newline) = memchr::memchr(b'\n', &available[end..]) else {
             break;
         };
         end += newline + 1;
-        ends.push(end);
+        count += 1;
     }
+    // The region ends with a newline, so it splits into exactly `count` lines.
     let region = &available[..end];
-    let text = std::str::from_utf8(region).ok();
-    let mut start = 0;
-    for &stop in &ends {
-        batch.push(match text {
-            Some(text) => text[start..stop].to_owned(),
-            None => text_of(&region[start..stop]),
-        });
-        start = stop;
+    match std::str::from_utf8(region) {
+        Ok(text) => batch.extend(text.split_inclusive('\n').map(str::to_owned)),
+        Err(_) => batch.extend(region.split_inclusive(|byte| *byte == b'\n').map(text_of)),
     }
     end
 }
@@ -515,6 +526,61 @@ mod tests {
             .collect();
         assert!(!joined.contains('\u{FFFD}'), "a character was cut in half");
         assert_eq!(joined.chars().filter(|c| *c == 'é').count(), count);
+    }
+
+    /// A batch's lines and whether it was handed over as clean.
+    type Batch = (Vec<String>, bool);
+
+    /// Records each batch as it was handed over.
+    #[derive(Clone, Default)]
+    struct Batches(Arc<Mutex<Vec<Batch>>>);
+
+    impl LineSink for Batches {
+        async fn line(&self, _stream: LogStream, text: String) {
+            self.0.lock().unwrap().push((vec![text], false));
+        }
+
+        async fn lines(&self, _stream: LogStream, texts: Vec<String>, clean: bool) {
+            self.0.lock().unwrap().push((texts, clean));
+        }
+
+        fn clean(&self, bytes: &[u8]) -> bool {
+            !String::from_utf8_lossy(bytes).contains("bad")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_marked_clean_only_when_the_sink_found_nothing_in_any_of_its_lines() {
+        let sink = Batches::default();
+        let script = "printf 'one\\ntwo\\n'; sleep 0.2; printf 'bad\\nthree\\n'; sleep 0.2; \
+                      printf 'four\\nfive bad\\n'; sleep 0.2; printf 'six\\n'";
+        RunningProcess::spawn(sh(script), "sh")
+            .unwrap()
+            .run(sink.clone(), &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        let batches = sink.0.lock().unwrap().clone();
+        let lines: Vec<String> = batches
+            .iter()
+            .flat_map(|(texts, _)| texts.clone())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "one\n",
+                "two\n",
+                "bad\n",
+                "three\n",
+                "four\n",
+                "five bad\n",
+                "six\n"
+            ]
+        );
+        for (texts, clean) in &batches {
+            let dirty = texts.iter().any(|text| text.contains("bad"));
+            assert_eq!(*clean, !dirty, "{texts:?}");
+        }
+        assert!(batches.iter().any(|(_, clean)| *clean));
     }
 
     /// A sink slower than DRAIN_GRACE per line must not lose the tail of the output.

@@ -426,8 +426,16 @@ fn read_record(reader: &mut impl Read) -> io::Result<Option<Record>> {
         1 => LogStream::Stderr,
         _ => LogStream::System,
     };
-    let mut data = vec![0u8; len];
-    reader.read_exact(&mut data)?;
+    // Read into spare capacity: a zeroed buffer per record cost a memset and a calloc on the
+    // path that sends a backlog from disk.
+    let mut data = Vec::with_capacity(len);
+    Read::take(&mut *reader, len as u64).read_to_end(&mut data)?;
+    if data.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "spool record cut short",
+        ));
+    }
     let data = String::from_utf8(data).map_err(|_| io::Error::other("spool record not UTF-8"))?;
     Ok(Some(Record { seq, stream, data }))
 }

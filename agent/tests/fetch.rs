@@ -89,7 +89,7 @@ async fn run(
         while let Some(output) = receiver.recv().await {
             match output {
                 Output::Line(_, line) => text.push_str(&line),
-                Output::Lines(_, lines) => lines.iter().for_each(|line| text.push_str(line)),
+                Output::Lines(_, lines, _) => lines.iter().for_each(|line| text.push_str(line)),
                 Output::Finished(_) => {}
             }
         }

@@ -156,17 +156,6 @@ async fn close_current(socket: &mut Option<WebSocket>, frame: Option<CloseFrame>
     }
 }
 
-/// The lines a background write stored, or why it failed.
-fn stored_batch(
-    done: Result<Result<Vec<NewLogLine>, crate::db::DbError>, tokio::task::JoinError>,
-) -> Result<Vec<NewLogLine>, Failure> {
-    match done {
-        Ok(Ok(batch)) => Ok(batch),
-        Ok(Err(error)) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
-        Err(error) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
-    }
-}
-
 /// `open_cuts` slot of a stream.
 fn stream_slot(stream: stagely_protocol::LogStream) -> usize {
     match stream {
@@ -293,9 +282,62 @@ struct Link<'a> {
     accepts_more_work: bool,
     /// Since when the agent has been away, and why (its connection dropped).
     lost: Option<(tokio::time::Instant, String)>,
-    /// The batch being written while the next one fills (at most one; lines are stored in
+    /// Batches handed to the link's writer and not yet reported stored (lines are stored in
     /// order and acknowledged once written).
-    writing: Option<tokio::task::JoinHandle<Result<Vec<NewLogLine>, crate::db::DbError>>>,
+    writer: LogWriter,
+}
+
+/// Most batches handed to a link's writer and not yet reported stored: one being written and
+/// the rest queued behind it, so the next write starts the moment one ends (with one at a
+/// time, each write waited for the link to wake, take the result and hand over the next
+/// batch). Each is at most [`LOG_BATCH_BYTES`] of lines.
+const LOG_WRITES_IN_FLIGHT: usize = 3;
+
+/// One task per link that stores its batches in order and reports each back once written.
+struct LogWriter {
+    batches: mpsc::Sender<Vec<NewLogLine>>,
+    stored: mpsc::Receiver<Result<Vec<NewLogLine>, crate::db::DbError>>,
+    in_flight: usize,
+}
+
+impl LogWriter {
+    /// Starts the writer of `job_id`'s lines. It ends when the link drops its end (after the
+    /// batch in hand) or after a write that failed.
+    fn start(db: Db, job_id: String) -> LogWriter {
+        let (batches, mut queue) = mpsc::channel::<Vec<NewLogLine>>(LOG_WRITES_IN_FLIGHT);
+        let (done, stored) = mpsc::channel(LOG_WRITES_IN_FLIGHT);
+        tokio::spawn(async move {
+            while let Some(batch) = queue.recv().await {
+                // Storing a batch again stores nothing twice (seqs at or below the stored
+                // ones are dropped), so a transient failure is simply retried.
+                let result = crate::db::retry_transient(|| db.append_logs(&job_id, &batch))
+                    .await
+                    .map(|()| batch);
+                let failed = result.is_err();
+                if done.send(result).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        LogWriter {
+            batches,
+            stored,
+            in_flight: 0,
+        }
+    }
+
+    /// The next batch reported back: stored, or why not.
+    async fn next_stored(&mut self) -> Result<Vec<NewLogLine>, Failure> {
+        let reported = self.stored.recv().await;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        match reported {
+            Some(Ok(batch)) => Ok(batch),
+            Some(Err(error)) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
+            None => Err(Failure::Store(
+                "storing log lines failed: the log writer stopped".into(),
+            )),
+        }
+    }
 }
 
 impl<'a> Link<'a> {
@@ -316,7 +358,7 @@ impl<'a> Link<'a> {
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
             lost: None,
-            writing: None,
+            writer: LogWriter::start(context.db.clone(), order.job_id.clone()),
         };
         let (db, job_id, attempt) = (&context.db, &order.job_id, order.attempt);
         if order.adopted {
@@ -387,22 +429,25 @@ impl<'a> Link<'a> {
         Ok(link)
     }
 
-    /// Masks, bounds and batches one line for storage.
+    /// Masks, bounds and batches one line for storage. `clean`: the frame it came in holds
+    /// no secret form ([`stagely_protocol::SecretMask::holds_any`]), so neither does the line.
     fn take_line(
         &mut self,
         seq: i64,
         stream: stagely_protocol::LogStream,
         data: String,
         mask: &stagely_protocol::SecretMask,
+        clean: bool,
     ) {
         let slot = stream_slot(stream);
         let mut data = data;
         if let Some(at) = self.open_cuts[slot].take()
             && let Some(previous) = self.batch.get_mut(at)
         {
+            // Across the cut, the two pieces together may hold a form neither holds alone.
             mask_across_cut(mask, &mut previous.line, &mut data);
         }
-        let mut data = mask.mask(data);
+        let mut data = if clean { data } else { mask.mask(data) };
         if memchr::memchr(0, data.as_bytes()).is_some() {
             // PostgreSQL text holds no NUL; the line keeps its length.
             data = data.replace('\0', "\u{FFFD}");
@@ -431,10 +476,10 @@ impl<'a> Link<'a> {
         self.written(session).await
     }
 
-    /// Starts writing the batch in the background and goes on reading the agent meanwhile;
-    /// a write still in flight is waited for first, so at most one is. The piece of a cut
-    /// line whose continuation has not arrived stays, with every line after it, unless the
-    /// batch is full.
+    /// Hands the batch to the link's writer and goes on reading the agent meanwhile; with
+    /// [`LOG_WRITES_IN_FLIGHT`] batches already handed over, the oldest is waited for first.
+    /// The piece of a cut line whose continuation has not arrived stays, with every line after
+    /// it, unless the batch is full.
     async fn write_behind(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
         let hold_from = match self.open_cuts.iter().flatten().min() {
             Some(&at) if !self.batch_full() => at,
@@ -443,7 +488,10 @@ impl<'a> Link<'a> {
         if hold_from == 0 {
             return Ok(());
         }
-        self.written(session).await?;
+        while self.writer.in_flight >= LOG_WRITES_IN_FLIGHT {
+            let batch = self.writer.next_stored().await?;
+            self.acknowledge(session, &batch);
+        }
         let held = self.batch.split_off(hold_from);
         let batch = std::mem::replace(&mut self.batch, held);
         self.batch
@@ -452,24 +500,22 @@ impl<'a> Link<'a> {
         for cut in &mut self.open_cuts {
             *cut = cut.and_then(|at| at.checked_sub(hold_from));
         }
-        let (db, job_id) = (self.context.db.clone(), self.job_id.clone());
-        self.writing = Some(tokio::spawn(async move {
-            // Storing a batch again stores nothing twice (seqs at or below the stored ones
-            // are dropped), so a transient failure is simply retried.
-            crate::db::retry_transient(|| db.append_logs(&job_id, &batch)).await?;
-            Ok(batch)
-        }));
+        if self.writer.batches.send(batch).await.is_err() {
+            return Err(Failure::Store(
+                "storing log lines failed: the log writer stopped".into(),
+            ));
+        }
+        self.writer.in_flight += 1;
         Ok(())
     }
 
-    /// Waits for the write in flight, if any: its lines go to live viewers and are
-    /// acknowledged.
+    /// Waits until every batch handed to the writer is stored: their lines go to live
+    /// viewers and are acknowledged.
     async fn written(&mut self, session: &mut CoreSession) -> Result<(), Failure> {
-        let Some(writing) = self.writing.take() else {
-            return Ok(());
-        };
-        let batch = stored_batch(writing.await)?;
-        self.acknowledge(session, &batch);
+        while self.writer.in_flight > 0 {
+            let batch = self.writer.next_stored().await?;
+            self.acknowledge(session, &batch);
+        }
         Ok(())
     }
 
@@ -531,6 +577,10 @@ impl<'a> Link<'a> {
         let mut heartbeat_tick = tokio::time::interval(CORE_HEARTBEAT_EVERY);
         heartbeat_tick.reset();
         let mut codec = socket.as_ref().map(codec_of).unwrap_or(Codec::Json);
+        // The LOGS frame just read holds no secret form anywhere in its bytes, so none of its
+        // lines needs a search of its own (a protobuf frame carries each line's bytes as they
+        // are; JSON escapes some, so a JSON frame is never taken as clean).
+        let mut frame_clean = false;
         loop {
             if let Some(ws) = socket.as_mut() {
                 let mut broken = None;
@@ -576,7 +626,10 @@ impl<'a> Link<'a> {
                         Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
                             let decoded = match (&frame, codec) {
                                 (WsMessage::Text(text), _) => decode(text.as_bytes()),
-                                (WsMessage::Binary(bytes), Codec::Proto) => decode_proto(bytes),
+                                (WsMessage::Binary(bytes), Codec::Proto) => {
+                                    frame_clean = !mask.holds_any(bytes);
+                                    decode_proto(bytes)
+                                }
                                 _ => {
                                     let _ = self.flush(&mut session).await;
                                     return Err(Failure::Violation(
@@ -631,14 +684,8 @@ impl<'a> Link<'a> {
                     }
                 },
                 _ = flush_tick.tick() => self.write_behind(&mut session).await?,
-                done = async {
-                    match self.writing.as_mut() {
-                        Some(writing) => writing.await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    self.writing = None;
-                    let batch = stored_batch(done)?;
+                stored = self.writer.next_stored(), if self.writer.in_flight > 0 => {
+                    let batch = stored?;
                     self.acknowledge(&mut session, &batch);
                 }
                 _ = heartbeat_tick.tick(), if connected => {
@@ -664,6 +711,7 @@ impl<'a> Link<'a> {
                 }
             }
 
+            let clean = std::mem::take(&mut frame_clean);
             while let Some(event) = session.poll_event() {
                 match event {
                     SessionEvent::Started(hello) => {
@@ -688,7 +736,7 @@ impl<'a> Link<'a> {
                     }
                     SessionEvent::Log(log) => {
                         let seq = self.base + log.seq.unwrap_or(0) as i64;
-                        self.take_line(seq, log.stream, log.data, &mask);
+                        self.take_line(seq, log.stream, log.data, &mask, false);
                         if self.batch_full() {
                             self.write_behind(&mut session).await?;
                         }
@@ -696,7 +744,13 @@ impl<'a> Link<'a> {
                     SessionEvent::Lines { first_seq, lines } => {
                         let first = self.base + first_seq as i64;
                         for (offset, line) in lines.into_iter().enumerate() {
-                            self.take_line(first + offset as i64, line.stream, line.data, &mask);
+                            self.take_line(
+                                first + offset as i64,
+                                line.stream,
+                                line.data,
+                                &mask,
+                                clean,
+                            );
                         }
                         if self.batch_full() {
                             self.write_behind(&mut session).await?;

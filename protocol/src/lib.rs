@@ -222,6 +222,17 @@ impl SecretMask {
         }
     }
 
+    /// Whether `bytes` may hold a secret form. A region of many lines read together is
+    /// checked at once: when it holds none, neither does any line in it (a line is a
+    /// substring of it), and the lines need no scan of their own (one search over a block
+    /// costs far less than one per line). `true` also for a form straddling two lines; the
+    /// caller then masks line by line as usual.
+    pub fn holds_any(&self, bytes: &[u8]) -> bool {
+        self.matcher
+            .as_ref()
+            .is_some_and(|matcher| matcher.is_match(bytes))
+    }
+
     /// `text` with every secret replaced; returned unchanged (no copy) when it holds none.
     pub fn mask(&self, text: String) -> String {
         let Some(matcher) = &self.matcher else {

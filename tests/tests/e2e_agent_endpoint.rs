@@ -961,11 +961,33 @@ async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fall
         ],
     });
     agent.send(Ws::binary(encode_proto(&lines))).await.unwrap();
-    let status = builder_failed(job_id, 3, 3);
+    // A careless agent's frame holding the registry password: the core scans a binary frame
+    // once and masks the lines of one that holds a secret (the frame before held none).
+    let password = build
+        .registry_auth
+        .as_ref()
+        .map(|auth| auth.password.clone())
+        .expect("the build carries registry credentials");
+    let leaky = Message::Logs(Logs {
+        job_id: job_id.clone(),
+        seq: 3,
+        lines: vec![
+            LogLine {
+                stream: LogStream::Stdout,
+                data: "clean\n".into(),
+            },
+            LogLine {
+                stream: LogStream::Stdout,
+                data: format!("login {password} ok\n"),
+            },
+        ],
+    });
+    agent.send(Ws::binary(encode_proto(&leaky))).await.unwrap();
+    let status = builder_failed(job_id, 3, 5);
     agent.send(Ws::binary(encode_proto(&status))).await.unwrap();
     loop {
         if let Message::Ack(ack) = next_binary(&mut agent).await
-            && ack.seq == 3
+            && ack.seq == 5
         {
             break;
         }
@@ -989,7 +1011,15 @@ async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fall
         .iter()
         .map(|l| (l.seq, l.stream.as_str(), l.line.as_str()))
         .collect();
-    assert_eq!(lines, vec![(1, "stdout", "one\n"), (2, "stderr", "two\n")]);
+    assert_eq!(
+        lines,
+        vec![
+            (1, "stdout", "one\n"),
+            (2, "stderr", "two\n"),
+            (3, "stdout", "clean\n"),
+            (4, "stdout", "login [REDACTED] ok\n"),
+        ]
+    );
     core.stop().await;
 }
 

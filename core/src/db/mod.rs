@@ -376,6 +376,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Where an attempt's lines start (0 when none were numbered after earlier ones).
     async fn attempt_log_base(&self, job_id: &str, attempt: u32) -> Result<i64, DbError>;
 
+    /// How many of a job's chunks are stored packed, and how many as text (tests).
+    #[cfg(test)]
+    async fn chunk_forms_for_tests(&self, job_id: &str) -> Result<(i64, i64), DbError>;
+
     /// Stores one line the way versions before chunked logs did (tests of reading both).
     #[cfg(test)]
     async fn insert_legacy_log_line_for_tests(
@@ -656,9 +660,16 @@ macro_rules! impl_shared_store {
             })
             .collect();
         for chunk in chunks::encode(&fresh) {
+            // Packed (LZ4) when that is smaller: a chatty build's log is mostly repeats.
+            let packed = chunks::pack(&chunk.text);
+            let text = if packed.is_some() {
+                String::new()
+            } else {
+                chunk.text
+            };
             sqlx::query(
-                "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data, packed)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(job_id)
             .bind(chunk.first_seq)
@@ -666,7 +677,8 @@ macro_rules! impl_shared_store {
             .bind(now)
             .bind(chunk.line_count)
             .bind(chunk.bytes)
-            .bind(chunk.text)
+            .bind(text)
+            .bind(packed)
             .execute(&mut *tx)
             .await?;
         }
@@ -697,6 +709,23 @@ macro_rules! impl_shared_store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    #[cfg(test)]
+    async fn chunk_forms_for_tests(&self, job_id: &str) -> Result<(i64, i64), DbError> {
+        let packed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM log_chunks WHERE build_job_id = $1 AND packed IS NOT NULL",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let text: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM log_chunks WHERE build_job_id = $1 AND packed IS NULL",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((packed, text))
     }
 
     #[cfg(test)]
@@ -748,8 +777,8 @@ macro_rules! impl_shared_store {
         let mut chunked: Vec<LogRow> = Vec::new();
         let mut cursor = after;
         while chunked.len() < wanted {
-            let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-                "SELECT first_seq, last_seq, stored_at, data FROM log_chunks
+            let rows: Vec<(i64, i64, i64, String, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT first_seq, last_seq, stored_at, data, packed FROM log_chunks
                  WHERE build_job_id = $1 AND last_seq > $2 ORDER BY first_seq LIMIT 4",
             )
             .bind(job_id)
@@ -759,7 +788,11 @@ macro_rules! impl_shared_store {
             if rows.is_empty() {
                 break;
             }
-            for (first_seq, last_seq, stored_at, data) in rows {
+            for (first_seq, last_seq, stored_at, data, packed) in rows {
+                let data = match packed {
+                    Some(packed) => chunks::unpack(job_id, first_seq, &packed)?,
+                    None => data,
+                };
                 chunked.extend(chunks::decode(job_id, first_seq, &data, stored_at, after)?);
                 cursor = cursor.max(last_seq);
             }
@@ -1901,6 +1934,40 @@ mod tests {
         assert_eq!(tail.len(), 6);
         assert!(tail[..4].iter().all(|(_, l)| !l.starts_with("again")));
         assert_eq!(tail[4], (2004, "again 2004\n"));
+        // Repetitive lines were stored packed; lines LZ4 cannot shrink (random hex) as text.
+        let (packed, text) = db.chunk_forms_for_tests("j1").await.unwrap();
+        assert!(packed > 0, "packed {packed}, text {text}");
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<NewLogLine> = (2006..=2010)
+            .map(|s| {
+                let mut line = String::new();
+                for _ in 0..32 {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    line.push_str(&format!("{:08x}", state >> 32));
+                }
+                NewLogLine {
+                    seq: s,
+                    stream: "stdout",
+                    line: line + "\n",
+                }
+            })
+            .collect();
+        db.append_logs("j1", &noise).await.unwrap();
+        assert_eq!(
+            db.chunk_forms_for_tests("j1").await.unwrap(),
+            (packed, text + 1)
+        );
+        let read: Vec<String> = db
+            .logs_page("j1", 2005, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.line)
+            .collect();
+        let written: Vec<String> = noise.into_iter().map(|line| line.line).collect();
+        assert_eq!(read, written);
     }
 
     /// A line as an earlier version stored it (one row in `build_logs`).
