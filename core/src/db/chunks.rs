@@ -21,9 +21,21 @@ const MAX_UNPACKED_BYTES: usize = 2 * MAX_CHUNK_BYTES;
 /// then: not worth unpacking on every read). A chatty build's output is mostly repeats: packed, it costs the database (its
 /// writes, its write-ahead log, its checkpoints, its disk) a fraction of the bytes.
 pub fn pack(text: &str) -> Option<Vec<u8>> {
+    let worth = |packed: usize, of: usize| packed <= of - of / 8;
+    // Output that does not shrink (base64, hashes, compressed data printed as text) costs only
+    // a trial on its first bytes, not a whole compression per chunk.
+    if text.len() > 2 * PACK_PROBE_BYTES {
+        let probe = &text.as_bytes()[..PACK_PROBE_BYTES];
+        if !worth(lz4_flex::compress(probe).len(), probe.len()) {
+            return None;
+        }
+    }
     let packed = lz4_flex::compress_prepend_size(text.as_bytes());
-    (packed.len() <= text.len() - text.len() / 8).then_some(packed)
+    worth(packed.len(), text.len()).then_some(packed)
 }
+
+/// How much of a large chunk [`pack`] tries first.
+const PACK_PROBE_BYTES: usize = 64 * 1024;
 
 /// The text of a packed chunk ([`pack`]).
 pub fn unpack(job_id: &str, first_seq: i64, packed: &[u8]) -> Result<String, ChunkError> {
@@ -225,6 +237,19 @@ mod tests {
         assert_eq!(unpack("j", 1, &packed).unwrap(), text);
         // Too short to shrink: stored as text.
         assert_eq!(pack("1 o 3\nab\n"), None);
+        // A large chunk whose start does not shrink is not packed at all (random hex: LZ4
+        // finds next to nothing to repeat).
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut noise = String::new();
+        while noise.len() < 4 * PACK_PROBE_BYTES {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            noise.push_str(&format!("{:08x}", state >> 32));
+        }
+        assert_eq!(pack(&noise), None);
+        let mixed = noise.clone() + &text;
+        assert_eq!(pack(&mixed), None, "judged by its start");
         // Damage is named, and a claimed size past any chunk's is refused before allocating.
         let mut bogus = packed.clone();
         bogus[..4].copy_from_slice(&u32::MAX.to_le_bytes());
