@@ -330,6 +330,16 @@ impl TestDatabase {
                 out.push(b'\n');
             }
         }
+        // Packed log chunks hold their lines compressed: unpacked, so a scan of the dump sees
+        // every stored line.
+        let packed: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT packed FROM log_chunks WHERE packed IS NOT NULL")
+                .fetch_all(&mut connection)
+                .await
+                .expect("reading packed chunks");
+        for chunk in packed {
+            out.extend_from_slice(unpacked(&chunk).as_bytes());
+        }
         let _ = connection.close().await;
         out
     }
@@ -660,6 +670,16 @@ impl TestCore {
                 (file, bytes)
             })
             .collect();
+        // A SQLite log file's packed chunks hold their lines compressed: their text too, so
+        // a scan of what was stored sees every line.
+        for file in files_under(self.data.path()) {
+            if file.to_string_lossy().ends_with(".logs.db") {
+                out.push((
+                    file.with_extension("db (unpacked chunks)"),
+                    sqlite_unpacked(&file).await,
+                ));
+            }
+        }
         if let Some(database) = &self.database {
             out.push((
                 PathBuf::from(format!("postgres:{}", database.name)),
@@ -682,6 +702,32 @@ impl TestCore {
             core.stop().await;
         }
     }
+}
+
+/// The text of one packed log chunk (the damage check is the core's own).
+fn unpacked(chunk: &[u8]) -> String {
+    stagely_core::db::chunks::unpack("scan", 0, chunk).expect("a packed chunk unpacks")
+}
+
+/// The unpacked text of every packed chunk in a SQLite log file.
+async fn sqlite_unpacked(file: &Path) -> Vec<u8> {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(file)
+        .read_only(true);
+    let mut connection = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("the log file opens");
+    let packed: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT packed FROM log_chunks WHERE packed IS NOT NULL")
+            .fetch_all(&mut connection)
+            .await
+            .expect("reading packed chunks");
+    let _ = connection.close().await;
+    packed
+        .iter()
+        .flat_map(|chunk| unpacked(chunk).into_bytes())
+        .collect()
 }
 
 /// Every stored line of a job from the core at `url`, page by page.
