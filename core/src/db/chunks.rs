@@ -11,6 +11,56 @@ use super::{LogRow, NewLogLine};
 /// Largest chunk text written in one row; a bigger batch becomes several chunks.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 
+/// A chunk as it is inserted: its text in `text`, or (then `text` is empty) packed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub line_count: i64,
+    pub bytes: i64,
+    pub text: String,
+    pub packed: Option<Vec<u8>>,
+}
+
+/// The lines of `lines` to store after `stored`: ascending and above it only (a line at or
+/// below the highest seq kept so far is dropped).
+pub fn fresh_lines(lines: &[NewLogLine], stored: i64) -> Vec<&NewLogLine> {
+    let mut last = stored;
+    lines
+        .iter()
+        .filter(|line| {
+            let keep = line.seq > last;
+            if keep {
+                last = line.seq;
+            }
+            keep
+        })
+        .collect()
+}
+
+/// [`encode`], each chunk packed where that pays ([`pack`]): a chatty build's log is mostly
+/// repeats.
+pub fn prepare(lines: &[&NewLogLine]) -> Vec<Prepared> {
+    encode(lines)
+        .into_iter()
+        .map(|chunk| {
+            let packed = pack(&chunk.text);
+            Prepared {
+                first_seq: chunk.first_seq,
+                last_seq: chunk.last_seq,
+                line_count: chunk.line_count,
+                bytes: chunk.bytes,
+                text: if packed.is_some() {
+                    String::new()
+                } else {
+                    chunk.text
+                },
+                packed,
+            }
+        })
+        .collect()
+}
+
 /// Most bytes a packed chunk may unpack to: a chunk is at most [`MAX_CHUNK_BYTES`] (or one
 /// line, far shorter, with its header); a packed value claiming more is damaged, and is not
 /// given the memory it asks for.
@@ -260,6 +310,26 @@ mod tests {
         );
         assert!(unpack("j", 1, &packed[..packed.len() / 2]).is_err());
         assert!(unpack("j", 1, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn fresh_lines_are_ascending_and_above_what_is_stored() {
+        let lines = vec![
+            line(3, "stdout", "a\n"),
+            line(5, "stdout", "b\n"),
+            line(4, "stdout", "late\n"),
+            line(6, "stdout", "c\n"),
+        ];
+        let seqs =
+            |stored| -> Vec<i64> { fresh_lines(&lines, stored).iter().map(|l| l.seq).collect() };
+        assert_eq!(seqs(0), [3, 5, 6]);
+        assert_eq!(seqs(4), [5, 6]);
+        assert_eq!(seqs(6), Vec::<i64>::new());
+        let prepared = prepare(&fresh_lines(&lines, 0));
+        assert_eq!(prepared.len(), 1);
+        assert_eq!((prepared[0].first_seq, prepared[0].last_seq), (3, 6));
+        assert_eq!(prepared[0].packed, None, "too short to pay");
+        assert_eq!(prepared[0].text, "3 o 2\na\n5 o 2\nb\n6 o 2\nc\n");
     }
 
     #[test]

@@ -635,38 +635,27 @@ macro_rules! impl_shared_store {
     }
 
     /// Stores a batch of lines as chunks in one transaction; lines at or below the highest
-    /// seq already stored are dropped (a batch stored twice stores nothing twice).
+    /// seq already stored are dropped (a batch stored twice stores nothing twice). The
+    /// chunks are encoded and packed before the log-write turn is taken, so other jobs'
+    /// writes do not wait for that; only a batch overlapping what is stored (a resend) is
+    /// encoded again, from its new lines.
     async fn append_logs(&self, job_id: &str, lines: &[NewLogLine]) -> Result<(), DbError> {
-        let _turn = self.log_write_turn().await;
-        if lines.is_empty() {
+        let Some(first) = lines.first() else {
             return Ok(());
-        }
+        };
+        let mut prepared = chunks::prepare(&chunks::fresh_lines(lines, 0));
+        let _turn = self.log_write_turn().await;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let stored: Option<i64> = sqlx::query_scalar($crate::db::LAST_LOG_SEQ)
         .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
-        let mut last = stored.unwrap_or(0);
-        let fresh: Vec<&NewLogLine> = lines
-            .iter()
-            .filter(|line| {
-                // Ascending and new only.
-                let keep = line.seq > last;
-                if keep {
-                    last = line.seq;
-                }
-                keep
-            })
-            .collect();
-        for chunk in chunks::encode(&fresh) {
-            // Packed (LZ4) when that is smaller: a chatty build's log is mostly repeats.
-            let packed = chunks::pack(&chunk.text);
-            let text = if packed.is_some() {
-                String::new()
-            } else {
-                chunk.text
-            };
+        let stored = stored.unwrap_or(0);
+        if first.seq <= stored {
+            prepared = chunks::prepare(&chunks::fresh_lines(lines, stored));
+        }
+        for chunk in prepared {
             sqlx::query(
                 "INSERT INTO log_chunks (build_job_id, first_seq, last_seq, stored_at, line_count, bytes, data, packed)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -677,8 +666,8 @@ macro_rules! impl_shared_store {
             .bind(now)
             .bind(chunk.line_count)
             .bind(chunk.bytes)
-            .bind(text)
-            .bind(packed)
+            .bind(chunk.text)
+            .bind(chunk.packed)
             .execute(&mut *tx)
             .await?;
         }
