@@ -41,9 +41,8 @@ pub trait LineSink: Clone + Send + 'static {
         &self,
         stream: LogStream,
         texts: Vec<String>,
-        clean: bool,
+        _clean: bool,
     ) -> impl std::future::Future<Output = ()> + Send {
-        let _ = clean;
         let sink = self.clone();
         async move {
             for text in texts {
@@ -55,8 +54,7 @@ pub trait LineSink: Clone + Send + 'static {
     /// Whether `bytes` (lines read together, before they are cut apart) hold nothing this
     /// sink would rewrite (a secret, a host path): one search over the block instead of one
     /// per line. Default: not known.
-    fn clean(&self, bytes: &[u8]) -> bool {
-        let _ = bytes;
+    fn clean(&self, _bytes: &[u8]) -> bool {
         false
     }
 }

@@ -326,6 +326,16 @@ impl LogWriter {
         }
     }
 
+    /// Queues `batch` behind the ones in flight.
+    async fn hand(&mut self, batch: Vec<NewLogLine>) -> Result<(), Failure> {
+        self.batches
+            .send(batch)
+            .await
+            .map_err(|_| Self::stopped())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
     /// The next batch reported back: stored, or why not.
     async fn next_stored(&mut self) -> Result<Vec<NewLogLine>, Failure> {
         let reported = self.stored.recv().await;
@@ -333,10 +343,12 @@ impl LogWriter {
         match reported {
             Some(Ok(batch)) => Ok(batch),
             Some(Err(error)) => Err(Failure::Store(format!("storing log lines failed: {error}"))),
-            None => Err(Failure::Store(
-                "storing log lines failed: the log writer stopped".into(),
-            )),
+            None => Err(Self::stopped()),
         }
+    }
+
+    fn stopped() -> Failure {
+        Failure::Store("storing log lines failed: the log writer stopped".into())
     }
 }
 
@@ -500,13 +512,7 @@ impl<'a> Link<'a> {
         for cut in &mut self.open_cuts {
             *cut = cut.and_then(|at| at.checked_sub(hold_from));
         }
-        if self.writer.batches.send(batch).await.is_err() {
-            return Err(Failure::Store(
-                "storing log lines failed: the log writer stopped".into(),
-            ));
-        }
-        self.writer.in_flight += 1;
-        Ok(())
+        self.writer.hand(batch).await
     }
 
     /// Waits until every batch handed to the writer is stored: their lines go to live

@@ -332,14 +332,11 @@ impl TestDatabase {
         }
         // Packed log chunks hold their lines compressed: unpacked, so a scan of the dump sees
         // every stored line.
-        let packed: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT packed FROM log_chunks WHERE packed IS NOT NULL")
-                .fetch_all(&mut connection)
-                .await
-                .expect("reading packed chunks");
-        for chunk in packed {
-            out.extend_from_slice(unpacked(&chunk).as_bytes());
-        }
+        let packed = sqlx::query_scalar(PACKED_CHUNKS)
+            .fetch_all(&mut connection)
+            .await
+            .expect("reading packed chunks");
+        out.extend(unpack_all(packed));
         let _ = connection.close().await;
         out
     }
@@ -663,22 +660,18 @@ impl TestCore {
     /// Everything the core stored: every file under its data directory (SQLite, WAL,
     /// instance directories, agent logs) and, on PostgreSQL, a dump of every table.
     pub async fn stored(&self) -> Vec<(PathBuf, Vec<u8>)> {
-        let mut out: Vec<(PathBuf, Vec<u8>)> = files_under(self.data.path())
-            .into_iter()
-            .map(|file| {
-                let bytes = std::fs::read(&file).unwrap_or_default();
-                (file, bytes)
-            })
-            .collect();
-        // A SQLite log file's packed chunks hold their lines compressed: their text too, so
-        // a scan of what was stored sees every line.
+        let mut out: Vec<(PathBuf, Vec<u8>)> = Vec::new();
         for file in files_under(self.data.path()) {
+            // A SQLite log file's packed chunks hold their lines compressed: their text too,
+            // so a scan of what was stored sees every line.
             if file.to_string_lossy().ends_with(".logs.db") {
                 out.push((
                     file.with_extension("db (unpacked chunks)"),
                     sqlite_unpacked(&file).await,
                 ));
             }
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            out.push((file, bytes));
         }
         if let Some(database) = &self.database {
             out.push((
@@ -704,9 +697,19 @@ impl TestCore {
     }
 }
 
-/// The text of one packed log chunk (the damage check is the core's own).
-fn unpacked(chunk: &[u8]) -> String {
-    stagely_core::db::chunks::unpack("scan", 0, chunk).expect("a packed chunk unpacks")
+/// Every packed log chunk a database holds.
+const PACKED_CHUNKS: &str = "SELECT packed FROM log_chunks WHERE packed IS NOT NULL";
+
+/// The text of packed log chunks, unpacked by the core's own code (damage check included).
+fn unpack_all(packed: Vec<Vec<u8>>) -> Vec<u8> {
+    packed
+        .iter()
+        .flat_map(|chunk| {
+            stagely_core::db::chunks::unpack("scan", 0, chunk)
+                .expect("a packed chunk unpacks")
+                .into_bytes()
+        })
+        .collect()
 }
 
 /// The unpacked text of every packed chunk in a SQLite log file.
@@ -718,16 +721,12 @@ async fn sqlite_unpacked(file: &Path) -> Vec<u8> {
     let mut connection = sqlx::SqliteConnection::connect_with(&options)
         .await
         .expect("the log file opens");
-    let packed: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT packed FROM log_chunks WHERE packed IS NOT NULL")
-            .fetch_all(&mut connection)
-            .await
-            .expect("reading packed chunks");
+    let packed = sqlx::query_scalar(PACKED_CHUNKS)
+        .fetch_all(&mut connection)
+        .await
+        .expect("reading packed chunks");
     let _ = connection.close().await;
-    packed
-        .iter()
-        .flat_map(|chunk| unpacked(chunk).into_bytes())
-        .collect()
+    unpack_all(packed)
 }
 
 /// Every stored line of a job from the core at `url`, page by page.

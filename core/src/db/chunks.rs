@@ -238,6 +238,22 @@ pub fn decode(
     Ok(rows)
 }
 
+/// `len` pseudo-random hex digits from `seed` (a linear congruential generator's high bits):
+/// text LZ4 finds next to nothing to repeat in.
+#[cfg(test)]
+pub(crate) fn random_hex_for_tests(seed: u64, len: usize) -> String {
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut out = String::with_capacity(len + 8);
+    while out.len() < len {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        out.push_str(&format!("{:08x}", state >> 32));
+    }
+    out.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,14 +305,7 @@ mod tests {
         assert_eq!(pack("1 o 3\nab\n"), None);
         // A large chunk whose start does not shrink is not packed at all (random hex: LZ4
         // finds next to nothing to repeat).
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut noise = String::new();
-        while noise.len() < 4 * PACK_PROBE_BYTES {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            noise.push_str(&format!("{:08x}", state >> 32));
-        }
+        let noise = random_hex_for_tests(1, 4 * PACK_PROBE_BYTES);
         assert_eq!(pack(&noise), None);
         let mixed = noise.clone() + &text;
         assert_eq!(pack(&mixed), None, "judged by its start");

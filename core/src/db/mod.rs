@@ -702,19 +702,12 @@ macro_rules! impl_shared_store {
 
     #[cfg(test)]
     async fn chunk_forms_for_tests(&self, job_id: &str) -> Result<(i64, i64), DbError> {
-        let packed: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM log_chunks WHERE build_job_id = $1 AND packed IS NOT NULL",
+        Ok(sqlx::query_as(
+            "SELECT COUNT(packed), COUNT(*) - COUNT(packed) FROM log_chunks WHERE build_job_id = $1",
         )
         .bind(job_id)
         .fetch_one(&self.pool)
-        .await?;
-        let text: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM log_chunks WHERE build_job_id = $1 AND packed IS NULL",
-        )
-        .bind(job_id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((packed, text))
+        .await?)
     }
 
     #[cfg(test)]
@@ -1926,21 +1919,11 @@ mod tests {
         // Repetitive lines were stored packed; lines LZ4 cannot shrink (random hex) as text.
         let (packed, text) = db.chunk_forms_for_tests("j1").await.unwrap();
         assert!(packed > 0, "packed {packed}, text {text}");
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let noise: Vec<NewLogLine> = (2006..=2010)
-            .map(|s| {
-                let mut line = String::new();
-                for _ in 0..32 {
-                    state = state
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    line.push_str(&format!("{:08x}", state >> 32));
-                }
-                NewLogLine {
-                    seq: s,
-                    stream: "stdout",
-                    line: line + "\n",
-                }
+            .map(|s| NewLogLine {
+                seq: s,
+                stream: "stdout",
+                line: chunks::random_hex_for_tests(s as u64, 256) + "\n",
             })
             .collect();
         db.append_logs("j1", &noise).await.unwrap();
