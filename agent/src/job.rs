@@ -514,7 +514,8 @@ async fn fetch_source(
         }
         command
     };
-    let fetched = fetch_commit(source, &git, sink, cancel).await;
+    let local = allow_local_repos && is_local_repo(&source.repo_url);
+    let fetched = fetch_commit(source, local, &git, sink, cancel).await;
     if with_token {
         let _ = tokio::fs::remove_file(&auth_config).await;
     }
@@ -550,28 +551,45 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write_all(bytes)
 }
 
+/// Whether git reaches `url` by its local transport (an absolute path or `file://`: the only
+/// local forms the core accepts).
+fn is_local_repo(url: &str) -> bool {
+    url.starts_with('/') || url.starts_with("file://")
+}
+
+/// The options of a fetch into a throwaway checkout. Loose objects are stored uncompressed
+/// (the checkout is deleted after the build, and deflating a large file costs more than its
+/// fetch). From a repository on this machine (`local`), git's own `upload-pack` packs without
+/// compression too: the pack only crosses a pipe, so deflating it is pure cost (a 2 MB
+/// binary took 0.21 s to fetch, 0.05 s without).
+fn fetch_options(local: bool) -> Vec<&'static str> {
+    let mut options = vec!["-c", "core.looseCompression=0", "fetch"];
+    if local {
+        options.push("--upload-pack=git -c pack.compression=0 upload-pack");
+    }
+    options
+}
+
 /// The git steps of a fetch: init, shallow fetch of the commit (full fetch as fallback),
 /// checkout.
 async fn fetch_commit(
     source: &stagely_protocol::SourceContext,
+    local: bool,
     git: &impl Fn(&[&str]) -> Command,
     sink: &OutputSink,
     cancel: &CancellationToken,
 ) -> Result<(), Report> {
     run_git(git(&["init", "-q"]), sink, cancel).await?;
-    let shallow = run_git(
-        git(&[
-            "fetch",
-            "--depth",
-            "1",
-            "--no-tags",
-            &source.repo_url,
-            &source.commit_hash,
-        ]),
-        sink,
-        cancel,
-    )
-    .await;
+    let fetch = fetch_options(local);
+    let mut shallow_args = fetch.clone();
+    shallow_args.extend([
+        "--depth",
+        "1",
+        "--no-tags",
+        &source.repo_url,
+        &source.commit_hash,
+    ]);
+    let shallow = run_git(git(&shallow_args), sink, cancel).await;
     if shallow.is_err() {
         if cancel.is_cancelled() {
             return Err(Report::never_ran(
@@ -581,17 +599,13 @@ async fn fetch_commit(
         }
         sink.system("shallow fetch of the commit was refused; fetching all branches")
             .await;
-        run_git(
-            git(&[
-                "fetch",
-                "--no-tags",
-                &source.repo_url,
-                "+refs/heads/*:refs/remotes/origin/*",
-            ]),
-            sink,
-            cancel,
-        )
-        .await?;
+        let mut full_args = fetch;
+        full_args.extend([
+            "--no-tags",
+            &source.repo_url,
+            "+refs/heads/*:refs/remotes/origin/*",
+        ]);
+        run_git(git(&full_args), sink, cancel).await?;
     }
     run_git(
         git(&[
@@ -819,6 +833,95 @@ mod tests {
             timeout_seconds: None,
             secrets: BTreeMap::new(),
         }
+    }
+
+    fn git_in(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    #[test]
+    fn only_absolute_paths_and_file_urls_are_local_repositories() {
+        for url in ["/srv/repos/app", "file:///srv/repos/app"] {
+            assert!(is_local_repo(url), "{url}");
+            assert!(
+                fetch_options(true)
+                    .iter()
+                    .any(|o| o.starts_with("--upload-pack="))
+            );
+        }
+        for url in [
+            "https://github.com/a/b.git",
+            "git@github.com:a/b.git",
+            "ssh://h/r",
+        ] {
+            assert!(!is_local_repo(url), "{url}");
+        }
+        // A remote's upload-pack is the server's own: never replaced.
+        assert!(
+            !fetch_options(false)
+                .iter()
+                .any(|o| o.contains("upload-pack"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_local_fetch_takes_the_exact_commit_without_deflating_it() {
+        let work = tempfile::tempdir().unwrap();
+        let repo = work.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git_in(&repo, &["init", "-q"]);
+        // Highly compressible: stored deflated it would take a few KiB.
+        let big = "stagely ".repeat(128 * 1024);
+        std::fs::write(repo.join("big.txt"), &big).unwrap();
+        git_in(&repo, &["add", "."]);
+        git_in(&repo, &["commit", "-q", "-m", "one"]);
+        let first = git_in(&repo, &["rev-parse", "HEAD"]);
+        std::fs::write(repo.join("big.txt"), "changed later\n").unwrap();
+        git_in(&repo, &["commit", "-q", "-am", "two"]);
+
+        let checkout = work.path().join("src");
+        std::fs::create_dir_all(&checkout).unwrap();
+        let source = stagely_protocol::SourceContext {
+            repo_url: format!("file://{}", repo.display()),
+            commit_hash: first.clone(),
+            branch: "main".into(),
+            clone_token: None,
+        };
+        let git = |args: &[&str]| {
+            let mut command = process::command("git");
+            command.arg("-C").arg(&checkout).args(args);
+            command.env("GIT_ALLOW_PROTOCOL", "file");
+            command
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let sink = OutputSink::new(tx);
+        fetch_commit(&source, true, &git, &sink, &CancellationToken::new())
+            .await
+            .unwrap();
+        drop(sink);
+        drain.await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(checkout.join("big.txt")).unwrap(),
+            big
+        );
+        assert_eq!(git_in(&checkout, &["rev-parse", "HEAD"]), first);
+        // The blob arrived as a loose object stored without compression.
+        let blob = git_in(&checkout, &["rev-parse", &format!("{first}:big.txt")]);
+        let loose = checkout
+            .join(".git/objects")
+            .join(&blob[..2])
+            .join(&blob[2..]);
+        let stored = std::fs::metadata(&loose).unwrap().len();
+        assert!(stored >= big.len() as u64, "{stored} bytes stored");
     }
 
     #[test]

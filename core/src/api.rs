@@ -53,6 +53,8 @@ pub struct AppState {
     pub prices: Arc<crate::cost::PriceTable>,
     /// Permits for reading `stagely.yaml` from git; sized `limits.max_concurrent_git_reads`.
     pub git_reads: Arc<tokio::sync::Semaphore>,
+    /// Publishers of the runs watched through `GET /api/v1/workflows/{id}/events`.
+    pub run_events: Arc<crate::run_events::RunEvents>,
 }
 
 /// Largest `POST /api/v1/workflows` body (a `stagely.yaml` of [`MAX_CONFIG_BYTES`] and the
@@ -67,6 +69,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/workflows", post(submit_workflow))
         .route("/api/v1/workflows/{id}", get(get_workflow))
         .route("/api/v1/workflows/{id}/cancel", post(cancel_workflow))
+        .route("/api/v1/workflows/{id}/events", get(stream_run_events))
         .route(
             "/api/v1/environments/{environment_id}/rebuild",
             post(rebuild_environment),
@@ -1016,7 +1019,7 @@ fn resolve_build_secrets(
     Ok(resolved)
 }
 
-async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {
+pub(crate) async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, ApiError> {
     let db = state.runner.db();
     let run = db.run(run_id).await?.ok_or_else(|| ApiError::NotFound {
         what: "workflow run",
@@ -1034,6 +1037,84 @@ async fn get_workflow(
     Path(id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
     Ok(Json(load_run(&state, &id).await?))
+}
+
+/// A Server-Sent Events response of what `rx` receives, with keep-alive comments while quiet.
+fn sse_response(rx: tokio::sync::mpsc::Receiver<axum::response::sse::Event>) -> Response {
+    use axum::response::sse::{KeepAlive, Sse};
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// The `end` event of a run's event stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunEnd {
+    pub run_id: String,
+    pub status: String,
+    pub error_message: Option<String>,
+}
+
+/// `GET /api/v1/workflows/{id}/events`: Server-Sent Events of the run's view (`event: run`,
+/// the JSON of `GET /api/v1/workflows/{id}`) at once and whenever its state changes, then
+/// `event: end` once it is final. Views are whole snapshots: a client that reconnects gets the
+/// current one first and has missed nothing but intermediate states.
+async fn stream_run_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::Event;
+    load_run(&state, &id).await?;
+    let shutdown = state.runner.shutdown_token();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(4);
+    tokio::spawn(async move {
+        let events = state.run_events.clone();
+        let mut views = events.subscribe(&state, &id);
+        loop {
+            let current = views.borrow_and_update().clone();
+            if let Some(view) = current {
+                let Ok(event) = Event::default().event("run").json_data(&*view) else {
+                    return;
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+                if is_final(&view.status) {
+                    let end = RunEnd {
+                        run_id: view.id.clone(),
+                        status: view.status.clone(),
+                        error_message: view.error_message.clone(),
+                    };
+                    if let Ok(event) = Event::default().event("end").json_data(end) {
+                        let _ = tx.send(event).await;
+                    }
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_ok() {
+                        continue;
+                    }
+                    // The publisher stopped: the run is gone, or it stopped an instant before
+                    // this viewer came (a new one starts), or the core is stopping.
+                    if shutdown.is_cancelled() || load_run(&state, &id).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(crate::run_events::MIN_READ_GAP).await;
+                    views = events.subscribe(&state, &id);
+                }
+                () = tx.closed() => return,
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Ok(sse_response(rx))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1172,7 +1253,8 @@ const STREAM_BUFFER: usize = 256;
 /// may have finished it).
 const STREAM_STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn is_final(status: &str) -> bool {
+/// Whether a run or job status is final.
+pub(crate) fn is_final(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "cancelled")
 }
 
@@ -1217,7 +1299,7 @@ async fn stream_logs(
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
+    use axum::response::sse::Event;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let db = state.runner.db().clone();
     if db.job(&id).await?.is_none() {
@@ -1327,14 +1409,7 @@ async fn stream_logs(
             return;
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|event| (Ok::<_, std::convert::Infallible>(event), rx))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(sse_response(rx))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

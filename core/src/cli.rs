@@ -638,6 +638,9 @@ async fn drive_run(
     view
 }
 
+/// Follows a run to its end through its event stream (`GET /api/v1/workflows/{id}/events`),
+/// printing each job's status as it changes; reconnects when the stream drops (each stream
+/// starts with the current view, so no end is missed).
 async fn watch_run(
     client: &reqwest::Client,
     core_url: &str,
@@ -647,52 +650,124 @@ async fn watch_run(
 ) -> anyhow::Result<RunView> {
     let started = Instant::now();
     let mut seen: HashMap<String, String> = HashMap::new();
+    report_jobs(client, core_url, &view, &mut seen, started, say).await;
+    if crate::api::is_final(&view.status) {
+        return Ok(view);
+    }
+    let url = format!("{core_url}/api/v1/workflows/{}/events", view.id);
+    let interrupted = || anyhow::anyhow!("interrupted; instances were terminated");
+    let mut failures = 0u32;
     loop {
-        for job in &view.jobs {
-            if seen.get(&job.id) != Some(&job.status) {
-                seen.insert(job.id.clone(), job.status.clone());
-                let detail = match job.status.as_str() {
-                    "provisioning" => job
-                        .vm_id
-                        .as_ref()
-                        .map(|vm| format!("instance {vm}"))
-                        .unwrap_or_default(),
-                    "completed" => format!(
-                        "{}@{}",
-                        job.artifact_url.as_deref().unwrap_or("-"),
-                        job.digest.as_deref().unwrap_or("-")
-                    ),
-                    "failed" | "cancelled" => job.error_message.clone().unwrap_or_default(),
-                    _ => String::new(),
-                };
-                say(format!(
-                    "[{:>6.1}s] {:<20} {:<12} {}",
-                    started.elapsed().as_secs_f64(),
-                    job.name,
-                    job.status,
-                    detail
-                ));
-                if job.status == "failed" {
-                    for line in tail_lines(client, core_url, &job.id, 15).await {
-                        say(format!("    | {}", line.trim_end()));
+        let opened = tokio::select! {
+            opened = open_stream(client.get(&url), &mut failures) => opened?,
+            () = stop.cancelled() => return Err(interrupted()),
+        };
+        let Some(mut response) = opened else { continue };
+        let mut events = SseEvents::default();
+        loop {
+            let chunk = tokio::select! {
+                chunk = response.chunk() => chunk,
+                () = stop.cancelled() => return Err(interrupted()),
+            };
+            // A dropped stream is dialled again.
+            let Ok(Some(chunk)) = chunk else { break };
+            events.feed(&chunk);
+            while let Some((event, data)) = events.next_event()? {
+                match event.as_str() {
+                    "run" => {
+                        view = serde_json::from_str(&data)?;
+                        report_jobs(client, core_url, &view, &mut seen, started, say).await;
                     }
+                    "end" => return Ok(view),
+                    _ => {}
                 }
             }
         }
-        if matches!(view.status.as_str(), "completed" | "failed" | "cancelled") {
-            return Ok(view);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints each job whose status changed since `seen` (with the tail of a failed job's log).
+async fn report_jobs(
+    client: &reqwest::Client,
+    core_url: &str,
+    view: &RunView,
+    seen: &mut HashMap<String, String>,
+    started: Instant,
+    say: &impl Fn(String),
+) {
+    for job in &view.jobs {
+        if seen.get(&job.id) == Some(&job.status) {
+            continue;
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(300)) => {}
-            () = stop.cancelled() => bail!("interrupted; instances were terminated"),
+        seen.insert(job.id.clone(), job.status.clone());
+        let detail = match job.status.as_str() {
+            "provisioning" => job
+                .vm_id
+                .as_ref()
+                .map(|vm| format!("instance {vm}"))
+                .unwrap_or_default(),
+            "completed" => format!(
+                "{}@{}",
+                job.artifact_url.as_deref().unwrap_or("-"),
+                job.digest.as_deref().unwrap_or("-")
+            ),
+            "failed" | "cancelled" => job.error_message.clone().unwrap_or_default(),
+            _ => String::new(),
+        };
+        say(format!(
+            "[{:>6.1}s] {:<20} {:<12} {}",
+            started.elapsed().as_secs_f64(),
+            job.name,
+            job.status,
+            detail
+        ));
+        if job.status == "failed" {
+            for line in tail_lines(client, core_url, &job.id, 15).await {
+                say(format!("    | {}", line.trim_end()));
+            }
         }
-        view = client
-            .get(format!("{core_url}/api/v1/workflows/{}", view.id))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+    }
+}
+
+/// Server-Sent Events cut from a response body as its chunks arrive: `(event, data)` pairs
+/// (`message` when an event names no type). Bounded: an event over 4 MiB is an error.
+#[derive(Default)]
+struct SseEvents {
+    buffer: Vec<u8>,
+}
+
+impl SseEvents {
+    const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+    fn feed(&mut self, chunk: &[u8]) {
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The next whole event fed, if any.
+    fn next_event(&mut self) -> anyhow::Result<Option<(String, String)>> {
+        let Some(at) = self.buffer.windows(2).position(|w| w == b"\n\n") else {
+            // A single event is bounded by the server's frame limits; refuse a runaway one.
+            if self.buffer.len() > Self::MAX_EVENT_BYTES {
+                bail!("the event stream sent an event over 4 MiB");
+            }
+            return Ok(None);
+        };
+        let block: Vec<u8> = self.buffer.drain(..at + 2).collect();
+        let block = String::from_utf8_lossy(&block);
+        let mut event = "message".to_string();
+        let mut data = String::new();
+        for field in block.lines() {
+            if let Some(value) = field.strip_prefix("event:") {
+                event = value.trim().to_string();
+            } else if let Some(value) = field.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(value.strip_prefix(' ').unwrap_or(value));
+            }
+        }
+        Ok(Some((event, data)))
     }
 }
 
@@ -844,23 +919,36 @@ async fn stream_job_lines(
         if let Some(seq) = last {
             request = request.header("Last-Event-ID", seq.to_string());
         }
-        let response = match request.send().await {
-            Ok(response) if response.status().is_success() => response,
-            Ok(response) => bail!("{}", response.text().await?),
-            Err(error) => {
-                failures += 1;
-                if failures > 10 {
-                    return Err(error.into());
-                }
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures))).await;
-                continue;
-            }
+        let Some(response) = open_stream(request, &mut failures).await? else {
+            continue;
         };
-        failures = 0;
         match read_events(response, &mut last, &mut on_line).await {
             Ok(true) => return Ok(()),
             // The stream dropped before the end: resume after the last line handed over.
             Ok(false) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Opens an event stream: its response, or `None` after a failed attempt (waited out with a
+/// growing pause; the eleventh failure in a row is the error). A refusal is an error at once.
+async fn open_stream(
+    request: reqwest::RequestBuilder,
+    failures: &mut u32,
+) -> anyhow::Result<Option<reqwest::Response>> {
+    match request.send().await {
+        Ok(response) if response.status().is_success() => {
+            *failures = 0;
+            Ok(Some(response))
+        }
+        Ok(response) => bail!("{}", response.text().await?),
+        Err(error) => {
+            *failures += 1;
+            if *failures > 10 {
+                return Err(error.into());
+            }
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(*failures))).await;
+            Ok(None)
         }
     }
 }
@@ -871,22 +959,11 @@ async fn read_events(
     last: &mut Option<i64>,
     on_line: &mut impl FnMut(&crate::api::LogLineView),
 ) -> anyhow::Result<bool> {
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut events = SseEvents::default();
     while let Some(chunk) = response.chunk().await? {
-        buffer.extend_from_slice(&chunk);
-        while let Some(at) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..at + 2).collect();
-            let block = String::from_utf8_lossy(&block);
-            let mut event = "message";
-            let mut data = String::new();
-            for field in block.lines() {
-                if let Some(value) = field.strip_prefix("event:") {
-                    event = if value.trim() == "end" { "end" } else { "line" };
-                } else if let Some(value) = field.strip_prefix("data:") {
-                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
-                }
-            }
-            match event {
+        events.feed(&chunk);
+        while let Some((event, data)) = events.next_event()? {
+            match event.as_str() {
                 "line" => {
                     let line: crate::api::LogLineView = serde_json::from_str(&data)?;
                     if last.is_none_or(|seen| line.seq > seen) {
@@ -897,10 +974,6 @@ async fn read_events(
                 "end" => return Ok(true),
                 _ => {}
             }
-        }
-        // A single event is bounded by the server's frame limits; refuse a runaway buffer.
-        if buffer.len() > 4 * 1024 * 1024 {
-            bail!("the log stream sent an event over 4 MiB");
         }
     }
     Ok(false)
@@ -944,5 +1017,43 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
             out.flush()?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_cut_from_chunks_whatever_their_boundaries() {
+        let stream = b": keep-alive\n\nevent: run\ndata: {\"id\":\"r\"}\n\nid: 7\nevent: line\ndata: a\ndata: b\n\nevent:end\ndata:{}\n\n";
+        for cut in 1..stream.len() {
+            let mut events = SseEvents::default();
+            let mut seen = Vec::new();
+            for part in [&stream[..cut], &stream[cut..]] {
+                events.feed(part);
+                while let Some(event) = events.next_event().unwrap() {
+                    seen.push(event);
+                }
+            }
+            let expected = [
+                ("message", ""),
+                ("run", "{\"id\":\"r\"}"),
+                ("line", "a\nb"),
+                ("end", "{}"),
+            ];
+            let seen: Vec<(&str, &str)> =
+                seen.iter().map(|(e, d)| (e.as_str(), d.as_str())).collect();
+            assert_eq!(seen, expected, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_runaway_event_is_refused() {
+        let mut events = SseEvents::default();
+        events.feed(b"event: run\ndata: ");
+        events.feed(&vec![b'x'; SseEvents::MAX_EVENT_BYTES]);
+        let error = events.next_event().unwrap_err();
+        assert!(error.to_string().contains("over 4 MiB"), "{error}");
     }
 }

@@ -15,6 +15,7 @@ pub mod images;
 pub mod log_hub;
 pub mod registry;
 pub mod repo_url;
+pub mod run_events;
 pub mod runner;
 pub mod server;
 pub mod source;

@@ -182,6 +182,8 @@ struct Shared {
     /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
     /// taken while it moved may predate one of them and is not applied.
     writes: std::sync::atomic::AtomicU64,
+    /// Bumped with `writes`, for those waiting on a change (run event streams).
+    changes: tokio::sync::watch::Sender<u64>,
     /// Cancelled by `shutdown`: the loop drains the engine and stops.
     shutdown: CancellationToken,
 }
@@ -226,6 +228,7 @@ impl Runner {
             reaper: ReaperStats::default(),
             tasks: TaskTracker::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
+            changes: tokio::sync::watch::channel(0).0,
             shutdown,
         });
         let (tx, rx) = mpsc::channel(LOOP_QUEUE);
@@ -343,6 +346,12 @@ impl Runner {
         &self.shared.link.hub
     }
 
+    /// Marked changed whenever one of this core's writes to a run or job lands (other
+    /// replicas' writes are not seen here: a watcher also re-reads now and then).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
     /// Cancelled when the core shuts down (long-lived responses end with it).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
@@ -412,6 +421,8 @@ impl Shared {
     fn wrote(&self) {
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changes
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 }
 

@@ -26,6 +26,8 @@ pub struct RunningCore {
     pub runner: Runner,
     /// The API's token check (and its count of refused requests).
     pub auth: Arc<ApiAuth>,
+    /// The publishers of watched runs (`GET /api/v1/workflows/{id}/events`).
+    pub run_events: Arc<crate::run_events::RunEvents>,
     /// Cancelled by `stop`; the scheduler's tasks and the HTTP server watch it.
     shutdown: CancellationToken,
     /// The HTTP server task; ends after graceful shutdown.
@@ -326,6 +328,7 @@ pub async fn start(
             "no API token is configured: anyone who can reach {addr} may call the API (set STAGELY_API_TOKEN or [api.tokens])"
         );
     }
+    let run_events = Arc::new(crate::run_events::RunEvents::default());
     let router = app(AppState {
         runner: runner.clone(),
         auth: auth.clone(),
@@ -334,6 +337,7 @@ pub async fn start(
         git_reads: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_concurrent_git_reads,
         )),
+        run_events: run_events.clone(),
     });
     if let Some((cert, _)) = &tls {
         reload_on_sighup(cert.clone(), shutdown.clone());
@@ -351,6 +355,7 @@ pub async fn start(
         addr,
         runner,
         auth,
+        run_events,
         shutdown,
         server,
         tls: cert,

@@ -439,8 +439,12 @@ impl Provider for LocalProvider {
         }
         if signal_sessions(&sessions, Signal::SIGTERM) > 0 {
             let grace = tokio::time::Instant::now() + TERMINATE_GRACE;
+            // An agent that is done exits within milliseconds of SIGTERM: look again soon,
+            // then less and less often (2, 4, ... 50 ms).
+            let mut pause = Duration::from_millis(2);
             while !session_members(&sessions).is_empty() && tokio::time::Instant::now() < grace {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             let deadline = tokio::time::Instant::now() + KILL_DEADLINE;
             while signal_sessions(&sessions, Signal::SIGKILL) > 0 {

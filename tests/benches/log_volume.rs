@@ -227,10 +227,11 @@ async fn main() {
             core_peak_kib = core_peak_kib.max(kib);
         }
         core_cpu = cpu_secs(&core_pid).unwrap_or(core_cpu);
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
+        // Samples every 50 ms; the end is taken the moment the process exits.
+        tokio::select! {
+            status = child.wait() => break status.expect("wait"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let stagely_secs = started.elapsed().as_secs_f64();
     let mut stdout = String::new();

@@ -37,6 +37,8 @@ async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
         ("GET", format!("/api/v1/workflows/{run_id}")),
         ("GET", format!("/api/v1/jobs/{job_id}/logs")),
         ("GET", format!("/api/v1/jobs/{job_id}/logs?format=text")),
+        ("GET", format!("/api/v1/jobs/{job_id}/logs/stream")),
+        ("GET", format!("/api/v1/workflows/{run_id}/events")),
         ("POST", format!("/api/v1/workflows/{run_id}/cancel")),
         ("POST", "/api/v1/environments/pr-1/rebuild".to_string()),
         ("GET", "/api/v1/queue".to_string()),
@@ -61,7 +63,7 @@ async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
             );
         }
     }
-    assert_eq!(auth.refused() - refused_before, 14);
+    assert_eq!(auth.refused() - refused_before, 2 * routes.len() as u64);
     // A bare token without the scheme is not a bearer token either.
     let response = anonymous
         .get(format!("{}/api/v1/workflows/{run_id}", core.url))

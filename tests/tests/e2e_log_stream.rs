@@ -14,6 +14,57 @@ struct Seen {
     end: Option<serde_json::Value>,
 }
 
+/// One Server-Sent Event: its type (`""` for a comment), `id` and data.
+struct SseEvent {
+    event: String,
+    id: Option<i64>,
+    data: String,
+}
+
+/// Sends `request` for an event stream (checking its content type) and hands each event to
+/// `on_event` until it returns false or the stream ends; fails if the stream goes silent.
+async fn read_stream(request: reqwest::RequestBuilder, mut on_event: impl FnMut(SseEvent) -> bool) {
+    let mut response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut buffer = String::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+            .await
+            .expect("the stream went silent")
+            .unwrap();
+        let Some(chunk) = chunk else {
+            return;
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(at) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..at + 2).collect();
+            let mut event = SseEvent {
+                event: String::new(),
+                id: None,
+                data: String::new(),
+            };
+            for field in block.lines() {
+                if let Some(value) = field.strip_prefix("event:") {
+                    event.event = value.trim().to_string();
+                } else if let Some(value) = field.strip_prefix("id:") {
+                    event.id = value.trim().parse::<i64>().ok();
+                } else if let Some(value) = field.strip_prefix("data:") {
+                    event.data.push_str(value.trim_start());
+                }
+            }
+            if !on_event(event) {
+                return;
+            }
+        }
+    }
+}
+
 /// Reads events from a stream until `end` or until `stop_after` line events arrived.
 async fn watch(
     core: &TestCore,
@@ -28,58 +79,30 @@ async fn watch(
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id.to_string());
     }
-    let mut response = request.send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
-    let mut buffer = String::new();
     let mut lines_now = 0;
-    loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), response.chunk())
-            .await
-            .expect("the stream went silent")
-            .unwrap();
-        let Some(chunk) = chunk else {
-            return;
-        };
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(at) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..at + 2).collect();
-            let (mut event, mut id, mut data) = ("message", None, String::new());
-            for field in block.lines() {
-                if let Some(value) = field.strip_prefix("event:") {
-                    event = if value.trim() == "end" { "end" } else { "line" };
-                } else if let Some(value) = field.strip_prefix("id:") {
-                    id = value.trim().parse::<i64>().ok();
-                } else if let Some(value) = field.strip_prefix("data:") {
-                    data.push_str(value.trim_start());
-                }
-            }
-            match event {
-                "line" => {
-                    let line: serde_json::Value = serde_json::from_str(&data).unwrap();
-                    assert_eq!(Some(line["seq"].as_i64().unwrap()), id, "id is the seq");
-                    seen.lines.push((
-                        line["seq"].as_i64().unwrap(),
-                        line["line"].as_str().unwrap().to_string(),
-                    ));
-                    lines_now += 1;
-                    if stop_after.is_some_and(|n| lines_now >= n) {
-                        return; // drop the connection mid-stream
-                    }
-                }
-                "end" => {
-                    seen.end = Some(serde_json::from_str(&data).unwrap());
-                    return;
-                }
-                _ => {} // keep-alive comments
-            }
+    read_stream(request, |event| match event.event.as_str() {
+        "line" => {
+            let line: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+            assert_eq!(
+                Some(line["seq"].as_i64().unwrap()),
+                event.id,
+                "id is the seq"
+            );
+            seen.lines.push((
+                line["seq"].as_i64().unwrap(),
+                line["line"].as_str().unwrap().to_string(),
+            ));
+            lines_now += 1;
+            // Past `stop_after` lines the connection is dropped mid-stream.
+            stop_after.is_none_or(|n| lines_now < n)
         }
-    }
+        "end" => {
+            seen.end = Some(serde_json::from_str(&event.data).unwrap());
+            false
+        }
+        _ => true, // keep-alive comments
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -178,5 +201,170 @@ async fn viewers_see_the_backlog_live_lines_and_the_end_and_resume_without_gaps_
         .unwrap();
     assert_eq!(response.status(), 422);
     assert!(response.text().await.unwrap().contains("Last-Event-ID"));
+    core.stop().await;
+}
+
+/// What one viewer of `GET /api/v1/workflows/{id}/events` saw: each run view's job status, in
+/// order, and the end event.
+#[derive(Debug, Default)]
+struct RunSeen {
+    statuses: Vec<String>,
+    last_view: Option<serde_json::Value>,
+    end: Option<serde_json::Value>,
+}
+
+/// Reads a run's events until `end` (or until `stop_after` run events arrived).
+async fn watch_run_events(
+    core: &TestCore,
+    run_id: &str,
+    stop_after: Option<usize>,
+    seen: &mut RunSeen,
+) {
+    let request = core
+        .client
+        .get(format!("{}/api/v1/workflows/{run_id}/events", core.url));
+    let mut views_now = 0;
+    read_stream(request, |event| match event.event.as_str() {
+        "run" => {
+            let view: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+            assert!(seen.end.is_none(), "a run event after the end");
+            seen.statuses
+                .push(view["jobs"][0]["status"].as_str().unwrap().to_string());
+            seen.last_view = Some(view);
+            views_now += 1;
+            // Past `stop_after` views the connection is dropped.
+            stop_after.is_none_or(|n| views_now < n)
+        }
+        "end" => {
+            seen.end = Some(serde_json::from_str(&event.data).unwrap());
+            false
+        }
+        "" => true, // keep-alive comments
+        other => panic!("unexpected event {other}: {}", event.data),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_events_show_each_state_change_once_and_end_when_the_run_is_final() {
+    if !require_build_peers() {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  steady:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt 10 ]; do echo tick-$i; /bin/busybox usleep 50000; i=$((i+1)); done\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let run = core.submit(&repo, None, "pr-run-events").await.unwrap();
+    let run_id = run.id.clone();
+    let events = core.core.as_ref().unwrap().run_events.clone();
+
+    // Two viewers to the end, and one that drops after its first view and comes back.
+    let (mut a, mut b, mut c) = (RunSeen::default(), RunSeen::default(), RunSeen::default());
+    let most_publishers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (events, most) = (events.clone(), most_publishers.clone());
+        tokio::spawn(async move {
+            loop {
+                most.fetch_max(events.publishers(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::join!(
+        watch_run_events(&core, &run_id, None, &mut a),
+        watch_run_events(&core, &run_id, None, &mut b),
+        async {
+            watch_run_events(&core, &run_id, Some(1), &mut c).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            watch_run_events(&core, &run_id, None, &mut c).await;
+        },
+    );
+    sampler.abort();
+    let stored = core
+        .client
+        .get(format!("{}/api/v1/workflows/{run_id}", core.url))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(stored["status"], "completed", "{stored}");
+    let order = ["queued", "provisioning", "running", "completed"];
+    for (name, seen) in [("a", &a), ("b", &b), ("c (came back)", &c)] {
+        // Statuses only move forward; an unchanged view is never sent twice in a row.
+        let ranks: Vec<usize> = seen
+            .statuses
+            .iter()
+            .map(|s| {
+                order
+                    .iter()
+                    .position(|o| o == s)
+                    .unwrap_or_else(|| panic!("{name}: {s}"))
+            })
+            .collect();
+        assert!(
+            ranks.windows(2).all(|w| w[0] <= w[1]),
+            "{name}: {:?}",
+            seen.statuses
+        );
+        assert_eq!(
+            seen.statuses.last().map(String::as_str),
+            Some("completed"),
+            "{name}"
+        );
+        // The last view is the stored run, whole.
+        let last = seen.last_view.as_ref().unwrap();
+        assert_eq!(last["status"], "completed", "{name}");
+        assert_eq!(
+            last["jobs"][0]["digest"], stored["jobs"][0]["digest"],
+            "{name}"
+        );
+        let end = seen
+            .end
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no end event"));
+        assert_eq!(end["run_id"], run_id.as_str(), "{name}: {end}");
+        assert_eq!(end["status"], "completed", "{name}: {end}");
+    }
+    assert!(
+        a.statuses.len() >= 2,
+        "a viewer from the start saw the run change: {:?}",
+        a.statuses
+    );
+    // Three viewers of one run: one publisher.
+    assert_eq!(
+        most_publishers.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A viewer after the end gets the final view and the end at once; nothing is kept after.
+    let mut late = RunSeen::default();
+    watch_run_events(&core, &run_id, None, &mut late).await;
+    assert_eq!(late.statuses, ["completed"]);
+    assert_eq!(late.end.unwrap()["status"], "completed");
+    poll_until(Duration::from_secs(5), "no publisher left", || async {
+        let left = events.publishers();
+        Ok(((left == 0).then_some(()), format!("{left} publishers")))
+    })
+    .await;
+    // An unknown run is a precise 404.
+    let response = core
+        .client
+        .get(format!("{}/api/v1/workflows/no-such-run/events", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(response.text().await.unwrap().contains("no-such-run"));
     core.stop().await;
 }

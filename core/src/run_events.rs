@@ -1,0 +1,163 @@
+//! Live run views: `GET /api/v1/workflows/{id}/events` sends a run's view at once, again
+//! whenever its state changes, and an `end` event once it is final (`stagely run` waits on it
+//! instead of polling). One publisher task per watched run reads the view when this core
+//! writes to a run or job ([`crate::runner::Runner::changes`]) and now and then besides
+//! (another replica's writes), and hands it to every viewer of that run through one `watch`
+//! channel: a hundred viewers cost one read per change, not a hundred. A viewer that falls
+//! behind skips to the newest view (each is a whole snapshot, so nothing is lost but
+//! intermediate states). A run nobody watches costs nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::api::{AppState, RunView};
+
+/// How often a publisher re-reads its run without being told of a change (another
+/// replica's writes reach this core only through the store).
+pub const REREAD_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two reads of one run (a burst of writes is read once).
+pub const MIN_READ_GAP: Duration = Duration::from_millis(20);
+
+/// What a viewer sees: the newest view of the run (`None` until the first read).
+pub type Views = watch::Receiver<Option<Arc<RunView>>>;
+
+/// The publishers of watched runs, by run id.
+#[derive(Default)]
+pub struct RunEvents {
+    runs: Mutex<HashMap<String, watch::Sender<Option<Arc<RunView>>>>>,
+    /// Publisher tasks alive.
+    publishers: std::sync::atomic::AtomicUsize,
+}
+
+impl RunEvents {
+    /// A viewer of `run_id`; starts the run's publisher when it is the first.
+    pub fn subscribe(self: &Arc<Self>, state: &AppState, run_id: &str) -> Views {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = runs.get(run_id) {
+            return sender.subscribe();
+        }
+        let (sender, views) = watch::channel(None);
+        runs.insert(run_id.to_string(), sender.clone());
+        drop(runs);
+        let span = tracing::info_span!("run_events", run_id);
+        tokio::spawn(
+            publish(self.clone(), state.clone(), run_id.to_string(), sender).instrument(span),
+        );
+        views
+    }
+
+    /// Publisher tasks alive now (one per watched run, whatever its number of viewers).
+    pub fn publishers(&self) -> usize {
+        self.publishers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the publisher may stop: the run is final, or nobody watches (checked and
+    /// removed under the lock, so a viewer arriving meanwhile gets a new publisher).
+    fn release(
+        &self,
+        run_id: &str,
+        sender: &watch::Sender<Option<Arc<RunView>>>,
+        done: bool,
+    ) -> bool {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if !done && sender.receiver_count() > 0 {
+            return false;
+        }
+        if runs
+            .get(run_id)
+            .is_some_and(|current| current.same_channel(sender))
+        {
+            runs.remove(run_id);
+        }
+        true
+    }
+}
+
+/// The part of a view that says what changed: everything but the running cost estimates
+/// (they grow with the clock, not with the run's state).
+fn state_of(view: &RunView) -> serde_json::Value {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                map.remove("cost_usd");
+                map.remove("billed_seconds");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(view).unwrap_or_default();
+    strip(&mut value);
+    value
+}
+
+/// One run's publisher: reads the view after each change this core makes (at most every
+/// [`MIN_READ_GAP`]) and every [`REREAD_EVERY`], publishes it when its state changed, and
+/// stops once the final view is out, when nobody watches, or at shutdown.
+async fn publish(
+    events: Arc<RunEvents>,
+    state: AppState,
+    run_id: String,
+    sender: watch::Sender<Option<Arc<RunView>>>,
+) {
+    /// Counts the task alive however it ends.
+    struct Alive(Arc<RunEvents>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0
+                .publishers
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    events
+        .publishers
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _alive = Alive(events.clone());
+    let mut changes = state.runner.changes();
+    let shutdown = state.runner.shutdown_token();
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        changes.borrow_and_update();
+        let mut done = false;
+        match crate::api::load_run(&state, &run_id).await {
+            Ok(view) => {
+                let now = state_of(&view);
+                done = crate::api::is_final(&view.status);
+                if last.as_ref() != Some(&now) {
+                    last = Some(now);
+                    sender.send_replace(Some(Arc::new(view)));
+                }
+            }
+            // Deleted (or never there): viewers see the channel close.
+            Err(crate::api::ApiError::NotFound { .. }) => done = true,
+            Err(error) => tracing::warn!(%run_id, "reading a watched run failed: {error}"),
+        }
+        if done && events.release(&run_id, &sender, true) {
+            return;
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    events.release(&run_id, &sender, true);
+                    return;
+                }
+            }
+            () = tokio::time::sleep(REREAD_EVERY) => {}
+            () = sender.closed() => {
+                if events.release(&run_id, &sender, false) {
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => {
+                events.release(&run_id, &sender, true);
+                return;
+            }
+        }
+        tokio::time::sleep(MIN_READ_GAP).await;
+    }
+}
