@@ -139,13 +139,18 @@ pub async fn detect_backend(preference: Option<&str>, work_dir: &Path) -> Option
         Some("buildah") => return Some(buildah),
         _ => {}
     }
-    if command_succeeds("docker", &["buildx", "version"]).await {
-        return Some(Backend::Buildx);
+    // Both asked at once (each is a process start: tens of milliseconds at every boot).
+    let (buildx, buildah_works) = tokio::join!(
+        command_succeeds("docker", &["buildx", "version"]),
+        command_succeeds("buildah", &["--version"]),
+    );
+    if buildx {
+        Some(Backend::Buildx)
+    } else if buildah_works {
+        Some(buildah)
+    } else {
+        None
     }
-    if command_succeeds("buildah", &["--version"]).await {
-        return Some(buildah);
-    }
-    None
 }
 
 async fn command_succeeds(program: &str, args: &[&str]) -> bool {
