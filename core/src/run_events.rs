@@ -1,7 +1,8 @@
 //! Live run views: `GET /api/v1/workflows/{id}/events` sends a run's view at once, again
 //! whenever its state changes, and an `end` event once it is final (`stagely run` waits on it
 //! instead of polling). One publisher task per watched run reads the view when this core
-//! writes to a run or job ([`crate::runner::Runner::changes`]) and now and then besides
+//! writes to that run or one of its jobs ([`crate::runner::Runner::changes`]) and now and
+//! then besides
 //! (another replica's writes), and hands it to every viewer of that run through one `watch`
 //! channel: a hundred viewers cost one read per change, not a hundred. A viewer that falls
 //! behind skips to the newest view (each is a whole snapshot, so nothing is lost but
@@ -96,6 +97,23 @@ fn state_of(view: &RunView) -> serde_json::Value {
     value
 }
 
+/// Waits until a write of this core changed `run_id` (or may have: an unknown run, or
+/// changes missed while behind); false once the runner is gone.
+async fn touched(
+    changes: &mut tokio::sync::broadcast::Receiver<crate::runner::Changed>,
+    run_id: &str,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(crate::runner::Changed::Run(id)) if &*id == run_id => return true,
+            Ok(crate::runner::Changed::Any) | Err(RecvError::Lagged(_)) => return true,
+            Ok(crate::runner::Changed::Run(_)) => {}
+            Err(RecvError::Closed) => return false,
+        }
+    }
+}
+
 /// One run's publisher: reads the view after each change this core makes (at most every
 /// [`MIN_READ_GAP`]) and every [`REREAD_EVERY`], publishes it when its state changed, and
 /// stops once the final view is out, when nobody watches, or at shutdown.
@@ -122,7 +140,6 @@ async fn publish(
     let shutdown = state.runner.shutdown_token();
     let mut last: Option<serde_json::Value> = None;
     loop {
-        changes.borrow_and_update();
         let mut done = false;
         match crate::api::load_run(&state, &run_id).await {
             Ok(view) => {
@@ -141,8 +158,8 @@ async fn publish(
             return;
         }
         tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
+            heard = touched(&mut changes, &run_id) => {
+                if !heard {
                     events.release(&run_id, &sender, true);
                     return;
                 }

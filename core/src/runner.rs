@@ -39,6 +39,17 @@ use crate::stagely_yaml::{JobKind, JobSpec};
 const LOOP_QUEUE: usize = 4096;
 /// Commands queued for one agent link.
 const LINK_QUEUE: usize = 16;
+/// Changes a watcher may fall behind by before it is told only "something changed".
+const CHANGES_QUEUE: usize = 1024;
+
+/// What one of this core's writes changed (see [`Runner::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// The run's row or one of its jobs'.
+    Run(Arc<str>),
+    /// Not known which run (a job no longer in the engine's view): any may have.
+    Any,
+}
 /// How long a created link waits for its work frame.
 const WORK_WAIT: Duration = Duration::from_secs(60);
 
@@ -182,8 +193,9 @@ struct Shared {
     /// Counts this core's writes to runs and jobs, bumped once each has landed: a sync read
     /// taken while it moved may predate one of them and is not applied.
     writes: std::sync::atomic::AtomicU64,
-    /// Bumped with `writes`, for those waiting on a change (run event streams).
-    changes: tokio::sync::watch::Sender<u64>,
+    /// Which run each of this core's writes changed, for those waiting on a change (run
+    /// event streams).
+    changes: tokio::sync::broadcast::Sender<Changed>,
     /// Cancelled by `shutdown`: the loop drains the engine and stops.
     shutdown: CancellationToken,
 }
@@ -228,7 +240,7 @@ impl Runner {
             reaper: ReaperStats::default(),
             tasks: TaskTracker::new(),
             writes: std::sync::atomic::AtomicU64::new(0),
-            changes: tokio::sync::watch::channel(0).0,
+            changes: tokio::sync::broadcast::channel(CHANGES_QUEUE).0,
             shutdown,
         });
         let (tx, rx) = mpsc::channel(LOOP_QUEUE);
@@ -311,6 +323,7 @@ impl Runner {
         }
         // The run is stored: a sync read begun before does not have it.
         self.shared.wrote();
+        self.shared.changed(Changed::Run(run.id.as_str().into()));
         self.tx
             .send(Msg::Submitted(Box::new(run)))
             .await
@@ -346,9 +359,9 @@ impl Runner {
         &self.shared.link.hub
     }
 
-    /// Marked changed whenever one of this core's writes to a run or job lands (other
-    /// replicas' writes are not seen here: a watcher also re-reads now and then).
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// Hears which run each of this core's writes to a run or job changed, once it landed
+    /// (other replicas' writes are not heard here: a watcher also re-reads now and then).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {
         self.shared.changes.subscribe()
     }
 
@@ -421,8 +434,11 @@ impl Shared {
     fn wrote(&self) {
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.changes
-            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Tells watchers what a landed write changed (nobody may be listening).
+    fn changed(&self, what: Changed) {
+        let _ = self.changes.send(what);
     }
 }
 
@@ -778,7 +794,13 @@ impl LoopState {
                     .await;
                 self.shared.wrote();
                 let (won, lost) = match result {
-                    Ok(answer) => answer,
+                    Ok(answer) => {
+                        // A won claim moved its job to `provisioning`.
+                        for job_id in &answer.0 {
+                            self.shared.changed(self.changed_job(job_id));
+                        }
+                        answer
+                    }
                     Err(error) => {
                         tracing::error!("claiming jobs failed: {error}");
                         (
@@ -921,6 +943,7 @@ impl LoopState {
             };
             let result = shared.db.apply(&transition, now()).await;
             shared.wrote();
+            shared.changed(Changed::Run(run_id.as_str().into()));
             match result {
                 Ok(true) => tracing::info!(
                     run_id,
@@ -937,10 +960,23 @@ impl LoopState {
         });
     }
 
+    /// The change a write to `job_id` makes, by its run when the engine still knows it.
+    fn changed_job(&self, job_id: &str) -> Changed {
+        match self.engine.run_of(job_id) {
+            Some(run_id) => Changed::Run(run_id.into()),
+            None => Changed::Any,
+        }
+    }
+
     async fn persist(&mut self, transition: Transition) {
         let db = &self.shared.db;
         let result = crate::db::retry_transient(|| db.apply(&transition, now())).await;
         self.shared.wrote();
+        match transition.subject() {
+            crate::engine::Subject::Run(run_id) => self.shared.changed(Changed::Run(run_id.into())),
+            crate::engine::Subject::Job(job_id) => self.shared.changed(self.changed_job(job_id)),
+            crate::engine::Subject::Leases => {}
+        }
         let applied = match result {
             Ok(applied) => applied,
             Err(error) => {

@@ -264,6 +264,8 @@ async fn run_events_show_each_state_change_once_and_end_when_the_run_is_final() 
     ])
     .unwrap();
     let mut core = TestCore::start().await.unwrap();
+    // What the runner says it changed, heard from before the submit.
+    let mut changes = core.core.as_ref().unwrap().runner.changes();
     let run = core.submit(&repo, None, "pr-run-events").await.unwrap();
     let run_id = run.id.clone();
     let events = core.core.as_ref().unwrap().run_events.clone();
@@ -347,6 +349,15 @@ async fn run_events_show_each_state_change_once_and_end_when_the_run_is_final() 
         most_publishers.load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    // Each write of the run's life named this run (submit, start, claim, instance, running,
+    // attempt end, run end), so its publisher was woken by its own run's changes.
+    let mut named = 0;
+    while let Ok(changed) = changes.try_recv() {
+        if changed == stagely_core::runner::Changed::Run(run_id.as_str().into()) {
+            named += 1;
+        }
+    }
+    assert!(named >= 5, "{named} changes named the run");
     // A viewer after the end gets the final view and the end at once; nothing is kept after.
     let mut late = RunSeen::default();
     watch_run_events(&core, &run_id, None, &mut late).await;

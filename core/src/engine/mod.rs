@@ -266,6 +266,35 @@ pub enum Transition {
     },
 }
 
+/// What a [`Transition`] writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject<'a> {
+    /// The run's own row.
+    Run(&'a str),
+    /// One job's row (and its attempt's).
+    Job(&'a str),
+    /// Lease times only: nothing a run's view shows.
+    Leases,
+}
+
+impl Transition {
+    /// What the transition writes to.
+    pub fn subject(&self) -> Subject<'_> {
+        match self {
+            Transition::RunStarted { run_id }
+            | Transition::RunCancelRequested { run_id, .. }
+            | Transition::RunFinished { run_id, .. } => Subject::Run(run_id),
+            Transition::JobSkipped { job_id, .. }
+            | Transition::InstanceStarted { job_id, .. }
+            | Transition::JobRunning { job_id, .. }
+            | Transition::AttemptEnded { job_id, .. }
+            | Transition::AttemptAdopted { job_id, .. }
+            | Transition::AttemptReleased { job_id, .. } => Subject::Job(job_id),
+            Transition::LeasesRenewed { .. } => Subject::Leases,
+        }
+    }
+}
+
 /// Where a job goes when its attempt ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEnd {
@@ -1101,6 +1130,11 @@ impl Engine {
 
     /// Whether this core holds `attempt` and has no agent on it yet: a fresh attempt booting,
     /// or one adopted from a stopped core whose agent is to reconnect.
+    /// The run of a job in view (`None` once its run finished or when it is not loaded).
+    pub fn run_of(&self, job_id: &str) -> Option<&str> {
+        self.jobs.get(job_id).map(|job| job.run_id.as_str())
+    }
+
     pub fn awaits_agent(&self, job_id: &str, attempt: u32) -> bool {
         self.jobs.get(job_id).is_some_and(|job| {
             job.snapshot.attempt == attempt
