@@ -1,12 +1,11 @@
 //! Live run views: `GET /api/v1/workflows/{id}/events` sends a run's view at once, again
 //! whenever its state changes, and an `end` event once it is final (`stagely run` waits on it
 //! instead of polling). One publisher task per watched run reads the view when this core
-//! writes to that run or one of its jobs ([`crate::runner::Runner::changes`]) and now and
-//! then besides
-//! (another replica's writes), and hands it to every viewer of that run through one `watch`
-//! channel: a hundred viewers cost one read per change, not a hundred. A viewer that falls
-//! behind skips to the newest view (each is a whole snapshot, so nothing is lost but
-//! intermediate states). A run nobody watches costs nothing.
+//! writes to that run or one of its jobs ([`crate::runner::Runner::changes`]), and now and
+//! then besides (another replica's writes), and hands it to every viewer of that run through
+//! one `watch` channel: a hundred viewers cost one read per change, not a hundred. A viewer
+//! that falls behind skips to the newest view (each is a whole snapshot, so nothing is lost
+//! but intermediate states). A run nobody watches costs nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
