@@ -39,6 +39,8 @@ use crate::stagely_yaml::{JobKind, JobSpec};
 const LOOP_QUEUE: usize = 4096;
 /// Commands queued for one agent link.
 const LINK_QUEUE: usize = 16;
+/// How long a created link waits for its work frame.
+const WORK_WAIT: Duration = Duration::from_secs(60);
 /// Changes a watcher may fall behind by before it is told only "something changed".
 const CHANGES_QUEUE: usize = 1024;
 
@@ -50,8 +52,6 @@ pub enum Changed {
     /// Not known which run (a job no longer in the engine's view): any may have.
     Any,
 }
-/// How long a created link waits for its work frame.
-const WORK_WAIT: Duration = Duration::from_secs(60);
 
 /// Runner settings taken from the core configuration.
 #[derive(Debug, Clone)]
