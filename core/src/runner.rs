@@ -322,8 +322,7 @@ impl Runner {
             }
         }
         // The run is stored: a sync read begun before does not have it.
-        self.shared.wrote();
-        self.shared.changed(Changed::Run(run.id.as_str().into()));
+        self.shared.wrote([Changed::Run(run.id.as_str().into())]);
         self.tx
             .send(Msg::Submitted(Box::new(run)))
             .await
@@ -430,15 +429,14 @@ fn now() -> Timestamp {
 }
 
 impl Shared {
-    /// One of this core's writes to a run or job has landed.
-    fn wrote(&self) {
+    /// One of this core's writes to a run or job has landed: counted (for the sync), and
+    /// what it `changed` told to the watchers (nobody may be listening).
+    fn wrote(&self, changed: impl IntoIterator<Item = Changed>) {
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Tells watchers what a landed write changed (nobody may be listening).
-    fn changed(&self, what: Changed) {
-        let _ = self.changes.send(what);
+        for what in changed {
+            let _ = self.changes.send(what);
+        }
     }
 }
 
@@ -792,15 +790,14 @@ impl LoopState {
                         now(),
                     )
                     .await;
-                self.shared.wrote();
+                // A won claim moved its job to `provisioning`.
+                let moved: Vec<Changed> = match &result {
+                    Ok((won, _)) => won.iter().map(|job_id| self.changed_job(job_id)).collect(),
+                    Err(_) => Vec::new(),
+                };
+                self.shared.wrote(moved);
                 let (won, lost) = match result {
-                    Ok(answer) => {
-                        // A won claim moved its job to `provisioning`.
-                        for job_id in &answer.0 {
-                            self.shared.changed(self.changed_job(job_id));
-                        }
-                        answer
-                    }
+                    Ok(answer) => answer,
                     Err(error) => {
                         tracing::error!("claiming jobs failed: {error}");
                         (
@@ -942,8 +939,7 @@ impl LoopState {
                 message: message.clone(),
             };
             let result = shared.db.apply(&transition, now()).await;
-            shared.wrote();
-            shared.changed(Changed::Run(run_id.as_str().into()));
+            shared.wrote([Changed::Run(run_id.as_str().into())]);
             match result {
                 Ok(true) => tracing::info!(
                     run_id,
@@ -971,12 +967,12 @@ impl LoopState {
     async fn persist(&mut self, transition: Transition) {
         let db = &self.shared.db;
         let result = crate::db::retry_transient(|| db.apply(&transition, now())).await;
-        self.shared.wrote();
-        match transition.subject() {
-            crate::engine::Subject::Run(run_id) => self.shared.changed(Changed::Run(run_id.into())),
-            crate::engine::Subject::Job(job_id) => self.shared.changed(self.changed_job(job_id)),
-            crate::engine::Subject::Leases => {}
-        }
+        let changed = match transition.subject() {
+            crate::engine::Subject::Run(run_id) => Some(Changed::Run(run_id.into())),
+            crate::engine::Subject::Job(job_id) => Some(self.changed_job(job_id)),
+            crate::engine::Subject::Leases => None,
+        };
+        self.shared.wrote(changed);
         let applied = match result {
             Ok(applied) => applied,
             Err(error) => {

@@ -105,24 +105,28 @@ async fn watch(
     .await;
 }
 
+/// A repository with one amd64 build `name` whose RUN step prints `tick-0` … `tick-{ticks-1}`,
+/// one every 50 ms.
+fn ticking_repo(name: &str, ticks: u32) -> TestRepo {
+    let busybox = busybox("amd64").unwrap();
+    let config = format!("builds:\n  {name}:\n    context: .\n    platform: linux/amd64\n");
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt {ticks} ]; do echo tick-$i; /bin/busybox usleep 50000; i=$((i+1)); done\"]\n"
+    );
+    TestRepo::with_files(&[
+        ("stagely.yaml", config.as_bytes()),
+        ("Dockerfile", dockerfile.as_bytes()),
+        ("busybox", &busybox),
+    ])
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn viewers_see_the_backlog_live_lines_and_the_end_and_resume_without_gaps_or_repeats() {
     if !require_build_peers() {
         return;
     }
-    let busybox = busybox("amd64").unwrap();
-    let repo = TestRepo::with_files(&[
-        (
-            "stagely.yaml",
-            b"builds:\n  slow:\n    context: .\n    platform: linux/amd64\n",
-        ),
-        (
-            "Dockerfile",
-            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt 40 ]; do echo tick-$i; /bin/busybox usleep 50000; i=$((i+1)); done\"]\n",
-        ),
-        ("busybox", &busybox),
-    ])
-    .unwrap();
+    let repo = ticking_repo("slow", 40);
     let mut core = TestCore::start().await.unwrap();
     let run = core.submit(&repo, None, "pr-sse").await.unwrap();
     let job_id = run.jobs[0].id.clone();
@@ -250,19 +254,7 @@ async fn run_events_show_each_state_change_once_and_end_when_the_run_is_final() 
     if !require_build_peers() {
         return;
     }
-    let busybox = busybox("amd64").unwrap();
-    let repo = TestRepo::with_files(&[
-        (
-            "stagely.yaml",
-            b"builds:\n  steady:\n    context: .\n    platform: linux/amd64\n",
-        ),
-        (
-            "Dockerfile",
-            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"i=0; while [ $i -lt 10 ]; do echo tick-$i; /bin/busybox usleep 50000; i=$((i+1)); done\"]\n",
-        ),
-        ("busybox", &busybox),
-    ])
-    .unwrap();
+    let repo = ticking_repo("steady", 10);
     let mut core = TestCore::start().await.unwrap();
     // What the runner says it changed, heard from before the submit.
     let mut changes = core.core.as_ref().unwrap().runner.changes();

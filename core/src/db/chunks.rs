@@ -11,17 +11,6 @@ use super::{LogRow, NewLogLine};
 /// Largest chunk text written in one row; a bigger batch becomes several chunks.
 pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// A chunk as it is inserted: its text in `text`, or (then `text` is empty) packed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prepared {
-    pub first_seq: i64,
-    pub last_seq: i64,
-    pub line_count: i64,
-    pub bytes: i64,
-    pub text: String,
-    pub packed: Option<Vec<u8>>,
-}
-
 /// The lines of `lines` to store after `stored`: ascending and above it only (a line at or
 /// below the highest seq kept so far is dropped).
 pub fn fresh_lines(lines: &[NewLogLine], stored: i64) -> Vec<&NewLogLine> {
@@ -40,25 +29,15 @@ pub fn fresh_lines(lines: &[NewLogLine], stored: i64) -> Vec<&NewLogLine> {
 
 /// [`encode`], each chunk packed where that pays ([`pack`]): a chatty build's log is mostly
 /// repeats.
-pub fn prepare(lines: &[&NewLogLine]) -> Vec<Prepared> {
-    encode(lines)
-        .into_iter()
-        .map(|chunk| {
-            let packed = pack(&chunk.text);
-            Prepared {
-                first_seq: chunk.first_seq,
-                last_seq: chunk.last_seq,
-                line_count: chunk.line_count,
-                bytes: chunk.bytes,
-                text: if packed.is_some() {
-                    String::new()
-                } else {
-                    chunk.text
-                },
-                packed,
-            }
-        })
-        .collect()
+pub fn prepare(lines: &[&NewLogLine]) -> Vec<Chunk> {
+    let mut chunks = encode(lines);
+    for chunk in &mut chunks {
+        chunk.packed = pack(&chunk.text);
+        if chunk.packed.is_some() {
+            chunk.text = String::new();
+        }
+    }
+    chunks
 }
 
 /// Most bytes a packed chunk may unpack to: a chunk is at most [`MAX_CHUNK_BYTES`] (or one
@@ -112,7 +91,7 @@ pub struct ChunkError {
     pub at: usize,
 }
 
-/// One chunk ready to insert.
+/// One chunk ready to insert: its text in `text`, or (then `text` is empty) packed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
     pub first_seq: i64,
@@ -121,6 +100,8 @@ pub struct Chunk {
     /// Bytes of line data (without the headers).
     pub bytes: i64,
     pub text: String,
+    /// The text LZ4-packed ([`pack`]), when [`prepare`] found that it pays.
+    pub packed: Option<Vec<u8>>,
 }
 
 fn stream_code(stream: &str) -> char {
@@ -159,6 +140,7 @@ pub fn encode(lines: &[&NewLogLine]) -> Vec<Chunk> {
             line_count: 0,
             bytes: 0,
             text: String::with_capacity(capacity),
+            packed: None,
         };
         for line in these {
             // `SEQ STREAM LEN\n` then the data (itoa: this runs for every stored line).

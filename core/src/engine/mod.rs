@@ -1128,13 +1128,13 @@ impl Engine {
 
     // ---- rules ----
 
-    /// Whether this core holds `attempt` and has no agent on it yet: a fresh attempt booting,
-    /// or one adopted from a stopped core whose agent is to reconnect.
     /// The run of a job in view (`None` once its run finished or when it is not loaded).
     pub fn run_of(&self, job_id: &str) -> Option<&str> {
         self.jobs.get(job_id).map(|job| job.run_id.as_str())
     }
 
+    /// Whether this core holds `attempt` and has no agent on it yet: a fresh attempt booting,
+    /// or one adopted from a stopped core whose agent is to reconnect.
     pub fn awaits_agent(&self, job_id: &str, attempt: u32) -> bool {
         self.jobs.get(job_id).is_some_and(|job| {
             job.snapshot.attempt == attempt
