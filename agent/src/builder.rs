@@ -33,6 +33,10 @@ pub enum Backend {
     Buildah {
         root: PathBuf,
         runroot: PathBuf,
+        /// buildah's `TMPDIR`, private to the instance: `RUN --mount=type=cache` directories
+        /// live under it (else in the host-wide `/var/tmp/buildah-cache-UID`, shared by every
+        /// build on the machine and kept after it), removed with the instance.
+        tmp: PathBuf,
     },
 }
 
@@ -185,14 +189,14 @@ impl Backend {
                     Invocation {
                         program: "buildah".into(),
                         args: bud,
-                        env: vec![],
+                        env: self.buildah_env(),
                         step: "build",
                         stdout_to_result: false,
                     },
                     Invocation {
                         program: "buildah".into(),
                         args: push,
-                        env: vec![],
+                        env: self.buildah_env(),
                         step: "push",
                         stdout_to_result: false,
                     },
@@ -256,7 +260,7 @@ impl Backend {
                 commands.push(Invocation {
                     program: "buildah".into(),
                     args: create,
-                    env: vec![],
+                    env: self.buildah_env(),
                     step: "manifest create",
                     stdout_to_result: false,
                 });
@@ -270,7 +274,7 @@ impl Backend {
                     commands.push(Invocation {
                         program: "buildah".into(),
                         args: add,
-                        env: vec![],
+                        env: self.buildah_env(),
                         step: "manifest add",
                         stdout_to_result: false,
                     });
@@ -286,7 +290,7 @@ impl Backend {
                 commands.push(Invocation {
                     program: "buildah".into(),
                     args: push,
-                    env: vec![],
+                    env: self.buildah_env(),
                     step: "manifest push",
                     stdout_to_result: false,
                 });
@@ -295,9 +299,31 @@ impl Backend {
         }
     }
 
+    /// Creates what the backend needs on disk before its first command: buildah's private
+    /// `TMPDIR` (0700).
+    pub fn prepare(&self) -> std::io::Result<()> {
+        if let Backend::Buildah { tmp, .. } = self {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(tmp)?;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+
+    /// The environment of every buildah command: its private `TMPDIR`.
+    fn buildah_env(&self) -> Vec<(String, String)> {
+        match self {
+            Backend::Buildah { tmp, .. } => vec![("TMPDIR".into(), path_text(tmp))],
+            Backend::Buildx => vec![],
+        }
+    }
+
     fn buildah_global(&self) -> Vec<String> {
         match self {
-            Backend::Buildah { root, runroot } => vec![
+            Backend::Buildah { root, runroot, .. } => vec![
                 "--root".into(),
                 path_text(root),
                 "--runroot".into(),
@@ -512,6 +538,7 @@ mod tests {
         let backend = Backend::Buildah {
             root: "/w/storage".into(),
             runroot: "/w/run".into(),
+            tmp: "/w/tmp".into(),
         };
         let commands = backend.build_commands(
             &seed_config(),
@@ -537,6 +564,10 @@ mod tests {
              --tls-verify=false registry.internal/proj-123/env-456:backend-amd64 \
              docker://registry.internal/proj-123/env-456:backend-amd64"
         );
+        // Cache mounts stay in the instance: every buildah command gets its private TMPDIR.
+        for command in &commands {
+            assert_eq!(command.env, vec![("TMPDIR".into(), "/w/tmp".into())]);
+        }
     }
 
     #[test]
@@ -545,6 +576,7 @@ mod tests {
         let backend = Backend::Buildah {
             root: "/r".into(),
             runroot: "/rr".into(),
+            tmp: "/t".into(),
         };
         for command in backend
             .build_commands(
@@ -584,6 +616,7 @@ mod tests {
         let buildah = Backend::Buildah {
             root: "/r".into(),
             runroot: "/rr".into(),
+            tmp: "/t".into(),
         };
         for backend in [Backend::Buildx, buildah] {
             let commands =

@@ -133,6 +133,7 @@ pub async fn detect_backend(preference: Option<&str>, work_dir: &Path) -> Option
     let buildah = Backend::Buildah {
         root: work_dir.join("buildah/storage"),
         runroot: work_dir.join("buildah/run"),
+        tmp: work_dir.join("buildah/tmp"),
     };
     match preference {
         Some("buildx") => return Some(Backend::Buildx),

@@ -60,8 +60,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         })
         .unwrap_or_else(|| "unknown".into());
     let host_arch = connection::host_arch()?;
+    let backend = job::detect_backend(config.builder.as_deref(), &work_dir).await;
+    if let Some(backend) = &backend {
+        backend.prepare().with_context(|| {
+            format!(
+                "preparing the builder's directories in {}",
+                work_dir.display()
+            )
+        })?;
+    }
     let env = job::JobEnvironment {
-        backend: job::detect_backend(config.builder.as_deref(), &work_dir).await,
+        backend,
         emulated_arches: job::emulated_arches(host_arch),
         host_arch,
         work_dir,

@@ -71,12 +71,15 @@ async fn run(
     build: &Build,
     allow_local_repos: bool,
 ) -> (stagely_agent::job::Report, String) {
+    let backend = Backend::Buildah {
+        root: work.join("storage"),
+        runroot: work.join("run"),
+        tmp: work.join("tmp"),
+    };
+    backend.prepare().unwrap();
     let env = JobEnvironment {
         work_dir: work.to_path_buf(),
-        backend: Some(Backend::Buildah {
-            root: work.join("storage"),
-            runroot: work.join("run"),
-        }),
+        backend: Some(backend),
         host_arch: host_arch(),
         emulated_arches: vec![],
         allow_local_repos,

@@ -55,6 +55,8 @@ pub struct AppState {
     pub git_reads: Arc<tokio::sync::Semaphore>,
     /// Publishers of the runs watched through `GET /api/v1/workflows/{id}/events`.
     pub run_events: Arc<crate::run_events::RunEvents>,
+    /// The event streams open (both SSE routes), capped in total and per token.
+    pub streams: Arc<SseStreams>,
 }
 
 /// Largest `POST /api/v1/workflows` body (a `stagely.yaml` of [`MAX_CONFIG_BYTES`] and the
@@ -115,6 +117,11 @@ impl ApiAuth {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether `headers` carry a token this core accepts (always, when the API is open).
+    pub fn accepts(&self, headers: &HeaderMap) -> bool {
+        self.is_open() || bearer_token(headers).is_some_and(|token| self.check(token).is_some())
+    }
+
     /// The name of the token `presented` is, if any. Every configured hash is compared, in
     /// constant time, whichever matches.
     pub fn check(&self, presented: &str) -> Option<&str> {
@@ -130,13 +137,19 @@ impl ApiAuth {
     }
 }
 
+/// Who made an authenticated API request: its token's name (`anonymous` when the API is
+/// open). Set by the token check for the handlers behind it.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<str>);
+
 async fn require_api_token(
     State(state): State<AppState>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let auth = &state.auth;
     if auth.is_open() {
+        request.extensions_mut().insert(Caller("anonymous".into()));
         return next.run(request).await;
     }
     let reason = match bearer_token(request.headers()) {
@@ -144,6 +157,8 @@ async fn require_api_token(
         Some(token) => match auth.check(token) {
             Some(name) => {
                 tracing::debug!(token = name, "API caller authenticated");
+                let caller = Caller(name.into());
+                request.extensions_mut().insert(caller);
                 return next.run(request).await;
             }
             None => "unknown API token",
@@ -178,6 +193,13 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{message}")]
     Busy {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// `429`: this caller (its address or token) is over its share; `Retry-After` says when
+    /// to come back.
+    #[error("{message}")]
+    TooManyRequests {
         message: String,
         retry_after_secs: u64,
     },
@@ -220,6 +242,9 @@ impl IntoResponse for ApiError {
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy", None),
+            ApiError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests", None)
+            }
             ApiError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
             }
@@ -252,6 +277,9 @@ impl IntoResponse for ApiError {
             );
         }
         if let ApiError::Busy {
+            retry_after_secs, ..
+        }
+        | ApiError::TooManyRequests {
             retry_after_secs, ..
         } = &self
             && let Ok(value) = header::HeaderValue::from_str(&retry_after_secs.to_string())
@@ -1039,13 +1067,98 @@ async fn get_workflow(
     Ok(Json(load_run(&state, &id).await?))
 }
 
-/// A Server-Sent Events response of what `rx` receives, with keep-alive comments while quiet.
-fn sse_response(rx: tokio::sync::mpsc::Receiver<axum::response::sse::Event>) -> Response {
+/// The Server-Sent Events streams open at once: at most `total`, and `per_token` for one API
+/// token, so neither one caller nor all of them can hold the core's tasks and connections.
+#[derive(Debug)]
+pub struct SseStreams {
+    total: usize,
+    per_token: usize,
+    open: std::sync::Mutex<(usize, std::collections::HashMap<Arc<str>, usize>)>,
+}
+
+/// One open stream's place; released when the stream's body is dropped.
+#[derive(Debug)]
+pub struct StreamPermit {
+    streams: Arc<SseStreams>,
+    token: Arc<str>,
+}
+
+impl SseStreams {
+    pub fn new(total: usize, per_token: usize) -> Arc<SseStreams> {
+        Arc::new(SseStreams {
+            total,
+            per_token,
+            open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+        })
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (usize, std::collections::HashMap<Arc<str>, usize>)> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Streams open now (in total).
+    pub fn open_now(&self) -> usize {
+        self.lock().0
+    }
+
+    /// A place for one more stream of `caller`, or `429` naming the cap it would pass.
+    pub fn open(self: &Arc<Self>, caller: &Caller) -> Result<StreamPermit, ApiError> {
+        let mut open = self.lock();
+        let of_token = open.1.get(&caller.0).copied().unwrap_or(0);
+        if of_token >= self.per_token {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "this token has {of_token} event streams open, its limit (api.max_sse_streams_per_token)"
+                ),
+                retry_after_secs: 5,
+            });
+        }
+        if open.0 >= self.total {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "the core has {} event streams open, its limit (api.max_sse_streams)",
+                    open.0
+                ),
+                retry_after_secs: 5,
+            });
+        }
+        open.0 += 1;
+        *open.1.entry(caller.0.clone()).or_insert(0) += 1;
+        Ok(StreamPermit {
+            streams: self.clone(),
+            token: caller.0.clone(),
+        })
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock();
+        open.0 -= 1;
+        if let Some(count) = open.1.get_mut(&self.token) {
+            *count -= 1;
+            if *count == 0 {
+                open.1.remove(&self.token);
+            }
+        }
+    }
+}
+
+/// A Server-Sent Events response of what `rx` receives, with keep-alive comments while quiet;
+/// `permit` is held for as long as the response body lives.
+fn sse_response(
+    rx: tokio::sync::mpsc::Receiver<axum::response::sse::Event>,
+    permit: StreamPermit,
+) -> Response {
     use axum::response::sse::{KeepAlive, Sse};
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
         rx.recv()
             .await
-            .map(|event| (Ok::<_, std::convert::Infallible>(event), rx))
+            .map(|event| (Ok::<_, std::convert::Infallible>(event), (rx, permit)))
     });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
@@ -1066,10 +1179,12 @@ pub struct RunEnd {
 /// current one first and has missed nothing but intermediate states.
 async fn stream_run_events(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::Event;
     load_run(&state, &id).await?;
+    let permit = state.streams.open(&caller)?;
     let shutdown = state.runner.shutdown_token();
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(4);
     tokio::spawn(async move {
@@ -1114,7 +1229,7 @@ async fn stream_run_events(
             }
         }
     });
-    Ok(sse_response(rx))
+    Ok(sse_response(rx, permit))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1295,6 +1410,7 @@ async fn catch_up(
 
 async fn stream_logs(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
@@ -1323,6 +1439,7 @@ async fn stream_logs(
     if after < 0 {
         return Err(invalid("after", "must not be negative"));
     }
+    let permit = state.streams.open(&caller)?;
     // Subscribed before the backlog is read: a line stored meanwhile is in one or the other,
     // and the cursor drops what both carry.
     let mut live = state.runner.log_hub().viewer(&id);
@@ -1409,7 +1526,7 @@ async fn stream_logs(
             return;
         }
     });
-    Ok(sse_response(rx))
+    Ok(sse_response(rx, permit))
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// (on stderr, with the progress; the summary stays on stdout).
     #[arg(long)]
     pub follow: bool,
+    /// Write build output and error messages as stored, escape sequences included (for
+    /// pipes). Without it, a terminal gets control characters shown escaped (`\x1b`, `^M`)
+    /// and only plain colours.
+    #[arg(long)]
+    pub raw: bool,
     /// A `stagely.toml` for the embedded core (its `[scheduler]`, `[secrets]`, `[prices]`...);
     /// `listen`, `data_dir`, the registry and the API token stay `run`'s own.
     #[arg(long)]
@@ -166,6 +171,10 @@ pub struct LogsArgs {
     /// resumed after a dropped connection without losing or repeating a line).
     #[arg(long)]
     pub follow: bool,
+    /// Write lines as stored, escape sequences included (for pipes). Without it, a terminal
+    /// gets control characters shown escaped (`\x1b`, `^M`) and only plain colours.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -463,7 +472,14 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     crate::stagely_yaml::parse(&text, &checkout.prefix)?;
 
     let progress_to_stderr = args.json;
-    let say = |line: String| {
+    // Progress carries what builds and the core said (error messages, log tails).
+    let progress_screen = if progress_to_stderr {
+        crate::terminal::Screen::stderr(args.raw)
+    } else {
+        crate::terminal::Screen::stdout(args.raw)
+    };
+    let say = move |line: String| {
+        let line = progress_screen.show(&line);
         if progress_to_stderr {
             eprintln!("{line}");
         } else {
@@ -544,6 +560,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             text: &text,
             environment: &args.environment,
             follow: args.follow,
+            raw: args.raw,
         },
         &stop,
         &say,
@@ -569,6 +586,8 @@ struct RunRequest<'a> {
     text: &'a str,
     environment: &'a str,
     follow: bool,
+    /// `--raw`: build output written as stored.
+    raw: bool,
 }
 
 async fn drive_run(
@@ -583,6 +602,7 @@ async fn drive_run(
         text,
         environment,
         follow,
+        raw,
     } = request;
     let response = client
         .post(format!("{core_url}/api/v1/workflows"))
@@ -609,6 +629,7 @@ async fn drive_run(
         .map(|job| job.name.len())
         .max()
         .unwrap_or(0);
+    let screen = crate::terminal::Screen::stderr(raw);
     let followers: Vec<tokio::task::JoinHandle<()>> = if follow {
         view.jobs
             .iter()
@@ -618,7 +639,7 @@ async fn drive_run(
                 tokio::spawn(async move {
                     let _ = stream_job_lines(&client, &url, &id, |line| {
                         let mut err = std::io::stderr().lock();
-                        let _ = write!(err, "{prefix}{}", line.line);
+                        let _ = write!(err, "{prefix}{}", screen.show(&line.line));
                         if !line.line.ends_with('\n') {
                             let _ = writeln!(err);
                         }
@@ -892,8 +913,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
 async fn follow_logs(args: &LogsArgs) -> anyhow::Result<()> {
     let client = api_client()?;
     let mut out = std::io::stdout();
+    let screen = crate::terminal::Screen::stdout(args.raw);
     stream_job_lines(&client, &args.core.core, &args.job_id, |line| {
-        let _ = out.write_all(line.line.as_bytes());
+        let _ = out.write_all(screen.show(&line.line).as_bytes());
         if !line.line.ends_with('\n') {
             let _ = out.write_all(b"\n");
         }
@@ -985,6 +1007,7 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     }
     let client = api_client()?;
     let mut after = 0;
+    let screen = crate::terminal::Screen::stdout(args.raw);
     let mut out = std::io::stdout().lock();
     loop {
         let response = client
@@ -1000,7 +1023,7 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
         let page: LogPage = response.json().await?;
         let empty = page.lines.is_empty();
         for line in &page.lines {
-            out.write_all(line.line.as_bytes())?;
+            out.write_all(screen.show(&line.line).as_bytes())?;
             if !line.line.ends_with('\n') {
                 out.write_all(b"\n")?;
             }

@@ -111,8 +111,26 @@ pub struct ApiFile {
     pub header_read_timeout_secs: Option<u64>,
     /// Longest wait for a request body (default 30).
     pub body_read_timeout_secs: Option<u64>,
-    /// Open HTTP connections at once (default 1024); more wait to be accepted.
+    /// API requests in flight at once, SSE streams included (default 1024); as many
+    /// connections again may wait for a request (new or kept alive), the oldest evicted first.
+    /// More requests get `503`. Agents have their own share (`max_agent_connections`).
     pub max_connections: Option<usize>,
+    /// Per source address: API requests in flight, and connections waiting for a request
+    /// (default 256). Over it the address's own oldest waiting connection is cut, and a
+    /// request gets `429`. Agents are not counted.
+    pub max_connections_per_ip: Option<usize>,
+    /// Agent WebSocket connections at once (default 1024), a share API traffic cannot take.
+    pub max_agent_connections: Option<usize>,
+    /// Longest life of an API connection (default 3600): then it is closed after its request
+    /// in flight (SSE streams end; clients resume with `Last-Event-ID`). Agents are exempt.
+    pub max_connection_secs: Option<u64>,
+    /// Requests without a valid token (answered `401`, `404`, ...) per source address and
+    /// second (default 20, bursts of 100); over it `429`. `/healthz` and agents are exempt.
+    pub unauthenticated_requests_per_ip_per_sec: Option<u32>,
+    /// Server-Sent Events streams open at once (default 512), and per API token (default 64);
+    /// over either `429`.
+    pub max_sse_streams: Option<usize>,
+    pub max_sse_streams_per_token: Option<usize>,
     /// Submissions reading `stagely.yaml` from git at once (default 4); more get `503` with
     /// `Retry-After`.
     pub max_concurrent_git_reads: Option<usize>,
@@ -406,6 +424,12 @@ pub struct ApiLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_agent_connections: usize,
+    pub max_connection_lifetime: Duration,
+    pub unauthenticated_requests_per_ip_per_sec: u32,
+    pub max_sse_streams: usize,
+    pub max_sse_streams_per_token: usize,
     pub max_concurrent_git_reads: usize,
     pub git_read_timeout: Duration,
 }
@@ -717,6 +741,33 @@ impl CoreConfig {
             max_connections: positive(
                 "api.max_connections",
                 file.api.max_connections.unwrap_or(1024) as u64,
+            )? as usize,
+            max_connections_per_ip: positive(
+                "api.max_connections_per_ip",
+                file.api.max_connections_per_ip.unwrap_or(256) as u64,
+            )? as usize,
+            max_agent_connections: positive(
+                "api.max_agent_connections",
+                file.api.max_agent_connections.unwrap_or(1024) as u64,
+            )? as usize,
+            max_connection_lifetime: Duration::from_secs(positive(
+                "api.max_connection_secs",
+                file.api.max_connection_secs.unwrap_or(3600),
+            )?),
+            unauthenticated_requests_per_ip_per_sec: positive(
+                "api.unauthenticated_requests_per_ip_per_sec",
+                file.api
+                    .unauthenticated_requests_per_ip_per_sec
+                    .unwrap_or(20)
+                    .into(),
+            )? as u32,
+            max_sse_streams: positive(
+                "api.max_sse_streams",
+                file.api.max_sse_streams.unwrap_or(512) as u64,
+            )? as usize,
+            max_sse_streams_per_token: positive(
+                "api.max_sse_streams_per_token",
+                file.api.max_sse_streams_per_token.unwrap_or(64) as u64,
             )? as usize,
             max_concurrent_git_reads: positive(
                 "api.max_concurrent_git_reads",

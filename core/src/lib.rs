@@ -3,6 +3,7 @@
 //! Entry points: [`server::start`] runs a core on a listener; [`cli`] implements the
 //! `stagely` commands (`serve`, `run`, `submit`, `status`, `logs`, `cancel`).
 
+pub mod admission;
 pub mod agent_link;
 pub mod api;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod cost;
 pub mod db;
 pub mod engine;
+pub mod gate;
 pub mod image_check;
 pub mod images;
 pub mod log_hub;
@@ -20,4 +22,5 @@ pub mod runner;
 pub mod server;
 pub mod source;
 pub mod stagely_yaml;
+pub mod terminal;
 pub mod tls;

@@ -28,6 +28,8 @@ pub struct RunningCore {
     pub auth: Arc<ApiAuth>,
     /// The publishers of watched runs (`GET /api/v1/workflows/{id}/events`).
     pub run_events: Arc<crate::run_events::RunEvents>,
+    /// Connections in and requests admitted (its counts show the flood a core is under).
+    pub gate: Arc<crate::gate::Gate>,
     /// Cancelled by `stop`; the scheduler's tasks and the HTTP server watch it.
     shutdown: CancellationToken,
     /// The HTTP server task; ends after graceful shutdown.
@@ -105,20 +107,76 @@ pub async fn provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
 /// How long in-flight requests get to finish once shutdown began.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Raises the soft open-files limit to the hard one (a service's connections, log files and
+/// child pipes all take descriptors) and returns the soft limit in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // The kernel's per-process ceiling (`fs.nr_open`) when the hard limit says "infinity".
+    const NR_OPEN: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let target = if hard == nix::sys::resource::RLIM_INFINITY {
+        NR_OPEN
+    } else {
+        hard
+    };
+    if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => return target,
+            Err(error) => {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {target}: {error}")
+            }
+        }
+    }
+    soft
+}
+
+/// The connection caps of `limits` that fit in this process's descriptors (after raising the
+/// soft limit), agents' share first.
+pub fn connection_limits(
+    limits: &crate::config::ApiLimits,
+) -> anyhow::Result<crate::admission::AdmissionLimits> {
+    let open_files = raise_open_files_limit();
+    let wanted = crate::admission::AdmissionLimits {
+        max_connections: limits.max_connections,
+        max_waiting: limits.max_connections,
+        max_connections_per_ip: limits.max_connections_per_ip,
+        max_agent_connections: limits.max_agent_connections,
+    };
+    let fitted = crate::admission::budget(open_files, wanted).with_context(|| {
+        format!(
+            "the open-files limit ({open_files}) leaves no room for connections: raise it (ulimit -n, LimitNOFILE=)"
+        )
+    })?;
+    if fitted != wanted {
+        tracing::warn!(
+            open_files,
+            agents = fitted.max_agent_connections,
+            api = fitted.max_connections,
+            waiting = fitted.max_waiting,
+            "the open-files limit is too low for the configured connection caps; API caps lowered, agents keep their share"
+        );
+    }
+    Ok(fitted)
+}
+
 /// Serves `router` on `listener` over HTTP/1.1 (with upgrades, for the agent WebSocket) until
-/// `shutdown`, with the bounds `axum::serve` cannot set: at most `max_connections` open at
-/// once (more wait in the kernel's backlog), and a client that does not send a request's
-/// headers within `header_read_timeout` (slowloris), or sends nothing on a kept-alive
-/// connection for that long, is disconnected.
+/// `shutdown`, every connection through `gate` (see `gate.rs` and `admission.rs`): accept
+/// never stops, so an agent is never queued behind a flood in the kernel's backlog; waiting
+/// connections are evicted oldest first (per source address first); a client that does not
+/// send a request's headers within `header_read_timeout` (slowloris), or sends nothing on a
+/// kept-alive connection for that long, is disconnected; an API connection lives at most
+/// `max_connection_lifetime`.
 async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
+    gate: Arc<crate::gate::Gate>,
     limits: crate::config::ApiLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use hyper_util::rt::TokioTimer;
-    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     // Every connection task, waited for (up to HTTP_DRAIN) at shutdown.
     let tasks = tokio_util::task::TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -126,50 +184,76 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    let mut tidy = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accepting a connection failed: {error}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    let out_of_descriptors = matches!(
+                        error.raw_os_error(),
+                        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
+                    );
+                    if out_of_descriptors && gate.evict_oldest() {
+                        // A waiting API connection gives its descriptor up; take the
+                        // connection waiting in the backlog once it is closed.
+                        tracing::debug!("out of descriptors: cut the oldest waiting connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    } else {
+                        // Out of descriptors with nothing to evict, and the like: back off
+                        // instead of spinning.
+                        tracing::warn!("accepting a connection failed: {error}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
                     continue;
                 }
             },
+            _ = tidy.tick() => {
+                gate.forget_quiet_addresses();
+                continue;
+            }
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let ticket = gate.accept(peer.ip());
+        let router = router.clone();
+        let request_gate = gate.clone();
+        let (id, ip) = (ticket.id, ticket.ip);
+        let service = hyper::service::service_fn(move |request| {
+            request_gate.clone().serve(id, ip, router.clone(), request)
+        });
         let builder = builder.clone();
         let stop = shutdown.clone();
         let tls = tls.clone();
+        let gate = gate.clone();
+        let lifetime = limits.max_connection_lifetime;
         // The handshake shares the header deadline: a client that stalls it is dropped.
         let handshake_limit = limits.header_read_timeout;
         tasks.spawn(async move {
-            match tls {
-                None => serve_connection(&builder, stream, service, &stop).await,
-                Some(acceptor) => {
-                    let accepted = tokio::select! {
-                        accepted = tokio::time::timeout(handshake_limit, acceptor.accept(stream)) => accepted,
-                        () = stop.cancelled() => return,
-                    };
-                    match accepted {
-                        Ok(Ok(stream)) => serve_connection(&builder, stream, service, &stop).await,
-                        // A failed or slow handshake is the client's problem; say it at debug.
-                        Ok(Err(error)) => tracing::debug!("TLS handshake failed: {error}"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+            let cut = ticket.cut.clone();
+            let serving = async {
+                match tls {
+                    None => serve_connection(&builder, stream, service, &stop, &gate, id, lifetime).await,
+                    Some(acceptor) => {
+                        let accepted = tokio::select! {
+                            accepted = tokio::time::timeout(handshake_limit, acceptor.accept(stream)) => accepted,
+                            () = stop.cancelled() => return,
+                        };
+                        match accepted {
+                            Ok(Ok(stream)) => serve_connection(&builder, stream, service, &stop, &gate, id, lifetime).await,
+                            // A failed or slow handshake is the client's problem; say it at debug.
+                            Ok(Err(error)) => tracing::debug!("TLS handshake failed: {error}"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                () = serving => {}
+                // Evicted to make room: dropped at once (it had no request in flight).
+                () = cut.cancelled() => {}
             }
-            drop(permit);
+            drop(ticket);
         });
     }
     drop(listener);
@@ -186,26 +270,48 @@ async fn serve_http(
     Ok(())
 }
 
-/// Serves one accepted connection (plain or TLS) until it ends or shutdown drains it.
-async fn serve_connection<I>(
+/// Serves one accepted connection (plain or TLS) until it ends, shutdown drains it, or (not
+/// for an agent's) its lifetime is over: then it finishes its request in flight and closes,
+/// cut outright after `HTTP_DRAIN`.
+async fn serve_connection<I, S>(
     builder: &hyper::server::conn::http1::Builder,
     io: I,
-    service: hyper_util::service::TowerToHyperService<axum::Router>,
+    service: S,
     stop: &CancellationToken,
+    gate: &crate::gate::Gate,
+    id: crate::admission::ConnId,
+    lifetime: std::time::Duration,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = axum::body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connection = builder
         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
+    let expiry = tokio::time::sleep(lifetime);
+    tokio::pin!(expiry);
+    let mut expiring = true;
     // Timeouts and resets end connections with an error: nothing to report.
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        () = stop.cancelled() => {
-            // Finish the request in flight, then close.
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = &mut expiry, if expiring => {
+                expiring = false;
+                if gate.is_agent(id) {
+                    continue;
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(HTTP_DRAIN, connection.as_mut()).await;
+                return;
+            }
+            () = stop.cancelled() => {
+                // Finish the request in flight, then close.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                return;
+            }
         }
     }
 }
@@ -328,6 +434,19 @@ pub async fn start(
             "no API token is configured: anyone who can reach {addr} may call the API (set STAGELY_API_TOKEN or [api.tokens])"
         );
     }
+    let connection_limits = connection_limits(&config.limits)?;
+    tracing::info!(
+        agents = connection_limits.max_agent_connections,
+        api = connection_limits.max_connections,
+        waiting = connection_limits.max_waiting,
+        per_ip = connection_limits.max_connections_per_ip,
+        "connection caps"
+    );
+    let gate = crate::gate::Gate::new(
+        connection_limits,
+        auth.clone(),
+        config.limits.unauthenticated_requests_per_ip_per_sec,
+    );
     let run_events = Arc::new(crate::run_events::RunEvents::default());
     let router = app(AppState {
         runner: runner.clone(),
@@ -338,6 +457,10 @@ pub async fn start(
             config.limits.max_concurrent_git_reads,
         )),
         run_events: run_events.clone(),
+        streams: crate::api::SseStreams::new(
+            config.limits.max_sse_streams,
+            config.limits.max_sse_streams_per_token,
+        ),
     });
     if let Some((cert, _)) = &tls {
         reload_on_sighup(cert.clone(), shutdown.clone());
@@ -346,6 +469,7 @@ pub async fn start(
     let server = tokio::spawn(serve_http(
         listener,
         router,
+        gate.clone(),
         config.limits.clone(),
         acceptor,
         shutdown.clone(),
@@ -356,6 +480,7 @@ pub async fn start(
         runner,
         auth,
         run_events,
+        gate,
         shutdown,
         server,
         tls: cert,

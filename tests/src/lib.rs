@@ -25,6 +25,7 @@ use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
 
 pub mod counting;
 pub mod ec2;
+pub mod flood;
 pub mod proxy;
 
 /// True when running under CI, where a missing peer is a failure.

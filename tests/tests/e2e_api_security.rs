@@ -2,6 +2,7 @@
 //! token; repositories the core must not touch are refused before git runs.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use stagely_tests::*;
 
@@ -210,4 +211,84 @@ async fn stagely_serve_refuses_local_repositories_by_default() {
         "{answer}"
     );
     assert!(core.terminate().await.success());
+}
+
+/// Issue 26: an API connection's life is bounded (`api.max_connection_secs`); an agent's
+/// is not (SECURITY.md row 69).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_connection_lives_at_most_max_connection_secs_and_an_agents_outlives_it() {
+    if !require_build_peers() {
+        return;
+    }
+    let capture = LogCapture::install();
+    let mut core = TestCore::start_configured(|file| {
+        file.api.max_connection_secs = Some(2);
+    })
+    .await
+    .unwrap();
+    // The build takes ~20 s: longer than an API connection may live (2 s) and its drain
+    // (10 s: a request in flight at the end of life may finish, an endless one is cut).
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  app:\n    context: ./app\n    platform: linux/amd64\n",
+        ),
+        (
+            "app/Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"for i in $(/bin/busybox seq 1 200); do echo flood-line-$i; /bin/busybox sleep 0.1; done\"]\n",
+        ),
+        ("app/busybox", &busybox),
+    ])
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-life").await.unwrap();
+    let job_id = run.jobs[0].id.clone();
+    let started = Instant::now();
+    let mut stream = client_with_token(&core.api_token)
+        .get(format!("{}/api/v1/jobs/{job_id}/logs/stream", core.url))
+        .send()
+        .await
+        .unwrap();
+    // The stream is cut at its connection's end of life, before the job ends.
+    let mut body = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.chunk().await {
+                Ok(Some(chunk)) => body.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    let lived = started.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the stream outlived its connection's lifetime"
+    );
+    assert!(
+        !body.contains("event: end"),
+        "the job ended first: {lived:?}\n{body}"
+    );
+    assert!(
+        lived >= Duration::from_secs(2) && lived < Duration::from_secs(15),
+        "{lived:?}"
+    );
+    // The agent's connection was not cut: one connection carried the whole build.
+    let run = core.wait_finished(&run.id, Duration::from_secs(240)).await;
+    assert_eq!(run.status, "completed", "{:?}", run.jobs[0].error_message);
+    let logs: String = core
+        .logs(&job_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect();
+    assert!(logs.contains("flood-line-200\n"), "{logs}");
+    let connections = capture
+        .text()
+        .lines()
+        .filter(|line| line.contains("agent authenticated") && line.contains(&job_id))
+        .count();
+    assert_eq!(connections, 1, "the agent dialled {connections} times");
+    core.stop().await;
 }

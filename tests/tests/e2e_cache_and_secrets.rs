@@ -91,6 +91,77 @@ async fn one_repository_cannot_poison_anothers_layer_cache() {
     core.stop().await;
 }
 
+/// A repository whose build plants `marker` in a `RUN --mount=type=cache` directory, then
+/// reads it back in a second step (the cache mount works within one build), and prints what
+/// the cache held before it.
+fn cache_mount_repo(marker: &str) -> TestRepo {
+    let busybox = busybox("amd64").unwrap();
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\n\
+         RUN --mount=type=cache,target=/root/.npm [\"/bin/busybox\", \"sh\", \"-c\", \"echo found:$(/bin/busybox cat /root/.npm/planted 2>/dev/null || echo nothing); echo {marker} > /root/.npm/planted\"]\n\
+         RUN --mount=type=cache,target=/root/.npm [\"/bin/busybox\", \"sh\", \"-c\", \"echo kept:$(/bin/busybox cat /root/.npm/planted)\"]\n"
+    );
+    TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  web:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        ("Dockerfile", dockerfile.as_bytes()),
+        ("busybox", &busybox),
+    ])
+    .unwrap()
+}
+
+/// Issue 26 (SECURITY.md row 71), in the shape of row 17: buildah keeps cache mounts under
+/// its `TMPDIR` (by default the host-wide `/var/tmp/buildah-cache-0`, kept after the job);
+/// each instance now has its own, so one repository cannot plant files another one's build
+/// then reads from a cache mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_repository_cannot_plant_files_in_anothers_cache_mounts() {
+    if !require_build_peers() {
+        return;
+    }
+    let mut core = TestCore::start().await.unwrap();
+    let marker = format!("planted-{}", stagely_core::cli::new_api_token());
+    let attacker = cache_mount_repo(&marker);
+    let victim = cache_mount_repo("victims-own");
+    let (_, attacker_log) = build(&core, &attacker, "evil-1").await;
+    // Within one build the cache mount is shared between steps.
+    assert!(attacker_log.contains("found:nothing"), "{attacker_log}");
+    assert!(
+        attacker_log.contains(&format!("kept:{marker}")),
+        "{attacker_log}"
+    );
+    let (_, victim_log) = build(&core, &victim, "pr-1").await;
+    assert!(
+        victim_log.contains("found:nothing") && !victim_log.contains(&marker),
+        "the victim's build read the attacker's cache mount:\n{victim_log}"
+    );
+    assert!(victim_log.contains("kept:victims-own"), "{victim_log}");
+    // Nothing of it stayed on the host: not in buildah's shared directory, nor in any
+    // instance's (removed with the instance).
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir("/var/tmp")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.to_string_lossy().contains("buildah-cache"))
+        .collect();
+    dirs.push(core.data.path().join("instances"));
+    for dir in dirs {
+        for file in files_under(&dir) {
+            if let Ok(bytes) = std::fs::read(&file) {
+                assert!(
+                    !contains_bytes(&bytes, marker.as_bytes()),
+                    "{} holds the attacker's planted file",
+                    file.display()
+                );
+            }
+        }
+    }
+    core.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn secret_build_args_are_build_secrets_and_leave_no_trace() {
     if !require_build_peers() {

