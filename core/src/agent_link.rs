@@ -778,7 +778,7 @@ impl<'a> Link<'a> {
                             });
                         }
                         self.flush(&mut session).await?;
-                        let outcome = self.outcome(&status, &order.target_image).await;
+                        let outcome = self.outcome(&status, &order.target_image, &mask).await;
                         // The session numbers STATUS, so this acknowledges it.
                         session.handle_persisted(status.seq.unwrap_or(0));
                         while let Some(frame) = session.poll_frame() {
@@ -800,6 +800,7 @@ impl<'a> Link<'a> {
         &self,
         status: &stagely_protocol::Status,
         target_image: &str,
+        mask: &stagely_protocol::SecretMask,
     ) -> AttemptOutcome {
         match status.state {
             JobState::Completed => {
@@ -831,7 +832,7 @@ impl<'a> Link<'a> {
             }
             JobState::Failed => {
                 let message = match (&status.error, status.exit_code) {
-                    (Some(error), _) => error.clone(),
+                    (Some(error), _) => tidy_agent_error(&mask.mask(error.clone())),
                     (None, Some(code)) => format!("the build failed with exit code {code}"),
                     (None, None) => "the build failed".into(),
                 };
@@ -846,6 +847,51 @@ impl<'a> Link<'a> {
             }
         }
     }
+}
+
+/// Most of an agent's `STATUS.error` kept.
+pub const MAX_AGENT_ERROR_BYTES: usize = 4096;
+
+/// An agent's `STATUS.error` as stored: control characters (escape sequences, carriage
+/// returns; all but newline and tab) dropped, and when longer than
+/// [`MAX_AGENT_ERROR_BYTES`] its first and last lines only (like git's errors: the first says
+/// what was tried, the last what finally failed), each cut to fit, with the count of what
+/// was left out between them.
+pub fn tidy_agent_error(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|c| {
+            *c == '\n' || *c == '\t' || !(c.is_control() || ('\u{80}'..='\u{9f}').contains(c))
+        })
+        .collect();
+    let clean = clean.trim();
+    if clean.len() <= MAX_AGENT_ERROR_BYTES {
+        return clean.to_string();
+    }
+    let half = MAX_AGENT_ERROR_BYTES / 2 - 64;
+    let first = clean.lines().next().unwrap_or("");
+    let last = clean.lines().next_back().unwrap_or("");
+    let head = &first[..floor_char_boundary(first, half)];
+    let tail = &last[last.len() - floor_char_boundary_from_end(last, half)..];
+    let dropped = clean.len() - head.len() - tail.len();
+    format!("{head}\n[stagely: {dropped} bytes of the error left out]\n{tail}")
+}
+
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The length of the longest suffix of `text` of at most `len` bytes.
+fn floor_char_boundary_from_end(text: &str, len: usize) -> usize {
+    let mut start = text.len().saturating_sub(len);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text.len() - start
 }
 
 /// Sends one frame; an agent that stops reading cannot stall the link.
@@ -943,6 +989,32 @@ impl LogBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_error_is_stored_without_controls_and_at_most_4_kib() {
+        assert_eq!(
+            tidy_agent_error("\x1b[31mbuild failed\x1b[0m\r\n  step 3\x07"),
+            "[31mbuild failed[0m\n  step 3"
+        );
+        // 100,004 characters with an escape kept (the probe's): first and last lines only.
+        let long = format!(
+            "first line\n{}\x1b]52;c;x\x07\nError: building at STEP \"RUN x\": exit status 3",
+            "y".repeat(100_000)
+        );
+        let stored = tidy_agent_error(&long);
+        assert!(stored.len() <= MAX_AGENT_ERROR_BYTES, "{}", stored.len());
+        assert!(stored.starts_with("first line\n[stagely: "), "{stored}");
+        assert!(
+            stored.ends_with("Error: building at STEP \"RUN x\": exit status 3"),
+            "{stored}"
+        );
+        assert!(!stored.contains('\x1b'));
+        // One huge line: cut at both ends on character boundaries.
+        let one = "é".repeat(10_000);
+        let stored = tidy_agent_error(&one);
+        assert!(stored.len() <= MAX_AGENT_ERROR_BYTES);
+        assert!(stored.starts_with('é') && stored.ends_with('é'));
+    }
 
     #[test]
     fn a_secret_straddling_the_cut_of_a_long_line_is_masked_in_both_pieces() {

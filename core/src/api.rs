@@ -122,15 +122,15 @@ impl ApiAuth {
         self.is_open() || bearer_token(headers).is_some_and(|token| self.check(token).is_some())
     }
 
-    /// The name of the token `presented` is, if any. Every configured hash is compared, in
-    /// constant time, whichever matches.
-    pub fn check(&self, presented: &str) -> Option<&str> {
+    /// The token `presented` is, if any. Every configured hash is compared, in constant
+    /// time, whichever matches.
+    pub fn check(&self, presented: &str) -> Option<&crate::config::ApiToken> {
         use subtle::ConstantTimeEq;
         let hash = crate::config::hash_token(presented);
         let mut found = None;
         for token in &self.tokens {
             if bool::from(token.sha256.ct_eq(&hash)) && found.is_none() {
-                found = Some(token.name.as_str());
+                found = Some(token);
             }
         }
         found
@@ -138,9 +138,23 @@ impl ApiAuth {
 }
 
 /// Who made an authenticated API request: its token's name (`anonymous` when the API is
-/// open). Set by the token check for the handlers behind it.
+/// open) and role. Set by the token check for the handlers behind it.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Arc<str>);
+pub struct Caller {
+    pub name: Arc<str>,
+    pub role: crate::config::Role,
+}
+
+/// The role a request needs: `read` for `GET` (and `HEAD`), `operate` for the rest (submit,
+/// cancel, rebuild). `admin` is needed by nothing yet beyond `operate`.
+pub fn role_needed(method: &axum::http::Method) -> crate::config::Role {
+    use axum::http::Method;
+    if method == Method::GET || method == Method::HEAD {
+        crate::config::Role::Read
+    } else {
+        crate::config::Role::Operate
+    }
+}
 
 async fn require_api_token(
     State(state): State<AppState>,
@@ -149,15 +163,46 @@ async fn require_api_token(
 ) -> Response {
     let auth = &state.auth;
     if auth.is_open() {
-        request.extensions_mut().insert(Caller("anonymous".into()));
+        request.extensions_mut().insert(Caller {
+            name: "anonymous".into(),
+            role: crate::config::Role::Admin,
+        });
         return next.run(request).await;
     }
     let reason = match bearer_token(request.headers()) {
         None => "missing bearer token",
         Some(token) => match auth.check(token) {
-            Some(name) => {
-                tracing::debug!(token = name, "API caller authenticated");
-                let caller = Caller(name.into());
+            Some(token) => {
+                let needed = role_needed(request.method());
+                if token.role < needed {
+                    tracing::warn!(
+                        token = %token.name,
+                        role = %token.role,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        "API request refused: the route needs the `{needed}` role"
+                    );
+                    return ApiError::Forbidden(format!(
+                        "this request needs the `{needed}` role; the token `{}` has `{}`",
+                        token.name, token.role
+                    ))
+                    .into_response();
+                }
+                if needed > crate::config::Role::Read {
+                    // Every state-changing call, with who made it.
+                    tracing::info!(
+                        token = %token.name,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        "API call"
+                    );
+                } else {
+                    tracing::debug!(token = %token.name, "API caller authenticated");
+                }
+                let caller = Caller {
+                    name: token.name.as_str().into(),
+                    role: token.role,
+                };
                 request.extensions_mut().insert(caller);
                 return next.run(request).await;
             }
@@ -203,6 +248,9 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// `403`: the token is valid but its role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -242,6 +290,7 @@ impl IntoResponse for ApiError {
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", None),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             ApiError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy", None),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
             ApiError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests", None)
             }
@@ -539,6 +588,52 @@ impl RunView {
     }
 }
 
+/// Characters that change how text around them is shown without being visible: bidi
+/// embeddings, overrides, isolates and marks (`feat/\u{202e}txt.exe` shows as `feat/exe.txt`),
+/// zero-width spaces and joiners, the byte-order mark.
+fn is_invisible_formatting(c: char) -> bool {
+    matches!(c,
+        '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A branch name git's `check-ref-format --branch` would take, without invisible formatting
+/// characters (which neither git nor GitHub need, and which would reach log lines).
+fn check_branch(branch: &str) -> Result<(), String> {
+    if branch.is_empty() || branch.len() > 255 {
+        return Err("must be a git branch name of 1-255 bytes".into());
+    }
+    if let Some(c) = branch.chars().find(|c| is_invisible_formatting(*c)) {
+        return Err(format!(
+            "contains the invisible formatting character U+{:04X} (bidi or zero-width)",
+            c as u32
+        ));
+    }
+    if let Some(c) = branch
+        .chars()
+        .find(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'))
+    {
+        return Err(format!(
+            "must be a git branch name: `{}` is not allowed",
+            c.escape_debug()
+        ));
+    }
+    let bad_shape = branch.starts_with('-')
+        || branch.starts_with('/')
+        || branch.ends_with('/')
+        || branch.ends_with('.')
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch.contains("@{")
+        || branch == "@"
+        || branch.split('/').any(|part| part.starts_with('.'));
+    if bad_shape {
+        return Err("must be a git branch name (see git check-ref-format)".into());
+    }
+    Ok(())
+}
+
 fn validate_submit(
     request: &SubmitRequest,
     allow_local_repos: bool,
@@ -552,19 +647,15 @@ fn validate_submit(
             format!("`{hash}` is not a full commit id (40 or 64 hexadecimal digits)"),
         ));
     }
-    if request.branch.is_empty()
-        || request.branch.len() > 255
-        || request.branch.starts_with('-')
-        || request
-            .branch
-            .contains(|c: char| c.is_control() || c == ' ')
-    {
-        return Err(invalid("branch", "must be a git branch name"));
-    }
+    check_branch(&request.branch).map_err(|problem| invalid("branch", problem))?;
     if !crate::config::valid_repo_component(&request.environment_id) {
         return Err(invalid(
             "environment_id",
-            "must be 1-64 lowercase letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+            format!(
+                "`{}` {}",
+                request.environment_id.escape_debug(),
+                crate::config::REPO_COMPONENT_RULE
+            ),
         ));
     }
     let trigger = request.trigger.clone().unwrap_or_else(|| "manual".into());
@@ -847,9 +938,13 @@ async fn start_run(
 /// `POST /api/v1/workflows/{id}/cancel`.
 async fn cancel_workflow(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
-    match state.runner.cancel(&id, CancelReason::User).await {
+    let reason = CancelReason::User {
+        by: Some(caller.name.to_string()),
+    };
+    match state.runner.cancel(&id, reason).await {
         Ok(()) => {}
         Err(RunnerError::Command(CommandError::UnknownRun(_))) => {
             return Err(ApiError::NotFound {
@@ -1108,7 +1203,7 @@ impl SseStreams {
     /// A place for one more stream of `caller`, or `429` naming the cap it would pass.
     pub fn open(self: &Arc<Self>, caller: &Caller) -> Result<StreamPermit, ApiError> {
         let mut open = self.lock();
-        let of_token = open.1.get(&caller.0).copied().unwrap_or(0);
+        let of_token = open.1.get(&caller.name).copied().unwrap_or(0);
         if of_token >= self.per_token {
             return Err(ApiError::TooManyRequests {
                 message: format!(
@@ -1127,10 +1222,10 @@ impl SseStreams {
             });
         }
         open.0 += 1;
-        *open.1.entry(caller.0.clone()).or_insert(0) += 1;
+        *open.1.entry(caller.name.clone()).or_insert(0) += 1;
         Ok(StreamPermit {
             streams: self.clone(),
-            token: caller.0.clone(),
+            token: caller.name.clone(),
         })
     }
 }
@@ -1591,4 +1686,39 @@ fn unauthorized_response(reason: &str) -> Response {
         }),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branches_with_invisible_formatting_or_bad_ref_syntax_are_refused() {
+        for good in ["main", "feature/x", "release-1.2", "user/fix_42", "ünïcode"] {
+            assert_eq!(check_branch(good), Ok(()), "{good}");
+        }
+        let bidi = check_branch("feat/\u{202e}txt.exe").unwrap_err();
+        assert!(bidi.contains("U+202E"), "{bidi}");
+        for bad in [
+            "a\u{200b}b",
+            "a\u{2066}b",
+            "\u{feff}main",
+            "a\u{200f}",
+            "",
+            "-x",
+            "a..b",
+            "a b",
+            "a~1",
+            "a:b",
+            "a/",
+            "/a",
+            "a//b",
+            "a.lock",
+            "a/.hidden",
+            "a@{1}",
+            "a\x1bb",
+        ] {
+            assert!(check_branch(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -105,7 +105,7 @@ pub struct ApiFile {
     /// Token name → SHA-256 of the token, 64 hex digits (`stagely token hash` prints one).
     /// The tokens themselves are never written here.
     #[serde(default)]
-    pub tokens: BTreeMap<String, String>,
+    pub tokens: BTreeMap<String, TokenEntry>,
     /// Longest wait for a request's headers, and for the next request on an idle keep-alive
     /// connection (default 10). Slow or silent clients are disconnected.
     pub header_read_timeout_secs: Option<u64>,
@@ -136,6 +136,56 @@ pub struct ApiFile {
     pub max_concurrent_git_reads: Option<usize>,
     /// Longest time for reading `stagely.yaml` from git, all steps together (default 30).
     pub git_read_timeout_secs: Option<u64>,
+}
+
+/// One `[api.tokens]` entry: `name = "<sha256>"` (role `admin`), or
+/// `name = { sha256 = "<sha256>", role = "read" | "operate" | "admin" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenEntry {
+    Hash(String),
+    Scoped(ScopedToken),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedToken {
+    pub sha256: String,
+    pub role: Role,
+}
+
+impl From<String> for TokenEntry {
+    fn from(hash: String) -> TokenEntry {
+        TokenEntry::Hash(hash)
+    }
+}
+
+/// What an API token may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `GET` routes only: runs, jobs, logs, the queue.
+    Read,
+    /// Also submit, cancel and rebuild.
+    Operate,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Operate => "operate",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +366,7 @@ impl std::fmt::Debug for RegistryConfig {
 pub struct ApiToken {
     pub name: String,
     pub sha256: [u8; 32],
+    pub role: Role,
 }
 
 impl std::fmt::Debug for ApiToken {
@@ -323,6 +374,7 @@ impl std::fmt::Debug for ApiToken {
         // Even the hash stays out of logs: it is what an offline guess would be checked against.
         f.debug_struct("ApiToken")
             .field("name", &self.name)
+            .field("role", &self.role)
             .finish_non_exhaustive()
     }
 }
@@ -333,6 +385,7 @@ impl ApiToken {
         ApiToken {
             name: name.to_string(),
             sha256: hash_token(token),
+            role: Role::Admin,
         }
     }
 }
@@ -655,7 +708,11 @@ impl CoreConfig {
             });
         }
         let mut api_tokens = Vec::new();
-        for (name, hash) in &file.api.tokens {
+        for (name, entry) in &file.api.tokens {
+            let (hash, role) = match entry {
+                TokenEntry::Hash(hash) => (hash, Role::Admin),
+                TokenEntry::Scoped(scoped) => (&scoped.sha256, scoped.role),
+            };
             let bytes = hex::decode(hash.trim())
                 .ok()
                 .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
@@ -668,6 +725,7 @@ impl CoreConfig {
             api_tokens.push(ApiToken {
                 name: name.clone(),
                 sha256: bytes,
+                role,
             });
         }
         if let Some(token) = env_nonempty("STAGELY_API_TOKEN") {
@@ -929,17 +987,68 @@ fn check_public_url(url: &str, provider: &ProviderConfig) -> Result<(), ConfigEr
 
 /// A path component of an image repository.
 pub fn valid_repo_component(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
-        && text.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+    // The OCI distribution grammar of one repository path component:
+    // `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, here at most 64 characters.
+    if text.is_empty() || text.len() > 64 {
+        return false;
+    }
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    loop {
+        // An alphanumeric run.
+        let start = at;
+        while at < bytes.len() && alnum(bytes[at]) {
+            at += 1;
+        }
+        if at == start {
+            return false;
+        }
+        if at == bytes.len() {
+            return true;
+        }
+        // A separator: `.`, `_`, `__` or any number of `-`.
+        let separator = at;
+        while at < bytes.len() && !alnum(bytes[at]) {
+            at += 1;
+        }
+        match &text[separator..at] {
+            "." | "_" | "__" => {}
+            dashes if dashes.bytes().all(|b| b == b'-') => {}
+            _ => return false,
+        }
+    }
 }
+
+/// What `environment_id` (and the namespace) must be, for error messages.
+pub const REPO_COMPONENT_RULE: &str = "must be 1-64 lowercase letters and digits, separated by `.`, `_`, `__` or dashes (an OCI repository name component: it starts and ends with a letter or digit)";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repository_components_follow_the_oci_grammar() {
+        for good in [
+            "pr-1",
+            "a",
+            "a.b",
+            "a_b",
+            "a__b",
+            "a---b",
+            "0x",
+            "web.v2_x--y",
+        ] {
+            assert!(valid_repo_component(good), "{good}");
+        }
+        for bad in [
+            "", "a..b", "a-", "a.", "a___b", "x.-y", "-a", ".a", "_a", "A", "a b", "a/b", "a_-b",
+            "é",
+        ] {
+            assert!(!valid_repo_component(bad), "{bad:?}");
+        }
+        assert!(!valid_repo_component(&"a".repeat(65)));
+    }
 
     #[test]
     fn defaults_without_a_file() {

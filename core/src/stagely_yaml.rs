@@ -246,10 +246,13 @@ fn plan_build(name: &str, build: BuildSyntax, prefix: &str) -> Result<Vec<JobPla
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        // A job's name is also a repository name component (its layer cache): no trailing
+        // separator.
+        || !name.ends_with(|c: char| c.is_ascii_alphanumeric())
     {
         return Err(ConfigError::Build {
             build: name.to_string(),
-            problem: "build names must be 1-90 characters of letters, digits, `_` and `-`, starting with a letter or digit".into(),
+            problem: "build names must be 1-90 characters of letters, digits, `_` and `-`, starting and ending with a letter or digit".into(),
         });
     }
     let context = clean_relative(&build.context).ok_or_else(|| {

@@ -239,7 +239,11 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
             exit_code: Some(2),
             artifact_url: None,
             digest: None,
-            error: Some("builder exited with status 2".into()),
+            // 100,004 characters with an escape sequence (issue 26): stored capped and clean.
+            error: Some(format!(
+                "builder exited with status 2\x1b[2J\n{}\nError: exit status 2",
+                "y".repeat(99_950)
+            )),
             never_ran: None,
             seq: Some(2),
         }))))
@@ -256,6 +260,17 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
     let view = core.wait_finished(&run.id, Duration::from_secs(20)).await;
     assert_eq!(view.jobs[0].status, "failed");
     assert_eq!(view.jobs[0].exit_code, Some(2));
+    let error = view.jobs[0].error_message.clone().unwrap();
+    assert!(
+        error.len() <= 4096 + 200 && !error.contains('\x1b'),
+        "{} bytes: {:?}",
+        error.len(),
+        &error[..error.len().min(300)]
+    );
+    assert!(
+        error.contains("builder exited with status 2") && error.ends_with("Error: exit status 2"),
+        "{error}"
+    );
     // The instance was terminated, and the token of the ended attempt is refused.
     assert_eq!(
         *provider.terminated.lock().unwrap(),
@@ -459,6 +474,59 @@ async fn bad_api_input_gets_a_precise_error_naming_the_field() {
             "lowercase",
         ),
         (with("trigger", "cron".into()), 422, "trigger", "cron"),
+        // Issue 26: what the OCI grammar refuses is refused at submit, not by every job later.
+        (
+            with("environment_id", "a..b".into()),
+            422,
+            "environment_id",
+            "OCI repository",
+        ),
+        (
+            with("environment_id", "a-".into()),
+            422,
+            "environment_id",
+            "OCI repository",
+        ),
+        (
+            with("environment_id", "a.".into()),
+            422,
+            "environment_id",
+            "OCI repository",
+        ),
+        (
+            with("environment_id", "a___b".into()),
+            422,
+            "environment_id",
+            "OCI repository",
+        ),
+        (
+            with("environment_id", "x.-y".into()),
+            422,
+            "environment_id",
+            "OCI repository",
+        ),
+        (
+            with(
+                "stagely_yaml",
+                "builds:\n  api_:\n    context: ./api\n    platform: linux/amd64\n".into(),
+            ),
+            422,
+            "stagely_yaml",
+            "builds.api_: build names must be",
+        ),
+        // Bidi and zero-width characters in a branch name.
+        (
+            with("branch", "feat/\u{202e}txt.exe".into()),
+            422,
+            "branch",
+            "U+202E",
+        ),
+        (
+            with("branch", "main\u{200b}".into()),
+            422,
+            "branch",
+            "U+200B",
+        ),
         (
             with("config_dir", "../up".into()),
             422,

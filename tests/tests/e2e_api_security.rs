@@ -102,7 +102,7 @@ async fn tokens_from_the_config_file_are_hashes_and_work() {
     let token = stagely_core::cli::new_api_token();
     let hash = hex::encode(stagely_core::config::hash_token(&token));
     let mut core = TestCore::start_configured(|file| {
-        file.api.tokens.insert("ci".into(), hash.clone());
+        file.api.tokens.insert("ci".into(), hash.clone().into());
     })
     .await
     .unwrap();
@@ -290,5 +290,85 @@ async fn an_api_connection_lives_at_most_max_connection_secs_and_an_agents_outli
         .filter(|line| line.contains("agent authenticated") && line.contains(&job_id))
         .count();
     assert_eq!(connections, 1, "the agent dialled {connections} times");
+    core.stop().await;
+}
+
+/// Issue 26 (SECURITY.md row 74): token roles. `read` tokens only read, `operate` tokens
+/// also submit, cancel and rebuild, the plain `name = "<sha256>"` form is `admin`; a cancel
+/// records who asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_roles_limit_what_a_token_may_do_and_a_cancel_names_its_token() {
+    let (reader, operator, admin) = (
+        stagely_core::cli::new_api_token(),
+        stagely_core::cli::new_api_token(),
+        stagely_core::cli::new_api_token(),
+    );
+    let hash = |token: &str| hex::encode(stagely_core::config::hash_token(token));
+    let text = format!(
+        "[api.tokens]\nreader = {{ sha256 = \"{}\", role = \"read\" }}\nops = {{ sha256 = \"{}\", role = \"operate\" }}\nold = \"{}\"\n",
+        hash(&reader),
+        hash(&operator),
+        hash(&admin)
+    );
+    let parsed: stagely_core::config::FileConfig = toml::from_str(&text).unwrap();
+    let mut core = TestCore::start_with_provider_on(
+        Arc::new(RecordingProvider::default()),
+        Backend::from_env(),
+        move |file| file.api.tokens.extend(parsed.api.tokens),
+    )
+    .await
+    .unwrap();
+    let body = serde_json::json!({
+        "repo_url": "/srv/repo",
+        "commit_hash": COMMIT,
+        "branch": "main",
+        "environment_id": "pr-roles",
+        "stagely_yaml": "builds:\n  a:\n    context: .\n    platform: linux/amd64\n",
+    });
+    let submit = |token: &str| {
+        client_with_token(token)
+            .post(format!("{}/api/v1/workflows", core.url))
+            .json(&body)
+            .send()
+    };
+    // A reader reads, and is refused a submit with 403 naming the role needed.
+    let queue = client_with_token(&reader)
+        .get(format!("{}/api/v1/queue", core.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.status(), 200);
+    let refused = submit(&reader).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "forbidden");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`operate` role") && message.contains("`reader` has `read`"),
+        "{message}"
+    );
+    // An operator submits and cancels; the run records who cancelled it.
+    let created = submit(&operator).await.unwrap();
+    assert_eq!(created.status(), 201);
+    let run: serde_json::Value = created.json().await.unwrap();
+    let id = run["id"].as_str().unwrap().to_string();
+    let cancel = |token: &str| {
+        client_with_token(token)
+            .post(format!("{}/api/v1/workflows/{id}/cancel", core.url))
+            .send()
+    };
+    assert_eq!(cancel(&reader).await.unwrap().status(), 403);
+    assert_eq!(cancel(&operator).await.unwrap().status(), 202);
+    let view: serde_json::Value = client_with_token(&reader)
+        .get(format!("{}/api/v1/workflows/{id}", core.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["cancel_reason"], "user:ops", "{view}");
+    // The plain form is admin: it may do everything an operator may.
+    assert_eq!(submit(&admin).await.unwrap().status(), 201);
     core.stop().await;
 }

@@ -349,7 +349,7 @@ async fn event_streams_are_capped_per_token_and_in_total() {
             file.api.max_sse_streams_per_token = Some(2);
             file.api
                 .tokens
-                .insert("second".into(), hex::encode(second_hash));
+                .insert("second".into(), hex::encode(second_hash).into());
         },
     )
     .await

@@ -168,7 +168,10 @@ async fn a_core_killed_mid_build_is_taken_over_by_its_restart_and_can_be_cancell
         .wait_for_status(&run.id, "cancelled", Duration::from_secs(60))
         .await;
     assert_eq!(view.jobs[0].status, "cancelled");
-    assert_eq!(view.cancel_reason.as_deref(), Some("user"));
+    assert_eq!(
+        view.cancel_reason.as_deref(),
+        Some("user:STAGELY_API_TOKEN")
+    );
     assert!(
         core.live_instance_dirs().is_empty(),
         "instance not terminated"

@@ -698,13 +698,13 @@ fn cancel_stops_everything_and_is_refused_for_unknown_or_finished_runs() {
         .handle(
             Input::Cancel {
                 run_id: "r1".into(),
-                reason: CancelReason::User,
+                reason: CancelReason::User { by: None },
             },
             world.now,
         )
         .unwrap();
     world.pump();
-    assert_eq!(world.runs["r1"].1, Some(CancelReason::User));
+    assert_eq!(world.runs["r1"].1, Some(CancelReason::User { by: None }));
     assert_eq!(world.cancels, [("a".to_string(), 1)]);
     // The instance that arrives after the cancel is terminated at once.
     world.input(Input::InstanceCreated {
@@ -730,7 +730,7 @@ fn cancel_stops_everything_and_is_refused_for_unknown_or_finished_runs() {
     let again = world.engine.handle(
         Input::Cancel {
             run_id: "r1".into(),
-            reason: CancelReason::User,
+            reason: CancelReason::User { by: None },
         },
         world.now,
     );
@@ -1212,7 +1212,10 @@ fn database_spellings_round_trip() {
         assert_eq!(RunStatus::parse(status.as_str()), Some(*status));
     }
     for reason in [
-        CancelReason::User,
+        CancelReason::User { by: None },
+        CancelReason::User {
+            by: Some("ci".into()),
+        },
         CancelReason::Superseded { by: "r9".into() },
         CancelReason::FailFast { job: "api".into() },
     ] {
@@ -1363,7 +1366,7 @@ impl RandomWorld {
                 let _ = self.world.engine.handle(
                     Input::Cancel {
                         run_id: run,
-                        reason: CancelReason::User,
+                        reason: CancelReason::User { by: None },
                     },
                     self.world.now,
                 );

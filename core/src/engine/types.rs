@@ -203,8 +203,9 @@ spelled! {
 /// Why a run is being cancelled.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CancelReason {
-    /// `POST /api/v1/workflows/{id}/cancel` or `stagely cancel`.
-    User,
+    /// `POST /api/v1/workflows/{id}/cancel` or `stagely cancel`, by the API token named
+    /// `by` (`None` in rows written before tokens were recorded).
+    User { by: Option<String> },
     /// A newer run for the same environment was submitted.
     Superseded { by: String },
     /// Fail-fast: this job failed.
@@ -215,7 +216,8 @@ impl CancelReason {
     /// The database spelling: `user`, `superseded:<run id>`, `fail_fast:<job name>`.
     pub fn to_db(&self) -> String {
         match self {
-            CancelReason::User => "user".into(),
+            CancelReason::User { by: None } => "user".into(),
+            CancelReason::User { by: Some(name) } => format!("user:{name}"),
             CancelReason::Superseded { by } => format!("superseded:{by}"),
             CancelReason::FailFast { job } => format!("fail_fast:{job}"),
         }
@@ -223,7 +225,12 @@ impl CancelReason {
 
     pub fn from_db(text: &str) -> Option<CancelReason> {
         if text == "user" {
-            return Some(CancelReason::User);
+            return Some(CancelReason::User { by: None });
+        }
+        if let Some(name) = text.strip_prefix("user:") {
+            return Some(CancelReason::User {
+                by: Some(name.into()),
+            });
         }
         if let Some(by) = text.strip_prefix("superseded:") {
             return Some(CancelReason::Superseded { by: by.into() });
@@ -236,7 +243,8 @@ impl CancelReason {
 impl std::fmt::Display for CancelReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CancelReason::User => f.write_str("cancelled by a user"),
+            CancelReason::User { by: None } => f.write_str("cancelled by a user"),
+            CancelReason::User { by: Some(name) } => write!(f, "cancelled by `{name}`"),
             CancelReason::Superseded { by } => write!(f, "superseded by run {by}"),
             CancelReason::FailFast { job } => {
                 write!(f, "cancelled because job {job} failed (fail_fast)")
