@@ -484,7 +484,7 @@ async fn fetch_source(
     if checkout.exists() {
         let _ = tokio::fs::remove_dir_all(checkout).await;
     }
-    if let Err(error) = tokio::fs::create_dir_all(checkout).await {
+    if let Err(error) = crate::private_dir(checkout) {
         let error = format!("cannot create {}: {error}", checkout.display());
         return Err(Report::never_ran(NeverRan::AgentError, error));
     }

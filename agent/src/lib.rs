@@ -46,9 +46,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .work_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR));
-    tokio::fs::create_dir_all(&work_dir)
-        .await
-        .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    // A known umask whoever started the agent (a local core runs with 077): checkouts keep
+    // git's usual modes, which become the image's. What is private is kept private by the
+    // work dir's mode (0700) and explicit file modes (spool, auth, secrets: 0600).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    private_dir(&work_dir).with_context(|| format!("creating work dir {}", work_dir.display()))?;
     let instance_id = config
         .instance_id
         .clone()
@@ -110,4 +112,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let report = connection::serve(socket, codec, hello, link, env, shutdown).await?;
     tracing::info!(state = ?report.state, exit_code = ?report.exit_code, "job finished");
     Ok(())
+}
+
+/// Creates `path` (and missing parents) as a directory only its owner can enter (0700),
+/// and makes it so if it already existed.
+pub(crate) fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }

@@ -81,7 +81,7 @@ impl Spool {
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
-        std::fs::create_dir_all(dir)?;
+        crate::private_dir(dir)?;
         Ok(Spool {
             dir: dir.to_path_buf(),
             max_bytes: max_bytes.max(2 * HEADER_BYTES + 1024),
@@ -232,10 +232,14 @@ impl Spool {
         if roll {
             self.flush()?;
             let path = self.dir.join(format!("{:020}.spool", self.next_seq));
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)?;
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new()
+                    .create_new(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&path)?
+            };
             self.writer = Some(BufWriter::with_capacity(IO_BUFFER, file));
             self.segments.push_back(Segment {
                 path,

@@ -350,7 +350,11 @@ pub async fn start(
     listener: TcpListener,
     provider: Arc<dyn Provider>,
 ) -> anyhow::Result<RunningCore> {
-    std::fs::create_dir_all(&config.data_dir)
+    // Everything the core writes is its own: the databases (and their WAL and journal
+    // files), instance directories, agent logs. The umask covers files made by SQLite and
+    // child processes; directories are made 0700 explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    stagely_provisioning::private_dir(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let db = match &config.database_url {
         Some(url) => Db::open_postgres(&url.0)

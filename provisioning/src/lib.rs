@@ -199,3 +199,14 @@ pub struct AgentHints {
     /// How long an agent keeps dialling an unreachable core before it powers off.
     pub core_unreachable_secs: Option<u64>,
 }
+
+/// Creates `path` (and missing parents) as a directory only its owner can enter (0700),
+/// and makes it so if it already existed, whatever the process's umask.
+pub fn private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}

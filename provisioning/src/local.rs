@@ -99,7 +99,7 @@ struct AgentProcess {
 impl LocalProvider {
     /// `agent_binary`: path of `stagely-agent`; `base_dir`: where instance directories go.
     pub fn new(agent_binary: PathBuf, base_dir: PathBuf) -> Result<LocalProvider, ProviderError> {
-        std::fs::create_dir_all(&base_dir).map_err(|source| ProviderError::Io {
+        crate::private_dir(&base_dir).map_err(|source| ProviderError::Io {
             path: base_dir.display().to_string(),
             source,
         })?;
@@ -303,9 +303,8 @@ impl Provider for LocalProvider {
         let id = format!("local-{}", uuid::Uuid::new_v4().simple());
         let dir = self.instance_dir(&id);
         let work_dir = dir.join("work");
-        tokio::fs::create_dir_all(&work_dir)
-            .await
-            .map_err(Self::io_error(&dir))?;
+        crate::private_dir(&dir).map_err(Self::io_error(&dir))?;
+        crate::private_dir(&work_dir).map_err(Self::io_error(&work_dir))?;
 
         let mut agent = bootstrap.agent;
         agent.work_dir = Some(work_dir);
@@ -339,7 +338,16 @@ impl Provider for LocalProvider {
         self.write_record(&record).await?;
 
         let log_path = dir.join("agent.log");
-        let log = std::fs::File::create(&log_path).map_err(Self::io_error(&log_path))?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&log_path)
+                .map_err(Self::io_error(&log_path))?
+        };
         let log_err = log.try_clone().map_err(Self::io_error(&log_path))?;
 
         let mut command = if record.namespaced {

@@ -349,3 +349,103 @@ fn printed_forms(secret: &str, pem: &str) -> Vec<String> {
     );
     forms
 }
+
+/// The permission bits of `path`.
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Issue 26 (SECURITY.md row 78): the data dir is 0700 and what the core and its agents write
+/// there is theirs alone (0600 files, 0700 directories), whatever the umask they started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_data_dir_and_every_file_the_core_and_agents_write_are_private() {
+    if !require_build_peers() {
+        return;
+    }
+    // The usual umask of a shell: before the fix, files were 0644 and directories 0755.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  app:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        (
+            "Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started; /bin/busybox sleep 4; echo done\"]\n",
+        ),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let mut core = TestCore::start().await.unwrap();
+    let data = core.data.path().to_path_buf();
+    let run = core.submit(&repo, None, "pr-perm").await.unwrap();
+    // While the build runs: its instance, work dir, checkout, spool and agent log.
+    let instance = poll_until(
+        Duration::from_secs(60),
+        "a running instance with a spool",
+        || {
+            let instances = data.join("instances");
+            async move {
+                let found = std::fs::read_dir(&instances)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|entry| entry.path())
+                    .find(|dir| dir.join("work/spool").is_dir() && dir.join("work/src").is_dir());
+                Ok((found, "no instance with a spool yet".to_string()))
+            }
+        },
+    )
+    .await;
+    let mut checked = Vec::new();
+    for dir in [
+        data.clone(),
+        data.join("instances"),
+        instance.clone(),
+        instance.join("work"),
+        instance.join("work/src"),
+        instance.join("work/spool"),
+    ] {
+        assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+        checked.push(dir);
+    }
+    let spool_files: Vec<_> = files_under(&instance.join("work/spool"));
+    assert!(!spool_files.is_empty());
+    for file in spool_files.iter().chain([&instance.join("agent.log")]) {
+        assert_eq!(
+            mode_of(file) & 0o077,
+            0,
+            "{} is {:o}",
+            file.display(),
+            mode_of(file)
+        );
+        checked.push(file.clone());
+    }
+    let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
+    // The databases (SQLite: the files and their WAL and shared memory) are the core's alone.
+    let mut databases = 0;
+    for entry in std::fs::read_dir(&data).unwrap().flatten() {
+        let path = entry.path();
+        assert_eq!(
+            mode_of(&path) & 0o077,
+            0,
+            "{} is {:o}",
+            path.display(),
+            mode_of(&path)
+        );
+        databases += usize::from(path.to_string_lossy().contains("stagely."));
+    }
+    assert!(
+        databases >= 2 || testing_postgres(),
+        "{databases} database files"
+    );
+    eprintln!("checked {} paths under {}", checked.len(), data.display());
+    core.stop().await;
+}
