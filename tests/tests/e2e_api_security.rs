@@ -214,7 +214,7 @@ async fn stagely_serve_refuses_local_repositories_by_default() {
 }
 
 /// Issue 26: an API connection's life is bounded (`api.max_connection_secs`); an agent's
-/// is not (SECURITY.md row 69).
+/// is not (SECURITY.md row 70).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_connection_lives_at_most_max_connection_secs_and_an_agents_outlives_it() {
     if !require_build_peers() {

@@ -112,7 +112,7 @@ fn cache_mount_repo(marker: &str) -> TestRepo {
     .unwrap()
 }
 
-/// Issue 26 (SECURITY.md row 71), in the shape of row 17: buildah keeps cache mounts under
+/// Issue 26 (SECURITY.md row 72), in the shape of row 17: buildah keeps cache mounts under
 /// its `TMPDIR` (by default the host-wide `/var/tmp/buildah-cache-0`, kept after the job);
 /// each instance now has its own, so one repository cannot plant files another one's build
 /// then reads from a cache mount.

@@ -225,7 +225,7 @@ fn on_a_terminal(token: &str, args: &[&str]) -> Vec<u8> {
     output.stdout
 }
 
-/// Issue 26 (SECURITY.md row 72): build output cannot drive the operator's terminal.
+/// Issue 26 (SECURITY.md row 73): build output cannot drive the operator's terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn build_output_reaches_a_terminal_escaped_and_a_pipe_or_raw_as_stored() {
     if !require_build_peers() || !require("script", "--version") {
