@@ -140,11 +140,38 @@ pub struct ApiFile {
 
 /// One `[api.tokens]` entry: `name = "<sha256>"` (role `admin`), or
 /// `name = { sha256 = "<sha256>", role = "read" | "operate" | "admin" }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum TokenEntry {
     Hash(String),
     Scoped(ScopedToken),
+}
+
+impl<'de> Deserialize<'de> for TokenEntry {
+    // By hand rather than `untagged`, whose one error ("did not match any variant") would
+    // hide which key or role is wrong.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = TokenEntry;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a token's SHA-256 in hex, or { sha256 = \"...\", role = \"read\" | \"operate\" | \"admin\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, hash: &str) -> Result<TokenEntry, E> {
+                Ok(TokenEntry::Hash(hash.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TokenEntry, A::Error> {
+                ScopedToken::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TokenEntry::Scoped)
+            }
+        }
+        deserializer.deserialize_any(Entry)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1083,6 +1110,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("lissen"), "{error}");
+    }
+
+    #[test]
+    fn token_entries_name_a_bad_role_or_key() {
+        let hash = "ab".repeat(32);
+        let file: FileConfig = toml::from_str(&format!(
+            "[api.tokens]\nci = \"{hash}\"\nviewer = {{ sha256 = \"{hash}\", role = \"read\" }}\n"
+        ))
+        .unwrap();
+        let config = CoreConfig::resolve(file, Overrides::default()).unwrap();
+        let roles: Vec<_> = config
+            .api_tokens
+            .iter()
+            .map(|token| (token.name.as_str(), token.role))
+            .collect();
+        assert_eq!(roles, vec![("ci", Role::Admin), ("viewer", Role::Read)]);
+        let bad_role = toml::from_str::<FileConfig>(&format!(
+            "[api.tokens]\nx = {{ sha256 = \"{hash}\", role = \"root\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_role.contains("root") && bad_role.contains("operate"),
+            "{bad_role}"
+        );
+        let bad_key = toml::from_str::<FileConfig>(&format!(
+            "[api.tokens]\nx = {{ sha = \"{hash}\", role = \"read\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(bad_key.contains("sha"), "{bad_key}");
     }
 
     #[test]
