@@ -75,14 +75,18 @@ pub struct LinkContext {
 /// outcome and the socket when it can carry more work (STATUS acknowledged, the agent's HELLO
 /// said it accepts more). `None` outcome: the runner closed the link (the attempt was ended by
 /// the engine, or handed back at shutdown), nothing to report.
+///
+/// `away` is set while the agent's connection is down and cleared when it dials again, so the
+/// runner can ask the provider meanwhile whether the instance still runs.
 pub async fn serve_attempt(
     context: &LinkContext,
     socket: WebSocket,
     order: WorkOrder,
     commands: &mut mpsc::Receiver<LinkCommand>,
+    away: &tokio::sync::watch::Sender<bool>,
 ) -> (Option<AttemptOutcome>, Option<WebSocket>) {
     let mut socket = Some(socket);
-    let mut link = match Link::new(context, &order).await {
+    let mut link = match Link::new(context, &order, away).await {
         Ok(link) => link,
         Err(message) => {
             close_current(&mut socket, None).await;
@@ -282,6 +286,8 @@ struct Link<'a> {
     accepts_more_work: bool,
     /// Since when the agent has been away, and why (its connection dropped).
     lost: Option<(tokio::time::Instant, String)>,
+    /// Mirrors `lost.is_some()` for the runner.
+    away: &'a tokio::sync::watch::Sender<bool>,
     /// Batches handed to the link's writer and not yet reported stored (lines are stored in
     /// order and acknowledged once written).
     writer: LogWriter,
@@ -358,7 +364,11 @@ impl<'a> Link<'a> {
     /// over stored lines, which would drop the new ones as duplicates), and where they start
     /// is stored with the attempt, so a core that adopts the attempt numbers them alike. A
     /// first attempt has no earlier lines and starts at 1 without a read.
-    async fn new(context: &'a LinkContext, order: &WorkOrder) -> Result<Link<'a>, String> {
+    async fn new(
+        context: &'a LinkContext,
+        order: &WorkOrder,
+        away: &'a tokio::sync::watch::Sender<bool>,
+    ) -> Result<Link<'a>, String> {
         let mut link = Link {
             context,
             job_id: order.job_id.clone(),
@@ -370,6 +380,7 @@ impl<'a> Link<'a> {
             budget: LogBudget::new(context.max_log_bytes_per_job),
             accepts_more_work: false,
             lost: None,
+            away,
             writer: LogWriter::start(context.db.clone(), order.job_id.clone()),
         };
         let (db, job_id, attempt) = (&context.db, &order.job_id, order.attempt);
@@ -552,6 +563,7 @@ impl<'a> Link<'a> {
             grace.as_secs()
         );
         self.lost.get_or_insert((tokio::time::Instant::now(), why));
+        self.away.send_replace(true);
         Ok(())
     }
 
@@ -673,6 +685,7 @@ impl<'a> Link<'a> {
                         self.flush(&mut session).await?;
                         if let Some((since, _)) = self.lost.take() {
                             tracing::info!("the agent reconnected after {:?}", since.elapsed());
+                            self.away.send_replace(false);
                         }
                         codec = codec_of(&newer);
                         *socket = Some(newer);

@@ -19,7 +19,7 @@ use axum::extract::ws::WebSocket;
 use sha2::{Digest, Sha256};
 use stagely_cloud_init::{AgentConfig, Bootstrap};
 use stagely_protocol::{Build, BuildConfig, Merge, Message, RegistryOptions, SourceContext};
-use stagely_provisioning::{MachineSize, MachineSpec, Provider};
+use stagely_provisioning::{InstanceState, MachineSize, MachineSpec, Provider};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -858,6 +858,11 @@ impl LoopState {
                     let _ = link.try_send(LinkCommand::Cancel(reason));
                 }
             }
+            Action::CheckInstance {
+                job_id,
+                attempt,
+                instance_id,
+            } => self.spawn_check_instance(job_id, attempt, instance_id),
             Action::Terminate {
                 job_id,
                 attempt,
@@ -1112,8 +1117,35 @@ impl LoopState {
                         }
                     }
                 };
+                // While the agent is away the engine asks the provider whether its instance
+                // still runs; the forwarder ends when the link does (its sender dropped).
+                let (away, mut seen) = tokio::sync::watch::channel(false);
+                let forward = {
+                    let (tx, job_id) = (tx.clone(), job_id.clone());
+                    async move {
+                        while seen.changed().await.is_ok() {
+                            let input = if *seen.borrow_and_update() {
+                                Input::AgentAway {
+                                    job_id: job_id.clone(),
+                                    attempt,
+                                }
+                            } else {
+                                Input::AgentBack {
+                                    job_id: job_id.clone(),
+                                    attempt,
+                                }
+                            };
+                            if tx.send(Msg::Input(input)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                };
+                shared.tasks.spawn(forward.in_current_span());
                 let (outcome, socket) =
-                    agent_link::serve_attempt(&shared.link, socket, order, &mut commands).await;
+                    agent_link::serve_attempt(&shared.link, socket, order, &mut commands, &away)
+                        .await;
+                drop(away);
                 if let Some(socket) = socket {
                     let _ = tx
                         .send(Msg::Idle {
@@ -1252,6 +1284,37 @@ impl LoopState {
             }
             .instrument(span),
         )
+    }
+
+    /// Asks the provider whether an adopted attempt's instance still runs (in a task: a cloud
+    /// call must not hold up the loop) and tells the engine when it does not. A failed call
+    /// says nothing: the engine asks again.
+    fn spawn_check_instance(&self, job_id: String, attempt: u32, instance_id: String) {
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        let span =
+            tracing::info_span!("job", job_id = %job_id, attempt, instance_id = %instance_id);
+        self.shared.tasks.spawn(
+            async move {
+                match shared.provider.instance_state(&instance_id).await {
+                    Ok(InstanceState::Running) => {}
+                    Ok(InstanceState::Gone { detail }) => {
+                        tracing::warn!("the attempt's instance is gone ({detail}): ending it");
+                        let _ = tx
+                            .send(Msg::Input(Input::InstanceGone {
+                                job_id,
+                                attempt,
+                                detail,
+                            }))
+                            .await;
+                    }
+                    Err(error) => {
+                        tracing::warn!("cannot tell whether the instance still runs: {error}");
+                    }
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// Closes a socket without holding up the loop (a peer that stopped reading).

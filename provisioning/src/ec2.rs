@@ -25,7 +25,9 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine as _;
 
-use crate::{Arch, Instance, MachineSize, MachineSpec, Market, Provider, ProviderError};
+use crate::{
+    Arch, Instance, InstanceState, MachineSize, MachineSpec, Market, Provider, ProviderError,
+};
 
 /// Instance types per machine class and architecture when the configuration names none (the
 /// design's AWS table).
@@ -573,6 +575,40 @@ impl Provider for Ec2Provider {
             Err(error) if error.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
             Err(error) => Err(api_error("TerminateInstances", &error)),
         }
+    }
+
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
+        let answer = match self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) if error.code() == Some("InvalidInstanceID.NotFound") => {
+                return Ok(InstanceState::Gone {
+                    detail: "EC2 does not know the instance (InvalidInstanceID.NotFound)".into(),
+                });
+            }
+            Err(error) => return Err(api_error("DescribeInstances", &error)),
+        };
+        let state = answer
+            .reservations()
+            .iter()
+            .flat_map(|reservation| reservation.instances())
+            .find(|instance| instance.instance_id() == Some(instance_id))
+            .and_then(|instance| instance.state())
+            .and_then(|state| state.name().cloned());
+        Ok(match state {
+            Some(InstanceStateName::Pending | InstanceStateName::Running) => InstanceState::Running,
+            Some(other) => InstanceState::Gone {
+                detail: format!("EC2 instance state {}", other.as_str()),
+            },
+            None => InstanceState::Gone {
+                detail: "EC2 does not list the instance".into(),
+            },
+        })
     }
 
     async fn list_instances(

@@ -185,10 +185,28 @@ pub trait Provider: Send + Sync + 'static {
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<Instance>, ProviderError>;
 
+    /// Whether the instance still runs. The core asks when it adopts an attempt from a core
+    /// that stopped and while a dropped agent has not dialled again: an instance that is
+    /// gone cannot bring its agent back, so its attempt ends at once instead of after the
+    /// reconnect grace. Asked only of instances `create_instance` returned.
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError>;
+
     /// What this provider's agents should be told in their `agent.toml`.
     fn agent_hints(&self) -> AgentHints {
         AgentHints::default()
     }
+}
+
+/// Whether an instance runs, as its provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Booting or running: its agent may still dial in.
+    Running,
+    /// Stopped, terminated or unknown to the provider: nothing on it runs any more.
+    Gone {
+        /// What the provider said (`terminated`, `its agent process 123 exited`).
+        detail: String,
+    },
 }
 
 /// Provider-specific settings for the agents it boots.

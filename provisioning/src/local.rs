@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use stagely_protocol::Arch;
 
-use crate::{Instance, MachineSpec, Provider, ProviderError};
+use crate::{Instance, InstanceState, MachineSpec, Provider, ProviderError};
 
 /// `PATH` of a local agent: what a builder VM's init gives it, not the core's.
 const AGENT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -494,6 +494,43 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
+        if !valid_instance_id(instance_id) {
+            return Err(ProviderError::Instance {
+                id: instance_id.to_string(),
+                detail: "not a local instance id".into(),
+            });
+        }
+        let Some(record) = self.read_record(instance_id) else {
+            return Ok(InstanceState::Gone {
+                detail: "no such local instance (terminated)".into(),
+            });
+        };
+        let dir = self.instance_dir(instance_id);
+        let state = tokio::task::spawn_blocking(move || {
+            let all = processes();
+            let sessions = instance_sessions(record.agent.as_ref(), &dir, &all);
+            if all
+                .iter()
+                .any(|process| sessions.contains(&process.session))
+            {
+                InstanceState::Running
+            } else {
+                let detail = match record.agent {
+                    Some(agent) => format!("its agent (process {}) has exited", agent.pid),
+                    None => "its agent was never started".to_string(),
+                };
+                InstanceState::Gone { detail }
+            }
+        })
+        .await
+        .map_err(|error| ProviderError::Instance {
+            id: instance_id.to_string(),
+            detail: format!("process scan failed: {error}"),
+        })?;
+        Ok(state)
+    }
+
     async fn list_instances(
         &self,
         tags: &BTreeMap<String, String>,
@@ -630,6 +667,47 @@ mod tests {
         let idir = provider.instance_dir(&instance.id);
         assert!(!idir.join("agent.toml").exists());
         assert!(idir.join("agent.log").exists());
+    }
+
+    #[tokio::test]
+    async fn instance_state_follows_the_agent_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider =
+            LocalProvider::new(fake_agent(dir.path()), dir.path().join("instances")).unwrap();
+        let instance = provider.create_instance(&spec(&[])).await.unwrap();
+        assert_eq!(
+            provider.instance_state(&instance.id).await.unwrap(),
+            InstanceState::Running
+        );
+        // Killed from outside (what a service manager's restart does to the core's cgroup):
+        // the instance's directory and record stay, its processes are gone.
+        let pid = provider
+            .read_record(&instance.id)
+            .unwrap()
+            .agent
+            .unwrap()
+            .pid;
+        signal_sessions(&[pid], Signal::SIGKILL);
+        let mut state = InstanceState::Running;
+        for _ in 0..100 {
+            state = provider.instance_state(&instance.id).await.unwrap();
+            if state != InstanceState::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            state,
+            InstanceState::Gone {
+                detail: format!("its agent (process {pid}) has exited")
+            }
+        );
+        provider.terminate_instance(&instance.id).await.unwrap();
+        assert!(matches!(
+            provider.instance_state(&instance.id).await.unwrap(),
+            InstanceState::Gone { .. }
+        ));
+        assert!(provider.instance_state("../etc").await.is_err());
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ use stagely_protocol::{
     Arch, BuilderKind, Heartbeat, Hello, JobState, Log, LogStream, Message, PROTOCOL_VERSION,
     Status, decode, encode,
 };
-use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
+use stagely_provisioning::{Instance, InstanceState, MachineSpec, Provider, ProviderError};
 use stagely_tests::*;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -261,6 +261,16 @@ impl Provider for Fleet {
             });
         }
         Ok(())
+    }
+
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
+        Ok(if self.live.lock().unwrap().contains_key(instance_id) {
+            InstanceState::Running
+        } else {
+            InstanceState::Gone {
+                detail: "terminated".into(),
+            }
+        })
     }
 
     async fn list_instances(

@@ -21,7 +21,7 @@ use stagely_core::api::{LogPage, RunView};
 use stagely_core::config::{CoreConfig, FileConfig, Overrides};
 use stagely_core::registry::LocalRegistry;
 use stagely_core::server::{self, RunningCore};
-use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
+use stagely_provisioning::{Instance, InstanceState, MachineSpec, Provider, ProviderError};
 
 pub mod counting;
 pub mod ec2;
@@ -897,6 +897,18 @@ impl Provider for RecordingProvider {
         Ok(())
     }
 
+    /// Nothing runs but the test playing the agent: an instance runs until terminated.
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
+        let terminated = self.terminated.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(if terminated.iter().any(|id| id == instance_id) {
+            InstanceState::Gone {
+                detail: "terminated".into(),
+            }
+        } else {
+            InstanceState::Running
+        })
+    }
+
     async fn list_instances(
         &self,
         _tags: &BTreeMap<String, String>,
@@ -1055,14 +1067,44 @@ impl ServeProcess {
         config: PathBuf,
         registry: &LocalRegistry,
         log: Option<PathBuf>,
+        mut database: Option<TestDatabase>,
+    ) -> ServeProcess {
+        // The port is free when picked but not held: another test may take it before this
+        // core binds it. Then this core exits at once (and `/healthz` may be answered by
+        // the other one): try another port.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            let mut process =
+                Self::spawn_on(port, data, &config, registry, log.clone(), database.take());
+            match process.wait_healthy_or_exit().await {
+                Ok(()) => return process,
+                Err(status) if tries < 5 => {
+                    database = process.database.take();
+                    eprintln!(
+                        "stagely serve on port {port} exited ({status}): trying another port"
+                    );
+                }
+                Err(status) => panic!("stagely serve exited {status} on 5 ports"),
+            }
+        }
+    }
+
+    fn spawn_on(
+        port: u16,
+        data: &Path,
+        config: &Path,
+        registry: &LocalRegistry,
+        log: Option<PathBuf>,
         database: Option<TestDatabase>,
     ) -> ServeProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let config = config.to_path_buf();
         let api_token = stagely_core::cli::new_api_token();
-        let process = ServeProcess {
+        ServeProcess {
             child: spawn_serve(
                 port,
                 data,
@@ -1084,9 +1126,7 @@ impl ServeProcess {
             client: client_with_token(&api_token),
             api_token,
             database,
-        };
-        process.wait_healthy().await;
-        process
+        }
     }
 
     /// Starts a new `stagely serve` on the same port, data and registry (a restart).
@@ -1104,17 +1144,36 @@ impl ServeProcess {
         self.wait_healthy().await;
     }
 
-    async fn wait_healthy(&self) {
-        poll_until(Duration::from_secs(30), "the core to serve", || async {
-            let ok = self
+    async fn wait_healthy(&mut self) {
+        if let Err(status) = self.wait_healthy_or_exit().await {
+            panic!("stagely serve exited ({status}) on port {}", self.port);
+        }
+    }
+
+    /// Waits until this process (its token accepted: not another core on the port) answers,
+    /// or until it exits.
+    async fn wait_healthy_or_exit(&mut self) -> Result<(), std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(status);
+            }
+            let ours = self
                 .client
-                .get(format!("{}/healthz", self.url))
+                .get(format!("{}/api/v1/queue", self.url))
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200);
-            Ok((ok.then_some(()), "not answering".into()))
-        })
-        .await
+            if ours {
+                return Ok(());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stagely serve on port {} did not answer within 30s",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn submit(&self, repo: &TestRepo, environment: &str) -> RunView {
@@ -1276,6 +1335,39 @@ impl ServeProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGKILLs every process of this core's local instances: each agent's whole session
+    /// (its `unshare`, the agent, git, the builder and the build's own processes), what a
+    /// service manager's restart does to the processes the core started. Returns how many
+    /// sessions it killed.
+    pub async fn kill_instances(&self) -> usize {
+        let needle = format!("{}/", self.data.join("instances").display());
+        let sessions: std::collections::BTreeSet<i32> = cmdlines()
+            .into_iter()
+            .filter(|(_, cmdline)| cmdline.contains(&needle))
+            .filter_map(|(pid, _)| session_of(pid))
+            .collect();
+        poll_until(
+            Duration::from_secs(20),
+            "the instances' processes to die",
+            || {
+                let members: Vec<i32> = (cmdlines().into_iter())
+                    .map(|(pid, _)| pid)
+                    .filter(|pid| session_of(*pid).is_some_and(|s| sessions.contains(&s)))
+                    .collect();
+                for pid in &members {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let detail = format!("still alive: {members:?}");
+                async move { Ok((members.is_empty().then_some(()), detail)) }
+            },
+        )
+        .await;
+        sessions.len()
+    }
+
     /// Instance directories that still hold a live instance record or its disk.
     pub fn live_instance_dirs(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.data.join("instances"))
@@ -1336,6 +1428,16 @@ fn spawn_serve(
 }
 
 /// Command lines of every process (pid, argv joined by spaces).
+/// The session of a live (non-zombie) process.
+pub fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(3)?.parse().ok()
+}
+
 pub fn cmdlines() -> Vec<(i32, String)> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {

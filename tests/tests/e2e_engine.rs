@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stagely_provisioning::{Instance, MachineSpec, Provider, ProviderError};
+use stagely_provisioning::{Instance, InstanceState, MachineSpec, Provider, ProviderError};
 use stagely_tests::*;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -322,10 +322,10 @@ async fn an_agent_killed_mid_build_is_retried_on_a_new_instance_and_completes() 
         ),
         ("app/Dockerfile", sleeper("victim", 4, 0)),
     ]);
+    // The default reconnect grace (120 s): a dead agent never dials again, and the provider
+    // says its instance is gone, so the attempt ends without waiting the grace out.
     let mut core = TestCore::start_configured(|file| {
-        file.scheduler.retry_backoff_secs = Some(1);
-        // A dead agent never dials again: its attempt is lost once the grace is over.
-        file.scheduler.agent_reconnect_grace_secs = Some(2);
+        file.scheduler.retry_backoff_secs = Some(30);
     })
     .await
     .unwrap();
@@ -333,21 +333,23 @@ async fn an_agent_killed_mid_build_is_retried_on_a_new_instance_and_completes() 
     let job_id = run.jobs[0].id.clone();
     wait_for_log(&core, &job_id, "started victim").await;
     // Kill the agent of the first instance (not the builder: the agent is what vanishes
-    // when a VM dies).
+    // when a VM dies; it is the init of the instance's PID namespace, so its build goes
+    // with it).
     core.signal_the_agent(nix::sys::signal::Signal::SIGKILL);
+    let killed = std::time::Instant::now();
     let view = wait_for_status(&core, &run.id, "completed").await;
+    let recovery = killed.elapsed();
     let job = &view.jobs[0];
     assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
     assert_eq!(job.attempts[0].outcome.as_deref(), Some("infrastructure"));
+    let message = job.attempts[0].message.as_deref().unwrap_or("");
     assert!(
-        job.attempts[0]
-            .message
-            .as_deref()
-            .unwrap_or("")
-            .contains("agent_lost"),
+        message.starts_with("instance_gone: ") && message.contains("has exited"),
         "{:?}",
         job.attempts[0]
     );
+    // Neither the grace (120 s) nor the backoff (30 s) was waited for.
+    assert!(recovery < Duration::from_secs(60), "{recovery:?}");
     assert_ne!(job.attempts[0].instance_id, job.attempts[1].instance_id);
     // Both attempts' lines are kept, in order, the second after a marker.
     let lines = core.logs(&job_id).await.unwrap();
@@ -618,6 +620,14 @@ impl Provider for Faulty {
             .unwrap()
             .push(instance_id.to_string());
         Ok(())
+    }
+
+    async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
+        if instance_id.starts_with("dud-") {
+            // A dud boots nothing that could dial in, but the provider believes it runs.
+            return Ok(InstanceState::Running);
+        }
+        self.inner.instance_state(instance_id).await
     }
 
     async fn list_instances(

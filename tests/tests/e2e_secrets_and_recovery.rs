@@ -261,3 +261,84 @@ async fn sigterm_hands_the_running_build_over_and_the_restarted_core_completes_i
     assert!(survivors.is_empty(), "processes survived: {survivors:?}");
     assert!(core.terminate().await.success());
 }
+
+/// Issue 26 (SECURITY.md row 79): a core SIGKILLed together with its instances' processes
+/// (a service manager's restart of a local-provider deployment). The restarted core adopts
+/// the attempt, asks the provider, learns the instance is gone and retries at once: the run
+/// completes within the build's own time and the restart, not after the 120 s reconnect
+/// grace (it took 200 s before). The time is printed; BENCHMARKS.md has the benchmark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_core_killed_with_its_instances_retries_at_once_after_restart() {
+    if !require_build_peers() {
+        return;
+    }
+    let busybox = busybox("amd64").unwrap();
+    let repo = TestRepo::with_files(&[
+        ("stagely.yaml", b"builds:\n  slow:\n    context: .\n    platform: linux/amd64\n"),
+        ("Dockerfile", b"FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo started; /bin/busybox sleep 6\"]\n"),
+        ("busybox", &busybox),
+    ])
+    .unwrap();
+    let registry = stagely_core::registry::LocalRegistry::start()
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut core = ServeProcess::start(data.path(), &registry).await;
+    let run = core.submit(&repo, "pr-restart").await;
+    let job_id = run.jobs[0].id.clone();
+    core.wait_for_line(&job_id, "started").await;
+
+    core.kill();
+    assert_eq!(core.kill_instances().await, 1, "one instance's session");
+    let restarted = std::time::Instant::now();
+    core.restart().await;
+    let view = core
+        .wait_for_status(&run.id, "completed", Duration::from_secs(100))
+        .await;
+    let recovery = restarted.elapsed();
+    eprintln!(
+        "restart -> completed: {:.1}s (the build alone: 6s; target: build + 15s)",
+        recovery.as_secs_f64()
+    );
+    // Far below the 120 s grace it used to wait out (a bound this noisy machine keeps; the
+    // target itself is the benchmark's).
+    assert!(
+        recovery < Duration::from_secs(60),
+        "waited out the reconnect grace: {recovery:?}"
+    );
+    let job = &view.jobs[0];
+    for attempt in &job.attempts {
+        eprintln!(
+            "attempt {}: started {} connected {:?} ended {:?}: {:?}",
+            attempt.number,
+            attempt.started_at,
+            attempt.connected_at,
+            attempt.ended_at,
+            attempt.message
+        );
+    }
+    assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+    let first = &job.attempts[0];
+    assert_eq!(
+        first.outcome.as_deref(),
+        Some("infrastructure"),
+        "{first:?}"
+    );
+    let message = first.message.as_deref().unwrap_or("");
+    assert!(
+        message.starts_with("instance_gone: instance local-") && message.contains("has exited"),
+        "{message}"
+    );
+    assert_eq!(job.attempts[1].outcome.as_deref(), Some("completed"));
+    // Started again on a new instance: the adopted one is terminated (its disk removed).
+    poll_until(
+        Duration::from_secs(20),
+        "every instance to be terminated",
+        || async {
+            let live = core.live_instance_dirs();
+            Ok((live.is_empty().then_some(()), format!("{live:?}")))
+        },
+    )
+    .await;
+    assert!(core.terminate().await.success());
+}

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::Client;
 use base64::Engine as _;
 use stagely_provisioning::ec2::{ClassSettings, Ec2Provider, Ec2Settings, ErrorClass};
-use stagely_provisioning::{Arch, MachineSize, MachineSpec, Market, Provider, ProviderError};
+use stagely_provisioning::{
+    Arch, InstanceState, MachineSize, MachineSpec, Market, Provider, ProviderError,
+};
 use stagely_tests::ec2::{MOTO_AMI_AMD64, MOTO_AMI_ARM64, MotoServer, ec2_client};
 
 const AMI_AMD64: &str = MOTO_AMI_AMD64;
@@ -321,6 +323,40 @@ async fn terminate_is_idempotent_and_listing_sees_only_live_managed_instances() 
             .unwrap()
             .is_empty()
     );
+}
+
+/// The core asks whether an adopted or dropped attempt's instance still runs: DescribeInstances
+/// by id, against moto.
+#[tokio::test]
+async fn instance_state_is_describe_instances_state() {
+    let Some(moto) = moto().await else { return };
+    let client = client(&moto);
+    let provider = Ec2Provider::with_client(client.clone(), settings());
+    let a = provider
+        .create_instance(&spec("job-10", 1, Arch::Amd64, MachineSize::Small))
+        .await
+        .unwrap();
+    assert_eq!(
+        provider.instance_state(&a.id).await.unwrap(),
+        InstanceState::Running
+    );
+    provider.terminate_instance(&a.id).await.unwrap();
+    let InstanceState::Gone { detail } = provider.instance_state(&a.id).await.unwrap() else {
+        panic!("a terminated instance is not running");
+    };
+    assert!(
+        detail.contains("terminated") || detail.contains("shutting-down"),
+        "{detail}"
+    );
+    // An id EC2 never issued.
+    let InstanceState::Gone { detail } = provider
+        .instance_state("i-0123456789abcdef0")
+        .await
+        .unwrap()
+    else {
+        panic!("an unknown instance is not running");
+    };
+    assert!(detail.contains("InvalidInstanceID.NotFound"), "{detail}");
 }
 
 #[tokio::test]

@@ -1002,22 +1002,25 @@ macro_rules! impl_shared_store {
                 attempt,
                 owner,
                 takeover,
+                predecessor,
                 result,
                 message,
                 end,
             } => {
                 let mut tx = self.pool.begin().await?;
                 if *takeover {
-                    // Only a lease that ran out in the store may be taken: this write also
-                    // locks the row against the owner's renewal until the end is stored.
+                    // Only a lease that ran out in the store may be taken (or one of this
+                    // core's earlier incarnation, which is gone): this write also locks the
+                    // row against the owner's renewal until the end is stored.
                     let expired = sqlx::query(
                         "UPDATE build_jobs SET lease_until = lease_until
-                         WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND lease_until <= $4",
+                         WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND (lease_until <= $4 OR $5)",
                     )
                     .bind(job_id)
                     .bind(*attempt as i32)
                     .bind(owner)
                     .bind(now)
+                    .bind(*predecessor)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -1104,12 +1107,13 @@ macro_rules! impl_shared_store {
                 from,
                 owner,
                 lease_until,
+                predecessor,
             } => {
                 let mut tx = self.pool.begin().await?;
                 let rows = sqlx::query(
                     "UPDATE build_jobs SET lease_owner = $3, lease_until = $4
                      WHERE id = $1 AND attempt = $2 AND status = 'running' AND lease_owner = $5
-                       AND (lease_until IS NULL OR lease_until <= $6)",
+                       AND (lease_until IS NULL OR lease_until <= $6 OR $7)",
                 )
                 .bind(job_id)
                 .bind(*attempt as i32)
@@ -1117,6 +1121,7 @@ macro_rules! impl_shared_store {
                 .bind(lease_until.millis())
                 .bind(from)
                 .bind(now)
+                .bind(*predecessor)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -1648,6 +1653,7 @@ mod tests {
 
     on_both_backends!(claims_are_guarded_by_status_attempt_and_the_limits);
     on_both_backends!(an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it);
+    on_both_backends!(an_earlier_incarnation_s_attempts_are_taken_before_their_lease_runs_out);
     on_both_backends!(duplicate_log_lines_are_stored_once);
     on_both_backends!(chunked_logs_page_across_chunks_and_read_older_rows_alongside);
     on_both_backends!(logs_of_runs_finished_before_the_cutoff_are_deleted_and_no_others);
@@ -1732,6 +1738,61 @@ mod tests {
         assert!(won.is_empty());
     }
 
+    /// A restarted core (same `core_id`, new incarnation) takes its predecessor's attempts at
+    /// once; any other core only once their lease ran out in the store.
+    async fn an_earlier_incarnation_s_attempts_are_taken_before_their_lease_runs_out(
+        backend: Backend,
+    ) {
+        let Some((_dir, db)) = db_with_jobs(backend, &["a", "b"]).await else {
+            return;
+        };
+        let now = Timestamp(1_000);
+        db.claim(
+            "core/old",
+            &[claim("a", 0), claim("b", 0)],
+            Timestamp(31_000),
+            10,
+            10,
+            now,
+        )
+        .await
+        .unwrap();
+        let running = Transition::JobRunning {
+            job_id: "a".into(),
+            attempt: 1,
+        };
+        assert!(db.apply(&running, now).await.unwrap());
+        let adopt = |predecessor: bool| Transition::AttemptAdopted {
+            job_id: "a".into(),
+            attempt: 1,
+            from: "core/old".into(),
+            owner: "core/new".into(),
+            lease_until: Timestamp(32_000),
+            predecessor,
+        };
+        let later = Timestamp(2_000);
+        assert!(
+            !db.apply(&adopt(false), later).await.unwrap(),
+            "another core waits for the lease"
+        );
+        assert!(db.apply(&adopt(true), later).await.unwrap());
+        let end = |predecessor: bool| Transition::AttemptEnded {
+            job_id: "b".into(),
+            attempt: 1,
+            owner: "core/old".into(),
+            takeover: true,
+            predecessor,
+            result: AttemptResult::Infrastructure,
+            message: Some("lease_expired: gone".into()),
+            end: JobEnd::Requeued {
+                not_before: later,
+                infra_failures: 1,
+            },
+        };
+        assert!(!db.apply(&end(false), later).await.unwrap());
+        assert!(db.apply(&end(true), later).await.unwrap());
+    }
+
     async fn an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it(backend: Backend) {
         let Some((_dir, db)) = db_with_jobs(backend, &["a"]).await else {
             return;
@@ -1792,6 +1853,7 @@ mod tests {
             attempt,
             owner: owner.into(),
             takeover: false,
+            predecessor: false,
             result: AttemptResult::Failed,
             message: Some("exit 1".into()),
             end: JobEnd::Failed {
@@ -2077,6 +2139,7 @@ mod tests {
             attempt: 1,
             owner: "core/1".into(),
             takeover: false,
+            predecessor: false,
             result: AttemptResult::Infrastructure,
             message: None,
             end,

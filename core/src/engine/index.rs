@@ -102,12 +102,15 @@ fn job_due(job: &Job) -> Option<Timestamp> {
             local.boot_deadline,
             local.deadline,
             local.stop.as_ref().map(|(_, at)| *at),
+            local
+                .next_liveness_check
+                .filter(|_| !local.connected || local.away),
         ],
         None if job.snapshot.status == JobStatus::Queued => {
-            [job.snapshot.not_before, job.claim_blocked_until, None]
+            [job.snapshot.not_before, job.claim_blocked_until, None, None]
         }
-        None if job.snapshot.status.is_live() => [job.snapshot.lease_until, None, None],
-        None => [None, None, None],
+        None if job.snapshot.status.is_live() => [job.snapshot.lease_until, None, None, None],
+        None => [None, None, None, None],
     };
     candidates.into_iter().flatten().min()
 }

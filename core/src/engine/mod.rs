@@ -72,6 +72,14 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// `owner` is an earlier incarnation of this core (`<core_id>/<another incarnation>`).
+    pub fn is_predecessor(&self, owner: &str) -> bool {
+        owner
+            .strip_prefix(self.core_id.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+            && owner != self.owner
+    }
+
     /// The seed's and the defaults.
     pub fn with_owner(core_id: &str, owner: &str) -> EngineConfig {
         EngineConfig {
@@ -91,6 +99,10 @@ impl EngineConfig {
 
 /// How long a job whose claim the store refused waits before it is claimed again.
 pub const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the provider is asked whether an adopted attempt's instance still runs while
+/// its agent has not dialled in.
+pub const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Time an agent gets past the cancel grace to send its STATUS before its instance is
 /// terminated regardless.
@@ -137,6 +149,17 @@ pub enum Input {
     AdoptionRefused { job_id: String, attempt: u32 },
     /// Work could not be handed to the last builder's agent (it was gone).
     HandoverFailed { job_id: String, attempt: u32 },
+    /// The attempt's agent connection dropped; its link waits for it to dial again.
+    AgentAway { job_id: String, attempt: u32 },
+    /// The agent that was away dialled again.
+    AgentBack { job_id: String, attempt: u32 },
+    /// The provider says the attempt's instance no longer runs (the answer to
+    /// [`Action::CheckInstance`]): its agent cannot come back.
+    InstanceGone {
+        job_id: String,
+        attempt: u32,
+        detail: String,
+    },
     /// The attempt ended (STATUS stored, or the agent was lost).
     Finished {
         job_id: String,
@@ -231,25 +254,30 @@ pub enum Transition {
     JobRunning { job_id: String, attempt: u32 },
     /// The attempt is over; the job is requeued or final. Guarded by `owner` and `attempt`,
     /// and for a take-over (`takeover`: another core's attempt) by its lease having run out
-    /// in the store too, so a live owner with a fresher lease than this view wins.
+    /// in the store too, so a live owner with a fresher lease than this view wins — unless
+    /// `predecessor`: the owner is an earlier incarnation of this core (the same `core_id`),
+    /// which this process replaced, so its lease means nothing.
     AttemptEnded {
         job_id: String,
         attempt: u32,
         owner: String,
         takeover: bool,
+        predecessor: bool,
         result: AttemptResult,
         message: Option<String>,
         end: JobEnd,
     },
     /// A running attempt whose owner's lease expired becomes this core's, build and all: its
     /// agent dials in again and resumes. Guarded by the old owner, the attempt, `running`
-    /// and the lease having run out in the store too.
+    /// and the lease having run out in the store too (or `predecessor`: the old owner is an
+    /// earlier incarnation of this core, gone).
     AttemptAdopted {
         job_id: String,
         attempt: u32,
         from: String,
         owner: String,
         lease_until: Timestamp,
+        predecessor: bool,
     },
     /// This core shuts down but the attempt goes on: its lease ends now, so another core (or
     /// this one's next incarnation) adopts it at once. Guarded by the owner and attempt.
@@ -367,6 +395,13 @@ pub enum Action {
         job_id: String,
         attempt: u32,
     },
+    /// Ask the provider whether the attempt's instance still runs; answer with
+    /// [`Input::InstanceGone`] when it does not (nothing when it does).
+    CheckInstance {
+        job_id: String,
+        attempt: u32,
+        instance_id: String,
+    },
     /// Close the attempt's agent connection (if any) and terminate its instance.
     Terminate {
         job_id: String,
@@ -395,6 +430,12 @@ struct Local {
     /// A running attempt adopted from this lease owner (a stopped core): `boot_deadline` is
     /// then the end of its agent's reconnect grace.
     adopted_from: Option<String>,
+    /// The connected agent's connection dropped and it has not dialled again (its link
+    /// waits out the reconnect grace).
+    away: bool,
+    /// An adopted attempt whose agent has not dialled in, or an agent away: when to ask the
+    /// provider again whether its instance runs.
+    next_liveness_check: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone)]
@@ -504,6 +545,9 @@ impl Engine {
             | Input::AgentConnected { job_id, .. }
             | Input::AdoptionRefused { job_id, .. }
             | Input::HandoverFailed { job_id, .. }
+            | Input::InstanceGone { job_id, .. }
+            | Input::AgentAway { job_id, .. }
+            | Input::AgentBack { job_id, .. }
             | Input::Finished { job_id, .. } => self.touch(job_id),
         }
         match input {
@@ -592,6 +636,32 @@ impl Engine {
                 }
             }
             Input::HandoverFailed { job_id, attempt } => self.handover_failed(&job_id, attempt),
+            Input::InstanceGone {
+                job_id,
+                attempt,
+                detail,
+            } => self.instance_gone(&job_id, attempt, &detail, now),
+            Input::AgentAway { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
+                    && local.connected
+                    && !local.away
+                {
+                    // Asked at once: a dead instance is the likeliest reason for a drop that
+                    // lasts, and the answer is cheap.
+                    local.away = true;
+                    self.check_instance(&job_id, now);
+                }
+            }
+            Input::AgentBack { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
+                    && local.away
+                {
+                    local.away = false;
+                    local.next_liveness_check = None;
+                }
+            }
             Input::Finished {
                 job_id,
                 attempt,
@@ -613,6 +683,10 @@ impl Engine {
             let Some(local) = &job.local else { continue };
             if !local.connected && local.boot_deadline.is_some_and(|at| at <= now) {
                 due.push((id.clone(), Due::Boot));
+            } else if (!local.connected || local.away)
+                && local.next_liveness_check.is_some_and(|at| at <= now)
+            {
+                due.push((id.clone(), Due::Liveness));
             } else if let Some((_, at)) = &local.stop {
                 if *at <= now {
                     due.push((id.clone(), Due::StopExpired));
@@ -652,6 +726,7 @@ impl Engine {
                         now,
                     );
                 }
+                Due::Liveness => self.check_instance(&job_id, now),
                 Due::JobTimeout => self.stop(&job_id, Stop::Timeout, now),
                 Due::StopExpired => {
                     let outcome = AttemptOutcome::Cancelled {
@@ -848,12 +923,10 @@ impl Engine {
                 .jobs
                 .get(&job.id)
                 .is_none_or(|known| known.local.is_none())
-            && job.lease_owner.as_deref().is_some_and(|owner| {
-                owner
-                    .strip_prefix(self.config.core_id.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
-                    && owner != self.config.owner
-            })
+            && job
+                .lease_owner
+                .as_deref()
+                .is_some_and(|owner| self.config.is_predecessor(owner))
     }
 
     fn unload(&mut self, run_id: &str) {
@@ -1062,6 +1135,7 @@ impl Engine {
         let deadline = since.plus(job.snapshot.timeout);
         local.connected = true;
         local.boot_deadline = None;
+        local.next_liveness_check = None;
         local.deadline = Some(deadline);
         if local.adopted_from.is_some() {
             // Already `running` in the store: the link resumes the agent's job.
@@ -1314,7 +1388,7 @@ impl Engine {
                         infra_failures: failures,
                     }
                 } else {
-                    let backoff = if kind.counts_against_retries() {
+                    let backoff = if kind.backs_off() {
                         config.retry_backoff * 2u32.saturating_pow(failures.saturating_sub(1))
                     } else {
                         Duration::ZERO
@@ -1333,6 +1407,9 @@ impl Engine {
         };
         let instance_id = job.snapshot.instance_id.clone();
         let takeover = taken_from.is_some();
+        let predecessor = taken_from
+            .as_deref()
+            .is_some_and(|from| config.is_predecessor(from));
         let owner = taken_from.unwrap_or_else(|| self.config.owner.clone());
         job.snapshot.status = end.status();
         job.snapshot.lease_owner = None;
@@ -1358,6 +1435,7 @@ impl Engine {
                 attempt,
                 owner,
                 takeover,
+                predecessor,
                 result,
                 message,
                 end,
@@ -1431,6 +1509,54 @@ impl Engine {
                 )
             })
         })
+    }
+
+    /// Asks the provider about the attempt's instance while its agent stays away (adopted and
+    /// not dialled in yet, or its connection dropped).
+    fn check_instance(&mut self, job_id: &str, now: Timestamp) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let Some(local) = job.local.as_mut() else {
+            return;
+        };
+        local.next_liveness_check = Some(now.plus(LIVENESS_EVERY));
+        if let Some(instance_id) = job.snapshot.instance_id.clone() {
+            self.actions.push_back(Action::CheckInstance {
+                job_id: job_id.into(),
+                attempt: job.snapshot.attempt,
+                instance_id,
+            });
+        }
+    }
+
+    /// The provider says the attempt's instance is gone: unless its agent is connected
+    /// after all, the attempt ends now as an infrastructure failure (retried without backoff).
+    fn instance_gone(&mut self, job_id: &str, attempt: u32, detail: &str, now: Timestamp) {
+        if !self.is_current_own(job_id, attempt) {
+            return;
+        }
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        if job
+            .local
+            .as_ref()
+            .is_none_or(|local| local.connected && !local.away)
+        {
+            return;
+        }
+        let instance = job.snapshot.instance_id.clone().unwrap_or_default();
+        let message =
+            format!("instance {instance} no longer runs ({detail}): its agent cannot reconnect");
+        self.end_attempt(
+            job_id,
+            AttemptOutcome::Infrastructure {
+                kind: InfraKind::InstanceGone,
+                message,
+            },
+            now,
+        );
     }
 
     fn release_lingering_for(&mut self, merge_id: &str) {
@@ -1696,23 +1822,37 @@ impl Engine {
                 // The build may well be going on: adopt the attempt and give its agent the
                 // reconnect grace to dial in and resume here.
                 let until = now.plus(self.config.lease_duration);
+                // Whether its instance still runs is asked at once, and again every
+                // LIVENESS_EVERY until the agent dials in: an instance that died with its core
+                // ends the attempt now, not after the grace.
                 job.local = Some(Local {
                     boot_deadline: Some(now.plus(self.config.reconnect_grace)),
                     adopted_from: Some(owner.clone()),
+                    next_liveness_check: Some(now.plus(LIVENESS_EVERY)),
                     ..Local::default()
                 });
                 job.snapshot.lease_owner = Some(self.config.owner.clone());
                 job.snapshot.lease_until = Some(until);
                 let attempt = job.snapshot.attempt;
+                let instance_id = job.snapshot.instance_id.clone();
+                let predecessor = self.config.is_predecessor(&owner);
                 self.touch(&id);
                 self.actions
                     .push_back(Action::Persist(Transition::AttemptAdopted {
-                        job_id: id,
+                        job_id: id.clone(),
                         attempt,
                         from: owner,
                         owner: self.config.owner.clone(),
                         lease_until: until,
+                        predecessor,
                     }));
+                if let Some(instance_id) = instance_id {
+                    self.actions.push_back(Action::CheckInstance {
+                        job_id: id,
+                        attempt,
+                        instance_id,
+                    });
+                }
                 continue;
             }
             // End the other core's attempt as an infrastructure failure, as if it were ours.
@@ -1876,6 +2016,7 @@ impl Engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Due {
     Boot,
+    Liveness,
     JobTimeout,
     StopExpired,
 }

@@ -82,6 +82,8 @@ struct World {
     terminated: Vec<(String, u32, Option<String>)>,
     /// Attempts handed back (shutdown) without ending.
     released: Vec<(String, u32)>,
+    /// CheckInstance actions: (job, attempt, instance, when).
+    checked: Vec<(String, u32, String, Timestamp)>,
     claims_seen: Vec<Vec<Claim>>,
     /// Claims the store refuses (another replica won them).
     refuse: BTreeSet<String>,
@@ -106,6 +108,7 @@ impl World {
             cancels: Vec::new(),
             terminated: Vec::new(),
             released: Vec::new(),
+            checked: Vec::new(),
             claims_seen: Vec::new(),
             refuse: BTreeSet::new(),
             violations: Vec::new(),
@@ -296,6 +299,11 @@ impl World {
                     instance_id,
                 } => self.terminated.push((job_id, attempt, instance_id)),
                 Action::Release { job_id, attempt } => self.released.push((job_id, attempt)),
+                Action::CheckInstance {
+                    job_id,
+                    attempt,
+                    instance_id,
+                } => self.checked.push((job_id, attempt, instance_id, self.now)),
             }
         }
     }
@@ -1067,6 +1075,144 @@ fn an_adopted_attempt_keeps_the_timeout_it_had_used_before_its_core_died() {
     assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
 
+/// Issue 26: a core killed with its agents' instances. The restarted core adopts the attempt
+/// and asks the provider at once; an instance that is gone ends the attempt now (not after
+/// the 120 s grace) and the retry is claimed without backoff.
+#[test]
+fn an_adopted_attempt_whose_instance_is_gone_is_retried_at_once() {
+    let mut world = World::new(config());
+    let now = world.now;
+    load_foreign_running(&mut world, now);
+    world.advance(Duration::from_secs(1));
+    assert!(world.engine.awaits_agent("f", 1));
+    assert_eq!(
+        world
+            .checked
+            .iter()
+            .map(|(job, attempt, instance, _)| (job.as_str(), *attempt, instance.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("f", 1, "i-foreign")],
+        "asked as it was adopted"
+    );
+    // Still running (the provider said nothing): asked again every LIVENESS_EVERY.
+    for _ in 0..3 {
+        world.advance(LIVENESS_EVERY);
+    }
+    assert_eq!(world.checked.len(), 4, "{:?}", world.checked);
+    world.input(Input::InstanceGone {
+        job_id: "f".into(),
+        attempt: 1,
+        detail: "its agent (process 42) has exited".into(),
+    });
+    assert!(
+        world
+            .terminated
+            .iter()
+            .any(|(job, attempt, _)| job == "f" && *attempt == 1),
+        "{:?}",
+        world.terminated
+    );
+    match &world.jobs["f"].end {
+        Some(JobEnd::Requeued {
+            infra_failures,
+            not_before,
+        }) => {
+            assert_eq!(*infra_failures, 1);
+            assert_eq!(*not_before, world.now, "no backoff");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Claimed again in the same step: a new instance for attempt 2.
+    assert_eq!(world.status("f"), JobStatus::Provisioning);
+    assert_eq!(world.jobs["f"].attempt, 2);
+    // Nothing is asked about an attempt that is over.
+    let asked = world.checked.len();
+    world.advance(LIVENESS_EVERY * 3);
+    assert_eq!(world.checked.len(), asked);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
+/// A late answer about an agent that has dialled in since is ignored, and nothing is asked
+/// about a connected agent.
+#[test]
+fn instance_gone_is_ignored_once_the_agent_is_back() {
+    let mut world = World::new(config());
+    let now = world.now;
+    load_foreign_running(&mut world, now);
+    world.advance(Duration::from_secs(1));
+    world.input(Input::AgentConnected {
+        job_id: "f".into(),
+        attempt: 1,
+    });
+    let asked = world.checked.len();
+    world.advance(LIVENESS_EVERY * 5);
+    assert_eq!(
+        world.checked.len(),
+        asked,
+        "a connected agent's instance is not asked about"
+    );
+    world.input(Input::InstanceGone {
+        job_id: "f".into(),
+        attempt: 1,
+        detail: "stale".into(),
+    });
+    assert_eq!(world.status("f"), JobStatus::Running);
+    assert!(world.terminated.is_empty(), "{:?}", world.terminated);
+}
+
+/// An agent whose connection drops: its instance is asked about at once and while it stays
+/// away; gone ends the attempt without waiting out the grace. Back: no more asking.
+#[test]
+fn an_agent_away_is_asked_about_and_ends_when_its_instance_is_gone() {
+    let mut world = World::new(config());
+    world.submit(run("r1", "env", 1, vec![build("a"), build("b")]));
+    let instance_a = boot(&mut world, "a");
+    boot(&mut world, "b");
+    // b's agent drops and comes back: one check, then none.
+    world.input(Input::AgentAway {
+        job_id: "b".into(),
+        attempt: 1,
+    });
+    assert_eq!(world.checked.len(), 1);
+    world.input(Input::AgentBack {
+        job_id: "b".into(),
+        attempt: 1,
+    });
+    world.advance(LIVENESS_EVERY * 3);
+    assert_eq!(world.checked.len(), 1, "{:?}", world.checked);
+    world.input(Input::InstanceGone {
+        job_id: "b".into(),
+        attempt: 1,
+        detail: "late".into(),
+    });
+    assert_eq!(
+        world.status("b"),
+        JobStatus::Running,
+        "b is back: a late answer is ignored"
+    );
+    // a's agent drops for good.
+    world.input(Input::AgentAway {
+        job_id: "a".into(),
+        attempt: 1,
+    });
+    world.advance(LIVENESS_EVERY);
+    let asked_a: Vec<_> = world
+        .checked
+        .iter()
+        .filter(|(job, ..)| job == "a")
+        .map(|(_, _, instance, _)| instance.clone())
+        .collect();
+    assert_eq!(asked_a, vec![instance_a.clone(), instance_a.clone()]);
+    world.input(Input::InstanceGone {
+        job_id: "a".into(),
+        attempt: 1,
+        detail: "EC2 instance state terminated".into(),
+    });
+    assert_eq!(world.jobs["a"].attempt, 2, "retried at once");
+    assert_eq!(world.status("a"), JobStatus::Provisioning);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}
+
 #[test]
 fn a_refused_adoption_lets_the_attempt_go_without_touching_it() {
     let mut world = World::new(config());
@@ -1438,6 +1584,35 @@ impl RandomWorld {
                 }
             }
             Pending::Working(job, attempt) => {
+                // The agent drops (and maybe comes back, or its instance dies) before it ends.
+                match how % 16 {
+                    9 => {
+                        self.world.input(Input::AgentAway {
+                            job_id: job.clone(),
+                            attempt,
+                        });
+                        self.world.input(Input::AgentBack {
+                            job_id: job,
+                            attempt,
+                        });
+                        return;
+                    }
+                    10 | 11 => {
+                        if how % 16 == 10 {
+                            self.world.input(Input::AgentAway {
+                                job_id: job.clone(),
+                                attempt,
+                            });
+                        }
+                        self.world.input(Input::InstanceGone {
+                            job_id: job,
+                            attempt,
+                            detail: "gone".into(),
+                        });
+                        return;
+                    }
+                    _ => {}
+                }
                 let outcome = match how % 8 {
                     0 => build_failed(),
                     1 => agent_lost(),

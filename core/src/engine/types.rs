@@ -162,6 +162,10 @@ spelled! {
         /// The instance shut down under a running job (its agent was stopped by SIGTERM
         /// with no CANCEL from the core, and said so): stopped from outside, not by the build.
         InstanceShutdown => "instance_shutdown",
+        /// The provider says the attempt's instance no longer runs (it died with the core
+        /// that started it, or was stopped from outside) while its agent was away: it cannot
+        /// come back, so the attempt ends at once instead of after the reconnect grace.
+        InstanceGone => "instance_gone",
     }
 }
 
@@ -171,6 +175,16 @@ impl InfraKind {
         // Neither is the job's doing; an interrupted job's retry is on-demand, so it cannot
         // be interrupted again.
         !matches!(self, InfraKind::CoreShutdown | InfraKind::SpotInterrupted)
+    }
+
+    /// Whether the retry waits (doubling) before it is claimed: not when nothing suggests
+    /// the next attempt would meet the same trouble (a deploy, a reclaimed spot instance,
+    /// an instance that died with its core).
+    pub fn backs_off(self) -> bool {
+        !matches!(
+            self,
+            InfraKind::CoreShutdown | InfraKind::SpotInterrupted | InfraKind::InstanceGone
+        )
     }
 
     /// Whether the job may get another attempt after this failure (within the limit).
