@@ -22,9 +22,9 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
 use stagely_protocol::{
-    Arch, Codec, Heartbeat, Hello, Interruption, LINE_SPLIT_MARKER, LogLine, LogStream, Logs,
-    MAX_FRAME_BYTES, MAX_FRAME_DATA_BYTES, MAX_LINES_PER_FRAME, MAX_LOG_DATA_BYTES, Message,
-    PROTOCOL_VERSION, Status, decode, decode_proto, encode, encode_proto,
+    Arch, Codec, Heartbeat, Hello, Interruption, LogLine, LogStream, Logs, MAX_FRAME_BYTES,
+    MAX_FRAME_DATA_BYTES, MAX_LINES_PER_FRAME, MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION,
+    Status, decode, decode_proto, encode, encode_proto,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -988,9 +988,9 @@ fn spool_piece(
     text: String,
     continues: bool,
 ) -> std::io::Result<()> {
-    split_data(text, continues, |piece| {
+    split_data(text, continues, |piece, continued| {
         spool
-            .append_owned(stream, std::borrow::Cow::Owned(piece))
+            .append_owned(stream, std::borrow::Cow::Owned(piece), continued)
             .map(|_| ())
     })
 }
@@ -1022,6 +1022,7 @@ fn next_frames(
         lines.push(LogLine {
             stream: record.stream,
             data: record.data,
+            continued: record.continued,
         });
     }
     if let Some(first) = first {
@@ -1161,35 +1162,28 @@ fn close_reason(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
 }
 
 /// Splits `data` into pieces of at most [`MAX_LOG_DATA_BYTES`], on character boundaries, and
-/// hands each to `each` in order (stopping at its first error). A piece that fits (nearly
-/// every line) is handed on as it is: no copy, no list of pieces.
+/// hands each to `each` in order with whether the line goes on after it (stopping at its
+/// first error). A piece that fits (nearly every line) is handed on as it is: no copy, no
+/// list of pieces. `continues`: the line goes on after `data` too.
 fn split_data(
     data: String,
     continues: bool,
-    mut each: impl FnMut(String) -> std::io::Result<()>,
+    mut each: impl FnMut(String, bool) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let marked = |mut piece: String| {
-        piece.push_str(LINE_SPLIT_MARKER);
-        piece
-    };
-    if data.len() <= MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len() {
-        return each(if continues { marked(data) } else { data });
+    if data.len() <= MAX_LOG_DATA_BYTES {
+        return each(data, continues);
     }
-    // Every piece but the line's true end says the line goes on.
-    let room = MAX_LOG_DATA_BYTES - LINE_SPLIT_MARKER.len();
+    // Every piece but the line's true end says the line goes on (out of band: a flag, not
+    // text a build could print too).
     let mut rest = data.as_str();
     while !rest.is_empty() {
-        let mut end = rest.len().min(room);
+        let mut end = rest.len().min(MAX_LOG_DATA_BYTES);
         while !rest.is_char_boundary(end) {
             end -= 1;
         }
         let piece = rest[..end].to_string();
         rest = &rest[end..];
-        each(if rest.is_empty() && !continues {
-            piece
-        } else {
-            marked(piece)
-        })?;
+        each(piece, continues || !rest.is_empty())?;
     }
     Ok(())
 }
@@ -1488,11 +1482,11 @@ mod tests {
         assert_eq!(redactor.scrub("no path here\n"), "no path here\n");
     }
 
-    /// The pieces [`split_data`] hands on, in order.
-    fn split_data(data: String, continues: bool) -> Vec<String> {
+    /// The pieces [`split_data`] hands on, in order, each with its `continued` flag.
+    fn split_data(data: String, continues: bool) -> Vec<(String, bool)> {
         let mut pieces = Vec::new();
-        super::split_data(data, continues, |piece| {
-            pieces.push(piece);
+        super::split_data(data, continues, |piece, continued| {
+            pieces.push((piece, continued));
             Ok(())
         })
         .unwrap();
@@ -1500,21 +1494,26 @@ mod tests {
     }
 
     #[test]
-    fn long_data_is_split_on_char_boundaries_and_every_piece_but_the_end_is_marked() {
+    fn long_data_is_split_on_char_boundaries_and_every_piece_but_the_end_is_flagged() {
         let text = format!("{}\n", "é".repeat(MAX_LOG_DATA_BYTES));
         let pieces = split_data(text.clone(), false);
-        assert!(pieces.len() >= 3);
-        assert!(pieces.iter().all(|p| p.len() <= MAX_LOG_DATA_BYTES));
+        assert!(pieces.len() >= 2);
+        assert!(pieces.iter().all(|(p, _)| p.len() <= MAX_LOG_DATA_BYTES));
         let (last, rest) = pieces.split_last().unwrap();
-        assert!(rest.iter().all(|p| p.ends_with(LINE_SPLIT_MARKER)));
-        assert!(!last.ends_with(LINE_SPLIT_MARKER));
-        let joined: String = pieces
-            .iter()
-            .map(|p| p.strip_suffix(LINE_SPLIT_MARKER).unwrap_or(p))
-            .collect();
-        assert_eq!(joined, text, "stripping the markers gives the line back");
-        // A piece the reader cut (the line goes on) is marked even when short.
-        let cut = split_data("abc".to_string(), true);
-        assert_eq!(cut, [format!("abc{LINE_SPLIT_MARKER}")]);
+        assert!(rest.iter().all(|(_, continued)| *continued));
+        assert!(!last.1);
+        let joined: String = pieces.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            joined, text,
+            "joining the pieces gives the line back, byte for byte"
+        );
+        // A piece the reader cut (the line goes on) is flagged even when short.
+        assert_eq!(
+            split_data("abc".to_string(), true),
+            [("abc".to_string(), true)]
+        );
+        // What a build prints is only text: the old in-band marker is not a cut.
+        let printed = "x [stagely: long line split, continued in the next line]\n".to_string();
+        assert_eq!(split_data(printed.clone(), false), [(printed, false)]);
     }
 }

@@ -8,7 +8,8 @@
 //! size cap: past it, output is counted, not kept, and once there is room again one marker
 //! line says how much was dropped (the build itself never stops for it).
 //!
-//! Record layout (little endian): `u32 data length, u64 seq, u8 stream, data`.
+//! Record layout (little endian): `u32 data length, u64 seq, u8 stream, data`. The stream
+//! byte's high bit says the piece is cut: the line goes on in the stream's next piece.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -36,6 +37,8 @@ pub struct Record {
     pub seq: u64,
     pub stream: LogStream,
     pub data: String,
+    /// The line goes on in the next piece of this stream (the agent cut it).
+    pub continued: bool,
 }
 
 struct Segment {
@@ -138,14 +141,16 @@ impl Spool {
     /// Appends one piece of output; returns its seq, or `None` when the spool is full (the
     /// piece is counted and a marker line follows once there is room).
     pub fn append(&mut self, stream: LogStream, data: &str) -> io::Result<Option<u64>> {
-        self.append_owned(stream, Cow::Borrowed(data))
+        self.append_owned(stream, Cow::Borrowed(data), false)
     }
 
-    /// [`Spool::append`] of a piece the caller gives up (kept for sending without a copy).
+    /// [`Spool::append`] of a piece the caller gives up (kept for sending without a copy);
+    /// `continued`: the line goes on in the stream's next piece.
     pub fn append_owned(
         &mut self,
         stream: LogStream,
         data: Cow<'_, str>,
+        continued: bool,
     ) -> io::Result<Option<u64>> {
         let need = HEADER_BYTES + data.len() as u64;
         if self.dropped_lines > 0 {
@@ -158,22 +163,22 @@ impl Spool {
             }
             self.dropped_lines = 0;
             self.dropped_bytes = 0;
-            self.write_record(LogStream::System, &marker)?;
-            self.keep_hot(LogStream::System, Cow::Owned(marker));
+            self.write_record(LogStream::System, &marker, false)?;
+            self.keep_hot(LogStream::System, Cow::Owned(marker), false);
         } else if self.bytes + need > self.max_bytes {
             self.dropped_lines = 1;
             self.dropped_bytes = data.len() as u64;
             return Ok(None);
         }
-        let seq = self.write_record(stream, &data)?;
-        self.keep_hot(stream, data);
+        let seq = self.write_record(stream, &data, continued)?;
+        self.keep_hot(stream, data, continued);
         Ok(Some(seq))
     }
 
     /// Keeps the record just written in memory too, while every unsent record is there
     /// (the sender keeps up): it is then sent without reading it back from disk. Past
     /// [`HOT_BYTES`] the memory copy is dropped and reading goes to disk until it catches up.
-    fn keep_hot(&mut self, stream: LogStream, data: Cow<'_, str>) {
+    fn keep_hot(&mut self, stream: LogStream, data: Cow<'_, str>, continued: bool) {
         let seq = self.next_seq - 1;
         if self.hot.is_empty() && self.read_seq != seq {
             return;
@@ -189,6 +194,7 @@ impl Spool {
             seq,
             stream,
             data: data.into_owned(),
+            continued,
         });
     }
 
@@ -211,8 +217,8 @@ impl Spool {
         if self.bytes + HEADER_BYTES + marker.len() as u64 <= self.max_bytes + 1024 {
             self.dropped_lines = 0;
             self.dropped_bytes = 0;
-            self.write_record(LogStream::System, &marker)?;
-            self.keep_hot(LogStream::System, Cow::Owned(marker));
+            self.write_record(LogStream::System, &marker, false)?;
+            self.keep_hot(LogStream::System, Cow::Owned(marker), false);
         }
         Ok(())
     }
@@ -224,7 +230,7 @@ impl Spool {
         )
     }
 
-    fn write_record(&mut self, stream: LogStream, data: &str) -> io::Result<u64> {
+    fn write_record(&mut self, stream: LogStream, data: &str, continued: bool) -> io::Result<u64> {
         let roll = self
             .segments
             .back()
@@ -255,7 +261,7 @@ impl Spool {
         let len = u32::try_from(data.len()).map_err(|_| io::Error::other("piece too long"))?;
         writer.write_all(&len.to_le_bytes())?;
         writer.write_all(&seq.to_le_bytes())?;
-        writer.write_all(&[stream_code(stream)])?;
+        writer.write_all(&[stream_code(stream) | if continued { CUT_BIT } else { 0 }])?;
         writer.write_all(data.as_bytes())?;
         let size = HEADER_BYTES + data.len() as u64;
         segment.bytes += size;
@@ -406,6 +412,9 @@ impl Spool {
     }
 }
 
+/// Set in a record's stream byte when the piece is cut (the line goes on).
+const CUT_BIT: u8 = 0x80;
+
 fn stream_code(stream: LogStream) -> u8 {
     match stream {
         LogStream::Stdout => 0,
@@ -425,7 +434,8 @@ fn read_record(reader: &mut impl Read) -> io::Result<Option<Record>> {
     let mut seq_bytes = [0u8; 8];
     seq_bytes.copy_from_slice(&header[4..12]);
     let seq = u64::from_le_bytes(seq_bytes);
-    let stream = match header[12] {
+    let continued = header[12] & CUT_BIT != 0;
+    let stream = match header[12] & !CUT_BIT {
         0 => LogStream::Stdout,
         1 => LogStream::Stderr,
         _ => LogStream::System,
@@ -441,7 +451,12 @@ fn read_record(reader: &mut impl Read) -> io::Result<Option<Record>> {
         ));
     }
     let data = String::from_utf8(data).map_err(|_| io::Error::other("spool record not UTF-8"))?;
-    Ok(Some(Record { seq, stream, data }))
+    Ok(Some(Record {
+        seq,
+        stream,
+        data,
+        continued,
+    }))
 }
 
 #[cfg(test)]
@@ -454,6 +469,43 @@ mod tests {
             out.push(record);
         }
         out
+    }
+
+    /// A cut piece keeps its flag in memory and on disk (after a rewind), per stream.
+    #[test]
+    fn the_cut_flag_survives_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::create(&dir.path().join("s"), DEFAULT_MAX_BYTES).unwrap();
+        for (stream, data, continued) in [
+            (LogStream::Stderr, "abc", true),
+            (LogStream::Stderr, "def\n", false),
+            (LogStream::System, "x", true),
+            (LogStream::Stdout, "y\n", false),
+        ] {
+            spool
+                .append_owned(stream, Cow::Borrowed(data), continued)
+                .unwrap();
+        }
+        let flags = |records: Vec<Record>| {
+            records
+                .into_iter()
+                .map(|r| (r.stream, r.data, r.continued))
+                .collect::<Vec<_>>()
+        };
+        let hot = flags(drain(&mut spool));
+        spool.flush().unwrap();
+        spool.rewind(0).unwrap();
+        let cold = flags(drain(&mut spool));
+        assert_eq!(hot, cold);
+        assert_eq!(
+            cold,
+            [
+                (LogStream::Stderr, "abc".to_string(), true),
+                (LogStream::Stderr, "def\n".to_string(), false),
+                (LogStream::System, "x".to_string(), true),
+                (LogStream::Stdout, "y\n".to_string(), false),
+            ]
+        );
     }
 
     #[test]

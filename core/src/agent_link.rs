@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use stagely_protocol::session::{CoreSession, SessionEvent};
 use stagely_protocol::{
-    Codec, Heartbeat, JobState, LINE_SPLIT_MARKER, Message, NeverRan, SHUTDOWN_ACTION, decode,
-    decode_proto, encode, encode_proto,
+    Codec, Heartbeat, JobState, Message, NeverRan, SHUTDOWN_ACTION, decode, decode_proto, encode,
+    encode_proto,
 };
 use tokio::sync::mpsc;
 
@@ -169,17 +169,15 @@ fn stream_slot(stream: stagely_protocol::LogStream) -> usize {
     }
 }
 
-/// The core's second masking across the cut of a long line: `previous` is a piece ending in
-/// [`LINE_SPLIT_MARKER`] and `next` the piece that continues it. A secret form straddling
+/// The core's second masking across the cut of a long line: `previous` is a piece flagged
+/// `continued` and `next` the piece that continues it. A secret form straddling
 /// the cut is whole in neither; joining the end of one to the start of the other finds it,
 /// and each part is masked where it lies. (The agent already holds back cut tails, so this
 /// matters only for an agent that does not.)
 fn mask_across_cut(mask: &stagely_protocol::SecretMask, previous: &mut String, next: &mut String) {
     let hold = mask.longest().saturating_sub(1);
-    let Some(body_end) = previous.len().checked_sub(LINE_SPLIT_MARKER.len()) else {
-        return;
-    };
-    if hold == 0 || !previous.ends_with(LINE_SPLIT_MARKER) {
+    let body_end = previous.len();
+    if hold == 0 {
         return;
     }
     let mut start = body_end.saturating_sub(hold);
@@ -218,6 +216,7 @@ fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
                 timestamp,
                 stream: line.stream.to_string(),
                 line: line.line.clone(),
+                continued: line.continued,
             })
             .collect()
     });
@@ -433,6 +432,7 @@ impl<'a> Link<'a> {
                 seq: stored + 1,
                 stream: "system",
                 line,
+                continued: false,
             };
             if context
                 .db
@@ -454,11 +454,12 @@ impl<'a> Link<'a> {
 
     /// Masks, bounds and batches one line for storage. `clean`: the frame it came in holds
     /// no secret form ([`stagely_protocol::SecretMask::holds_any`]), so neither does the line.
+    /// `continued`: the agent cut the line after this piece (it goes on in the stream's next).
     fn take_line(
         &mut self,
         seq: i64,
         stream: stagely_protocol::LogStream,
-        data: String,
+        (data, continued): (String, bool),
         mask: &stagely_protocol::SecretMask,
         clean: bool,
     ) {
@@ -477,13 +478,14 @@ impl<'a> Link<'a> {
         }
         if let Some(line) = self.budget.admit(data) {
             self.batch_bytes += line.len();
-            if line.ends_with(LINE_SPLIT_MARKER) {
+            if continued {
                 self.open_cuts[slot] = Some(self.batch.len());
             }
             self.batch.push(NewLogLine {
                 seq,
                 stream: stream.as_str(),
                 line,
+                continued,
             });
         }
     }
@@ -755,7 +757,7 @@ impl<'a> Link<'a> {
                     }
                     SessionEvent::Log(log) => {
                         let seq = self.base + log.seq.unwrap_or(0) as i64;
-                        self.take_line(seq, log.stream, log.data, &mask, false);
+                        self.take_line(seq, log.stream, (log.data, log.continued), &mask, false);
                         if self.batch_full() {
                             self.write_behind(&mut session).await?;
                         }
@@ -766,7 +768,7 @@ impl<'a> Link<'a> {
                             self.take_line(
                                 first + offset as i64,
                                 line.stream,
-                                line.data,
+                                (line.data, line.continued),
                                 &mask,
                                 clean,
                             );
@@ -788,6 +790,7 @@ impl<'a> Link<'a> {
                                 seq: self.base + status.seq.unwrap_or(0) as i64,
                                 stream: "system",
                                 line: summary,
+                                continued: false,
                             });
                         }
                         self.flush(&mut session).await?;
@@ -930,9 +933,8 @@ async fn send_frame(socket: &mut WebSocket, codec: Codec, frame: &Message) -> Re
     }
 }
 
-/// Longest line the core stores; longer ones are cut (agents split lines into LOG frames of at
-/// most this, marked with [`stagely_protocol::LINE_SPLIT_MARKER`], so only a misbehaving
-/// agent reaches this).
+/// Longest line the core stores; longer ones are cut (agents split lines into pieces of at
+/// most this, flagged `continued`, so only a misbehaving agent reaches this).
 pub const MAX_STORED_LINE_BYTES: usize = stagely_protocol::MAX_LOG_DATA_BYTES;
 
 /// The core's own bounds on one job's log: lines cut at [`MAX_STORED_LINE_BYTES`], and at most
@@ -1032,31 +1034,23 @@ mod tests {
     #[test]
     fn a_secret_straddling_the_cut_of_a_long_line_is_masked_in_both_pieces() {
         let mask = stagely_protocol::SecretMask::new(["hunter2-password"]);
-        let mut previous = format!("{}hunter2-{LINE_SPLIT_MARKER}", "a".repeat(100));
+        let mut previous = format!("{}hunter2-", "a".repeat(100));
         let mut next = "password and more\n".to_string();
         mask_across_cut(&mask, &mut previous, &mut next);
-        assert_eq!(
-            previous,
-            format!("{}[REDACTED]{LINE_SPLIT_MARKER}", "a".repeat(100))
-        );
+        assert_eq!(previous, format!("{}[REDACTED]", "a".repeat(100)));
         assert_eq!(next, "[REDACTED] and more\n");
         // Nothing straddles: both stay as they are (a whole secret is the per-line mask's).
-        let mut previous = format!("hunter2-password xyz{LINE_SPLIT_MARKER}");
+        let mut previous = "hunter2-password xyz".to_string();
         let mut next = "plain\n".to_string();
         let before = (previous.clone(), next.clone());
         mask_across_cut(&mask, &mut previous, &mut next);
         assert_eq!((previous, next), before);
         // Multi-byte text around the cut stays valid.
-        let mut previous = format!("ééé hunt{LINE_SPLIT_MARKER}");
+        let mut previous = "ééé hunt".to_string();
         let mut next = "er2-password ééé\n".to_string();
         mask_across_cut(&mask, &mut previous, &mut next);
-        assert_eq!(previous, format!("ééé [REDACTED]{LINE_SPLIT_MARKER}"));
+        assert_eq!(previous, "ééé [REDACTED]");
         assert_eq!(next, "[REDACTED] ééé\n");
-        // Not a cut piece: untouched.
-        let mut previous = "hunter2-\n".to_string();
-        let mut next = "password\n".to_string();
-        mask_across_cut(&mask, &mut previous, &mut next);
-        assert_eq!(previous, "hunter2-\n");
     }
 
     #[test]

@@ -1356,6 +1356,10 @@ pub struct LogLineView {
     /// `stdout`, `stderr` or `system` (the agent's own lines).
     pub stream: String,
     pub line: String,
+    /// A piece of a line the agent cut (longer than 64 KiB): the line goes on in the next
+    /// piece of the same stream. Joining the pieces gives the line back, byte for byte.
+    #[serde(default)]
+    pub continued: bool,
 }
 
 impl From<LogRow> for LogLineView {
@@ -1365,6 +1369,7 @@ impl From<LogRow> for LogLineView {
             timestamp: row.timestamp,
             stream: row.stream,
             line: row.line,
+            continued: row.continued,
         }
     }
 }
@@ -1420,7 +1425,8 @@ async fn get_logs(
                             let mut chunk = String::new();
                             for line in lines {
                                 chunk.push_str(&line.line);
-                                if !line.line.ends_with('\n') {
+                                // A cut line's pieces join into the line it was.
+                                if !line.line.ends_with('\n') && !line.continued {
                                     chunk.push('\n');
                                 }
                             }
@@ -1474,6 +1480,7 @@ fn line_event(row: &LogRow) -> axum::response::sse::Event {
         timestamp: row.timestamp,
         stream: row.stream.clone(),
         line: row.line.clone(),
+        continued: row.continued,
     };
     axum::response::sse::Event::default()
         .id(row.seq.to_string())

@@ -637,10 +637,14 @@ async fn drive_run(
                 let (client, url, id) = (client.clone(), core_url.to_string(), job.id.clone());
                 let prefix = format!("{:<width$} | ", job.name);
                 tokio::spawn(async move {
+                    // A cut line's pieces print as the one line they are: one prefix.
+                    let mut mid_line = false;
                     let _ = stream_job_lines(&client, &url, &id, |line| {
                         let mut err = std::io::stderr().lock();
+                        let prefix = if mid_line { "" } else { prefix.as_str() };
                         let _ = write!(err, "{prefix}{}", screen.show(&line.line));
-                        if !line.line.ends_with('\n') {
+                        mid_line = line.continued;
+                        if !line.line.ends_with('\n') && !line.continued {
                             let _ = writeln!(err);
                         }
                     })
@@ -916,7 +920,7 @@ async fn follow_logs(args: &LogsArgs) -> anyhow::Result<()> {
     let screen = crate::terminal::Screen::stdout(args.raw);
     stream_job_lines(&client, &args.core.core, &args.job_id, |line| {
         let _ = out.write_all(screen.show(&line.line).as_bytes());
-        if !line.line.ends_with('\n') {
+        if !line.line.ends_with('\n') && !line.continued {
             let _ = out.write_all(b"\n");
         }
         let _ = out.flush();
@@ -1024,7 +1028,8 @@ async fn logs(args: LogsArgs) -> anyhow::Result<()> {
         let empty = page.lines.is_empty();
         for line in &page.lines {
             out.write_all(screen.show(&line.line).as_bytes())?;
-            if !line.line.ends_with('\n') {
+            // A piece of a cut line goes on in the next: the pieces print as one line.
+            if !line.line.ends_with('\n') && !line.continued {
                 out.write_all(b"\n")?;
             }
         }

@@ -131,6 +131,7 @@ mod tests {
             timestamp: 0,
             stream: "stdout".into(),
             line: format!("{seq}\n"),
+            continued: false,
         }
     }
 

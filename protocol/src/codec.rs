@@ -14,11 +14,6 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// The largest `data` of one LOG frame; longer lines are split by the agent.
 pub const MAX_LOG_DATA_BYTES: usize = 64 * 1024;
 
-/// Ends every piece of an output line longer than [`MAX_LOG_DATA_BYTES`] but the last: the
-/// line goes on in the next LOG of the same stream. Stripping it from a piece and joining
-/// the piece with the next gives the line back.
-pub const LINE_SPLIT_MARKER: &str = " [stagely: long line split, continued in the next line]\n";
-
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

@@ -49,9 +49,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{
-    DecodeError, LINE_SPLIT_MARKER, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode,
-};
+pub use codec::{DecodeError, MAX_FRAME_BYTES, MAX_LOG_DATA_BYTES, decode, encode};
 pub use proto::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO, decode_proto, encode_proto};
 
 /// Version of this contract. An agent announces it in `HELLO`; the core refuses others.
@@ -586,6 +584,9 @@ pub struct Log {
     /// Addition: position of this frame in the job's stream, from 1, no gaps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// Addition: see [`LogLine::continued`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continued: bool,
 }
 
 /// Addition — `LOGS`: consecutive pieces of output in one frame; line `i` (from 0) has seq
@@ -606,6 +607,11 @@ pub struct LogLine {
     pub stream: LogStream,
     /// The line, including its trailing newline when it had one.
     pub data: String,
+    /// The line goes on in the next piece of the same stream: the agent cut it (longer than
+    /// [`MAX_LOG_DATA_BYTES`], or read in parts). Out of band, so nothing a build prints can
+    /// pass for a cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continued: bool,
 }
 
 /// Most lines one `LOGS` frame may carry.

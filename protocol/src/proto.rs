@@ -75,6 +75,7 @@ fn encode_logs(logs: &Logs) -> Vec<u8> {
     const LOGS_LINES: u32 = 3;
     const LINE_STREAM: u32 = 1;
     const LINE_DATA: u32 = 2;
+    const LINE_CONTINUED: u32 = 3;
     let delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
     let line_len = |line: &LogLine| {
         let stream = stream_to(line.stream) as u64;
@@ -84,6 +85,9 @@ fn encode_logs(logs: &Logs) -> Vec<u8> {
         }
         if !line.data.is_empty() {
             len += delimited(LINE_DATA, line.data.len());
+        }
+        if line.continued {
+            len += key_len(LINE_CONTINUED) + 1;
         }
         len
     };
@@ -121,6 +125,10 @@ fn encode_logs(logs: &Logs) -> Vec<u8> {
             encode_key(LINE_DATA, WireType::LengthDelimited, &mut out);
             encode_varint(line.data.len() as u64, &mut out);
             out.extend_from_slice(line.data.as_bytes());
+        }
+        if line.continued {
+            encode_key(LINE_CONTINUED, WireType::Varint, &mut out);
+            encode_varint(1, &mut out);
         }
     }
     out
@@ -201,6 +209,7 @@ fn frame_of(message: &Message) -> pb::Frame {
             stream: stream_to(m.stream),
             data: m.data.clone(),
             seq: m.seq,
+            continued: m.continued,
         }),
         Message::Logs(m) => Body::Logs(pb::Logs {
             job_id: m.job_id.clone(),
@@ -211,6 +220,7 @@ fn frame_of(message: &Message) -> pb::Frame {
                 .map(|line| pb::LogLine {
                     stream: stream_to(line.stream),
                     data: line.data.clone(),
+                    continued: line.continued,
                 })
                 .collect(),
         }),
@@ -328,6 +338,7 @@ fn message_of(frame: pb::Frame) -> Result<Message, DecodeError> {
             stream: stream_of("LOG", "stream", m.stream)?,
             data: m.data,
             seq: m.seq,
+            continued: m.continued,
         }),
         Body::Logs(m) => Message::Logs(Logs {
             job_id: m.job_id,
@@ -339,6 +350,7 @@ fn message_of(frame: pb::Frame) -> Result<Message, DecodeError> {
                     Ok(LogLine {
                         stream: stream_of("LOGS", "lines.stream", line.stream)?,
                         data: line.data,
+                        continued: line.continued,
                     })
                 })
                 .collect::<Result<_, DecodeError>>()?,
@@ -498,6 +510,12 @@ mod tests {
         let line = |stream, data: &str| LogLine {
             stream,
             data: data.to_string(),
+            continued: false,
+        };
+        let cut = |data: &str| LogLine {
+            stream: LogStream::Stdout,
+            data: data.to_string(),
+            continued: true,
         };
         let long = "é".repeat(20_000);
         let cases = [
@@ -531,6 +549,12 @@ mod tests {
                     .chain([line(LogStream::Stderr, &long)])
                     .collect(),
             },
+            // A cut line: its pieces but the last say so (field 3).
+            Logs {
+                job_id: "j".into(),
+                seq: 7,
+                lines: vec![cut("abc"), cut(""), line(LogStream::Stdout, "def\n")],
+            },
         ];
         for logs in cases {
             let message = Message::Logs(logs);
@@ -550,6 +574,7 @@ mod tests {
                 stream: 42,
                 data: "x".into(),
                 seq: Some(1),
+                continued: false,
             })),
         };
         match decode_proto(&frame.encode_to_vec()) {

@@ -55,6 +55,7 @@ fn log(job: &str, seq: u64) -> Message {
         stream: LogStream::Stdout,
         data: format!("line {seq}\n"),
         seq: Some(seq),
+        continued: false,
     })
 }
 
@@ -209,6 +210,7 @@ fn missing_seq_and_bad_status_seq_are_violations() {
         stream: LogStream::Stdout,
         data: "x".into(),
         seq: None,
+        continued: false,
     });
     assert_eq!(h.feed(no_seq).unwrap_err(), SessionError::MissingSeq);
     h.feed(log("j1", 1)).unwrap();
@@ -434,6 +436,7 @@ fn logs(job: &str, first: u64, count: u64) -> Message {
             .map(|seq| LogLine {
                 stream: LogStream::Stdout,
                 data: format!("line {seq}\n"),
+                continued: false,
             })
             .collect(),
     })

@@ -442,6 +442,7 @@ async fn report(
             stream: LogStream::System,
             data: format!("pushed {image}@{digest}\n"),
             seq: Some(1),
+            continued: false,
         }),
     )
     .await?;

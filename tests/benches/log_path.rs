@@ -152,6 +152,7 @@ async fn stream_lines(mut socket: Socket, codec: Codec, job_id: String, count: u
                     .map(|seq| LogLine {
                         stream: LogStream::Stdout,
                         data: line_text(seq),
+                        continued: false,
                     })
                     .collect(),
             });
@@ -251,6 +252,7 @@ async fn latency(core: &TestCore, provider: &RecordingProvider, count: u64) -> (
             stream: LogStream::Stdout,
             data: format!("t={}\n", origin.elapsed().as_micros()),
             seq: Some(seq),
+            continued: false,
         });
         socket.send(ws(Codec::Proto, &frame)).await.expect("send");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -295,6 +297,7 @@ fn bytes_per_line() -> (f64, f64, f64) {
                 stream: LogStream::Stdout,
                 data: data.clone(),
                 seq: Some(1_000_000 + i as u64),
+                continued: false,
             }))
             .len()
         })
@@ -307,6 +310,7 @@ fn bytes_per_line() -> (f64, f64, f64) {
             .map(|data| LogLine {
                 stream: LogStream::Stdout,
                 data: data.clone(),
+                continued: false,
             })
             .collect(),
     });

@@ -229,6 +229,7 @@ async fn missing_wrong_and_spent_tokens_are_refused_before_any_frame() {
             stream: LogStream::Stderr,
             data: "boom\n".into(),
             seq: Some(1),
+            continued: false,
         }))))
         .await
         .unwrap();
@@ -347,6 +348,7 @@ async fn a_malformed_frame_closes_only_that_connection_and_names_the_problem() {
             stream: LogStream::Stdout,
             data: format!("line {seq}\n"),
             seq: Some(seq),
+            continued: false,
         }))))
         .await
         .unwrap();
@@ -677,6 +679,7 @@ async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
             stream: LogStream::Stdout,
             data,
             seq: Some(seq),
+            continued: false,
         };
         send(&mut agent, Message::Log(log)).await;
     }
@@ -717,30 +720,47 @@ async fn a_secret_split_across_two_frames_by_a_careless_agent_is_still_masked_by
     let tokens = tokens(&provider, 1).await;
     let (job_id, token) = &tokens[0];
     let mut agent = agent_with_build(&core, token).await;
-    // A cut line (its first piece marked as going on) whose cut falls inside the token: an
+    // A cut line (its first piece flagged as going on) whose cut falls inside the token: an
     // agent that did not hold the tail back. The pieces come in two frames, apart by more
     // than the core's flush interval.
     let (head, tail) = clone_token.split_at(20);
-    let logs = |seq: u64, data: String| {
+    let logs = |seq: u64, data: String, continued: bool| {
         Message::Logs(stagely_protocol::Logs {
             job_id: job_id.clone(),
             seq,
             lines: vec![stagely_protocol::LogLine {
                 stream: LogStream::Stdout,
                 data,
+                continued,
             }],
         })
     };
-    let marker = stagely_protocol::LINE_SPLIT_MARKER;
-    send(&mut agent, logs(1, format!("token={head}{marker}"))).await;
+    send(&mut agent, logs(1, format!("token={head}"), true)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    send(&mut agent, logs(2, format!("{tail} used\n"))).await;
+    send(&mut agent, logs(2, format!("{tail} used\n"), false)).await;
     send(&mut agent, builder_failed(job_id, 1, 3)).await;
     core.wait_finished(&run_id, Duration::from_secs(20)).await;
     let lines = core.logs(job_id).await.unwrap();
     let texts: Vec<&str> = lines.iter().map(|(_, line)| line.as_str()).collect();
-    assert_eq!(texts[0], format!("token=[REDACTED]{marker}"), "{texts:?}");
+    assert_eq!(texts[0], "token=[REDACTED]", "{texts:?}");
     assert_eq!(texts[1], "[REDACTED] used\n", "{texts:?}");
+    // The API says which stored piece goes on, out of band.
+    let page: serde_json::Value = core
+        .client
+        .get(format!("{}/api/v1/jobs/{job_id}/logs", core.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let flags: Vec<bool> = page["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| line["continued"].as_bool().unwrap())
+        .collect();
+    assert_eq!(flags[..2], [true, false], "{page}");
     core.stop().await;
     for (file, bytes) in core.stored().await {
         for part in [head, tail] {
@@ -751,6 +771,59 @@ async fn a_secret_split_across_two_frames_by_a_careless_agent_is_still_masked_by
             );
         }
     }
+}
+
+/// Issue 26 (SECURITY.md row 80): a build that prints a line ending in the text of the old
+/// in-band split marker. Cuts are flagged out of band now: the line is stored as printed,
+/// as a whole line (`continued: false`), neither joined with the next nor held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_printed_split_marker_is_only_text() {
+    if !require("docker-registry", "--version") {
+        return;
+    }
+    let (provider, mut core) = hand_driven_core().await;
+    let body = submit_with_clone_token(&core, "ghp_unused_token_for_this_test_0001", "pr-12").await;
+    let run_id = body["id"].as_str().unwrap().to_string();
+    let tokens = tokens(&provider, 1).await;
+    let (job_id, token) = &tokens[0];
+    let mut agent = agent_with_build(&core, token).await;
+    let fake = "feat [stagely: long line split, continued in the next line]\n";
+    let line = |data: &str| stagely_protocol::LogLine {
+        stream: LogStream::Stdout,
+        data: data.into(),
+        continued: false,
+    };
+    send(
+        &mut agent,
+        Message::Logs(stagely_protocol::Logs {
+            job_id: job_id.clone(),
+            seq: 1,
+            lines: vec![line(fake), line("Successfully tagged\n")],
+        }),
+    )
+    .await;
+    // Stored at once (nothing held back for a continuation), while the job still runs.
+    poll_until(Duration::from_secs(10), "both lines stored", || async {
+        let lines = core.logs(job_id).await?;
+        Ok(((lines.len() >= 2).then_some(()), format!("{lines:?}")))
+    })
+    .await;
+    send(&mut agent, builder_failed(job_id, 1, 3)).await;
+    core.wait_finished(&run_id, Duration::from_secs(20)).await;
+    let page: serde_json::Value = core
+        .client
+        .get(format!("{}/api/v1/jobs/{job_id}/logs", core.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lines = page["lines"].as_array().unwrap();
+    assert_eq!(lines[0]["line"], fake, "{page}");
+    assert_eq!(lines[0]["continued"], false, "{page}");
+    assert_eq!(lines[1]["line"], "Successfully tagged\n", "{page}");
+    core.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -834,6 +907,7 @@ fn line(job_id: &str, seq: u64) -> Message {
         stream: LogStream::Stdout,
         data: format!("line {seq}\n"),
         seq: Some(seq),
+        continued: false,
     })
 }
 
@@ -1021,10 +1095,12 @@ async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fall
             LogLine {
                 stream: LogStream::Stdout,
                 data: "one\n".into(),
+                continued: false,
             },
             LogLine {
                 stream: LogStream::Stderr,
                 data: "two\n".into(),
+                continued: false,
             },
         ],
     });
@@ -1043,10 +1119,12 @@ async fn an_agent_offering_protobuf_speaks_binary_frames_and_json_stays_the_fall
             LogLine {
                 stream: LogStream::Stdout,
                 data: "clean\n".into(),
+                continued: false,
             },
             LogLine {
                 stream: LogStream::Stdout,
                 data: format!("login {password} ok\n"),
+                continued: false,
             },
         ],
     });

@@ -285,7 +285,7 @@ async fn a_jobs_log_is_capped_with_a_marker_and_the_build_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_line_longer_than_64_kib_is_split_marked_and_whole_again_without_the_markers() {
+async fn a_line_longer_than_64_kib_is_split_flagged_and_joined_whole_again() {
     if !require_build_peers() {
         return;
     }
@@ -304,26 +304,26 @@ async fn a_line_longer_than_64_kib_is_split_marked_and_whole_again_without_the_m
     let run = core.submit(&repo, None, "pr-wide").await.unwrap();
     let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
     assert_eq!(view.status, "completed", "{:?}", view.jobs[0].error_message);
-    let lines = core.logs(&view.jobs[0].id).await.unwrap();
-    let texts: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    let lines = all_log_lines(&core.client, &core.url, &view.jobs[0].id)
+        .await
+        .unwrap();
+    let texts: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
     let first = texts
         .iter()
         .position(|l| l.starts_with("0123456789"))
         .unwrap_or_else(|| panic!("no long line in {texts:?}"));
     let mut whole = String::new();
     let mut pieces = 0;
-    for text in &texts[first..] {
+    // Every piece but the last says the line goes on (`continued`, out of band).
+    for line in &lines[first..] {
         pieces += 1;
         assert!(
-            text.len() <= stagely_protocol::MAX_LOG_DATA_BYTES,
+            line.line.len() <= stagely_protocol::MAX_LOG_DATA_BYTES,
             "a stored piece is too long"
         );
-        match text.strip_suffix(stagely_protocol::LINE_SPLIT_MARKER) {
-            Some(piece) => whole.push_str(piece),
-            None => {
-                whole.push_str(text);
-                break;
-            }
+        whole.push_str(&line.line);
+        if !line.continued {
+            break;
         }
     }
     assert!(pieces >= 4, "{pieces} pieces");

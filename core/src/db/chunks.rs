@@ -2,7 +2,8 @@
 //! per batch, not one per line.
 //!
 //! A chunk is text, so the database holds lines as readable as before: per line a header
-//! `SEQ STREAM LEN\n` (`STREAM` is `o`, `e` or `s`; `LEN` the byte length of the data) and
+//! `SEQ STREAM LEN\n` (`STREAM` is `o`, `e` or `s`, upper case for a piece of a cut line that
+//! goes on in the stream's next piece; `LEN` the byte length of the data) and
 //! then exactly `LEN` bytes of data. Seqs ascend within a chunk (gaps allowed: lines past a
 //! job's log cap are counted, not stored) and chunks of one job never overlap.
 
@@ -104,19 +105,28 @@ pub struct Chunk {
     pub packed: Option<Vec<u8>>,
 }
 
-fn stream_code(stream: &str) -> char {
-    match stream {
+fn stream_code(stream: &str, continued: bool) -> char {
+    let code = match stream {
         "stdout" => 'o',
         "stderr" => 'e',
         _ => 's',
+    };
+    if continued {
+        code.to_ascii_uppercase()
+    } else {
+        code
     }
 }
 
-fn stream_name(code: &str) -> Option<&'static str> {
+/// The stream of a header's code, and whether the line goes on.
+fn stream_name(code: &str) -> Option<(&'static str, bool)> {
     match code {
-        "o" => Some("stdout"),
-        "e" => Some("stderr"),
-        "s" => Some("system"),
+        "o" => Some(("stdout", false)),
+        "e" => Some(("stderr", false)),
+        "s" => Some(("system", false)),
+        "O" => Some(("stdout", true)),
+        "E" => Some(("stderr", true)),
+        "S" => Some(("system", true)),
         _ => None,
     }
 }
@@ -147,7 +157,7 @@ pub fn encode(lines: &[&NewLogLine]) -> Vec<Chunk> {
             let mut number = itoa::Buffer::new();
             chunk.text.push_str(number.format(line.seq));
             chunk.text.push(' ');
-            chunk.text.push(stream_code(line.stream));
+            chunk.text.push(stream_code(line.stream, line.continued));
             chunk.text.push(' ');
             chunk.text.push_str(number.format(line.line.len()));
             chunk.text.push('\n');
@@ -202,7 +212,7 @@ pub fn decode(
             return Err(damaged(at));
         };
         let seq: i64 = seq.parse().map_err(|_| damaged(at))?;
-        let stream = stream_name(stream).ok_or_else(|| damaged(at))?;
+        let (stream, continued) = stream_name(stream).ok_or_else(|| damaged(at))?;
         let len: usize = len.parse().map_err(|_| damaged(at))?;
         let start = at + header_end + 1;
         let end = start.checked_add(len).ok_or_else(|| damaged(at))?;
@@ -213,6 +223,7 @@ pub fn decode(
                 timestamp: stored_at,
                 stream: stream.to_string(),
                 line: line.to_string(),
+                continued,
             });
         }
         at = end;
@@ -245,35 +256,53 @@ mod tests {
             seq,
             stream,
             line: text.to_string(),
+            continued: false,
         }
     }
 
     #[test]
     fn lines_come_back_exactly_whatever_they_hold() {
+        let cut = |seq, stream, text: &str| NewLogLine {
+            continued: true,
+            ..line(seq, stream, text)
+        };
         let lines = vec![
             line(3, "stdout", "plain\n"),
             line(4, "stderr", "two\nlines and a 5 e 12 fake header\n"),
             line(7, "system", ""),
             line(8, "stdout", "no newline, é ünïcode"),
+            // Pieces of cut lines, and a line that only prints the old in-band marker.
+            cut(9, "stdout", "abc"),
+            cut(10, "stderr", ""),
+            cut(11, "system", "s"),
+            line(
+                12,
+                "stdout",
+                "x [stagely: long line split, continued in the next line]\n",
+            ),
         ];
         let chunks = encode(&lines.iter().collect::<Vec<_>>());
         assert_eq!(chunks.len(), 1);
         let chunk = &chunks[0];
         assert_eq!(
             (chunk.first_seq, chunk.last_seq, chunk.line_count),
-            (3, 8, 4)
+            (3, 12, 8)
         );
         let rows = decode("j", 3, &chunk.text, 99, 0).unwrap();
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 8);
         for (row, line) in rows.iter().zip(&lines) {
             assert_eq!(row.seq, line.seq);
             assert_eq!(row.stream, line.stream);
             assert_eq!(row.line, line.line);
+            assert_eq!(row.continued, line.continued, "seq {}", line.seq);
             assert_eq!(row.timestamp, 99);
         }
         // Only what follows `after`.
-        let tail = decode("j", 3, &chunk.text, 99, 4).unwrap();
-        assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8]);
+        let tail = decode("j", 3, &chunk.text, 99, 8).unwrap();
+        assert_eq!(
+            tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![9, 10, 11, 12]
+        );
     }
 
     #[test]

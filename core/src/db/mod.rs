@@ -218,6 +218,10 @@ pub struct LogRow {
     pub timestamp: i64,
     pub stream: String,
     pub line: String,
+    /// A piece of a cut line: the line goes on in the stream's next piece (the agent said so
+    /// out of band; rows of the older per-line table never are).
+    #[sqlx(default)]
+    pub continued: bool,
 }
 
 /// A claim as the store writes it: the engine's claim and the token of the attempt it
@@ -235,6 +239,8 @@ pub struct NewLogLine {
     pub seq: i64,
     pub stream: &'static str,
     pub line: String,
+    /// A piece of a cut line (the agent's `continued`): the line goes on.
+    pub continued: bool,
 }
 
 /// A run to create.
@@ -1903,6 +1909,7 @@ mod tests {
             seq,
             stream: "stdout",
             line: format!("line {seq}\n"),
+            continued: false,
         };
         db.append_logs("j1", &[line(1), line(2)]).await.unwrap();
         db.append_logs("j1", &[line(2), line(3)]).await.unwrap();
@@ -1931,6 +1938,7 @@ mod tests {
                     seq: s,
                     stream: if s % 2 == 0 { "stdout" } else { "stderr" },
                     line: format!("{s} {big}\n"),
+                    continued: false,
                 })
                 .collect();
             db.append_logs("j1", &batch).await.unwrap();
@@ -1970,6 +1978,7 @@ mod tests {
                 seq: s,
                 stream: "stdout",
                 line: format!("again {s}\n"),
+                continued: false,
             })
             .collect();
         db.append_logs("j1", &overlap).await.unwrap();
@@ -1986,6 +1995,7 @@ mod tests {
                 seq: s,
                 stream: "stdout",
                 line: chunks::random_hex_for_tests(s as u64, 256) + "\n",
+                continued: false,
             })
             .collect();
         db.append_logs("j1", &noise).await.unwrap();
@@ -2019,6 +2029,7 @@ mod tests {
             seq,
             stream: "stdout",
             line: format!("line {seq}\n"),
+            continued: false,
         };
         for job in ["j1", "j2"] {
             db.append_logs(job, &[line(1), line(2)]).await.unwrap();
@@ -2236,6 +2247,7 @@ mod tests {
                 seq: 3,
                 stream: "stdout",
                 line: "again\n".into(),
+                continued: false,
             }],
         )
         .await
