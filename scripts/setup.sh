@@ -32,7 +32,7 @@ for pair in \
     docker-registry:docker-registry qemu-aarch64-static:qemu-user-static \
     cloud-init:cloud-init newuidmap:uidmap cc:gcc pkg-config:pkg-config \
     packer:packer systemd-analyze:systemd ip:iproute2 \
-    unshare:util-linux; do
+    unshare:util-linux mkfs.ext4:e2fsprogs losetup:mount; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     have "$cmd" || wanted+=("$pkg")
 done

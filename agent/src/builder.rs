@@ -37,6 +37,9 @@ pub enum Backend {
         /// live under it (else in the host-wide `/var/tmp/buildah-cache-UID`, shared by every
         /// build on the machine and kept after it), removed with the instance.
         tmp: PathBuf,
+        /// `--cgroup-parent` for `RUN` containers (`AgentConfig::cgroup_parent`): inside the
+        /// instance's cgroup, so its process limit holds for them.
+        cgroup_parent: Option<String>,
     },
 }
 
@@ -130,7 +133,7 @@ impl Backend {
                     stdout_to_result: false,
                 }]
             }
-            Backend::Buildah { .. } => {
+            Backend::Buildah { cgroup_parent, .. } => {
                 let mut bud = self.buildah_global();
                 // Every RUN step in its own container (runc): its own PID, mount and network
                 // namespaces, so a build neither sees nor signals host processes nor reads
@@ -146,6 +149,10 @@ impl Backend {
                     ]
                     .map(String::from),
                 );
+                if let Some(parent) = cgroup_parent {
+                    bud.push("--cgroup-parent".into());
+                    bud.push(parent.clone());
+                }
                 bud.push("-f".into());
                 bud.push(path_text(dockerfile));
                 bud.push("-t".into());
@@ -539,6 +546,7 @@ mod tests {
             root: "/w/storage".into(),
             runroot: "/w/run".into(),
             tmp: "/w/tmp".into(),
+            cgroup_parent: Some("/stagely/local-1/build".into()),
         };
         let commands = backend.build_commands(
             &seed_config(),
@@ -551,7 +559,8 @@ mod tests {
         assert_eq!(
             bud,
             "--root /w/storage --runroot /w/run --storage-driver vfs bud --isolation oci \
-             --platform linux/amd64 --layers -f /w/src/api/Dockerfile \
+             --platform linux/amd64 --layers --cgroup-parent /stagely/local-1/build \
+             -f /w/src/api/Dockerfile \
              -t registry.internal/proj-123/env-456:backend-amd64 --build-arg NODE_ENV=staging \
              --cache-from registry.internal/proj-123/cache --cache-to registry.internal/proj-123/cache \
              --authfile /var/lib/stagely/auth/config.json --tls-verify=false /w/src/api"
@@ -577,6 +586,7 @@ mod tests {
             root: "/r".into(),
             runroot: "/rr".into(),
             tmp: "/t".into(),
+            cgroup_parent: None,
         };
         for command in backend
             .build_commands(
@@ -617,6 +627,7 @@ mod tests {
             root: "/r".into(),
             runroot: "/rr".into(),
             tmp: "/t".into(),
+            cgroup_parent: None,
         };
         for backend in [Backend::Buildx, buildah] {
             let commands =

@@ -70,13 +70,32 @@ pub struct OutputSink {
     sender: mpsc::Sender<Output>,
     /// What the receiving end masks with: lets a batch be checked once, as read.
     redactor: Option<std::sync::Arc<crate::connection::Redactor>>,
+    /// A builder's line said `No space left on device` (ENOSPC): a failure says the disk is
+    /// full (its space is freed again by the time the builder has exited).
+    out_of_space: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How a process reports ENOSPC (strerror), as builders print it.
+const NO_SPACE: &str = "No space left on device";
 
 impl OutputSink {
     pub fn new(sender: mpsc::Sender<Output>) -> Self {
         OutputSink {
             sender,
             redactor: None,
+            out_of_space: Default::default(),
+        }
+    }
+
+    /// Whether a process's output reported ENOSPC since the sink was made.
+    pub fn saw_out_of_space(&self) -> bool {
+        self.out_of_space.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn watch_for_full_disk(&self, text: &str) {
+        if memchr::memmem::find(text.as_bytes(), NO_SPACE.as_bytes()).is_some() {
+            self.out_of_space
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -98,12 +117,18 @@ impl OutputSink {
 
 impl LineSink for OutputSink {
     async fn line(&self, stream: LogStream, text: String) {
+        if stream != LogStream::System {
+            self.watch_for_full_disk(&text);
+        }
         // If the connection is gone the job is being torn down; dropping output is all
         // that is left to do.
         let _ = self.sender.send(Output::Line(stream, text)).await;
     }
 
     async fn lines(&self, stream: LogStream, texts: Vec<String>, clean: bool) {
+        for text in &texts {
+            self.watch_for_full_disk(text);
+        }
         let _ = self.sender.send(Output::Lines(stream, texts, clean)).await;
     }
 
@@ -129,11 +154,16 @@ pub struct JobEnvironment {
 
 /// Picks a backend: the configured one if given, else buildx when `docker buildx` works,
 /// else buildah when installed.
-pub async fn detect_backend(preference: Option<&str>, work_dir: &Path) -> Option<Backend> {
+pub async fn detect_backend(
+    preference: Option<&str>,
+    work_dir: &Path,
+    cgroup_parent: Option<String>,
+) -> Option<Backend> {
     let buildah = Backend::Buildah {
         root: work_dir.join("buildah/storage"),
         runroot: work_dir.join("buildah/run"),
         tmp: work_dir.join("buildah/tmp"),
+        cgroup_parent,
     };
     match preference {
         Some("buildx") => return Some(Backend::Buildx),
@@ -405,10 +435,19 @@ async fn run_commands(
         match outcome {
             Ok(Outcome::Exited(0)) => {}
             Ok(Outcome::Exited(code)) => {
-                let error = format!(
+                let mut error = format!(
                     "{} {} failed with exit status {code}",
                     invocation.program, invocation.step
                 );
+                // A build that filled the instance's disk fails saying so (on the local
+                // provider the work directory is a file system of `max_disk_mib`).
+                if let Some(disk) = files
+                    .result_file
+                    .parent()
+                    .and_then(|dir| full_disk(dir, sink.saw_out_of_space()))
+                {
+                    error.push_str(&format!(": {disk}"));
+                }
                 sink.system(format!("error: {error}")).await;
                 return Report::failed(Some(code), error);
             }
@@ -526,6 +565,22 @@ async fn fetch_source(
         let _ = tokio::fs::remove_file(&auth_config).await;
     }
     fetched
+}
+
+/// What to say when the file system holding `dir` is full (less than 1 MiB left), or was
+/// (`reported`: the build's output said ENOSPC; a failed `RUN` container is gone by now,
+/// its space free again): its size.
+fn full_disk(dir: &Path, reported: bool) -> Option<String> {
+    let stats = nix::sys::statvfs::statvfs(dir).ok()?;
+    let block = stats.fragment_size() as u64;
+    let left = stats.blocks_available() as u64 * block;
+    let size = stats.blocks() as u64 * block;
+    (reported || left < 1024 * 1024).then(|| {
+        format!(
+            "no space left: the instance's disk is full ({} MiB usable in its work directory)",
+            size / (1024 * 1024)
+        )
+    })
 }
 
 /// Writes the git config holding the clone token's header: directory 0700, file 0600.

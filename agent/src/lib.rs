@@ -62,7 +62,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         })
         .unwrap_or_else(|| "unknown".into());
     let host_arch = connection::host_arch()?;
-    let backend = job::detect_backend(config.builder.as_deref(), &work_dir).await;
+    let backend = job::detect_backend(
+        config.builder.as_deref(),
+        &work_dir,
+        config.cgroup_parent.clone(),
+    )
+    .await;
     if let Some(backend) = &backend {
         backend.prepare().with_context(|| {
             format!(

@@ -75,6 +75,7 @@ async fn run(
         root: work.join("storage"),
         runroot: work.join("run"),
         tmp: work.join("tmp"),
+        cgroup_parent: None,
     };
     backend.prepare().unwrap();
     let env = JobEnvironment {

@@ -69,6 +69,11 @@ pub struct AgentConfig {
     /// 256 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool_max_bytes: Option<u64>,
+    /// The cgroup (path from the hierarchy's root, e.g. `/stagely/local-…/build`) buildah's
+    /// `RUN` containers go in: under the instance's own, so its `pids.max` covers them too.
+    /// Set by the local provider; none: the runtime's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// Default for [`AgentConfig::reconnect_grace_secs`]: two minutes.
@@ -110,6 +115,7 @@ impl AgentConfig {
             metadata_url: None,
             reconnect_grace_secs: None,
             spool_max_bytes: None,
+            cgroup_parent: None,
         }
     }
 

@@ -232,6 +232,19 @@ pub struct ProviderFile {
     pub kind: Option<String>,
     pub agent_binary: Option<PathBuf>,
     pub ec2: Option<Ec2File>,
+    pub local: Option<LocalFile>,
+}
+
+/// `[provider.local]`: what bounds each local instance, as a VM's size would (enforced by
+/// the kernel where the host allows: root, a pids cgroup, loop devices). 0 turns one off.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFile {
+    /// Most processes and threads in one instance (default 2048): a pids cgroup.
+    pub max_pids: Option<u32>,
+    /// Size of one instance's work directory in MiB (default 20480): a loop-mounted ext4
+    /// file system; past it the job fails saying the disk is full.
+    pub max_disk_mib: Option<u64>,
 }
 
 /// `[provider.ec2]`: how the `ec2` provider launches builders.
@@ -272,8 +285,8 @@ pub struct Ec2ClassFile {
 /// Which provider the core boots builders with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderConfig {
-    /// Processes on this machine (`stagely-agent` per instance).
-    Local,
+    /// Processes on this machine (`stagely-agent` per instance), each bounded so.
+    Local(stagely_provisioning::local::LocalLimits),
     /// Amazon EC2.
     Ec2(stagely_provisioning::ec2::Ec2Settings),
 }
@@ -635,7 +648,18 @@ impl CoreConfig {
                         problem: "is set but provider.kind is not \"ec2\"".into(),
                     });
                 }
-                ProviderConfig::Local
+                let local = file.provider.local.take().unwrap_or_default();
+                let defaults = stagely_provisioning::local::LocalLimits::default();
+                ProviderConfig::Local(stagely_provisioning::local::LocalLimits {
+                    max_pids: local.max_pids.unwrap_or(defaults.max_pids),
+                    max_disk_mib: local.max_disk_mib.unwrap_or(defaults.max_disk_mib),
+                })
+            }
+            Some("ec2") if file.provider.local.is_some() => {
+                return Err(ConfigError::Invalid {
+                    field: "provider.local",
+                    problem: "is set but provider.kind is \"ec2\"".into(),
+                });
             }
             Some("ec2") => {
                 ProviderConfig::Ec2(ec2_settings(file.provider.ec2.take().unwrap_or_default())?)
@@ -1209,7 +1233,22 @@ mod tests {
                 spot: Some(false)
             })
         );
-        assert_eq!(resolve("").unwrap().provider, ProviderConfig::Local);
+        assert_eq!(
+            resolve("").unwrap().provider,
+            ProviderConfig::Local(stagely_provisioning::local::LocalLimits {
+                max_pids: 2048,
+                max_disk_mib: 20480,
+            })
+        );
+        assert_eq!(
+            resolve("[provider.local]\nmax_pids = 64\nmax_disk_mib = 0\n")
+                .unwrap()
+                .provider,
+            ProviderConfig::Local(stagely_provisioning::local::LocalLimits {
+                max_pids: 64,
+                max_disk_mib: 0,
+            })
+        );
         for (text, field) in [
             ("[provider]\nkind = \"ec2\"\n", "provider.ec2.ami_amd64"),
             (

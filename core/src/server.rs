@@ -89,7 +89,12 @@ pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
             "cannot find the stagely-agent binary next to this executable; build it (cargo build --bins) or set provider.agent_binary",
         )?,
     };
-    let provider = LocalProvider::new(agent, config.data_dir.join("instances"))?;
+    let limits = match &config.provider {
+        crate::config::ProviderConfig::Local(limits) => *limits,
+        crate::config::ProviderConfig::Ec2(_) => Default::default(),
+    };
+    let provider =
+        LocalProvider::new(agent, config.data_dir.join("instances"))?.with_limits(limits);
     Ok(Arc::new(provider))
 }
 
@@ -97,7 +102,7 @@ pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
 /// chain and environment: `AWS_REGION`, `AWS_ENDPOINT_URL_EC2`, profiles, instance roles).
 pub async fn provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> {
     match &config.provider {
-        crate::config::ProviderConfig::Local => local_provider(config),
+        crate::config::ProviderConfig::Local(_) => local_provider(config),
         crate::config::ProviderConfig::Ec2(settings) => Ok(Arc::new(
             stagely_provisioning::ec2::Ec2Provider::from_env(settings.clone()).await,
         )),

@@ -60,8 +60,138 @@ pub fn namespaces_available() -> bool {
     })
 }
 
+/// Puts the shell in the cgroup whose `cgroup.procs` is `$0`, then becomes the command.
+const JOIN_CGROUP: &str = "echo $$ > \"$0\" && exec \"$@\"";
+
+/// The cgroup (under each hierarchy's root) holding one child cgroup per local instance.
+const CGROUP_NAME: &str = "stagely";
+
+/// The pids hierarchy's `stagely` cgroup, made ready for instance cgroups (once): cgroup v1's
+/// `pids` hierarchy, or the unified v2 one with the pids controller enabled down to it.
+/// `None`: no writable pids controller here (not root, or none mounted).
+fn pids_root() -> Option<&'static Path> {
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let root = if v1.join("cgroup.procs").exists() {
+            let root = v1.join(CGROUP_NAME);
+            std::fs::create_dir_all(&root).ok()?;
+            root
+        } else {
+            let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).ok()?;
+            if !controllers.split_whitespace().any(|c| c == "pids") {
+                return None;
+            }
+            std::fs::write(v2.join("cgroup.subtree_control"), "+pids").ok()?;
+            let root = v2.join(CGROUP_NAME);
+            std::fs::create_dir_all(&root).ok()?;
+            std::fs::write(root.join("cgroup.subtree_control"), "+pids").ok()?;
+            root
+        };
+        // Probe: an instance cgroup can be made here.
+        let probe = root.join(format!("probe-{}", std::process::id()));
+        std::fs::create_dir(&probe).ok()?;
+        let writable = probe.join("pids.max").exists();
+        let _ = std::fs::remove_dir(&probe);
+        writable.then_some(root)
+    })
+    .as_deref()
+}
+
+/// Whether loop-mounted work directories can be made here (root, `mkfs.ext4`, loop
+/// devices), probed once.
+fn disk_limits_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        nix::unistd::geteuid().is_root()
+            && Path::new("/dev/loop-control").exists()
+            && std::process::Command::new("mkfs.ext4")
+                .arg("-V")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+    })
+}
+
+/// Runs a set-up command (mkfs, mount, umount); its stderr names what failed.
+async fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|error| format!("cannot run {program}: {error}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Err(format!(
+        "{program} failed ({}): {}",
+        output.status,
+        stderr.trim()
+    ))
+}
+
+/// Every process in `dir` and the cgroups below it.
+fn cgroup_members(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(
+                text.lines()
+                    .filter_map(|line| line.trim().parse::<i32>().ok()),
+            );
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    out
+}
+
+/// Removes a cgroup and the cgroups below it (children first). Only empty ones go.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// How long a terminated agent gets to stop its build before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Kernel-enforced limits of each local instance (`[provider.local]`), as a VM's size would
+/// bound it. 0 turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalLimits {
+    /// Most processes and threads at once in the instance, agent, builder and `RUN`
+    /// containers included: a pids cgroup (`pids.max`).
+    pub max_pids: u32,
+    /// Size of the instance's work directory (checkout, builder storage, spool): a
+    /// loop-mounted ext4 file system of this many MiB, sparse (it takes only what is written).
+    pub max_disk_mib: u64,
+}
+
+impl Default for LocalLimits {
+    fn default() -> LocalLimits {
+        LocalLimits {
+            max_pids: 2048,
+            max_disk_mib: 20480,
+        }
+    }
+}
 
 /// Runs builder instances as local agent processes.
 #[derive(Debug, Clone)]
@@ -69,6 +199,7 @@ pub struct LocalProvider {
     agent_binary: PathBuf,
     base_dir: PathBuf,
     host_arch: Arch,
+    limits: LocalLimits,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +215,13 @@ struct InstanceRecord {
     /// crash in between still leaves an instance the reaper can find.
     #[serde(default)]
     agent: Option<AgentProcess>,
+    /// The instance's pids cgroup (removed at termination).
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    /// The work directory is a loop-mounted file system (`disk.img`), unmounted at
+    /// termination.
+    #[serde(default)]
+    disk: bool,
 }
 
 /// Identifies the agent process beyond its PID, which the kernel reuses.
@@ -112,7 +250,13 @@ impl LocalProvider {
             agent_binary,
             base_dir,
             host_arch,
+            limits: LocalLimits::default(),
         })
+    }
+
+    /// The same provider with `limits` for the instances it starts.
+    pub fn with_limits(self, limits: LocalLimits) -> LocalProvider {
+        LocalProvider { limits, ..self }
     }
 
     /// Where an instance's files live (its `agent.log` stays after termination).
@@ -142,6 +286,90 @@ impl LocalProvider {
         let text = std::fs::read_to_string(self.instance_dir(id).join("instance.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
+
+    /// Makes the instance's pids cgroup and its work directory's file system, as far as this
+    /// host allows (root, a pids controller, loop devices); where it does not, says so once
+    /// per instance and goes on without (as without namespaces).
+    async fn apply_limits(
+        &self,
+        record: &mut InstanceRecord,
+        work_dir: &Path,
+    ) -> Result<(), ProviderError> {
+        let id = record.id.clone();
+        let failed = |detail: String| ProviderError::Instance {
+            id: id.clone(),
+            detail,
+        };
+        if self.limits.max_pids > 0 {
+            match pids_root() {
+                Some(root) => {
+                    let dir = root.join(&id);
+                    let made = std::fs::create_dir(&dir)
+                        .and_then(|()| {
+                            std::fs::write(dir.join("pids.max"), self.limits.max_pids.to_string())
+                        })
+                        .and_then(|()| std::fs::create_dir(dir.join("agent")));
+                    record.cgroup = Some(dir.clone());
+                    made.map_err(|error| {
+                        failed(format!("cannot make its cgroup {}: {error}", dir.display()))
+                    })?;
+                }
+                None => tracing::warn!(
+                    instance_id = %id,
+                    "this host has no writable pids cgroup (needs root): max_pids is not enforced"
+                ),
+            }
+        }
+        if self.limits.max_disk_mib > 0 {
+            if disk_limits_available() {
+                let image = self.instance_dir(&id).join("disk.img");
+                let bytes = self.limits.max_disk_mib.saturating_mul(1024 * 1024);
+                let file = std::fs::File::create(&image)
+                    .and_then(|file| file.set_len(bytes))
+                    .map_err(|error| failed(format!("cannot make {}: {error}", image.display())));
+                file?;
+                run_tool(
+                    "mkfs.ext4",
+                    &[
+                        "-q",
+                        "-F",
+                        "-m",
+                        "0",
+                        "-O",
+                        "^has_journal",
+                        "-E",
+                        "lazy_itable_init=1,nodiscard",
+                    ]
+                    .map(std::ffi::OsStr::new)
+                    .into_iter()
+                    .chain([image.as_os_str()])
+                    .collect::<Vec<_>>(),
+                )
+                .await
+                .map_err(failed)?;
+                run_tool(
+                    "mount",
+                    &[
+                        std::ffi::OsStr::new("-o"),
+                        std::ffi::OsStr::new("loop"),
+                        image.as_os_str(),
+                        work_dir.as_os_str(),
+                    ],
+                )
+                .await
+                .map_err(failed)?;
+                record.disk = true;
+                // The new file system's root is 0755: the instance's work dir stays private.
+                crate::private_dir(work_dir).map_err(Self::io_error(work_dir))?;
+            } else {
+                tracing::warn!(
+                    instance_id = %id,
+                    "this host cannot loop-mount work directories (needs root, mkfs.ext4 and loop devices): max_disk_mib is not enforced"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether this kernel can run binaries of `arch` through binfmt_misc (QEMU user emulation).
@@ -152,6 +380,20 @@ pub fn emulation_available(arch: Arch) -> bool {
     };
     std::fs::read_to_string(Path::new("/proc/sys/fs/binfmt_misc").join(name))
         .is_ok_and(|text| text.lines().next() == Some("enabled"))
+}
+
+/// Whether `path` is where a file system is mounted (a line of /proc/self/mountinfo).
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.display().to_string();
+    // Field 5 is the mount point, with spaces and other specials octal-escaped.
+    info.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|point| point.replace("\\040", " ") == wanted)
+    })
 }
 
 fn valid_instance_id(id: &str) -> bool {
@@ -306,9 +548,31 @@ impl Provider for LocalProvider {
         crate::private_dir(&dir).map_err(Self::io_error(&dir))?;
         crate::private_dir(&work_dir).map_err(Self::io_error(&work_dir))?;
 
+        // The record exists before the disk and cgroup do: a failure (or crash) from here on
+        // leaves an instance the reaper finds and terminate tidies up.
+        let mut record = InstanceRecord {
+            id: id.clone(),
+            host_arch: self.host_arch,
+            requested_arch: spec.arch,
+            tags: spec.tags.clone(),
+            namespaced: namespaces_available(),
+            agent: None,
+            cgroup: None,
+            disk: false,
+        };
+        self.write_record(&record).await?;
+        if let Err(error) = self.apply_limits(&mut record, &work_dir).await {
+            let _ = self.terminate_instance(&id).await;
+            return Err(error);
+        }
+        self.write_record(&record).await?;
+
         let mut agent = bootstrap.agent;
         agent.work_dir = Some(work_dir);
         agent.instance_id = Some(id.clone());
+        if record.cgroup.is_some() {
+            agent.cgroup_parent = Some(format!("/{CGROUP_NAME}/{id}/build"));
+        }
         if let Some(pem) = &bootstrap.ca_pem {
             let ca_path = dir.join("ca.pem");
             tokio::fs::write(&ca_path, pem)
@@ -325,18 +589,6 @@ impl Provider for LocalProvider {
             .await
             .map_err(Self::io_error(&config_path))?;
 
-        // The record exists before the agent does: a crash from here on still leaves an
-        // instance that list_instances (the reaper) finds.
-        let mut record = InstanceRecord {
-            id: id.clone(),
-            host_arch: self.host_arch,
-            requested_arch: spec.arch,
-            tags: spec.tags.clone(),
-            namespaced: namespaces_available(),
-            agent: None,
-        };
-        self.write_record(&record).await?;
-
         let log_path = dir.join("agent.log");
         let log = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -350,20 +602,35 @@ impl Provider for LocalProvider {
         };
         let log_err = log.try_clone().map_err(Self::io_error(&log_path))?;
 
-        let mut command = if record.namespaced {
-            let mut command = std::process::Command::new("unshare");
-            command
-                .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
-                .args(["/bin/sh", "-c", NAMESPACE_INIT])
-                .arg(&self.agent_binary);
-            command
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cgroup) = &record.cgroup {
+            // Joins the instance's cgroup before anything else starts: every process of the
+            // instance is born in it.
+            argv.extend(["/bin/sh".into(), "-c".into(), JOIN_CGROUP.into()]);
+            argv.push(cgroup.join("agent/cgroup.procs").into());
+        }
+        if record.namespaced {
+            argv.extend(
+                [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--mount-proc",
+                    "--kill-child",
+                    "--",
+                ]
+                .map(Into::into),
+            );
+            argv.extend(["/bin/sh", "-c", NAMESPACE_INIT].map(Into::into));
         } else {
             tracing::warn!(
                 instance_id = %id,
                 "this host does not allow PID and mount namespaces (needs root and util-linux unshare); the agent shares the host's"
             );
-            std::process::Command::new(&self.agent_binary)
-        };
+        }
+        argv.push(self.agent_binary.clone().into());
+        let mut command = std::process::Command::new(&argv[0]);
+        command.args(&argv[1..]);
         // Nothing of the core's environment: an instance is a separate machine.
         command
             .env_clear()
@@ -468,8 +735,69 @@ impl Provider for LocalProvider {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        // Drop the instance's disk but keep its agent.log for post-mortems.
+        // Whatever runs in the instance's cgroup went too (RUN containers are in other
+        // sessions); then the cgroup itself, and what the container runtime made beside it
+        // in the other hierarchies (cgroup v1).
+        if let Some(cgroup) = &record.cgroup {
+            let deadline = tokio::time::Instant::now() + KILL_DEADLINE;
+            loop {
+                let members = cgroup_members(cgroup);
+                if members.is_empty() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ProviderError::Instance {
+                        id: instance_id.to_string(),
+                        detail: format!(
+                            "processes {members:?} of its cgroup survived SIGKILL for {}s",
+                            KILL_DEADLINE.as_secs()
+                        ),
+                    });
+                }
+                for pid in members {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            remove_cgroup_tree(cgroup);
+            if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+                for hierarchy in hierarchies.flatten() {
+                    remove_cgroup_tree(&hierarchy.path().join(CGROUP_NAME).join(instance_id));
+                }
+            }
+        }
         let work = dir.join("work");
+        if record.disk {
+            // Busy for a moment after its last process (the kernel lets go of open files
+            // lazily): tried again, then detached (it goes once nothing holds it).
+            let mut unmounted = false;
+            for _ in 0..10 {
+                if !is_mount_point(&work) {
+                    unmounted = true;
+                    break;
+                }
+                if run_tool("umount", &[work.as_os_str()]).await.is_ok() {
+                    unmounted = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !unmounted {
+                run_tool("umount", &[std::ffi::OsStr::new("-l"), work.as_os_str()])
+                    .await
+                    .map_err(|detail| ProviderError::Instance {
+                        id: instance_id.to_string(),
+                        detail,
+                    })?;
+            }
+            let image = dir.join("disk.img");
+            match tokio::fs::remove_file(&image).await {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(Self::io_error(&image)(error)),
+            }
+        }
+        // Drop the instance's disk but keep its agent.log for post-mortems.
         let removed = tokio::task::spawn_blocking(move || {
             if work.exists() {
                 std::fs::remove_dir_all(&work)?;
@@ -669,6 +997,70 @@ mod tests {
         assert!(idir.join("agent.log").exists());
     }
 
+    /// `[provider.local] max_pids` and `max_disk_mib`: the instance's processes are born in
+    /// its pids cgroup and its work directory is a file system of that size, both gone once
+    /// it is terminated.
+    #[tokio::test]
+    async fn an_instance_is_bounded_by_its_cgroup_and_its_own_disk() {
+        if pids_root().is_none() || !disk_limits_available() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI: this host must allow pids cgroups and loop mounts (root)"
+            );
+            eprintln!("skipped: needs root, a pids cgroup and loop devices");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::new(fake_agent(dir.path()), dir.path().join("instances"))
+            .unwrap()
+            .with_limits(LocalLimits {
+                max_pids: 16,
+                max_disk_mib: 32,
+            });
+        let instance = provider.create_instance(&spec(&[])).await.unwrap();
+        let record = provider.read_record(&instance.id).unwrap();
+        let cgroup = record.cgroup.clone().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(cgroup.join("pids.max"))
+                .unwrap()
+                .trim(),
+            "16"
+        );
+        let agent = record.agent.as_ref().unwrap().pid;
+        for _ in 0..100 {
+            if cgroup_members(&cgroup).contains(&agent) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            cgroup_members(&cgroup).contains(&agent),
+            "the agent runs in its instance's cgroup"
+        );
+        let work = provider.instance_dir(&instance.id).join("work");
+        assert!(is_mount_point(&work));
+        let stats = nix::sys::statvfs::statvfs(&work).unwrap();
+        let size = stats.blocks() as u64 * stats.fragment_size() as u64;
+        assert!(
+            size <= 32 * 1024 * 1024 && size > 16 * 1024 * 1024,
+            "{size}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&work).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        provider.terminate_instance(&instance.id).await.unwrap();
+        assert!(!cgroup.exists(), "its cgroup is removed");
+        assert!(!is_mount_point(&work), "its disk is unmounted");
+        assert!(
+            !provider
+                .instance_dir(&instance.id)
+                .join("disk.img")
+                .exists()
+        );
+    }
+
     #[tokio::test]
     async fn instance_state_follows_the_agent_process() {
         let dir = tempfile::tempdir().unwrap();
@@ -735,6 +1127,8 @@ mod tests {
                 start_time: 1,
                 boot_id: boot_id(),
             }),
+            cgroup: None,
+            disk: false,
         };
         provider.write_record(&record).await.unwrap();
         provider.terminate_instance(id).await.unwrap();

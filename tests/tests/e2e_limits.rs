@@ -371,3 +371,100 @@ async fn a_body_that_trickles_in_is_cut_with_408() {
     assert!(answer.contains("did not arrive within 1s"), "{answer}");
     core.stop().await;
 }
+
+/// A repository whose one `RUN` step runs `script` under busybox `sh`.
+fn busybox_repo(script: &str) -> TestRepo {
+    let busybox = busybox("amd64").unwrap();
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"{script}\"]\n"
+    );
+    TestRepo::with_files(&[
+        (
+            "stagely.yaml",
+            b"builds:\n  greedy:\n    context: .\n    platform: linux/amd64\n",
+        ),
+        ("Dockerfile", dockerfile.as_bytes()),
+        ("busybox", &busybox),
+    ])
+    .unwrap()
+}
+
+/// Issue 26 (SECURITY.md row 81): a `RUN` step forking without end. The instance's pids
+/// cgroup (`[provider.local] max_pids`) covers the RUN container too (buildah's
+/// `--cgroup-parent` inside it): forks fail past the limit, the job fails, and the host
+/// never sees more than the limit of the build's processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fork_flood_stops_at_the_instance_process_limit() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = busybox_repo(
+        "i=0; while [ $i -lt 400 ]; do /bin/busybox sleep 30 & i=$((i+1)); done; echo spawned $i; wait",
+    );
+    let mut core = TestCore::start_configured(|file| {
+        file.provider.local = Some(stagely_core::config::LocalFile {
+            max_pids: Some(96),
+            max_disk_mib: None,
+        });
+    })
+    .await
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-forks").await.unwrap();
+    let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    let job = &view.jobs[0];
+    assert_eq!(job.status, "failed", "{view:?}");
+    let lines = core.logs(&job.id).await.unwrap();
+    let text: String = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(text.contains("can't fork"), "{text}");
+    assert!(!text.contains("spawned 400"), "{text}");
+    // Nothing of it is left running.
+    poll_until(
+        Duration::from_secs(20),
+        "the build's processes to be gone",
+        || async {
+            let sleepers: Vec<(i32, String)> = cmdlines()
+                .into_iter()
+                .filter(|(_, c)| c.contains("sleep 30 "))
+                .collect();
+            Ok((sleepers.is_empty().then_some(()), format!("{sleepers:?}")))
+        },
+    )
+    .await;
+    core.stop().await;
+}
+
+/// Issue 26 (SECURITY.md row 82): a `RUN` step writing without end. The instance's work
+/// directory is a file system of `[provider.local] max_disk_mib`: the write fails there, not
+/// on the host's disk, and the job fails saying the instance's disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_filling_build_fails_at_the_instance_disk_limit_saying_so() {
+    if !require_build_peers() {
+        return;
+    }
+    let repo = busybox_repo(
+        "/bin/busybox dd if=/dev/zero of=/filler bs=1048576 count=300 && echo wrote-it-all",
+    );
+    let mut core = TestCore::start_configured(|file| {
+        file.provider.local = Some(stagely_core::config::LocalFile {
+            max_pids: None,
+            max_disk_mib: Some(96),
+        });
+    })
+    .await
+    .unwrap();
+    let run = core.submit(&repo, None, "pr-disk").await.unwrap();
+    let view = core.wait_finished(&run.id, Duration::from_secs(120)).await;
+    let job = &view.jobs[0];
+    assert_eq!(job.status, "failed", "{view:?}");
+    let message = job.error_message.clone().unwrap_or_default();
+    let lines = core.logs(&job.id).await.unwrap();
+    let text: String = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        message.contains("no space left: the instance's disk is full"),
+        "{message}: {text}"
+    );
+    assert!(!lines.iter().any(|(_, l)| l == "wrote-it-all\n"), "{text}");
+    // The instance's disk went with it.
+    assert!(core.live_instances().await.is_empty());
+    core.stop().await;
+}
