@@ -434,6 +434,10 @@ pub struct RunView {
     pub fail_fast: bool,
     /// Why the run is being (or was) cancelled: `user`, `superseded:<run>`, `fail_fast:<job>`.
     pub cancel_reason: Option<String>,
+    /// The name of the API token that submitted or rebuilt the run (`None` for runs stored
+    /// before it was recorded).
+    #[serde(default)]
+    pub submitted_by: Option<String>,
     /// Estimated USD of every priced job; `None` when none is priced.
     pub cost_usd: Option<f64>,
     pub jobs: Vec<JobView>,
@@ -560,6 +564,7 @@ impl RunView {
             updated_at: run.updated_at,
             fail_fast: run.fail_fast,
             cancel_reason: run.cancel_reason,
+            submitted_by: run.submitted_by,
             cost_usd: None,
             jobs: jobs
                 .into_iter()
@@ -774,6 +779,10 @@ async fn submit_workflow(
     State(state): State<AppState>,
     request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    let submitted_by = request
+        .extensions()
+        .get::<Caller>()
+        .map(|caller| caller.name.to_string());
     let request: SubmitRequest = json_body(
         request,
         MAX_SUBMIT_BODY_BYTES,
@@ -849,6 +858,7 @@ async fn submit_workflow(
         branch: request.branch.clone(),
         config_path: config_dir,
         fail_fast: pipeline.fail_fast,
+        submitted_by,
     };
     let secrets = RunSecrets {
         clone_token: request.clone_token.clone(),
@@ -980,6 +990,10 @@ async fn rebuild_environment(
     Path(environment_id): Path<String>,
     request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    let submitted_by = request
+        .extensions()
+        .get::<Caller>()
+        .map(|caller| caller.name.to_string());
     let has_body = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -1046,6 +1060,7 @@ async fn rebuild_environment(
         branch: latest.branch,
         config_path: latest.config_path,
         fail_fast: latest.fail_fast,
+        submitted_by,
     };
     let secrets = RunSecrets {
         clone_token: body.clone_token,

@@ -108,6 +108,8 @@ fn disk_limits_available() -> bool {
             && Path::new("/dev/loop-control").exists()
             && std::process::Command::new("mkfs.ext4")
                 .arg("-V")
+                .env_clear()
+                .env("PATH", AGENT_PATH)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status()
@@ -117,8 +119,12 @@ fn disk_limits_available() -> bool {
 
 /// Runs a set-up command (mkfs, mount, umount); its stderr names what failed.
 async fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    // Nothing of the core's environment (its secrets) reaches a child.
     let output = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .env("PATH", AGENT_PATH)
+        .env("LANG", "C.UTF-8")
         .stdin(std::process::Stdio::null())
         .output()
         .await

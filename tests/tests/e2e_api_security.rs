@@ -294,8 +294,9 @@ async fn an_api_connection_lives_at_most_max_connection_secs_and_an_agents_outli
 }
 
 /// Issue 26 (SECURITY.md row 74): token roles. `read` tokens only read, `operate` tokens
-/// also submit, cancel and rebuild, the plain `name = "<sha256>"` form is `admin`; a cancel
-/// records who asked.
+/// also submit, cancel and rebuild, the plain `name = "<sha256>"` form is `admin`; a cancel,
+/// a submission and a rebuild record the token that asked (`cancel_reason: user:<name>`,
+/// `submitted_by`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_roles_limit_what_a_token_may_do_and_a_cancel_names_its_token() {
     let (reader, operator, admin) = (
@@ -368,7 +369,22 @@ async fn token_roles_limit_what_a_token_may_do_and_a_cancel_names_its_token() {
         .await
         .unwrap();
     assert_eq!(view["cancel_reason"], "user:ops", "{view}");
-    // The plain form is admin: it may do everything an operator may.
-    assert_eq!(submit(&admin).await.unwrap().status(), 201);
+    assert_eq!(view["submitted_by"], "ops", "{view}");
+    // The plain form is admin: it may do everything an operator may. A rebuild records
+    // its token too.
+    let created = submit(&admin).await.unwrap();
+    assert_eq!(created.status(), 201);
+    let run: serde_json::Value = created.json().await.unwrap();
+    assert_eq!(run["submitted_by"], "old", "{run}");
+    let rebuild = |token: &str| {
+        client_with_token(token)
+            .post(format!("{}/api/v1/environments/pr-roles/rebuild", core.url))
+            .send()
+    };
+    assert_eq!(rebuild(&reader).await.unwrap().status(), 403);
+    let rebuilt = rebuild(&operator).await.unwrap();
+    assert_eq!(rebuilt.status(), 201);
+    let rebuilt: serde_json::Value = rebuilt.json().await.unwrap();
+    assert_eq!(rebuilt["submitted_by"], "ops", "{rebuilt}");
     core.stop().await;
 }

@@ -107,6 +107,10 @@ pub struct RunRow {
     pub fail_fast: bool,
     /// [`CancelReason::to_db`] once a cancel was requested.
     pub cancel_reason: Option<String>,
+    /// The name of the API token that submitted or rebuilt the run (`None` before it was
+    /// recorded).
+    #[sqlx(default)]
+    pub submitted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -254,6 +258,8 @@ pub struct NewRun {
     pub branch: String,
     pub config_path: String,
     pub fail_fast: bool,
+    /// The API token's name (see [`RunRow::submitted_by`]).
+    pub submitted_by: Option<String>,
 }
 
 impl NewRun {
@@ -273,6 +279,7 @@ impl NewRun {
             updated_at: 0,
             fail_fast: self.fail_fast,
             cancel_reason: None,
+            submitted_by: self.submitted_by.clone(),
         }
     }
 }
@@ -565,8 +572,8 @@ macro_rules! impl_shared_store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO workflow_runs (id, environment_id, trigger, status, repo_url, commit_hash, branch, config_path, created_at, updated_at, fail_fast)
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8, $9)",
+            "INSERT INTO workflow_runs (id, environment_id, trigger, status, repo_url, commit_hash, branch, config_path, created_at, updated_at, fail_fast, submitted_by)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $8, $9, $10)",
         )
         .bind(run_id)
         .bind(&run.environment_id)
@@ -577,6 +584,7 @@ macro_rules! impl_shared_store {
         .bind(&run.config_path)
         .bind(now)
         .bind(run.fail_fast)
+        .bind(&run.submitted_by)
         .execute(&mut *tx)
         .await?;
         for (ordinal, job) in jobs.iter().enumerate() {
@@ -1605,6 +1613,7 @@ mod tests {
             branch: "main".into(),
             config_path: String::new(),
             fail_fast: true,
+            submitted_by: Some("ci".into()),
         };
         let spec = r#"{"service":"api","kind":{"type":"build"},"context_path":".","dockerfile":"Dockerfile","build_args":{},"timeout_seconds":60}"#;
         let jobs: Vec<NewJob> = jobs
