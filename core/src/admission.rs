@@ -11,6 +11,11 @@
 //! taken by API traffic) or API callers (`max_connections` in total, `max_connections_per_ip`
 //! per source address). An upgraded agent connection stays busy until it closes.
 //!
+//! A connection kept alive after an authenticated request (**trusted**) is evicted only when
+//! its address (or the pool) has no other waiting connection to give: a flood from an
+//! address never closes the idle keep-alive connection of a caller with a token behind the
+//! same address, which would otherwise race its next request.
+//!
 //! Descriptors: [`budget`] derives the caps from the open-files limit, so that running out of
 //! descriptors shrinks the API's share and never the agents'.
 
@@ -70,6 +75,8 @@ enum State {
 struct Conn {
     ip: IpAddr,
     state: State,
+    /// Its last request carried a valid API token.
+    trusted: bool,
 }
 
 /// Open connections by state, for logs and tests.
@@ -153,21 +160,32 @@ impl Admission {
             Conn {
                 ip,
                 state: State::Waiting,
+                trusted: false,
             },
         );
         self.set_waiting(id, ip);
         Accepted { id, evict }
     }
 
-    /// The oldest waiting connection of all (to free a descriptor when accept runs out).
+    /// The oldest waiting connection of all, untrusted first (to free a descriptor when
+    /// accept runs out).
     pub fn oldest_waiting(&self) -> Option<ConnId> {
-        self.waiting.first().copied()
+        self.first_to_evict(&self.waiting)
     }
 
     fn oldest_waiting_of(&self, ip: IpAddr) -> Option<ConnId> {
         self.waiting_by_ip
             .get(&ip)
-            .and_then(|ids| ids.first().copied())
+            .and_then(|ids| self.first_to_evict(ids))
+    }
+
+    /// The oldest untrusted connection of `ids` (oldest first), else the oldest trusted one.
+    fn first_to_evict(&self, ids: &BTreeSet<ConnId>) -> Option<ConnId> {
+        let trusted = |id: &ConnId| self.conns.get(id).is_some_and(|conn| conn.trusted);
+        ids.iter()
+            .find(|id| !trusted(id))
+            .or_else(|| ids.first())
+            .copied()
     }
 
     /// A request head arrived on `id`: admit it in `class`, or refuse it (the connection is
@@ -218,11 +236,12 @@ impl Admission {
 
     /// The request on `id` was answered (its body sent or dropped). A connection that was
     /// upgraded (an agent's WebSocket) stays busy until it closes; any other waits again
-    /// once no request is in flight.
-    pub fn finish(&mut self, id: ConnId, upgraded: bool) {
+    /// once no request is in flight, `trusted` when the request carried a valid token.
+    pub fn finish(&mut self, id: ConnId, upgraded: bool, trusted: bool) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        conn.trusted = trusted;
         let ip = conn.ip;
         let State::Busy { class, in_flight } = &mut conn.state else {
             return;
@@ -344,6 +363,36 @@ mod tests {
         IpAddr::from([192, 0, 2, last])
     }
 
+    /// A caller with a token behind the flooding address (one NAT): its kept-alive
+    /// connection is not cut while the flood has connections of its own to give up, so its
+    /// next request does not race a close.
+    #[test]
+    fn a_trusted_keep_alive_connection_outlasts_a_flood_from_its_address() {
+        let mut admission = Admission::new(limits());
+        let caller = admission.accept(ip(9)).id;
+        assert_eq!(admission.begin(caller, Class::Api), Ok(()));
+        admission.finish(caller, false, true);
+        for _ in 0..50 {
+            let next = admission.accept(ip(9));
+            assert!(!next.evict.contains(&caller), "{next:?}");
+        }
+        assert_eq!(
+            admission.oldest_waiting().map(|id| id == caller),
+            Some(false)
+        );
+        // Only trusted ones left to give: the oldest of them goes.
+        let mut admission = Admission::new(limits());
+        let trusted: Vec<_> = (0..3)
+            .map(|_| {
+                let id = admission.accept(ip(9)).id;
+                admission.begin(id, Class::Api).unwrap();
+                admission.finish(id, false, true);
+                id
+            })
+            .collect();
+        assert_eq!(admission.accept(ip(9)).evict, vec![trusted[0]]);
+    }
+
     #[test]
     fn a_flood_from_one_address_evicts_only_its_own_oldest_waiting_connections() {
         let mut admission = Admission::new(limits());
@@ -415,14 +464,14 @@ mod tests {
             Err(Refusal::AgentsFull(2))
         );
         // An answered API request waits again, and its slot is free for the next one.
-        admission.finish(api[0], false);
+        admission.finish(api[0], false, false);
         assert_eq!(admission.begin(api[4], Class::Api), Ok(()));
         // A request that begins before the previous one's body was released counts once.
         assert_eq!(admission.begin(api[4], Class::Api), Ok(()));
-        admission.finish(api[4], false);
+        admission.finish(api[4], false, false);
         assert_eq!(admission.counts().api, 4);
         // An upgraded agent stays busy after its 101.
-        admission.finish(agents[0], true);
+        admission.finish(agents[0], true, false);
         assert!(admission.is_agent(agents[0]));
         admission.close(agents[0]);
         assert_eq!(admission.begin(agents[2], Class::Agent), Ok(()));

@@ -192,6 +192,7 @@ impl Gate {
             gate: self.clone(),
             id,
             upgraded: false,
+            trusted: authenticated,
         };
         let response = match router.oneshot(request.map(Body::new)).await {
             Ok(response) => response,
@@ -243,11 +244,16 @@ struct Finished {
     gate: Arc<Gate>,
     id: ConnId,
     upgraded: bool,
+    /// The request carried a valid API token: its kept-alive connection is evicted last.
+    trusted: bool,
 }
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        self.gate.lock().admission.finish(self.id, self.upgraded);
+        self.gate
+            .lock()
+            .admission
+            .finish(self.id, self.upgraded, self.trusted);
     }
 }
 
