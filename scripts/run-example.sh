@@ -6,5 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
-cargo build --release --bins
-exec cargo run --release --quiet --bin stagely -- run examples/monorepo "$@"
+# The example runs on local instances: the production binary without the EC2 provider (its
+# SDK is most of a cold release build). `cargo build --release` builds it with EC2.
+cargo build --release --no-default-features -p stagely-core -p stagely-agent
+# The binary itself, not `cargo run`: `-p stagely-core` alone unifies dependency features
+# differently from the build above and would compile some of them again.
+exec "${CARGO_TARGET_DIR:-target}/release/stagely" run examples/monorepo "$@"

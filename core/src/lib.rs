@@ -10,7 +10,6 @@ pub mod cli;
 pub mod config;
 pub mod cost;
 pub mod db;
-pub mod engine;
 pub mod gate;
 pub mod image_check;
 pub mod images;
@@ -24,3 +23,6 @@ pub mod source;
 pub mod stagely_yaml;
 pub mod terminal;
 pub mod tls;
+
+/// The workflow engine, its own crate (`stagely-engine`): no I/O, no clock, no tokio.
+pub use stagely_engine as engine;

@@ -103,9 +103,14 @@ pub fn local_provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> 
 pub async fn provider(config: &CoreConfig) -> anyhow::Result<Arc<dyn Provider>> {
     match &config.provider {
         crate::config::ProviderConfig::Local(_) => local_provider(config),
+        #[cfg(feature = "ec2")]
         crate::config::ProviderConfig::Ec2(settings) => Ok(Arc::new(
             stagely_provisioning::ec2::Ec2Provider::from_env(settings.clone()).await,
         )),
+        #[cfg(not(feature = "ec2"))]
+        crate::config::ProviderConfig::Ec2(_) => anyhow::bail!(
+            "provider.kind = \"ec2\": this stagely was built without the EC2 provider (the `ec2` feature, on by default; build with `cargo build --release`)"
+        ),
     }
 }
 

@@ -3,11 +3,11 @@
 //! `SendWork` (load, claim answered, instance created, agent connected, finished) with N
 //! runs live, each input timed alone.
 //!
-//! Run: `cargo bench -p stagely-core --bench engine` (`STAGELY_BENCH_LEVELS=1,50,500,5000`).
+//! Run: `cargo bench -p stagely-engine --bench engine` (`STAGELY_BENCH_LEVELS=1,50,500,5000`).
 
 use std::time::{Duration, Instant};
 
-use stagely_core::engine::*;
+use stagely_engine::*;
 
 fn build(id: &str) -> JobSnapshot {
     JobSnapshot {
