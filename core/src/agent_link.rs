@@ -208,7 +208,7 @@ fn mask_across_cut(mask: &stagely_protocol::SecretMask, previous: &mut String, n
 /// Hands stored lines to the job's live viewers, if it has any (rows are built only then).
 fn publish(hub: &crate::log_hub::LogHub, job_id: &str, lines: &[NewLogLine]) {
     hub.publish(job_id, || {
-        let timestamp = crate::db::now_ms();
+        let timestamp = crate::clock::now_ms();
         lines
             .iter()
             .map(|line| crate::db::LogRow {
@@ -315,7 +315,8 @@ impl LogWriter {
             while let Some(batch) = queue.recv().await {
                 // Storing a batch again stores nothing twice (seqs at or below the stored
                 // ones are dropped), so a transient failure is simply retried.
-                let result = crate::db::retry_transient(|| db.append_logs(&job_id, &batch))
+                let now = crate::clock::now();
+                let result = crate::db::retry_transient(|| db.append_logs(&job_id, &batch, now))
                     .await
                     .map(|()| batch);
                 let failed = result.is_err();
@@ -436,7 +437,11 @@ impl<'a> Link<'a> {
             };
             if context
                 .db
-                .append_logs(&order.job_id, std::slice::from_ref(&line))
+                .append_logs(
+                    &order.job_id,
+                    std::slice::from_ref(&line),
+                    crate::clock::now(),
+                )
                 .await
                 .is_ok()
             {

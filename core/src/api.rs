@@ -554,7 +554,7 @@ impl RunView {
             id: run.id,
             environment_id: run.environment_id,
             trigger: run.trigger,
-            status: run.status,
+            status: run.status.as_str().to_string(),
             repo_url: run.repo_url,
             commit_hash: run.commit_hash,
             branch: run.branch,
@@ -575,7 +575,7 @@ impl RunView {
                     merge_path: job.merge_path,
                     id: job.id,
                     name: job.name,
-                    status: job.status,
+                    status: job.status.as_str().to_string(),
                     architecture: job.architecture,
                     platform: job.platform,
                     machine: job.machine,
@@ -845,7 +845,7 @@ async fn submit_workflow(
                 architecture: plan.architecture.clone(),
                 platform: plan.platform.clone(),
                 machine: plan.machine.as_str().to_string(),
-                spec: serde_json::to_string(&plan.spec).map_err(anyhow::Error::from)?,
+                spec: plan.spec.clone(),
             })
         })
         .collect::<Result<_, ApiError>>()?;
@@ -910,7 +910,7 @@ async fn start_run(
     secrets: RunSecrets,
 ) -> Result<(), ApiError> {
     let db = state.runner.db();
-    let stored = db.create_run(run, jobs).await?;
+    let stored = db.create_run(run, jobs, crate::clock::now()).await?;
     tracing::info!(run_id = %run.id, jobs = jobs.len(), "run submitted");
     // Handed to the runner first: its jobs are eligible now, and cancelling the older runs
     // need not delay them.
@@ -1023,8 +1023,7 @@ async fn rebuild_environment(
     let old_jobs = db.jobs_of_run(&latest.id).await?;
     let mut plans = Vec::new();
     for job in &old_jobs {
-        let spec: stagely_yaml::JobSpec =
-            serde_json::from_str(&job.spec).map_err(anyhow::Error::from)?;
+        let spec = job.spec.clone();
         plans.push(stagely_yaml::JobPlan {
             name: job.name.clone(),
             architecture: job.architecture.clone(),
@@ -1165,7 +1164,7 @@ pub(crate) async fn load_run(state: &AppState, run_id: &str) -> Result<RunView, 
     })?;
     let jobs = db.jobs_of_run(run_id).await?;
     let attempts = db.attempts_of_run(run_id).await?;
-    let mut view = RunView::from_rows(run, jobs, attempts, &state.prices, crate::db::now_ms());
+    let mut view = RunView::from_rows(run, jobs, attempts, &state.prices, crate::clock::now_ms());
     view.add_up_costs();
     Ok(view)
 }
@@ -1420,7 +1419,7 @@ async fn get_logs(
             let next_after = lines.last().map_or(after, |line| line.seq);
             Ok(Json(LogPage {
                 job_id: id,
-                job_status: job.status,
+                job_status: job.status.as_str().to_string(),
                 lines: lines.into_iter().map(LogLineView::from).collect(),
                 next_after,
             })
@@ -1567,7 +1566,7 @@ async fn stream_logs(
         let end = |job: JobRow| {
             Event::default().event("end").json_data(StreamEnd {
                 job_id: job.id,
-                status: job.status,
+                status: job.status.as_str().to_string(),
                 exit_code: job.exit_code,
                 error_message: job.error_message,
             })
@@ -1600,7 +1599,7 @@ async fn stream_logs(
                     Ok(crate::log_hub::HubEvent::Finished)
                     | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         match db.job(&id).await {
-                            Ok(Some(job)) if is_final(&job.status) => job,
+                            Ok(Some(job)) if job.status.is_final() => job,
                             // Requeued meanwhile, or unreadable: keep going on the timer.
                             _ => {
                                 live.resubscribe();
@@ -1625,7 +1624,7 @@ async fn stream_logs(
                         }
                     }
                     match db.job(&id).await {
-                        Ok(Some(job)) if is_final(&job.status) => job,
+                        Ok(Some(job)) if job.status.is_final() => job,
                         Ok(Some(_)) => continue,
                         _ => return,
                     }

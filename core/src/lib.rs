@@ -7,9 +7,9 @@ pub mod admission;
 pub mod agent_link;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod cost;
-pub mod db;
 pub mod gate;
 pub mod image_check;
 pub mod images;
@@ -26,3 +26,6 @@ pub mod tls;
 
 /// The workflow engine, its own crate (`stagely-engine`): no I/O, no clock, no tokio.
 pub use stagely_engine as engine;
+
+/// The store, its own crate (`stagely-store`): the only one that knows SQL.
+pub use stagely_store as db;

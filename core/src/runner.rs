@@ -425,7 +425,7 @@ impl Runner {
 }
 
 fn now() -> Timestamp {
-    Timestamp(crate::db::now_ms())
+    crate::clock::now()
 }
 
 impl Shared {
@@ -1425,7 +1425,7 @@ impl LoopState {
                         };
                         // Recorded so its attempt's billing closes; a job this store no
                         // longer has cannot be, and the instance goes all the same.
-                        if let Err(error) = shared.db.record_instance(&record).await {
+                        if let Err(error) = shared.db.record_instance(&record, now()).await {
                             tracing::warn!(instance_id = %instance.id, "reaper: recording an unknown instance failed: {error}");
                         }
                     }
@@ -1565,9 +1565,8 @@ async fn build_order(
     let db = &shared.db;
     let internal = |error: crate::db::DbError| format!("reading the job failed: {error}");
     let (run_id, job_id) = (run.id.as_str(), job.id.as_str());
-    let spec: JobSpec = serde_json::from_str(&job.spec)
-        .map_err(|error| format!("the stored job spec is unreadable: {error}"))?;
-    let secrets = match secrets_for(shared, run, &spec) {
+    let spec = &job.spec;
+    let secrets = match secrets_for(shared, run, spec) {
         Ok(secrets) => secrets,
         // An adopted attempt's agent already has its work (and masks its secrets itself):
         // the core masks what it knows.
@@ -1593,7 +1592,7 @@ async fn build_order(
         JobKind::Build => None,
     };
     let settings = &shared.settings;
-    let mut work = work_message(settings, run, job, &spec, merge_sources, &secrets);
+    let mut work = work_message(settings, run, job, spec, merge_sources, &secrets);
     match &mut work {
         Message::Build(build) => build.attempt = Some(attempt),
         Message::Merge(merge) => merge.attempt = Some(attempt),
@@ -1604,7 +1603,7 @@ async fn build_order(
         job_id: job_id.to_string(),
         attempt,
         work,
-        target_image: image_for(settings, run, job, &spec),
+        target_image: image_for(settings, run, job, spec),
         handed_over: false,
         adopted,
     })
@@ -1784,9 +1783,7 @@ async fn create_for_attempt(
             order.placement = Some(notice.clone());
         }
     }
-    let timeout = serde_json::from_str::<JobSpec>(&job.spec)
-        .map(|spec| Duration::from_secs(spec.timeout_seconds))
-        .unwrap_or(crate::stagely_yaml::DEFAULT_TIMEOUT);
+    let timeout = Duration::from_secs(job.spec.timeout_seconds);
     let expires_at = now().plus(timeout + settings.engine.boot_timeout + LIFETIME_MARGIN);
     let record = crate::db::InstanceRecord {
         instance_id: &instance.id,
@@ -1799,7 +1796,7 @@ async fn create_for_attempt(
         placement: instance.notice.as_deref(),
         expires_at,
     };
-    let recorded = crate::db::retry_transient(|| db.record_instance(&record)).await;
+    let recorded = crate::db::retry_transient(|| db.record_instance(&record, now())).await;
     if let Err(error) = recorded {
         tracing::error!(instance_id = %instance.id, "recording the instance failed: {error}");
     }
@@ -1844,7 +1841,7 @@ async fn terminate(shared: &Shared, instance_id: &str) {
     for attempt in 1..=3u32 {
         match shared.provider.terminate_instance(instance_id).await {
             Ok(()) => {
-                if let Err(error) = shared.db.mark_instance_terminated(instance_id).await {
+                if let Err(error) = shared.db.mark_instance_terminated(instance_id, now()).await {
                     tracing::error!(instance_id, "instance terminated but not recorded: {error}");
                 }
                 return;

@@ -12,9 +12,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use stagely_protocol::Arch;
 use stagely_provisioning::MachineSize;
+pub use stagely_store::spec::{JobKind, JobSpec};
 
 /// Default `timeout` (the seed's).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -130,31 +131,6 @@ struct BuildSyntax {
     secret_build_args: Vec<String>,
     #[serde(default)]
     timeout: Option<String>,
-}
-
-/// What a job builds; stored as JSON in `build_jobs.spec`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobSpec {
-    /// The `builds:` key this job came from.
-    pub service: String,
-    pub kind: JobKind,
-    /// Context relative to the repository root (the config's directory prefix applied).
-    pub context_path: String,
-    pub dockerfile: String,
-    pub build_args: BTreeMap<String, String>,
-    /// Names of secret build arguments (values are never stored).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secret_build_args: Vec<String>,
-    pub timeout_seconds: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum JobKind {
-    /// Build one platform.
-    Build,
-    /// Merge the named sibling jobs' images into one manifest list.
-    Merge { sources: Vec<String> },
 }
 
 /// One job to create.

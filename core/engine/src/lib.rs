@@ -1547,8 +1547,16 @@ impl Engine {
             return;
         }
         let instance = job.snapshot.instance_id.clone().unwrap_or_default();
-        let message =
-            format!("instance {instance} no longer runs ({detail}): its agent cannot reconnect");
+        // An adopted attempt's end names the core it came from, as its grace's end does.
+        let taken_over = job
+            .local
+            .as_ref()
+            .and_then(|local| local.adopted_from.as_deref())
+            .map(|from| format!(" (taken over from core {from})"))
+            .unwrap_or_default();
+        let message = format!(
+            "instance {instance}{taken_over} no longer runs ({detail}): its agent cannot reconnect"
+        );
         self.end_attempt(
             job_id,
             AttemptOutcome::Infrastructure {

@@ -67,6 +67,8 @@ struct StoredJob {
     attempt: u32,
     owner: Option<String>,
     end: Option<JobEnd>,
+    /// The message the last attempt ended with.
+    attempt_message: Option<String>,
 }
 
 /// An engine wired to an in-memory store; records every I/O action.
@@ -133,6 +135,7 @@ impl World {
                     attempt: job.attempt,
                     owner: job.lease_owner.clone(),
                     end: None,
+                    attempt_message: None,
                 },
             );
         }
@@ -408,6 +411,7 @@ impl World {
                 owner,
                 takeover,
                 end,
+                message,
                 ..
             } => {
                 let stored = &self.jobs[&job_id];
@@ -429,6 +433,7 @@ impl World {
                 let stored = self.jobs.get_mut(&job_id).expect("known");
                 stored.owner = None;
                 stored.end = Some(end);
+                stored.attempt_message = message;
             }
             Transition::AttemptAdopted {
                 job_id,
@@ -965,6 +970,7 @@ fn load_foreign_running_since(world: &mut World, until: Timestamp, connected: Op
             attempt: 1,
             owner: Some("core-b/7".into()),
             end: None,
+            attempt_message: None,
         },
     );
     world.input(Input::Load(RunSnapshot {
@@ -1104,6 +1110,11 @@ fn an_adopted_attempt_whose_instance_is_gone_is_retried_at_once() {
         attempt: 1,
         detail: "its agent (process 42) has exited".into(),
     });
+    let message = world.jobs["f"].attempt_message.clone().unwrap_or_default();
+    assert!(
+        message.contains("taken over from core ") && message.contains("process 42"),
+        "the end names the core it was adopted from and why: {message}"
+    );
     assert!(
         world
             .terminated
@@ -1257,6 +1268,7 @@ fn a_previous_incarnation_of_this_core_is_taken_over_at_once() {
             attempt: 1,
             owner: None,
             end: None,
+            attempt_message: None,
         },
     );
     world.jobs.insert(
@@ -1268,6 +1280,7 @@ fn a_previous_incarnation_of_this_core_is_taken_over_at_once() {
             attempt: 1,
             owner: Some("core-a/0".into()),
             end: None,
+            attempt_message: None,
         },
     );
     world.input(Input::Load(snapshot));

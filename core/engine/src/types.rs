@@ -52,7 +52,25 @@ macro_rules! spelled {
                 f.write_str(self.as_str())
             }
         }
+
+        /// The store reads a column into this type (`#[sqlx(try_from = "String")]`).
+        impl TryFrom<String> for $name {
+            type Error = Unspelled;
+
+            fn try_from(text: String) -> Result<$name, Unspelled> {
+                $name::parse(&text).ok_or(Unspelled { what: stringify!($name), text })
+            }
+        }
     };
+}
+
+/// A stored word that names no value of the type it should (a database written by a newer
+/// version, or edited by hand).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{text}` is not a {what}")]
+pub struct Unspelled {
+    pub what: &'static str,
+    pub text: String,
 }
 
 spelled! {

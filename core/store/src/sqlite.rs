@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, QueryBuilder, Sqlite, SqlitePool};
 
 use super::*;
-use crate::engine::{JobEnd, Timestamp, Transition};
+use stagely_engine::{JobEnd, Timestamp, Transition};
 
 /// Page size of a new log database file ([`logs_path`]; an existing one keeps its own: WAL
 /// mode cannot change it). Log chunks are up to 1 MiB each: with SQLite's default 4 KiB pages
@@ -109,7 +109,7 @@ impl SqliteStore {
     pub(crate) async fn claim_in_store(
         &self,
         owner: &str,
-        claims: &[crate::db::AttemptClaim],
+        claims: &[crate::AttemptClaim],
         lease_until: Timestamp,
         max_live_instances: usize,
         max_live_per_environment: usize,
@@ -151,7 +151,7 @@ impl SqliteStore {
         }
         let mut won = Vec::new();
         let mut lost = Vec::new();
-        for crate::db::AttemptClaim { claim, token_hash } in claims {
+        for crate::AttemptClaim { claim, token_hash } in claims {
             let in_env = per_env.get(&claim.environment_id).copied().unwrap_or(0);
             if !claim.reuses_instance
                 && (live >= max_live_instances as i64 || in_env >= max_live_per_environment as i64)

@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::*;
-use crate::engine::{JobEnd, Timestamp, Transition};
+use stagely_engine::{JobEnd, Timestamp, Transition};
 
 /// The advisory lock key of job claims ("stagely" in ASCII, as a number).
 const CLAIM_LOCK: i64 = 0x73_74_61_67_65_6c_79;
@@ -53,13 +53,13 @@ impl PostgresStore {
     pub(crate) async fn claim_in_store(
         &self,
         owner: &str,
-        claims: &[crate::db::AttemptClaim],
+        claims: &[crate::AttemptClaim],
         lease_until: Timestamp,
         max_live_instances: usize,
         max_live_per_environment: usize,
         now: Timestamp,
     ) -> Result<(Vec<String>, Vec<String>), DbError> {
-        let column = |f: &dyn Fn(&crate::db::AttemptClaim) -> String| -> Vec<String> {
+        let column = |f: &dyn Fn(&crate::AttemptClaim) -> String| -> Vec<String> {
             claims.iter().map(f).collect()
         };
         let attempts: Vec<i32> = claims.iter().map(|c| c.claim.attempt as i32).collect();

@@ -1,0 +1,167 @@
+//! The statements of [`crate::InstanceStore`] both backends share (`$n` parameters, guarded
+//! `UPDATE`s, `ON CONFLICT`, BIGINT unix-ms times), expanded once per backend by
+//! `impl_shared_store!` (see `shared/mod.rs`).
+
+/// `impl InstanceStore` for backend `$store` (a struct with a `pool` of sqlx database `$db`).
+macro_rules! shared_instances {
+    ($store:ident, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::InstanceStore for $store {
+            /// Records an instance the moment the provider returned it (before anything else can
+            /// fail), so no path forgets it; its attempt learns where it runs and is billed from now.
+            async fn record_instance(&self, record: &InstanceRecord<'_>, now: stagely_engine::Timestamp) -> Result<(), DbError> {
+                let _turn = self.write_turn().await;
+                let now = now.0;
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO builder_instances (id, provider, build_job_id, created_at, attempt, owner, instance_type, market, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(record.instance_id)
+                .bind(record.provider)
+                .bind(record.job_id)
+                .bind(now)
+                .bind(record.attempt as i32)
+                .bind(record.owner)
+                .bind(record.instance_type)
+                .bind(record.market)
+                .bind(record.expires_at.millis())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE job_attempts SET instance_type = $3, market = $4, placement = $5,
+                         billed_from = COALESCE(billed_from, $6), instance_id = COALESCE(instance_id, $7)
+                     WHERE build_job_id = $1 AND number = $2",
+                )
+                .bind(record.job_id)
+                .bind(record.attempt as i32)
+                .bind(record.instance_type)
+                .bind(record.market)
+                .bind(record.placement)
+                .bind(now)
+                .bind(record.instance_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn mark_instance_terminated(&self, instance_id: &str, now: stagely_engine::Timestamp) -> Result<(), DbError> {
+                let _turn = self.write_turn().await;
+                let now = now.0;
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE builder_instances SET terminated_at = $2 WHERE id = $1 AND terminated_at IS NULL",
+                )
+                .bind(instance_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                // Billing of the attempt on it (the last, after any handover) ends here.
+                sqlx::query(CLOSE_BILLING)
+                .bind(instance_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn instances_to_reap(
+                &self,
+                now: Timestamp,
+                running_grace: std::time::Duration,
+            ) -> Result<Vec<(String, ReapReason)>, DbError> {
+                let rows: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT i.id,
+                            CASE WHEN a.number IS NULL OR j.id IS NULL THEN 'no_attempt'
+                                 WHEN a.ended_at IS NOT NULL OR j.attempt <> i.attempt THEN 'attempt_ended'
+                                 WHEN j.lease_until IS NULL
+                                      OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
+                                      THEN 'lease_expired'
+                                 ELSE 'lifetime' END
+                     FROM builder_instances i
+                     LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
+                     LEFT JOIN build_jobs j ON j.id = i.build_job_id
+                     WHERE i.terminated_at IS NULL
+                       AND (a.number IS NULL OR a.ended_at IS NOT NULL OR j.id IS NULL
+                            OR j.attempt <> i.attempt OR j.lease_until IS NULL
+                            OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
+                            OR i.expires_at < $1)
+                     ORDER BY i.created_at",
+                )
+                .bind(now.millis())
+                .bind(now.millis() - i64::try_from(running_grace.as_millis()).unwrap_or(i64::MAX / 2))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, reason)| (id, ReapReason::parse(&reason)))
+                    .collect())
+            }
+
+            /// Instances recorded for an attempt and not terminated.
+            async fn instances_of_attempt(
+                &self,
+                job_id: &str,
+                attempt: u32,
+            ) -> Result<Vec<String>, DbError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT id FROM builder_instances WHERE build_job_id = $1 AND attempt = $2 AND terminated_at IS NULL",
+                )
+                .bind(job_id)
+                .bind(attempt as i32)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn attempt_holds(
+                &self,
+                job_id: &str,
+                attempt: u32,
+                now: Timestamp,
+            ) -> Result<bool, DbError> {
+                let found: Option<i64> = sqlx::query_scalar(
+                    "SELECT lease_until FROM build_jobs WHERE id = $1 AND attempt = $2
+                     AND status IN ('provisioning', 'running') AND lease_until > $3",
+                )
+                .bind(job_id)
+                .bind(attempt as i32)
+                .bind(now.millis())
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(found.is_some())
+            }
+
+            /// Instances recorded and not terminated (diagnostics and tests).
+            async fn live_instances(&self) -> Result<Vec<String>, DbError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT id FROM builder_instances WHERE terminated_at IS NULL ORDER BY created_at",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn deployment_id(&self) -> Result<String, DbError> {
+                let id: Option<String> = sqlx::query_scalar("SELECT id FROM deployment")
+                    .fetch_optional(&self.pool)
+                    .await?;
+                id.ok_or_else(|| DbError::Corrupt("the deployment table has no row".into()))
+            }
+
+            async fn spot_interrupted_before(&self, job_id: &str) -> Result<bool, DbError> {
+                let prefix = format!("{}:%", stagely_engine::InfraKind::SpotInterrupted.as_str());
+                let found: Option<i32> = sqlx::query_scalar(
+                    "SELECT number FROM job_attempts
+                     WHERE build_job_id = $1 AND result = 'infrastructure' AND message LIKE $2 LIMIT 1",
+                )
+                .bind(job_id)
+                .bind(prefix)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(found.is_some())
+            }
+        }
+    };
+}
