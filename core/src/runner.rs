@@ -1356,10 +1356,14 @@ impl LoopState {
         self.shared.tasks.spawn(async move {
             let reap = async {
                 shared.reaper.sweeps.fetch_add(1, Ordering::Relaxed);
-                for (instance_id, reason) in shared
-                    .db
-                    .instances_to_reap(now(), shared.settings.engine.reconnect_grace)
-                    .await? {
+                let (recorded, attempts) = shared.db.reap_facts().await?;
+                let doomed = stagely_engine::reaper::plan(
+                    &recorded,
+                    &attempts,
+                    now(),
+                    shared.settings.engine.reconnect_grace,
+                );
+                for (instance_id, reason) in doomed {
                     tracing::info!(instance_id, reason = reason.as_str(), "reaper: terminating an instance");
                     shared.reaper.count(reason);
                     terminate(&shared, &instance_id).await;

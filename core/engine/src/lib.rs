@@ -34,6 +34,7 @@
 //!   its agent is still there, the merge goes to that agent instead of a new instance.
 
 mod index;
+pub mod reaper;
 mod types;
 
 #[cfg(test)]

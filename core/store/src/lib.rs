@@ -15,6 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use stagely_engine::reaper::{ReapAttempt, ReapInstance};
 use stagely_engine::{CancelReason, JobKind, JobSnapshot, RunSnapshot, Timestamp, Transition};
 
 /// An `UPDATE` ending an attempt, guarded by job, attempt ($2) and lease owner ($3).
@@ -285,17 +286,9 @@ pub trait InstanceStore: Send + Sync {
         now: Timestamp,
     ) -> Result<(), DbError>;
 
-    /// Instances to terminate, oldest first, with why: alive, and their attempt ended, or
-    /// their job's lease expired (its core is gone), or they belong to no attempt at all, or
-    /// they outlived their maximum lifetime. Never otherwise an instance of a live attempt
-    /// whose lease holds, whichever replica owns it. A running job's lease counts as expired
-    /// only `running_grace` after it ran out: its agent may be dialling another core that
-    /// adopts the attempt.
-    async fn instances_to_reap(
-        &self,
-        now: Timestamp,
-        running_grace: std::time::Duration,
-    ) -> Result<Vec<(String, ReapReason)>, DbError>;
+    /// What the reaper decides on ([`stagely_engine::reaper::plan`]): every recorded instance
+    /// not terminated, oldest first, and the attempts (with their jobs) they belong to.
+    async fn reap_facts(&self) -> Result<(Vec<ReapInstance>, Vec<ReapAttempt>), DbError>;
 
     /// Instances recorded for an attempt and not terminated.
     async fn instances_of_attempt(

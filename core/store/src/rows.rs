@@ -101,38 +101,8 @@ pub struct InstanceRecord<'a> {
     pub expires_at: Timestamp,
 }
 
-/// Why the reaper terminates an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReapReason {
-    /// Its attempt ended (final, or superseded by a later one).
-    AttemptEnded,
-    /// Its job's lease expired: the core that owned it is gone.
-    LeaseExpired,
-    /// It belongs to no attempt or job this store knows.
-    NoAttempt,
-    /// It outlived its maximum lifetime (job timeout + boot timeout + margin).
-    Lifetime,
-}
-
-impl ReapReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReapReason::AttemptEnded => "attempt_ended",
-            ReapReason::LeaseExpired => "lease_expired",
-            ReapReason::NoAttempt => "no_attempt",
-            ReapReason::Lifetime => "lifetime",
-        }
-    }
-
-    pub(crate) fn parse(text: &str) -> ReapReason {
-        match text {
-            "attempt_ended" => ReapReason::AttemptEnded,
-            "lease_expired" => ReapReason::LeaseExpired,
-            "lifetime" => ReapReason::Lifetime,
-            _ => ReapReason::NoAttempt,
-        }
-    }
-}
+/// Why the reaper terminates an instance: the engine decides ([`stagely_engine::reaper`]).
+pub use stagely_engine::reaper::ReapReason;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct LogRow {

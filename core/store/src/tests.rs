@@ -333,9 +333,13 @@ async fn an_attempt_ends_only_under_its_owner_and_its_token_dies_with_it(backend
     let reap = |at: i64| {
         let db = db.clone();
         async move {
-            db.instances_to_reap(Timestamp(at), std::time::Duration::ZERO)
-                .await
-                .unwrap()
+            let (instances, attempts) = db.reap_facts().await.unwrap();
+            stagely_engine::reaper::plan(
+                &instances,
+                &attempts,
+                Timestamp(at),
+                std::time::Duration::ZERO,
+            )
         }
     };
     assert!(reap(1_000).await.is_empty(), "lease holds, lifetime left");

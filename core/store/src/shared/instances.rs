@@ -68,37 +68,54 @@ macro_rules! shared_instances {
                 Ok(())
             }
 
-            async fn instances_to_reap(
-                &self,
-                now: Timestamp,
-                running_grace: std::time::Duration,
-            ) -> Result<Vec<(String, ReapReason)>, DbError> {
-                let rows: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT i.id,
-                            CASE WHEN a.number IS NULL OR j.id IS NULL THEN 'no_attempt'
-                                 WHEN a.ended_at IS NOT NULL OR j.attempt <> i.attempt THEN 'attempt_ended'
-                                 WHEN j.lease_until IS NULL
-                                      OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
-                                      THEN 'lease_expired'
-                                 ELSE 'lifetime' END
+            async fn reap_facts(&self) -> Result<(Vec<ReapInstance>, Vec<ReapAttempt>), DbError> {
+                type Row = (
+                    String,
+                    Option<String>,
+                    Option<i32>,
+                    Option<i64>,
+                    Option<i32>,
+                    Option<i64>,
+                    Option<i32>,
+                    Option<String>,
+                    Option<i64>,
+                );
+                let rows: Vec<Row> = sqlx::query_as(
+                    "SELECT i.id, i.build_job_id, i.attempt, i.expires_at,
+                            a.number, a.ended_at, j.attempt, j.status, j.lease_until
                      FROM builder_instances i
                      LEFT JOIN job_attempts a ON a.build_job_id = i.build_job_id AND a.number = i.attempt
                      LEFT JOIN build_jobs j ON j.id = i.build_job_id
                      WHERE i.terminated_at IS NULL
-                       AND (a.number IS NULL OR a.ended_at IS NOT NULL OR j.id IS NULL
-                            OR j.attempt <> i.attempt OR j.lease_until IS NULL
-                            OR j.lease_until < (CASE WHEN j.status = 'running' THEN $2 ELSE $1 END)
-                            OR i.expires_at < $1)
                      ORDER BY i.created_at",
                 )
-                .bind(now.millis())
-                .bind(now.millis() - i64::try_from(running_grace.as_millis()).unwrap_or(i64::MAX / 2))
                 .fetch_all(&self.pool)
                 .await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, reason)| (id, ReapReason::parse(&reason)))
-                    .collect())
+                let mut instances = Vec::with_capacity(rows.len());
+                let mut attempts = Vec::new();
+                for (id, job_id, attempt, expires_at, number, ended_at, job_attempt, status, lease_until) in rows {
+                    let as_u32 = |n: i32| u32::try_from(n).unwrap_or(0);
+                    if let (Some(job), Some(number), Some(job_attempt), Some(status)) =
+                        (&job_id, number, job_attempt, &status)
+                    {
+                        attempts.push(ReapAttempt {
+                            job_id: job.clone(),
+                            number: as_u32(number),
+                            ended: ended_at.is_some(),
+                            job_attempt: as_u32(job_attempt),
+                            job_status: stagely_engine::JobStatus::parse(status)
+                                .ok_or_else(|| corrupt("job status", status))?,
+                            lease_until: lease_until.map(Timestamp),
+                        });
+                    }
+                    instances.push(ReapInstance {
+                        id,
+                        job_id,
+                        attempt: attempt.map(as_u32),
+                        expires_at: expires_at.map(Timestamp),
+                    });
+                }
+                Ok((instances, attempts))
             }
 
             /// Instances recorded for an attempt and not terminated.
