@@ -265,6 +265,43 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Whether `name` is `stg<digits><tail>` with `tail` matching.
+fn is_test_name(name: &str, tail: impl Fn(&str) -> bool) -> bool {
+    name.strip_prefix("stg").is_some_and(|rest| {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        digits > 0 && tail(&rest[digits..])
+    })
+}
+
+/// Deletes the bridges (`stg<pid>br`) and namespaces (`stg<pid>n<k>`) of earlier test networks.
+fn remove_stale_networks() {
+    let listed = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in listed(&["-o", "link", "show", "type", "bridge"]).lines() {
+        // "7: stg2618br: <BROADCAST,...> ..."
+        if let Some(name) = line.split(": ").nth(1)
+            && is_test_name(name, |tail| tail == "br")
+        {
+            let _ = ip(&["link", "del", name]);
+        }
+    }
+    for line in listed(&["netns", "list"]).lines() {
+        // "stg2618n0 (id: 1)"
+        let name = line.split_whitespace().next().unwrap_or("");
+        if is_test_name(name, |tail| {
+            tail.strip_prefix('n')
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+        }) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
 /// The test network: a bridge holding [`HOST_IP`]; instances join it from their namespaces.
 pub struct Network {
     bridge: String,
@@ -279,7 +316,10 @@ impl Network {
         let lock = NETWORK_LOCK.lock().await;
         let prefix = format!("stg{}", std::process::id() % 100_000);
         let bridge = format!("{prefix}br");
-        let _ = ip(&["link", "del", &bridge]);
+        // Only one test network exists at a time (this lock in a process, nextest's
+        // `ec2-network` group across processes), so any other is what a killed test left
+        // behind: its bridge would hold HOST_IP too and take the instances' traffic.
+        remove_stale_networks();
         let made = ip(&["link", "add", &bridge, "type", "bridge"])
             .and_then(|()| {
                 ip(&[
