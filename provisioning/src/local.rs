@@ -507,6 +507,11 @@ fn instance_sessions(agent: Option<&AgentProcess>, dir: &Path, all: &[ProcessInf
             sessions.insert(process.session);
         }
     }
+    // Never our own session (nor init's): the core's own children name the instance's
+    // directory too (mkfs, mount, umount of its disk), and signalling their session would
+    // signal the core and everything that shares its session (a CI run's whole tree).
+    let own = nix::unistd::getsid(None).map(|sid| sid.as_raw()).ok();
+    sessions.retain(|&session| session > 1 && Some(session) != own);
     sessions.into_iter().collect()
 }
 
@@ -958,6 +963,22 @@ mod tests {
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         path
+    }
+
+    #[test]
+    fn the_core_s_own_session_is_never_an_instance_s() {
+        // A child of the core naming the instance's directory (its disk's mkfs or umount)
+        // shares the core's session; an orphan builder in a session of its own belongs to it.
+        let dir = Path::new("/var/lib/stagely/instances/local-1");
+        let own = nix::unistd::getsid(None).unwrap().as_raw();
+        let process = |pid: i32, session: i32| ProcessInfo {
+            pid,
+            session,
+            start_time: 1,
+            cmdline: format!("umount {}/work", dir.display()),
+        };
+        let all = [process(100, own), process(200, 4242), process(300, 1)];
+        assert_eq!(instance_sessions(None, dir, &all), vec![4242]);
     }
 
     #[tokio::test]
