@@ -69,7 +69,7 @@ impl Report {
 pub struct OutputSink {
     sender: mpsc::Sender<Output>,
     /// What the receiving end masks with: lets a batch be checked once, as read.
-    redactor: Option<std::sync::Arc<crate::connection::Redactor>>,
+    redactor: Option<std::sync::Arc<crate::redact::Redactor>>,
     /// A builder's line said `No space left on device` (ENOSPC): a failure says the disk is
     /// full (its space is freed again by the time the builder has exited).
     out_of_space: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -100,7 +100,7 @@ impl OutputSink {
     }
 
     /// A sink that marks batches holding nothing `redactor` rewrites as clean.
-    pub fn masked_by(mut self, redactor: std::sync::Arc<crate::connection::Redactor>) -> Self {
+    pub fn masked_by(mut self, redactor: std::sync::Arc<crate::redact::Redactor>) -> Self {
         self.redactor = Some(redactor);
         self
     }

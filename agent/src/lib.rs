@@ -9,6 +9,7 @@ pub mod builder;
 pub mod connection;
 pub mod job;
 pub mod process;
+pub mod redact;
 pub mod spool;
 pub mod spot;
 

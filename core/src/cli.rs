@@ -13,10 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{JobView, LogPage, RunView};
-use crate::config::{CoreConfig, FileConfig, Overrides};
 use crate::registry::LocalRegistry;
-use crate::server;
+use stagely_api::{JobView, LogPage, RunView};
+use stagely_server::config::{CoreConfig, FileConfig, Overrides};
+use stagely_server::server;
 
 /// Stagely: container image builds for pull-request previews on ephemeral builder VMs.
 #[derive(Debug, Parser)]
@@ -212,7 +212,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             println!("{token}");
             println!(
                 "{name} = \"{}\"",
-                hex::encode(crate::config::hash_token(&token))
+                hex::encode(stagely_server::config::hash_token(&token))
             );
         }
         TokenCommand::Hash => {
@@ -224,7 +224,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             if token.is_empty() {
                 bail!("no token on standard input (echo \"$TOKEN\" | stagely token hash)");
             }
-            println!("{}", hex::encode(crate::config::hash_token(token)));
+            println!("{}", hex::encode(stagely_server::config::hash_token(token)));
         }
     }
     Ok(())
@@ -287,14 +287,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    let provider = server::provider(&config).await?;
-    let core = server::start(config, listener, provider).await?;
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
-    stop.cancelled().await;
-    tracing::info!("shutting down: handing this core's jobs back and terminating their instances");
-    core.stop().await;
-    Ok(())
+    server::run(listener, config, stop).await
 }
 
 /// Git facts about the directory `run` builds.
@@ -306,7 +301,7 @@ struct Checkout {
 }
 
 async fn git_text(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = crate::source::child_command("git")
+    let output = stagely_server::source::child_command("git")
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -469,7 +464,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     // Refuse a bad file before anything starts.
-    crate::stagely_yaml::parse(&text, &checkout.prefix)?;
+    stagely_server::stagely_yaml::parse(&text, &checkout.prefix)?;
 
     let progress_to_stderr = args.json;
     // Progress carries what builds and the core said (error messages, log tails).
@@ -528,7 +523,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             registry: Some(registry_host.clone()),
             public_url: None,
             allow_local_repos: Some(true),
-            api_token: Some(crate::config::ApiToken::from_secret(
+            api_token: Some(stagely_server::config::ApiToken::from_secret(
                 "stagely run",
                 &api_token,
             )),
@@ -676,7 +671,7 @@ async fn watch_run(
     let started = Instant::now();
     let mut seen: HashMap<String, String> = HashMap::new();
     report_jobs(client, core_url, &view, &mut seen, started, say).await;
-    if crate::api::is_final(&view.status) {
+    if stagely_api::is_final(&view.status) {
         return Ok(view);
     }
     let url = format!("{core_url}/api/v1/workflows/{}/events", view.id);
@@ -935,7 +930,7 @@ async fn stream_job_lines(
     client: &reqwest::Client,
     core_url: &str,
     job_id: &str,
-    mut on_line: impl FnMut(&crate::api::LogLineView),
+    mut on_line: impl FnMut(&stagely_api::LogLineView),
 ) -> anyhow::Result<()> {
     let url = format!("{core_url}/api/v1/jobs/{job_id}/logs/stream");
     let mut last: Option<i64> = None;
@@ -983,7 +978,7 @@ async fn open_stream(
 async fn read_events(
     mut response: reqwest::Response,
     last: &mut Option<i64>,
-    on_line: &mut impl FnMut(&crate::api::LogLineView),
+    on_line: &mut impl FnMut(&stagely_api::LogLineView),
 ) -> anyhow::Result<bool> {
     let mut events = SseEvents::default();
     while let Some(chunk) = response.chunk().await? {
@@ -991,7 +986,7 @@ async fn read_events(
         while let Some((event, data)) = events.next_event()? {
             match event.as_str() {
                 "line" => {
-                    let line: crate::api::LogLineView = serde_json::from_str(&data)?;
+                    let line: stagely_api::LogLineView = serde_json::from_str(&data)?;
                     if last.is_none_or(|seen| line.seq > seen) {
                         on_line(&line);
                         *last = Some(line.seq);

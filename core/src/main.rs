@@ -6,7 +6,9 @@ fn main() -> std::process::ExitCode {
     let cli = stagely_core::cli::Cli::parse();
     // `run` prints its own progress; the service logs what it does.
     let default_filter = match cli.command {
-        stagely_core::cli::Command::Serve(_) => "warn,stagely_core=info,stagely_provisioning=info",
+        stagely_core::cli::Command::Serve(_) => {
+            "warn,stagely_core=info,stagely_server=info,stagely_provisioning=info"
+        }
         _ => "warn",
     };
     tracing_subscriber::fmt()

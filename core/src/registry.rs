@@ -65,7 +65,7 @@ impl LocalRegistry {
     /// Like [`LocalRegistry::start`], listening on `ip` (a test network's host address, so
     /// builders in network namespaces reach it).
     pub async fn start_on(ip: &str) -> Result<LocalRegistry, RegistryError> {
-        let found = crate::source::child_command("docker-registry")
+        let found = stagely_server::source::child_command("docker-registry")
             .arg("--version")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -91,7 +91,7 @@ impl LocalRegistry {
             let config_path = dir.path().join("config.yml");
             std::fs::write(&config_path, config)?;
             let log = std::fs::File::create(dir.path().join("registry.log"))?;
-            let child = crate::source::child_command("docker-registry")
+            let child = stagely_server::source::child_command("docker-registry")
                 .arg("serve")
                 .arg(&config_path)
                 .stdin(std::process::Stdio::null())

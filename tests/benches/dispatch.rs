@@ -9,7 +9,7 @@
 //! Figures, for SQLite and PostgreSQL:
 //! - **dispatch**: from a job becoming eligible (its run stored by the API: the core's
 //!   `run submitted` event) to its BUILD frame being sent (the `work sent` event of
-//!   `stagely_core::dispatch`), timed inside this process from tracing events. At each level
+//!   `stagely_server::dispatch`), timed inside this process from tracing events. At each level
 //!   N (1, 50, 500 concurrent jobs): the fan-out of the first N-1 jobs submitted together,
 //!   then 200 further jobs submitted one after another (50 ms apart) while those N-1 stay live (each is the
 //!   N-th concurrent job).
@@ -90,8 +90,8 @@ impl tracing::field::Visit for Fields {
 /// Only the two events timed. (A global filter, not a per-layer one: sqlx asks `enabled!`
 /// without emitting, which would leave a per-layer filter's thread-local state set.)
 fn timed(metadata: &tracing::Metadata<'_>) -> bool {
-    (metadata.target() == "stagely_core::api" && *metadata.level() <= tracing::Level::INFO)
-        || metadata.target() == "stagely_core::dispatch"
+    (metadata.target() == "stagely_server::submit" && *metadata.level() <= tracing::Level::INFO)
+        || metadata.target() == "stagely_server::dispatch"
 }
 
 impl<S: tracing::Subscriber> Layer<S> for MarkLayer {

@@ -62,7 +62,7 @@ async fn submit(core: &TestCore, builds: usize, environment: &str) -> Vec<String
         .await
         .expect("submit");
     assert_eq!(status, 201, "{body}");
-    let view: stagely_core::api::RunView = serde_json::from_value(body).expect("run view");
+    let view: stagely_api::RunView = serde_json::from_value(body).expect("run view");
     view.jobs.into_iter().map(|job| job.id).collect()
 }
 

@@ -246,7 +246,7 @@ async fn main() {
         .to_string();
     let run_id = summary["run_id"].as_str().unwrap_or("").to_string();
     // What the run stored, read back from its database.
-    let db = stagely_core::db::Db::open_sqlite(&data_dir.join("stagely.db"))
+    let db = stagely_server::db::Db::open_sqlite(&data_dir.join("stagely.db"))
         .await
         .expect("the run's database");
     let jobs = db.jobs_of_run(&run_id).await.unwrap_or_default();

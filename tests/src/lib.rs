@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use stagely_core::api::{LogPage, RunView};
-use stagely_core::config::{CoreConfig, FileConfig, Overrides};
+use stagely_api::{LogPage, RunView};
 use stagely_core::registry::LocalRegistry;
-use stagely_core::server::{self, RunningCore};
 use stagely_provisioning::{Instance, InstanceState, MachineSpec, Provider, ProviderError};
+use stagely_server::config::{CoreConfig, FileConfig, Overrides};
+use stagely_server::server::{self, RunningCore};
 
 pub mod counting;
 pub mod ec2;
@@ -558,7 +558,7 @@ impl TestCore {
                 listen: Some(bound.to_string()),
                 data_dir: Some(data.path().to_path_buf()),
                 registry: Some(registry.host.clone()),
-                api_token: Some(stagely_core::config::ApiToken::from_secret(
+                api_token: Some(stagely_server::config::ApiToken::from_secret(
                     "tests", &api_token,
                 )),
                 ..Overrides::default()
@@ -706,7 +706,7 @@ fn unpack_all(packed: Vec<Vec<u8>>) -> Vec<u8> {
     packed
         .iter()
         .flat_map(|chunk| {
-            stagely_core::db::chunks::unpack("scan", 0, chunk)
+            stagely_server::db::chunks::unpack("scan", 0, chunk)
                 .expect("a packed chunk unpacks")
                 .into_bytes()
         })
@@ -735,7 +735,7 @@ pub async fn all_log_lines(
     client: &reqwest::Client,
     url: &str,
     job_id: &str,
-) -> anyhow::Result<Vec<stagely_core::api::LogLineView>> {
+) -> anyhow::Result<Vec<stagely_api::LogLineView>> {
     let mut after = 0;
     let mut lines = Vec::new();
     loop {

@@ -85,7 +85,7 @@ async fn close_reason(socket: &mut Socket) -> (u16, String) {
     }
 }
 
-async fn submit_builds(core: &TestCore, names: &[&str]) -> stagely_core::api::RunView {
+async fn submit_builds(core: &TestCore, names: &[&str]) -> stagely_api::RunView {
     // Each job's outcome is checked on its own: no fail-fast cancelling the others.
     let mut yaml = String::from("fail_fast: false\nbuilds:\n");
     for name in names {
@@ -699,7 +699,7 @@ async fn the_core_cuts_overlong_lines_from_a_misbehaving_agent() {
     assert_eq!(lines.len(), 2, "{}", lines.len());
     let first = &lines[0].1;
     assert!(
-        first.len() <= stagely_core::agent_link::MAX_STORED_LINE_BYTES + 100,
+        first.len() <= stagely_server::agent_link::MAX_STORED_LINE_BYTES + 100,
         "stored {} bytes",
         first.len()
     );

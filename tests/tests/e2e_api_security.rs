@@ -100,7 +100,7 @@ async fn every_api_route_needs_a_token_and_wrong_ones_are_counted() {
 #[tokio::test]
 async fn tokens_from_the_config_file_are_hashes_and_work() {
     let token = stagely_core::cli::new_api_token();
-    let hash = hex::encode(stagely_core::config::hash_token(&token));
+    let hash = hex::encode(stagely_server::config::hash_token(&token));
     let mut core = TestCore::start_configured(|file| {
         file.api.tokens.insert("ci".into(), hash.clone().into());
     })
@@ -304,14 +304,14 @@ async fn token_roles_limit_what_a_token_may_do_and_a_cancel_names_its_token() {
         stagely_core::cli::new_api_token(),
         stagely_core::cli::new_api_token(),
     );
-    let hash = |token: &str| hex::encode(stagely_core::config::hash_token(token));
+    let hash = |token: &str| hex::encode(stagely_server::config::hash_token(token));
     let text = format!(
         "[api.tokens]\nreader = {{ sha256 = \"{}\", role = \"read\" }}\nops = {{ sha256 = \"{}\", role = \"operate\" }}\nold = \"{}\"\n",
         hash(&reader),
         hash(&operator),
         hash(&admin)
     );
-    let parsed: stagely_core::config::FileConfig = toml::from_str(&text).unwrap();
+    let parsed: stagely_server::config::FileConfig = toml::from_str(&text).unwrap();
     let mut core = TestCore::start_with_provider_on(
         Arc::new(RecordingProvider::default()),
         Backend::from_env(),

@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use stagely_core::config::{FileConfig, TlsFile};
 use stagely_core::registry::LocalRegistry;
 use stagely_provisioning::ec2::{Ec2Provider, Ec2Settings};
+use stagely_server::config::{FileConfig, TlsFile};
 use stagely_tests::ec2::*;
 use stagely_tests::*;
 
@@ -149,7 +149,7 @@ impl Fleet {
     }
 
     /// Every job's error and log, and every instance's agent log, for a failure message.
-    async fn diagnose(&self, run: &stagely_core::api::RunView) -> String {
+    async fn diagnose(&self, run: &stagely_api::RunView) -> String {
         let mut out = String::new();
         for job in &run.jobs {
             if let Ok(lines) = self.core.logs(&job.id).await {
@@ -528,7 +528,7 @@ async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
     // The first instance never boots: only a core can terminate it.
     hypervisor.hold_next(1);
     let repo = one_job_repo();
-    let run: stagely_core::api::RunView = client
+    let run: stagely_api::RunView = client
         .post(format!("{url}/api/v1/workflows"))
         .json(&serde_json::json!({
             "repo_url": repo.url(), "commit_hash": repo.commit, "branch": "main",
@@ -552,7 +552,7 @@ async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
     .await;
     // Recorded (the API shows the attempt's instance), then the core dies.
     poll_until(Duration::from_secs(30), "the instance recorded", || async {
-        let view: stagely_core::api::RunView = client
+        let view: stagely_api::RunView = client
             .get(format!("{url}/api/v1/workflows/{}", run.id))
             .send()
             .await?
@@ -575,7 +575,7 @@ async fn a_core_sigkilled_mid_run_and_restarted_leaves_no_orphan_instance() {
     let mut core = spawn_serve_ec2(port, data.path(), &config, &moto.url, &registry, &api_token);
     healthy().await;
     let finished = poll_until(RUN_TIMEOUT, "the run to finish", || async {
-        let view: stagely_core::api::RunView = client
+        let view: stagely_api::RunView = client
             .get(format!("{url}/api/v1/workflows/{}", run.id))
             .send()
             .await?

@@ -69,11 +69,7 @@ async fn wait_for_log(core: &TestCore, job_id: &str, text: &str) {
     .await
 }
 
-async fn wait_for_status(
-    core: &TestCore,
-    run_id: &str,
-    status: &str,
-) -> stagely_core::api::RunView {
+async fn wait_for_status(core: &TestCore, run_id: &str, status: &str) -> stagely_api::RunView {
     poll_until(RUN_TIMEOUT, "the run's status", || async {
         let view = core.run(run_id).await?;
         let seen = format!(
@@ -215,7 +211,7 @@ async fn a_new_run_for_the_environment_supersedes_the_unfinished_one() {
     // Rebuild: a new run from the environment's latest run, from scratch.
     let (status, body) = post(&core, "/api/v1/environments/pr-sup/rebuild").await;
     assert_eq!(status, 201, "{body}");
-    let rebuilt: stagely_core::api::RunView = serde_json::from_value(body).unwrap();
+    let rebuilt: stagely_api::RunView = serde_json::from_value(body).unwrap();
     assert_ne!(rebuilt.id, second.id);
     assert_eq!(rebuilt.commit_hash, new.commit);
     let view = wait_for_status(&core, &rebuilt.id, "completed").await;

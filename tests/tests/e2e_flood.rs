@@ -80,7 +80,7 @@ async fn a_flood_from_one_address_locks_out_neither_agents_nor_authenticated_cal
         return;
     }
     // Both ends of 2,000 connections live in this process.
-    stagely_core::server::raise_open_files_limit();
+    stagely_server::server::raise_open_files_limit();
     let repo = chatty_repo();
     let mut core = TestCore::start().await.unwrap();
     let addr: std::net::SocketAddr = core.url.trim_start_matches("http://").parse().unwrap();
@@ -340,7 +340,7 @@ async fn one_address_gets_at_most_its_share_of_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_capped_per_token_and_in_total() {
     let second = stagely_core::cli::new_api_token();
-    let second_hash = stagely_core::config::hash_token(&second);
+    let second_hash = stagely_server::config::hash_token(&second);
     let mut core = TestCore::start_with_provider_on(
         std::sync::Arc::new(RecordingProvider::default()),
         Backend::from_env(),

@@ -402,7 +402,7 @@ async fn a_fork_flood_stops_at_the_instance_process_limit() {
         "i=0; while [ $i -lt 400 ]; do /bin/busybox sleep 30 & i=$((i+1)); done; echo spawned $i; wait",
     );
     let mut core = TestCore::start_configured(|file| {
-        file.provider.local = Some(stagely_core::config::LocalFile {
+        file.provider.local = Some(stagely_server::config::LocalFile {
             max_pids: Some(96),
             max_disk_mib: None,
         });
@@ -445,7 +445,7 @@ async fn a_disk_filling_build_fails_at_the_instance_disk_limit_saying_so() {
         "/bin/busybox dd if=/dev/zero of=/filler bs=1048576 count=300 && echo wrote-it-all",
     );
     let mut core = TestCore::start_configured(|file| {
-        file.provider.local = Some(stagely_core::config::LocalFile {
+        file.provider.local = Some(stagely_server::config::LocalFile {
             max_pids: None,
             max_disk_mib: Some(96),
         });

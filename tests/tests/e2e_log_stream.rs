@@ -345,7 +345,7 @@ async fn run_events_show_each_state_change_once_and_end_when_the_run_is_final() 
     // attempt end, run end), so its publisher was woken by its own run's changes.
     let mut named = 0;
     while let Ok(changed) = changes.try_recv() {
-        if changed == stagely_core::runner::Changed::Run(run_id.as_str().into()) {
+        if changed == stagely_server::runner::Changed::Run(run_id.as_str().into()) {
             named += 1;
         }
     }

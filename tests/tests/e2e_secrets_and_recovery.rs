@@ -108,7 +108,7 @@ async fn core_mid_build(
     stagely_core::registry::LocalRegistry,
     tempfile::TempDir,
     ServeProcess,
-    stagely_core::api::RunView,
+    stagely_api::RunView,
     TestRepo,
 ) {
     let repo = forever_repo();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use stagely_core::config::TlsFile;
+use stagely_server::config::TlsFile;
 use stagely_tests::*;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,8 +1,9 @@
 //! Starting and stopping a core: database, provider, scheduler, HTTP server.
 //!
-//! Shaped like mini-redis: `main` parses arguments and calls [`start`]; everything started
-//! here watches one `CancellationToken`, and [`RunningCore::stop`] waits for every task
-//! (agents cancelled, instances terminated) before the database closes.
+//! Shaped like mini-redis: `main` parses arguments and calls [`run`] (or an embedded core,
+//! [`start`]); everything started here watches one `CancellationToken`, and
+//! [`RunningCore::stop`] waits for every task (agents cancelled, instances terminated) before
+//! the database closes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,10 +15,10 @@ use stagely_provisioning::local::LocalProvider;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ApiAuth, AppState, app};
 use crate::config::CoreConfig;
 use crate::db::Db;
 use crate::engine::EngineConfig;
+use crate::http::{ApiAuth, AppState, app};
 use crate::runner::{Runner, RunnerSettings};
 
 /// A core serving on a socket.
@@ -354,7 +355,24 @@ fn reload_on_sighup(cert: Arc<crate::tls::ReloadingCert>, shutdown: Cancellation
     });
 }
 
-/// Opens the database, recovers from an earlier crash, and serves on `listener`.
+/// The service: serves `config` on `listener` until `shutdown` is cancelled, then stops
+/// gracefully (this core's live jobs handed back, their instances terminated, requests in
+/// flight drained, the database closed). `stagely serve` is this and signal handling.
+pub async fn run(
+    listener: TcpListener,
+    config: CoreConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let provider = provider(&config).await?;
+    let core = start(config, listener, provider).await?;
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: handing this core's jobs back and terminating their instances");
+    core.stop().await;
+    Ok(())
+}
+
+/// Opens the database, recovers from an earlier crash, and serves on `listener` with
+/// `provider` (an embedded core: `stagely run`, the tests); [`RunningCore::stop`] ends it.
 pub async fn start(
     config: CoreConfig,
     listener: TcpListener,
@@ -461,17 +479,23 @@ pub async fn start(
         auth.clone(),
         config.limits.unauthenticated_requests_per_ip_per_sec,
     );
-    let run_events = Arc::new(crate::run_events::RunEvents::default());
+    let views = crate::views::RunViews::new(runner.db().clone(), Arc::new(config.prices.clone()));
+    let run_events = crate::run_events::RunEvents::new(runner.clone(), views.clone());
+    let submissions = crate::submit::Submissions::new(
+        runner.clone(),
+        crate::submit::GitReadLimits {
+            max_concurrent: config.limits.max_concurrent_git_reads,
+            timeout: config.limits.git_read_timeout,
+        },
+    );
     let router = app(AppState {
         runner: runner.clone(),
         auth: auth.clone(),
         limits: config.limits.clone(),
-        prices: Arc::new(config.prices.clone()),
-        git_reads: Arc::new(tokio::sync::Semaphore::new(
-            config.limits.max_concurrent_git_reads,
-        )),
+        views,
+        submissions,
         run_events: run_events.clone(),
-        streams: crate::api::SseStreams::new(
+        streams: crate::http::SseStreams::new(
             config.limits.max_sse_streams,
             config.limits.max_sse_streams_per_token,
         ),

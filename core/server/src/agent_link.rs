@@ -618,7 +618,7 @@ impl<'a> Link<'a> {
                         // The end of dispatch (the benchmark's "eligible → work sent" is
                         // timed between `run submitted` and this event).
                         tracing::debug!(
-                            target: "stagely_core::dispatch",
+                            target: "stagely_server::dispatch",
                             job_id = %self.job_id,
                             frame = frame.type_name(),
                             "work sent"

@@ -14,7 +14,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::api::{AppState, RunView};
+use stagely_api::{RunView, is_final};
+
+use crate::runner::Runner;
+use crate::views::RunViews;
 
 /// How often a publisher re-reads its run without being told of a change (another
 /// replica's writes reach this core only through the store).
@@ -26,16 +29,27 @@ pub const MIN_READ_GAP: Duration = Duration::from_millis(20);
 pub type Views = watch::Receiver<Option<Arc<RunView>>>;
 
 /// The publishers of watched runs, by run id.
-#[derive(Default)]
 pub struct RunEvents {
+    /// Whose writes tell a publisher to read again, and whose shutdown stops it.
+    runner: Runner,
+    views: RunViews,
     runs: Mutex<HashMap<String, watch::Sender<Option<Arc<RunView>>>>>,
     /// Publisher tasks alive.
     publishers: std::sync::atomic::AtomicUsize,
 }
 
 impl RunEvents {
+    pub fn new(runner: Runner, views: RunViews) -> Arc<RunEvents> {
+        Arc::new(RunEvents {
+            runner,
+            views,
+            runs: Mutex::default(),
+            publishers: Default::default(),
+        })
+    }
+
     /// A viewer of `run_id`; starts the run's publisher when it is the first.
-    pub fn subscribe(self: &Arc<Self>, state: &AppState, run_id: &str) -> Views {
+    pub fn subscribe(self: &Arc<Self>, run_id: &str) -> Views {
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(sender) = runs.get(run_id) {
             return sender.subscribe();
@@ -44,9 +58,7 @@ impl RunEvents {
         runs.insert(run_id.to_string(), sender.clone());
         drop(runs);
         let span = tracing::info_span!("run_events", run_id);
-        tokio::spawn(
-            publish(self.clone(), state.clone(), run_id.to_string(), sender).instrument(span),
-        );
+        tokio::spawn(publish(self.clone(), run_id.to_string(), sender).instrument(span));
         views
     }
 
@@ -118,7 +130,6 @@ async fn touched(
 /// stops once the final view is out, when nobody watches, or at shutdown.
 async fn publish(
     events: Arc<RunEvents>,
-    state: AppState,
     run_id: String,
     sender: watch::Sender<Option<Arc<RunView>>>,
 ) {
@@ -135,22 +146,22 @@ async fn publish(
         .publishers
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _alive = Alive(events.clone());
-    let mut changes = state.runner.changes();
-    let shutdown = state.runner.shutdown_token();
+    let mut changes = events.runner.changes();
+    let shutdown = events.runner.shutdown_token();
     let mut last: Option<serde_json::Value> = None;
     loop {
         let mut done = false;
-        match crate::api::load_run(&state, &run_id).await {
-            Ok(view) => {
+        match events.views.load(&run_id).await {
+            Ok(Some(view)) => {
                 let now = state_of(&view);
-                done = crate::api::is_final(&view.status);
+                done = is_final(&view.status);
                 if last.as_ref() != Some(&now) {
                     last = Some(now);
                     sender.send_replace(Some(Arc::new(view)));
                 }
             }
             // Deleted (or never there): viewers see the channel close.
-            Err(crate::api::ApiError::NotFound { .. }) => done = true,
+            Ok(None) => done = true,
             Err(error) => tracing::warn!(%run_id, "reading a watched run failed: {error}"),
         }
         if done && events.release(&run_id, &sender, true) {

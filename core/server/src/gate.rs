@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionLimits, Class, ConnId, Refusal};
-use crate::api::{ApiAuth, ApiError};
+use crate::http::{ApiAuth, ApiError};
 
 /// The agents' endpoint: the one route in the agents' share.
 pub const AGENT_PATH: &str = "/api/v1/agent/connect";

@@ -208,11 +208,11 @@ pub async fn read_config(
         .trim()
         .parse()
         .unwrap_or(usize::MAX);
-    if size > crate::api::MAX_CONFIG_BYTES {
+    if size > stagely_api::MAX_CONFIG_BYTES {
         return Err(SourceError::TooLarge {
             path,
             size,
-            max: crate::api::MAX_CONFIG_BYTES,
+            max: stagely_api::MAX_CONFIG_BYTES,
         });
     }
     match git(scratch.path(), &["show", &object], auth, allow_local_repos).await {
