@@ -41,6 +41,7 @@
 //!
 //! Seed fields are never renamed; everything this crate adds is a new, optional field.
 
+pub mod agent_session;
 pub mod codec;
 pub mod proto;
 pub mod session;

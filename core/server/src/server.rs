@@ -37,6 +37,9 @@ pub struct RunningCore {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The certificate served when the core speaks TLS itself.
     tls: Option<Arc<crate::tls::ReloadingCert>>,
+    /// Every route ([`app`]), the one the server serves: for calling handlers without a
+    /// socket (`tower::ServiceExt::oneshot`).
+    router: axum::Router,
 }
 
 impl RunningCore {
@@ -44,6 +47,11 @@ impl RunningCore {
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// The core's routes, to call without a socket (the same state the server serves).
+    pub fn router(&self) -> axum::Router {
+        self.router.clone()
     }
 
     /// Reads the certificate files again (what SIGHUP does); `Ok` without TLS.
@@ -506,7 +514,7 @@ pub async fn start(
     let (cert, acceptor) = tls.unzip();
     let server = tokio::spawn(serve_http(
         listener,
-        router,
+        router.clone(),
         gate.clone(),
         config.limits.clone(),
         acceptor,
@@ -522,5 +530,6 @@ pub async fn start(
         shutdown,
         server,
         tls: cert,
+        router,
     })
 }
