@@ -21,8 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use stagely_cloud_init::AgentConfig;
+use stagely_protocol::agent_session::{AgentEvent, AgentSession, AgentTimers};
 use stagely_protocol::{
-    Arch, Codec, Heartbeat, Hello, Interruption, LogLine, LogStream, Logs, MAX_FRAME_BYTES,
+    Arch, Codec, Hello, Interruption, LogLine, LogStream, Logs, MAX_FRAME_BYTES,
     MAX_FRAME_DATA_BYTES, MAX_LINES_PER_FRAME, MAX_LOG_DATA_BYTES, Message, PROTOCOL_VERSION,
     Status, decode, decode_proto, encode, encode_proto,
 };
@@ -575,334 +576,116 @@ impl JobLink<'_> {
             }
         };
         tokio::pin!(spot_watch);
-        let mut interrupted = false;
-        let mut notice: Option<Message> = None;
-        // The notice once queued: handed to a connection that then broke, it may never have
-        // reached the core, so every resumed connection carries it again (the core ends the
-        // attempt on the first it reads; a resume after that is refused).
-        let mut relayed: Option<Message> = None;
-        let (output_tx, mut output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
         let cancel = CancellationToken::new();
-        let job_cancel = cancel.clone();
-        let job_task = tokio::spawn(async move {
-            let sink = OutputSink::new(output_tx.clone()).masked_by(sink_redactor);
-            let report = match &work {
-                Message::Build(build) => job::run_build(build, &env, &sink, &job_cancel).await,
-                Message::Merge(merge) => job::run_merge(merge, &env, &sink, &job_cancel).await,
-                _ => unreachable_report(),
-            };
-            let _ = output_tx.send(Output::Finished(report)).await;
-        });
+        let (mut output_rx, job_task) = start_job(work, env, sink_redactor, cancel.clone());
 
         let mut pieces = LinePieces::default();
-        let mut status: Option<(Message, u64)> = None;
-        let mut status_sent = false;
         let mut final_report: Option<Report> = None;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-        heartbeat.reset();
-        let mut last_heard = tokio::time::Instant::now();
-        let mut ack_deadline: Option<tokio::time::Instant> = None;
         let mut output_open = true;
         let mut redial: Option<Redial> = None;
-        let mut lost_at: Option<tokio::time::Instant> = None;
         let backlog_limit = self.link.spool_max_bytes / 2;
-
+        // The protocol's decisions (acks, STATUS delivery, heartbeats, silence, the grace):
+        // this loop is their I/O.
+        let timers = AgentTimers {
+            heartbeat_every: HEARTBEAT_EVERY,
+            core_silence_limit: CORE_SILENCE_LIMIT,
+            final_ack_wait: FINAL_ACK_WAIT,
+            reconnect_grace: self.link.reconnect_grace,
+        };
+        let mut session = AgentSession::new(&job_id, attempt, self.hello.clone(), timers, now());
         // When the oldest line not yet handed to the writer was spooled (a frame that is not
         // full waits up to LOG_LINGER for more).
         let mut unsent_since: Option<tokio::time::Instant> = None;
 
         let result: anyhow::Result<()> = loop {
+            match self.act_on(&mut session, &mut spool, conn, &mut redial, &cancel) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(error) => break Err(error),
+            }
+            if unsent_since.is_none() && spool.has_unsent() {
+                unsent_since = Some(tokio::time::Instant::now());
+            }
             let connected = conn.is_some();
             let backlogged = connected && spool.bytes() > backlog_limit;
-            // The writer gets the next frame as soon as it has room: a notice, a full frame
-            // of lines or the STATUS at once, a partial frame once it has lingered.
-            let status_due = status.is_some() && !status_sent;
-            let (unsent_lines, unsent_bytes) = spool.unsent();
-            let to_send = notice.is_some() || unsent_lines > 0 || status_due;
-            let send_at = if notice.is_some()
-                || status.is_some()
-                || unsent_lines >= MAX_LINES_PER_FRAME as u64
-                || unsent_bytes >= MAX_FRAME_DATA_BYTES as u64
-            {
-                None
-            } else {
-                unsent_since.map(|since| since + LOG_LINGER)
-            };
+            let (to_send, send_at) = send_time(&session, &spool, unsent_since);
             let outbox = conn.as_ref().map(|open| open.outbox.clone());
-            let room = async {
-                match (&outbox, to_send) {
-                    (Some(outbox), true) => {
-                        if let Some(at) = send_at {
-                            tokio::time::sleep_until(at).await;
-                        }
-                        match outbox.reserve().await {
-                            Ok(permit) => permit,
-                            // The writer stopped; the connection reports why.
-                            Err(_) => std::future::pending().await,
-                        }
-                    }
-                    _ => std::future::pending().await,
-                }
-            };
-            let silence = tokio::time::sleep_until(last_heard + CORE_SILENCE_LIMIT);
-            let ack_wait = async {
-                match ack_deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let grace_over = async {
-                match lost_at {
-                    Some(at) => tokio::time::sleep_until(at + self.link.reconnect_grace).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let incoming = async {
-                match conn.as_mut() {
-                    Some(open) => open.next_event().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let dialled = async {
-                match redial.as_mut() {
-                    Some(future) => future.await,
-                    None => std::future::pending().await,
-                }
-            };
+            let room = or_pending(
+                outbox
+                    .as_ref()
+                    .filter(|_| to_send)
+                    .map(|outbox| room(outbox, send_at)),
+            );
+            let deadline = or_pending(
+                session
+                    .poll_timeout()
+                    .map(|at| tokio::time::sleep_until(tokio::time::Instant::from_std(at))),
+            );
+            let incoming = or_pending(conn.as_mut().map(Conn::next_event));
+            let dialled = or_pending(redial.as_mut());
             tokio::select! {
                 permit = room => {
                     let Some(open) = conn.as_ref() else { continue };
-                    let next = next_frames(open.codec, &mut spool, &job_id, &mut notice, status.as_ref(), status_sent);
-                    let (messages, is_status) = match next {
-                        Ok(Some(next)) => next,
-                        Ok(None) => continue,
-                        Err(error) => break Err(error),
-                    };
-                    let mut messages = messages.into_iter();
-                    if let Some(first) = messages.next() {
-                        permit.send(first);
-                    }
-                    let mut queued = Ok(());
-                    for message in messages {
-                        // A batch JSON escaping made larger than a frame goes as more frames.
-                        queued = open.queue(message, "LOGS").await;
-                        if queued.is_err() {
-                            break;
-                        }
+                    if let Err(error) = send_next(&mut session, &mut spool, open, permit, &job_id).await {
+                        break Err(error);
                     }
                     if !spool.has_unsent() {
                         unsent_since = None;
                     }
-                    if let Err(error) = queued {
-                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
-                        status_sent = false;
-                        ack_deadline = None;
-                    } else if is_status {
-                        status_sent = true;
-                        ack_deadline = Some(tokio::time::Instant::now() + FINAL_ACK_WAIT);
-                    }
                 }
                 item = output_rx.recv(), if output_open && !backlogged => {
-                    let mut item = item;
-                    let mut taken = 0;
-                    let mut spool_error = None;
-                    loop {
-                        match item {
-                            Some(Output::Line(stream, text)) => {
-                                if let Err(error) = intake(&mut pieces, &redactor, &mut spool, stream, text, false) {
-                                    spool_error = Some(error);
-                                    break;
-                                }
-                            }
-                            Some(Output::Lines(stream, texts, clean)) => {
-                                taken += texts.len().saturating_sub(1);
-                                if let Some(error) = texts
-                                    .into_iter()
-                                    .find_map(|text| intake(&mut pieces, &redactor, &mut spool, stream, text, clean).err())
-                                {
-                                    spool_error = Some(error);
-                                    break;
-                                }
-                            }
-                            Some(Output::Finished(report)) => {
-                                // A line still held back (its process ended mid-line) goes first.
-                                for (stream, text) in pieces.drain(&redactor) {
-                                    let _ = spool_piece(&mut spool, stream, text, false);
-                                }
-                                let _ = spool.close_dropped();
-                                let seq = spool.last_seq() + 1;
-                                status = Some((
-                                    Message::Status(Status {
-                                        job_id: job_id.clone(),
-                                        state: report.state,
-                                        exit_code: report.exit_code,
-                                        artifact_url: report.artifact_url.clone(),
-                                        digest: report.digest.clone(),
-                                        error: report.error.as_deref().map(|e| redactor.scrub(e)),
-                                        never_ran: report.never_ran,
-                                        seq: Some(seq),
-                                    }),
-                                    seq,
-                                ));
+                    let taken = take_output(item, &mut output_rx, &mut pieces, &redactor, &mut spool);
+                    match taken {
+                        Ok(Taken { report, closed }) => {
+                            if let Some(report) = report {
+                                session.handle_finished(status_of(&job_id, &report, &redactor, &spool));
                                 final_report = Some(report);
                             }
-                            None => {
-                                output_open = false;
-                                break;
-                            }
+                            output_open = !closed;
                         }
-                        taken += 1;
-                        if taken >= PIECES_PER_TURN {
-                            break;
-                        }
-                        match output_rx.try_recv() {
-                            Ok(next) => item = Some(next),
-                            Err(_) => break,
-                        }
-                    }
-                    if let Some(error) = spool_error.or_else(|| spool.flush().err()) {
-                        break Err(anyhow!(error).context("writing the log spool"));
-                    }
-                    if unsent_since.is_none() && spool.has_unsent() {
-                        unsent_since = Some(tokio::time::Instant::now());
+                        Err(error) => break Err(error),
                     }
                     if !output_open && final_report.is_none() {
                         break Err(anyhow!("the job task ended without a report"));
                     }
                 }
                 event = incoming => {
-                    let frame = match event {
-                        ConnEvent::Frame(frame) => frame,
-                        ConnEvent::WriterStopped(error) => {
-                            self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error.context("sending to the core"));
-                            status_sent = false;
-                            ack_deadline = None;
-                            continue;
-                        }
-                    };
-                    last_heard = tokio::time::Instant::now();
-                    let broken = match frame {
-                        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame) {
-                            Ok(Message::Ack(ack)) => {
-                                if status.as_ref().is_some_and(|(_, s)| ack.seq >= *s) && status_sent {
-                                    break Ok(());
-                                }
-                                if let Err(error) = spool.ack(ack.seq) {
-                                    break Err(anyhow!(error).context("trimming the log spool"));
-                                }
-                                None
-                            }
-                            Ok(Message::Cancel(cancel_frame)) => {
-                                tracing::info!(reason = ?cancel_frame.reason, "core cancelled the job");
-                                cancel.cancel();
-                                None
-                            }
-                            Ok(Message::Heartbeat(_)) => None,
-                            Ok(other) => {
-                                tracing::warn!(frame = other.type_name(), "ignoring unexpected frame from the core");
-                                None
-                            }
-                            Err(error) => {
-                                tracing::warn!("ignoring malformed frame from the core: {error}");
-                                None
-                            }
-                        },
-                        Some(Ok(WsMessage::Close(frame))) => {
-                            if frame.as_ref().is_some_and(|f| u16::from(f.code) == 1008) {
-                                // A protocol violation: dialling again would repeat it.
-                                break Err(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())));
-                            }
-                            Some(anyhow!("core closed the connection: {}", close_reason(frame.as_ref())))
-                        }
-                        Some(Ok(_)) => None,
-                        Some(Err(error)) => Some(anyhow!(error).context("connection to the core failed")),
-                        None => Some(anyhow!("connection to the core ended")),
-                    };
-                    if let Some(error) = broken {
-                        self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, error);
-                        status_sent = false;
-                        ack_deadline = None;
+                    if let Err(error) = on_incoming(&mut session, event) {
+                        break Err(error);
                     }
                 }
                 dialled = dialled => {
                     redial = None;
                     match dialled {
                         Ok((open, stored)) => {
-                            let down = lost_at.take().map(|at| at.elapsed()).unwrap_or_default();
+                            let down = session.disconnected_since().map(|at| at.elapsed()).unwrap_or_default();
                             tracing::info!(stored_seq = stored, spooled = spool.last_seq(), "reconnected to the core after {down:?}; resending from the stored position");
-                            if let Err(error) = spool.rewind(stored) {
-                                break Err(anyhow!(error).context("rewinding the log spool"));
-                            }
                             *conn = Some(open);
-                            // Before any line: the core may never have read it.
-                            notice.clone_from(&relayed);
-                            unsent_since = spool.has_unsent().then(tokio::time::Instant::now);
-                            last_heard = tokio::time::Instant::now();
-                            heartbeat.reset();
-                            if status.as_ref().is_some_and(|(_, s)| stored >= *s) {
-                                // The core stored the STATUS before the drop.
-                                break Ok(());
-                            }
+                            session.handle_resumed(now(), stored);
+                            unsent_since = None;
                         }
                         Err(error) => break Err(error),
                     }
                 }
-                notice_now = &mut spot_watch, if !interrupted => {
-                    interrupted = true;
+                notice_now = &mut spot_watch, if !session.is_interrupted() => {
                     tracing::warn!(action = %notice_now.action, time = ?notice_now.time, "spot interruption notice: telling the core");
-                    notice = Some(Message::Interruption(Interruption {
+                    session.handle_interruption(Interruption {
                         job_id: job_id.clone(),
                         action: notice_now.action,
                         time: notice_now.time,
-                    }));
-                    relayed.clone_from(&notice);
+                    });
                 }
-                _ = heartbeat.tick(), if connected => {
-                    let frame = Message::Heartbeat(Heartbeat { job_id: Some(job_id.clone()) });
-                    if let Some(open) = conn.as_ref() {
-                        // A full outbox means frames are flowing: the core hears the agent
-                        // anyway. A stopped writer is reported by the connection.
-                        let _ = open.outbox.try_send(ws_message(open.codec, &frame));
+                () = deadline => {
+                    if let Err(error) = session.handle_timeout(now()) {
+                        break Err(anyhow!(error));
                     }
-                }
-                () = silence, if connected => {
-                    self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, anyhow!("no frame from the core for {CORE_SILENCE_LIMIT:?}"));
-                    status_sent = false;
-                    ack_deadline = None;
-                }
-                () = ack_wait, if connected => {
-                    self.lost(conn, &mut redial, &mut lost_at, &spool, &job_id, attempt, anyhow!("the core did not acknowledge STATUS within {FINAL_ACK_WAIT:?}"));
-                    status_sent = false;
-                    ack_deadline = None;
-                }
-                () = grace_over => {
-                    break Err(anyhow!(
-                        "the core could not be reached again within {:?} (reconnect grace); the build was stopped",
-                        self.link.reconnect_grace
-                    ));
                 }
                 () = self.shutdown.cancelled(), if !cancel.is_cancelled() => {
-                    // Stopped from outside (the machine shuts down) with no CANCEL from the
-                    // core: the build did not fail, so the core is told before anything
-                    // else and runs the job again elsewhere. A job that already reported
-                    // only finishes delivering that.
-                    if status.is_none() && !interrupted {
-                        tracing::warn!("shutting down mid-job: telling the core, cancelling the job");
-                        interrupted = true;
-                        notice = Some(Message::Interruption(Interruption {
-                            job_id: job_id.clone(),
-                            action: stagely_protocol::SHUTDOWN_ACTION.into(),
-                            time: None,
-                        }));
-                        relayed.clone_from(&notice);
-                    } else {
-                        tracing::info!("shutting down: cancelling the job");
-                    }
+                    stopped_from_outside(&mut session);
                     cancel.cancel();
                 }
             }
         };
-
         // Whatever happened, no build outlives the job. Dropping the receiver first unblocks
         // a job task waiting on a full channel (its sends now fail and are ignored).
         cancel.cancel();
@@ -915,38 +698,281 @@ impl JobLink<'_> {
         final_report.ok_or_else(|| anyhow!("the job ended without a report"))
     }
 
-    /// The connection broke: drop it and start dialling again (the build goes on).
-    #[allow(clippy::too_many_arguments)]
-    fn lost(
+    /// Acts on what the session decided: trims or rewinds the spool, drops a dead connection
+    /// and dials again, stops the build. `Ok(true)` once the STATUS is stored.
+    fn act_on(
         &self,
+        session: &mut AgentSession,
+        spool: &mut crate::spool::Spool,
         conn: &mut Option<Conn>,
         redial: &mut Option<Redial>,
-        lost_at: &mut Option<tokio::time::Instant>,
-        spool: &crate::spool::Spool,
-        job_id: &str,
-        attempt: Option<u32>,
-        error: anyhow::Error,
-    ) {
-        tracing::warn!(
-            acked_seq = spool.acked(),
-            spooled = spool.last_seq(),
-            "the connection to the core dropped ({error:#}); the build goes on and the agent dials again for up to {:?}",
-            self.link.reconnect_grace
-        );
-        *conn = None;
-        let at = *lost_at.get_or_insert_with(tokio::time::Instant::now);
-        let hello = Hello {
-            job_id: Some(job_id.to_string()),
-            attempt,
-            acked_seq: Some(spool.acked()),
-            ..self.hello.clone()
-        };
-        *redial = Some(Box::pin(resume(
-            self.link.dialer.clone(),
-            hello,
-            at + self.link.reconnect_grace,
-        )));
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        while let Some(event) = session.poll_event() {
+            match event {
+                AgentEvent::Acked { seq } => spool.ack(seq).context("trimming the log spool")?,
+                AgentEvent::Rewind { seq } => {
+                    spool.rewind(seq).context("rewinding the log spool")?;
+                }
+                AgentEvent::Redial { hello, reason } => {
+                    tracing::warn!(
+                        acked_seq = spool.acked(),
+                        spooled = spool.last_seq(),
+                        "the connection to the core dropped ({reason}); the build goes on and the agent dials again for up to {:?}",
+                        self.link.reconnect_grace
+                    );
+                    *conn = None;
+                    let since = session.disconnected_since().unwrap_or_else(now);
+                    *redial = Some(Box::pin(resume(
+                        self.link.dialer.clone(),
+                        *hello,
+                        tokio::time::Instant::from_std(since + self.link.reconnect_grace),
+                    )));
+                }
+                AgentEvent::CancelJob { reason } => {
+                    tracing::info!(?reason, "core cancelled the job");
+                    cancel.cancel();
+                }
+                AgentEvent::Done => return Ok(true),
+            }
+        }
+        Ok(false)
     }
+}
+
+/// The agent's clock, as the session takes it (tokio's, so paused test time applies).
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// The machine shuts down mid-job with no CANCEL from the core: the build did not fail, so
+/// the core is told before anything else and runs the job again elsewhere. A job that already
+/// reported only finishes delivering that. (The caller cancels the build.)
+fn stopped_from_outside(session: &mut AgentSession) {
+    if !session.has_status() && !session.is_interrupted() {
+        tracing::warn!("shutting down mid-job: telling the core, cancelling the job");
+        let job_id = session.job_id().to_string();
+        session.handle_interruption(Interruption {
+            job_id,
+            action: stagely_protocol::SHUTDOWN_ACTION.into(),
+            time: None,
+        });
+    } else {
+        tracing::info!("shutting down: cancelling the job");
+    }
+}
+
+/// `future`'s output, or never when there is none (a `select!` arm that is off).
+async fn or_pending<F: std::future::Future>(future: Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A free place in the writer's queue, taken at `send_at` at the earliest; never when the
+/// writer stopped (the connection reports why).
+async fn room(
+    outbox: &mpsc::Sender<WsMessage>,
+    send_at: Option<tokio::time::Instant>,
+) -> mpsc::Permit<'_, WsMessage> {
+    if let Some(at) = send_at {
+        tokio::time::sleep_until(at).await;
+    }
+    match outbox.reserve().await {
+        Ok(permit) => permit,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Starts the job's build or merge in its own task: its output comes through the channel
+/// returned, ending with its report; `cancel` stops it.
+fn start_job(
+    work: Message,
+    env: JobEnvironment,
+    redactor: std::sync::Arc<Redactor>,
+    cancel: CancellationToken,
+) -> (mpsc::Receiver<Output>, tokio::task::JoinHandle<()>) {
+    let (output_tx, output_rx) = mpsc::channel::<Output>(OUTPUT_BUFFER);
+    let job_task = tokio::spawn(async move {
+        let sink = OutputSink::new(output_tx.clone()).masked_by(redactor);
+        let report = match &work {
+            Message::Build(build) => job::run_build(build, &env, &sink, &cancel).await,
+            Message::Merge(merge) => job::run_merge(merge, &env, &sink, &cancel).await,
+            _ => unreachable_report(),
+        };
+        let _ = output_tx.send(Output::Finished(report)).await;
+    });
+    (output_rx, job_task)
+}
+
+/// Whether the writer has something to take, and when (`None`: as soon as it has room): the
+/// session's own frames (a notice, a heartbeat, the STATUS) and a full frame of lines at once,
+/// a partial frame once it has lingered [`LOG_LINGER`] since `unsent_since`.
+fn send_time(
+    session: &AgentSession,
+    spool: &crate::spool::Spool,
+    unsent_since: Option<tokio::time::Instant>,
+) -> (bool, Option<tokio::time::Instant>) {
+    let (unsent_lines, unsent_bytes) = spool.unsent();
+    let session_frame = session.wants_to_send(unsent_lines > 0);
+    let to_send = session_frame || unsent_lines > 0;
+    let at = if session_frame
+        || session.has_status()
+        || unsent_lines >= MAX_LINES_PER_FRAME as u64
+        || unsent_bytes >= MAX_FRAME_DATA_BYTES as u64
+    {
+        None
+    } else {
+        unsent_since.map(|since| since + LOG_LINGER)
+    };
+    (to_send, at)
+}
+
+/// Fills the writer's free place (`permit`): the session's next frame, else the next LOGS
+/// frame(s) from the spool. A connection that cannot take the rest is reported lost.
+async fn send_next(
+    session: &mut AgentSession,
+    spool: &mut crate::spool::Spool,
+    open: &Conn,
+    permit: mpsc::Permit<'_, WsMessage>,
+    job_id: &str,
+) -> anyhow::Result<()> {
+    if let Some(frame) = session.poll_frame(now(), spool.has_unsent()) {
+        permit.send(ws_message(open.codec, &frame));
+        return Ok(());
+    }
+    let Some(messages) = next_lines(open.codec, spool, job_id)? else {
+        return Ok(());
+    };
+    let mut messages = messages.into_iter();
+    if let Some(first) = messages.next() {
+        permit.send(first);
+    }
+    for message in messages {
+        // A batch JSON escaping made larger than a frame goes as more frames.
+        if let Err(error) = open.queue(message, "LOGS").await {
+            session.handle_lost(now(), format!("{error:#}"));
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What [`take_output`] took from the job: its report when it ended, and whether its output
+/// channel closed.
+struct Taken {
+    report: Option<Report>,
+    closed: bool,
+}
+
+/// Takes the job's output (`first` and what else is ready, up to [`PIECES_PER_TURN`]):
+/// masked, cut where a line is too long, spooled, the spool flushed.
+fn take_output(
+    first: Option<Output>,
+    output_rx: &mut mpsc::Receiver<Output>,
+    pieces: &mut LinePieces,
+    redactor: &Redactor,
+    spool: &mut crate::spool::Spool,
+) -> anyhow::Result<Taken> {
+    let mut item = first;
+    let mut taken = 0;
+    let mut report = None;
+    let mut closed = false;
+    loop {
+        match item {
+            Some(Output::Line(stream, text)) => {
+                intake(pieces, redactor, spool, stream, text, false)
+                    .context("writing the log spool")?;
+            }
+            Some(Output::Lines(stream, texts, clean)) => {
+                taken += texts.len().saturating_sub(1);
+                for text in texts {
+                    intake(pieces, redactor, spool, stream, text, clean)
+                        .context("writing the log spool")?;
+                }
+            }
+            Some(Output::Finished(ended)) => {
+                // A line still held back (its process ended mid-line) goes first.
+                for (stream, text) in pieces.drain(redactor) {
+                    let _ = spool_piece(spool, stream, text, false);
+                }
+                let _ = spool.close_dropped();
+                report = Some(ended);
+            }
+            None => {
+                closed = true;
+                break;
+            }
+        }
+        taken += 1;
+        if taken >= PIECES_PER_TURN {
+            break;
+        }
+        match output_rx.try_recv() {
+            Ok(next) => item = Some(next),
+            Err(_) => break,
+        }
+    }
+    spool.flush().context("writing the log spool")?;
+    Ok(Taken { report, closed })
+}
+
+/// The job's STATUS from its report: after the last spooled line, its error masked.
+fn status_of(
+    job_id: &str,
+    report: &Report,
+    redactor: &Redactor,
+    spool: &crate::spool::Spool,
+) -> Status {
+    Status {
+        job_id: job_id.to_string(),
+        state: report.state,
+        exit_code: report.exit_code,
+        artifact_url: report.artifact_url.clone(),
+        digest: report.digest.clone(),
+        error: report.error.as_deref().map(|e| redactor.scrub(e)),
+        never_ran: report.never_ran,
+        seq: Some(spool.last_seq() + 1),
+    }
+}
+
+/// Hands what the connection yielded to the session: a frame, or the news that it broke.
+/// `Err` only when the core closed it for a protocol violation (dialling again would repeat
+/// it).
+fn on_incoming(session: &mut AgentSession, event: ConnEvent) -> anyhow::Result<()> {
+    let at = now();
+    let frame = match event {
+        ConnEvent::Frame(frame) => frame,
+        ConnEvent::WriterStopped(error) => {
+            session.handle_lost(at, format!("{:#}", error.context("sending to the core")));
+            return Ok(());
+        }
+    };
+    session.handle_heard(at);
+    match frame {
+        Some(Ok(frame @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => match decode_ws(&frame) {
+            Ok(message) => {
+                if let Err(error) = session.handle_frame(at, message) {
+                    tracing::warn!("{error}");
+                }
+            }
+            Err(error) => tracing::warn!("ignoring malformed frame from the core: {error}"),
+        },
+        Some(Ok(WsMessage::Close(frame))) => {
+            let reason = close_reason(frame.as_ref());
+            if frame.as_ref().is_some_and(|f| u16::from(f.code) == 1008) {
+                bail!("core closed the connection: {reason}");
+            }
+            session.handle_lost(at, format!("core closed the connection: {reason}"));
+        }
+        Some(Ok(_)) => {}
+        Some(Err(error)) => {
+            session.handle_lost(at, format!("connection to the core failed: {error}"))
+        }
+        None => session.handle_lost(at, "connection to the core ended"),
+    }
+    Ok(())
 }
 
 /// A file-name-safe form of a job id.
@@ -996,21 +1022,13 @@ fn spool_piece(
     })
 }
 
-/// The next frame(s) for the writer, by priority: a pending interruption notice; the spooled
-/// lines not yet handed over (as many as one frame takes: a quiet build's line goes alone, a
-/// chatty build's go thousands to a frame); the STATUS once every line before it is out.
-/// The flag says the frame is the STATUS. `None`: nothing to send.
-fn next_frames(
+/// The next LOGS frame(s) of spooled lines not yet sent (more than one when JSON escaping
+/// makes a batch larger than a frame), if any.
+fn next_lines(
     codec: Codec,
     spool: &mut crate::spool::Spool,
     job_id: &str,
-    notice: &mut Option<Message>,
-    status: Option<&(Message, u64)>,
-    status_sent: bool,
-) -> anyhow::Result<Option<(Vec<WsMessage>, bool)>> {
-    if let Some(frame) = notice.take() {
-        return Ok(Some((vec![ws_message(codec, &frame)], false)));
-    }
+) -> anyhow::Result<Option<Vec<WsMessage>>> {
     let mut lines = Vec::new();
     let mut first = None;
     let mut bytes = 0;
@@ -1026,13 +1044,7 @@ fn next_frames(
             continued: record.continued,
         });
     }
-    if let Some(first) = first {
-        return Ok(Some((logs_frames(codec, job_id, first, lines), false)));
-    }
-    match status {
-        Some((frame, _)) if !status_sent => Ok(Some((vec![ws_message(codec, frame)], true))),
-        _ => Ok(None),
-    }
+    Ok(first.map(|first| logs_frames(codec, job_id, first, lines)))
 }
 
 /// `LOGS` frames for consecutive lines from `first`: one, unless encoding (JSON escaping)

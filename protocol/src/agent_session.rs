@@ -158,6 +158,14 @@ impl AgentSession {
         self.acked
     }
 
+    /// Since when no connection is open (while the driver dials).
+    pub fn disconnected_since(&self) -> Option<Instant> {
+        match self.link {
+            Link::Lost { since } => Some(since),
+            _ => None,
+        }
+    }
+
     pub fn is_connected(&self) -> bool {
         matches!(self.link, Link::Connected { .. })
     }
