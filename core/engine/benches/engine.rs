@@ -47,8 +47,8 @@ fn drain(engine: &mut Engine, now: Timestamp) -> Vec<Action> {
         if let Action::Claim { claims, .. } = &action {
             let won = claims.iter().map(|c| c.job_id.clone()).collect();
             done.push(action.clone());
-            let _ = engine.handle(
-                Input::Claimed {
+            engine.handle(
+                Event::Claimed {
                     won,
                     lost: Vec::new(),
                 },
@@ -86,21 +86,21 @@ fn main() {
         let mut now = Timestamp(1_000_000);
         // N-1 live jobs, agents connected.
         for index in 0..level.saturating_sub(1) {
-            let _ = engine.handle(Input::Load(run(index, now.millis())), now);
+            engine.handle(Event::Load(run(index, now.millis())), now);
             for action in drain(&mut engine, now) {
                 if let Action::CreateInstance {
                     job_id, attempt, ..
                 } = action
                 {
-                    let _ = engine.handle(
-                        Input::InstanceCreated {
+                    engine.handle(
+                        Event::InstanceCreated {
                             job_id: job_id.clone(),
                             attempt,
                             instance_id: format!("i-{index}"),
                         },
                         now,
                     );
-                    let _ = engine.handle(Input::AgentConnected { job_id, attempt }, now);
+                    engine.handle(Event::AgentConnected { job_id, attempt }, now);
                     drain(&mut engine, now);
                 }
             }
@@ -111,9 +111,9 @@ fn main() {
             let index = 1_000_000 + probe;
             let snapshot = run(index, now.millis());
             let job_id = snapshot.jobs[0].id.clone();
-            let mut timed = |slot: usize, engine: &mut Engine, input: Input| -> Vec<Action> {
+            let mut timed = |slot: usize, engine: &mut Engine, input: Event| -> Vec<Action> {
                 let start = Instant::now();
-                let _ = engine.handle(input, now);
+                engine.handle(input, now);
                 let mut actions = Vec::new();
                 while let Some(action) = engine.poll_action() {
                     actions.push(action);
@@ -122,7 +122,7 @@ fn main() {
                 per_input[slot].push(start.elapsed().as_secs_f64() * 1e6);
                 actions
             };
-            let actions = timed(0, &mut engine, Input::Load(snapshot));
+            let actions = timed(0, &mut engine, Event::Load(snapshot));
             let won = actions
                 .iter()
                 .filter_map(|a| match a {
@@ -134,7 +134,7 @@ fn main() {
             timed(
                 1,
                 &mut engine,
-                Input::Claimed {
+                Event::Claimed {
                     won,
                     lost: Vec::new(),
                 },
@@ -142,7 +142,7 @@ fn main() {
             timed(
                 2,
                 &mut engine,
-                Input::InstanceCreated {
+                Event::InstanceCreated {
                     job_id: job_id.clone(),
                     attempt: 1,
                     instance_id: format!("i-{index}"),
@@ -151,7 +151,7 @@ fn main() {
             timed(
                 3,
                 &mut engine,
-                Input::AgentConnected {
+                Event::AgentConnected {
                     job_id: job_id.clone(),
                     attempt: 1,
                 },
@@ -159,7 +159,7 @@ fn main() {
             timed(
                 4,
                 &mut engine,
-                Input::Finished {
+                Event::Finished {
                     job_id,
                     attempt: 1,
                     outcome: AttemptOutcome::Completed {
@@ -186,7 +186,7 @@ fn main() {
         for _ in 0..20 {
             let snapshots = live.clone();
             let start = Instant::now();
-            let _ = engine.handle(Input::Sync(snapshots), now);
+            engine.handle(Event::Sync(snapshots), now);
             while engine.poll_action().is_some() {}
             syncs.push(start.elapsed().as_secs_f64() * 1e6);
         }

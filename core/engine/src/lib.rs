@@ -10,11 +10,11 @@
 //! `poll_timeout`.
 //!
 //! Architecture invariant: the database is the truth. The engine's view is loaded from it
-//! ([`Input::Load`]) at start, after every conflict and periodically (other replicas change
+//! ([`Event::Load`]) at start, after every conflict and periodically (other replicas change
 //! it), and every change the engine makes is emitted as a [`Transition`] the runner writes with
 //! a guarded `UPDATE` (expected status, attempt and lease owner). A claim is the one
 //! round-trip: the engine asks ([`Action::Claim`]), the store decides atomically which claims
-//! won ([`Input::Claimed`]), and only a won claim gets an instance.
+//! won ([`Event::Claimed`]), and only a won claim gets an instance.
 //!
 //! Rules (each unit-tested in `tests.rs`, and property-tested):
 //! - Dependencies: a build job is eligible at once; a merge job when every source completed.
@@ -109,9 +109,26 @@ pub const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 /// terminated regardless.
 pub const STOP_MARGIN: Duration = Duration::from_secs(10);
 
-/// What the engine is told.
+/// What a caller asks of the engine. A command may be illegal in the current state (cancelling
+/// a finished run): [`Engine::command`] then answers a [`CommandError`] for the caller to act on.
 #[derive(Debug, Clone)]
-pub enum Input {
+pub enum Command {
+    /// A run the API just stored: its jobs are eligible now.
+    Submit(RunSnapshot),
+    /// `POST /api/v1/workflows/{id}/cancel`, or a newer run superseding it.
+    Cancel {
+        run_id: String,
+        reason: CancelReason,
+    },
+    /// SIGTERM: stop claiming, hand this core's live jobs back.
+    Drain,
+}
+
+/// What happened: the store's facts, the provider's and the agents'. An event is never
+/// refused ([`Engine::handle`] returns nothing): one that no longer applies (an attempt that
+/// already ended) changes nothing.
+#[derive(Debug, Clone)]
+pub enum Event {
     /// A run as stored: at start, after submission, after a conflict, on each sync.
     Load(RunSnapshot),
     /// A run is gone from the store's unfinished set (finished elsewhere): forget it.
@@ -119,13 +136,6 @@ pub enum Input {
     /// Every unfinished run, as stored (the periodic re-read): runs not in it are unloaded,
     /// the rest loaded, and the rules applied once over all of them.
     Sync(Vec<RunSnapshot>),
-    /// `POST /api/v1/workflows/{id}/cancel`, supersede.
-    Cancel {
-        run_id: String,
-        reason: CancelReason,
-    },
-    /// SIGTERM: stop claiming, hand this core's live jobs back.
-    Drain,
     /// The store's answer to [`Action::Claim`].
     Claimed { won: Vec<String>, lost: Vec<String> },
     /// The provider created the attempt's instance.
@@ -365,7 +375,7 @@ impl JobEnd {
 pub enum Action {
     Persist(Transition),
     /// Claim these jobs for this core (guarded, atomic, within the limits); answer with
-    /// [`Input::Claimed`].
+    /// [`Event::Claimed`].
     Claim {
         claims: Vec<Claim>,
         lease_until: Timestamp,
@@ -397,7 +407,7 @@ pub enum Action {
         attempt: u32,
     },
     /// Ask the provider whether the attempt's instance still runs; answer with
-    /// [`Input::InstanceGone`] when it does not (nothing when it does).
+    /// [`Event::InstanceGone`] when it does not (nothing when it does).
     CheckInstance {
         job_id: String,
         attempt: u32,
@@ -524,39 +534,35 @@ impl Engine {
     }
 
     /// Applies one input at `now`. Only commands can be refused.
-    pub fn handle(&mut self, input: Input, now: Timestamp) -> Result<(), CommandError> {
-        match &input {
-            Input::Load(snapshot) => {
+    pub fn handle(&mut self, event: Event, now: Timestamp) {
+        match &event {
+            Event::Load(snapshot) => {
                 self.dirty.insert(snapshot.id.clone());
             }
-            Input::Cancel { run_id, .. } => {
-                self.dirty.insert(run_id.clone());
-            }
-            Input::Unload { .. } => {}
+            Event::Unload { .. } => {}
             // A sync marks the runs it changed (in `load`).
-            Input::Sync(_) => {}
-            Input::Drain => self.step_all = true,
-            Input::Claimed { won, lost } => {
+            Event::Sync(_) => {}
+            Event::Claimed { won, lost } => {
                 for id in won.iter().chain(lost) {
                     self.touch(id);
                 }
             }
-            Input::InstanceCreated { job_id, .. }
-            | Input::InstanceFailed { job_id, .. }
-            | Input::AgentConnected { job_id, .. }
-            | Input::AdoptionRefused { job_id, .. }
-            | Input::HandoverFailed { job_id, .. }
-            | Input::InstanceGone { job_id, .. }
-            | Input::AgentAway { job_id, .. }
-            | Input::AgentBack { job_id, .. }
-            | Input::Finished { job_id, .. } => self.touch(job_id),
+            Event::InstanceCreated { job_id, .. }
+            | Event::InstanceFailed { job_id, .. }
+            | Event::AgentConnected { job_id, .. }
+            | Event::AdoptionRefused { job_id, .. }
+            | Event::HandoverFailed { job_id, .. }
+            | Event::InstanceGone { job_id, .. }
+            | Event::AgentAway { job_id, .. }
+            | Event::AgentBack { job_id, .. }
+            | Event::Finished { job_id, .. } => self.touch(job_id),
         }
-        match input {
-            Input::Load(snapshot) => {
+        match event {
+            Event::Load(snapshot) => {
                 self.load(snapshot, now);
             }
-            Input::Unload { run_id } => self.unload(&run_id),
-            Input::Sync(snapshots) => {
+            Event::Unload { run_id } => self.unload(&run_id),
+            Event::Sync(snapshots) => {
                 let fresh: HashSet<&str> = snapshots.iter().map(|run| run.id.as_str()).collect();
                 let gone: Vec<String> = self
                     .runs
@@ -576,7 +582,97 @@ impl Engine {
                     }
                 }
             }
-            Input::Cancel { run_id, reason } => {
+            Event::Claimed { won, lost } => self.claimed(won, lost, now),
+            Event::InstanceCreated {
+                job_id,
+                attempt,
+                instance_id,
+            } => self.instance_created(&job_id, attempt, instance_id, now),
+            Event::InstanceFailed {
+                job_id,
+                attempt,
+                message,
+                retryable,
+            } => {
+                if self.is_current_own(&job_id, attempt) {
+                    let kind = if retryable {
+                        InfraKind::Provider
+                    } else {
+                        InfraKind::ProviderRejected
+                    };
+                    self.end_attempt(
+                        &job_id,
+                        AttemptOutcome::Infrastructure { kind, message },
+                        now,
+                    );
+                }
+            }
+            Event::AgentConnected { job_id, attempt } => {
+                self.agent_connected(&job_id, attempt, now)
+            }
+            Event::AdoptionRefused { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(job) = self.jobs.get_mut(&job_id)
+                    && job
+                        .local
+                        .as_ref()
+                        .is_some_and(|local| local.adopted_from.is_some())
+                {
+                    job.local = None;
+                }
+            }
+            Event::HandoverFailed { job_id, attempt } => self.handover_failed(&job_id, attempt),
+            Event::InstanceGone {
+                job_id,
+                attempt,
+                detail,
+            } => self.instance_gone(&job_id, attempt, &detail, now),
+            Event::AgentAway { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
+                    && local.connected
+                    && !local.away
+                {
+                    // Asked at once: a dead instance is the likeliest reason for a drop that
+                    // lasts, and the answer is cheap.
+                    local.away = true;
+                    self.check_instance(&job_id, now);
+                }
+            }
+            Event::AgentBack { job_id, attempt } => {
+                if self.is_current_own(&job_id, attempt)
+                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
+                    && local.away
+                {
+                    local.away = false;
+                    local.next_liveness_check = None;
+                }
+            }
+            Event::Finished {
+                job_id,
+                attempt,
+                outcome,
+            } => {
+                if self.is_current_own(&job_id, attempt) {
+                    self.end_attempt(&job_id, outcome, now);
+                }
+            }
+        }
+        self.step(now);
+    }
+
+    /// Carries out a caller's command, or says why it cannot be (the caller answers it: `404`,
+    /// `409`). A command that is refused changes nothing.
+    pub fn command(&mut self, command: Command, now: Timestamp) -> Result<(), CommandError> {
+        match command {
+            Command::Submit(snapshot) => {
+                // A sync may have loaded it (and claimed its jobs) already: the engine keeps
+                // its newer view of those (attempts and run statuses only move forward).
+                self.dirty.insert(snapshot.id.clone());
+                self.load(snapshot, now);
+            }
+            Command::Cancel { run_id, reason } => {
+                self.dirty.insert(run_id.clone());
                 let run = self
                     .runs
                     .get_mut(&run_id)
@@ -596,81 +692,9 @@ impl Engine {
                         }));
                 }
             }
-            Input::Drain => self.drain(now),
-            Input::Claimed { won, lost } => self.claimed(won, lost, now),
-            Input::InstanceCreated {
-                job_id,
-                attempt,
-                instance_id,
-            } => self.instance_created(&job_id, attempt, instance_id, now),
-            Input::InstanceFailed {
-                job_id,
-                attempt,
-                message,
-                retryable,
-            } => {
-                if self.is_current_own(&job_id, attempt) {
-                    let kind = if retryable {
-                        InfraKind::Provider
-                    } else {
-                        InfraKind::ProviderRejected
-                    };
-                    self.end_attempt(
-                        &job_id,
-                        AttemptOutcome::Infrastructure { kind, message },
-                        now,
-                    );
-                }
-            }
-            Input::AgentConnected { job_id, attempt } => {
-                self.agent_connected(&job_id, attempt, now)
-            }
-            Input::AdoptionRefused { job_id, attempt } => {
-                if self.is_current_own(&job_id, attempt)
-                    && let Some(job) = self.jobs.get_mut(&job_id)
-                    && job
-                        .local
-                        .as_ref()
-                        .is_some_and(|local| local.adopted_from.is_some())
-                {
-                    job.local = None;
-                }
-            }
-            Input::HandoverFailed { job_id, attempt } => self.handover_failed(&job_id, attempt),
-            Input::InstanceGone {
-                job_id,
-                attempt,
-                detail,
-            } => self.instance_gone(&job_id, attempt, &detail, now),
-            Input::AgentAway { job_id, attempt } => {
-                if self.is_current_own(&job_id, attempt)
-                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
-                    && local.connected
-                    && !local.away
-                {
-                    // Asked at once: a dead instance is the likeliest reason for a drop that
-                    // lasts, and the answer is cheap.
-                    local.away = true;
-                    self.check_instance(&job_id, now);
-                }
-            }
-            Input::AgentBack { job_id, attempt } => {
-                if self.is_current_own(&job_id, attempt)
-                    && let Some(local) = self.jobs.get_mut(&job_id).and_then(|j| j.local.as_mut())
-                    && local.away
-                {
-                    local.away = false;
-                    local.next_liveness_check = None;
-                }
-            }
-            Input::Finished {
-                job_id,
-                attempt,
-                outcome,
-            } => {
-                if self.is_current_own(&job_id, attempt) {
-                    self.end_attempt(&job_id, outcome, now);
-                }
+            Command::Drain => {
+                self.step_all = true;
+                self.drain(now);
             }
         }
         self.step(now);

@@ -139,7 +139,7 @@ impl World {
                 },
             );
         }
-        self.input(Input::Load(snapshot));
+        self.input(Event::Load(snapshot));
     }
 
     fn check_orphans(&mut self) {
@@ -150,8 +150,8 @@ impl World {
         }
     }
 
-    fn input(&mut self, input: Input) {
-        if let Input::InstanceCreated {
+    fn input(&mut self, input: Event) {
+        if let Event::InstanceCreated {
             job_id,
             attempt,
             instance_id,
@@ -160,9 +160,7 @@ impl World {
             self.instances
                 .insert((job_id.clone(), *attempt), instance_id.clone());
         }
-        self.engine
-            .handle(input, self.now)
-            .expect("an event is never refused");
+        self.engine.handle(input, self.now);
         self.pump();
     }
 
@@ -234,15 +232,11 @@ impl World {
                     }
                     let reload: BTreeSet<String> =
                         lost.iter().map(|id| self.jobs[id].run.clone()).collect();
-                    self.engine
-                        .handle(Input::Claimed { won, lost }, self.now)
-                        .expect("events are never refused");
+                    self.engine.handle(Event::Claimed { won, lost }, self.now);
                     // As the runner does: a lost claim means the view is stale.
                     for run_id in reload {
                         if let Some(snapshot) = self.stored_snapshot(&run_id) {
-                            self.engine
-                                .handle(Input::Load(snapshot), self.now)
-                                .expect("events are never refused");
+                            self.engine.handle(Event::Load(snapshot), self.now);
                         }
                     }
                 }
@@ -254,16 +248,14 @@ impl World {
                         let instance_id = self.new_instance();
                         self.instances
                             .insert((job_id.clone(), attempt), instance_id.clone());
-                        self.engine
-                            .handle(
-                                Input::InstanceCreated {
-                                    job_id,
-                                    attempt,
-                                    instance_id,
-                                },
-                                self.now,
-                            )
-                            .expect("events are never refused");
+                        self.engine.handle(
+                            Event::InstanceCreated {
+                                job_id,
+                                attempt,
+                                instance_id,
+                            },
+                            self.now,
+                        );
                     }
                 }
                 Action::SendWork {
@@ -478,12 +470,12 @@ fn live_attempt(world: &World, job: &str) -> u32 {
 fn boot(world: &mut World, job: &str) -> String {
     let attempt = live_attempt(world, job);
     let instance_id = world.new_instance();
-    world.input(Input::InstanceCreated {
+    world.input(Event::InstanceCreated {
         job_id: job.into(),
         attempt,
         instance_id: instance_id.clone(),
     });
-    world.input(Input::AgentConnected {
+    world.input(Event::AgentConnected {
         job_id: job.into(),
         attempt,
     });
@@ -492,7 +484,7 @@ fn boot(world: &mut World, job: &str) -> String {
 
 fn finish(world: &mut World, job: &str, outcome: AttemptOutcome) {
     let attempt = live_attempt(world, job);
-    world.input(Input::Finished {
+    world.input(Event::Finished {
         job_id: job.into(),
         attempt,
         outcome,
@@ -612,7 +604,7 @@ fn a_merge_falls_back_to_a_fresh_instance_when_the_last_builder_is_gone() {
     let instance_a = boot(&mut world, "a");
     finish(&mut world, "a", completed("a"));
     assert_eq!(world.status("merge"), JobStatus::Running);
-    world.input(Input::HandoverFailed {
+    world.input(Event::HandoverFailed {
         job_id: "merge".into(),
         attempt: 1,
     });
@@ -708,8 +700,8 @@ fn cancel_stops_everything_and_is_refused_for_unknown_or_finished_runs() {
     // `b`'s instance is still being created when the cancel arrives.
     world
         .engine
-        .handle(
-            Input::Cancel {
+        .command(
+            Command::Cancel {
                 run_id: "r1".into(),
                 reason: CancelReason::User { by: None },
             },
@@ -720,7 +712,7 @@ fn cancel_stops_everything_and_is_refused_for_unknown_or_finished_runs() {
     assert_eq!(world.runs["r1"].1, Some(CancelReason::User { by: None }));
     assert_eq!(world.cancels, [("a".to_string(), 1)]);
     // The instance that arrives after the cancel is terminated at once.
-    world.input(Input::InstanceCreated {
+    world.input(Event::InstanceCreated {
         job_id: "b".into(),
         attempt: 1,
         instance_id: "i-late".into(),
@@ -740,8 +732,8 @@ fn cancel_stops_everything_and_is_refused_for_unknown_or_finished_runs() {
         },
     );
     assert_eq!(world.run_status("r1"), RunStatus::Cancelled);
-    let again = world.engine.handle(
-        Input::Cancel {
+    let again = world.engine.command(
+        Command::Cancel {
             run_id: "r1".into(),
             reason: CancelReason::User { by: None },
         },
@@ -758,8 +750,8 @@ fn a_cancel_the_agent_ignores_ends_at_the_grace_with_the_instance_terminated() {
     let instance = boot(&mut world, "a");
     world
         .engine
-        .handle(
-            Input::Cancel {
+        .command(
+            Command::Cancel {
                 run_id: "r1".into(),
                 reason: CancelReason::Superseded { by: "r2".into() },
             },
@@ -781,7 +773,7 @@ fn a_provider_refusal_that_would_repeat_fails_the_job_at_once() {
     let mut world = World::new(config());
     world.submit(run("r1", "env", 1, vec![build("a")]));
     assert_eq!(live_attempt(&world, "a"), 1);
-    world.input(Input::InstanceFailed {
+    world.input(Event::InstanceFailed {
         job_id: "a".into(),
         attempt: 1,
         message: "RunInstances failed: InvalidAMIID.NotFound: the image id does not exist".into(),
@@ -815,7 +807,7 @@ fn infrastructure_failures_are_retried_with_backoff_until_the_limit() {
     assert_eq!(world.status("a"), JobStatus::Provisioning);
     assert_eq!(live_attempt(&world, "a"), 2);
     // The provider fails the second attempt: third attempt after 10 s.
-    world.input(Input::InstanceFailed {
+    world.input(Event::InstanceFailed {
         job_id: "a".into(),
         attempt: 2,
         message: "InsufficientInstanceCapacity".into(),
@@ -863,7 +855,7 @@ fn a_build_failure_is_never_retried() {
 fn an_agent_that_never_connects_hits_the_boot_timeout_and_is_retried() {
     let mut world = World::new(config());
     world.submit(run("r1", "env", 1, vec![build("a")]));
-    world.input(Input::InstanceCreated {
+    world.input(Event::InstanceCreated {
         job_id: "a".into(),
         attempt: 1,
         instance_id: "i-silent".into(),
@@ -973,7 +965,7 @@ fn load_foreign_running_since(world: &mut World, until: Timestamp, connected: Op
             attempt_message: None,
         },
     );
-    world.input(Input::Load(RunSnapshot {
+    world.input(Event::Load(RunSnapshot {
         status: RunStatus::Building,
         ..run("r2", "env2", 2, vec![foreign])
     }));
@@ -1036,7 +1028,7 @@ fn an_adopted_attempt_whose_agent_reconnects_resumes_and_completes() {
     world.advance(Duration::from_secs(1));
     assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
     world.advance(Duration::from_secs(60));
-    world.input(Input::AgentConnected {
+    world.input(Event::AgentConnected {
         job_id: "f".into(),
         attempt: 1,
     });
@@ -1062,7 +1054,7 @@ fn an_adopted_attempt_keeps_the_timeout_it_had_used_before_its_core_died() {
     world.advance(Duration::from_secs(1));
     assert_eq!(world.jobs["f"].owner.as_deref(), Some(OWNER));
     world.advance(Duration::from_secs(60));
-    world.input(Input::AgentConnected {
+    world.input(Event::AgentConnected {
         job_id: "f".into(),
         attempt: 1,
     });
@@ -1105,7 +1097,7 @@ fn an_adopted_attempt_whose_instance_is_gone_is_retried_at_once() {
         world.advance(LIVENESS_EVERY);
     }
     assert_eq!(world.checked.len(), 4, "{:?}", world.checked);
-    world.input(Input::InstanceGone {
+    world.input(Event::InstanceGone {
         job_id: "f".into(),
         attempt: 1,
         detail: "its agent (process 42) has exited".into(),
@@ -1151,7 +1143,7 @@ fn instance_gone_is_ignored_once_the_agent_is_back() {
     let now = world.now;
     load_foreign_running(&mut world, now);
     world.advance(Duration::from_secs(1));
-    world.input(Input::AgentConnected {
+    world.input(Event::AgentConnected {
         job_id: "f".into(),
         attempt: 1,
     });
@@ -1162,7 +1154,7 @@ fn instance_gone_is_ignored_once_the_agent_is_back() {
         asked,
         "a connected agent's instance is not asked about"
     );
-    world.input(Input::InstanceGone {
+    world.input(Event::InstanceGone {
         job_id: "f".into(),
         attempt: 1,
         detail: "stale".into(),
@@ -1180,18 +1172,18 @@ fn an_agent_away_is_asked_about_and_ends_when_its_instance_is_gone() {
     let instance_a = boot(&mut world, "a");
     boot(&mut world, "b");
     // b's agent drops and comes back: one check, then none.
-    world.input(Input::AgentAway {
+    world.input(Event::AgentAway {
         job_id: "b".into(),
         attempt: 1,
     });
     assert_eq!(world.checked.len(), 1);
-    world.input(Input::AgentBack {
+    world.input(Event::AgentBack {
         job_id: "b".into(),
         attempt: 1,
     });
     world.advance(LIVENESS_EVERY * 3);
     assert_eq!(world.checked.len(), 1, "{:?}", world.checked);
-    world.input(Input::InstanceGone {
+    world.input(Event::InstanceGone {
         job_id: "b".into(),
         attempt: 1,
         detail: "late".into(),
@@ -1202,7 +1194,7 @@ fn an_agent_away_is_asked_about_and_ends_when_its_instance_is_gone() {
         "b is back: a late answer is ignored"
     );
     // a's agent drops for good.
-    world.input(Input::AgentAway {
+    world.input(Event::AgentAway {
         job_id: "a".into(),
         attempt: 1,
     });
@@ -1214,7 +1206,7 @@ fn an_agent_away_is_asked_about_and_ends_when_its_instance_is_gone() {
         .map(|(_, _, instance, _)| instance.clone())
         .collect();
     assert_eq!(asked_a, vec![instance_a.clone(), instance_a.clone()]);
-    world.input(Input::InstanceGone {
+    world.input(Event::InstanceGone {
         job_id: "a".into(),
         attempt: 1,
         detail: "EC2 instance state terminated".into(),
@@ -1232,7 +1224,7 @@ fn a_refused_adoption_lets_the_attempt_go_without_touching_it() {
     world.advance(Duration::from_secs(1));
     assert!(world.engine.awaits_agent("f", 1));
     // The store said no (core-b renewed after all): this core forgets it, terminates nothing.
-    world.input(Input::AdoptionRefused {
+    world.input(Event::AdoptionRefused {
         job_id: "f".into(),
         attempt: 1,
     });
@@ -1283,7 +1275,7 @@ fn a_previous_incarnation_of_this_core_is_taken_over_at_once() {
             attempt_message: None,
         },
     );
-    world.input(Input::Load(snapshot));
+    world.input(Event::Load(snapshot));
     // Adopted without waiting for the lease: the build may still run, its agent dials in.
     assert_eq!(world.status("b"), JobStatus::Running);
     assert_eq!(world.jobs["b"].owner.as_deref(), Some(OWNER));
@@ -1306,10 +1298,7 @@ fn a_snapshot_older_than_this_cores_claim_does_not_stop_the_attempt() {
     assert_eq!(world.status("a"), JobStatus::Running);
     // The run as it was created (pending, queued, attempt 0) arrives after the claim: stale,
     // it changes nothing (no stop, no second claim, no second RunStarted).
-    world
-        .engine
-        .handle(Input::Load(created), world.now)
-        .unwrap();
+    world.engine.handle(Event::Load(created), world.now);
     assert_eq!(world.engine.poll_action(), None);
     assert!(world.terminated.is_empty(), "{:?}", world.terminated);
     assert_eq!(world.status("a"), JobStatus::Running);
@@ -1326,7 +1315,7 @@ fn draining_hands_jobs_back_without_spending_retries_and_stops_claiming() {
     let mut world = World::new(config);
     world.submit(run("r1", "env", 1, vec![build("a"), build("b")]));
     boot(&mut world, "a");
-    world.engine.handle(Input::Drain, world.now).unwrap();
+    world.engine.command(Command::Drain, world.now).unwrap();
     world.pump();
     // A running build goes on: handed back (lease ended), not ended, not terminated.
     assert_eq!(world.status("a"), JobStatus::Running);
@@ -1344,7 +1333,8 @@ fn draining_hands_a_booting_attempt_back_to_the_queue_without_spending_retries()
     let mut world = World::new(config());
     world.submit(run("r1", "env", 1, vec![build("a")]));
     assert_eq!(world.status("a"), JobStatus::Provisioning);
-    world.input(Input::Drain);
+    world.engine.command(Command::Drain, world.now).unwrap();
+    world.pump();
     assert_eq!(world.status("a"), JobStatus::Queued);
     match &world.jobs["a"].end {
         Some(JobEnd::Requeued { infra_failures, .. }) => assert_eq!(*infra_failures, 0),
@@ -1522,20 +1512,30 @@ impl RandomWorld {
             Step::Advance(secs) => self.world.advance(Duration::from_secs(u64::from(secs))),
             Step::Cancel(n) => {
                 let run = self.runs[n % self.runs.len()].clone();
-                let _ = self.world.engine.handle(
-                    Input::Cancel {
+                let refused = self.world.engine.command(
+                    Command::Cancel {
                         run_id: run,
                         reason: CancelReason::User { by: None },
                     },
                     self.world.now,
                 );
+                // A random cancel may find its run finished (and unloaded): refused, typed.
+                if let Err(error) = refused {
+                    assert!(
+                        matches!(
+                            error,
+                            CommandError::UnknownRun(_) | CommandError::RunFinished { .. }
+                        ),
+                        "{error}"
+                    );
+                }
                 self.world.pump();
             }
             Step::Reload(n) => {
                 // The store's view of a run, as a sync would load it.
                 let run_id = self.runs[n % self.runs.len()].clone();
                 if let Some(snapshot) = self.world.stored_snapshot(&run_id) {
-                    self.world.input(Input::Load(snapshot));
+                    self.world.input(Event::Load(snapshot));
                 }
             }
             Step::Sync => {
@@ -1545,12 +1545,12 @@ impl RandomWorld {
                     .filter(|run_id| !self.world.runs[*run_id].0.is_final())
                     .filter_map(|run_id| self.world.stored_snapshot(run_id))
                     .collect();
-                self.world.input(Input::Sync(snapshots));
+                self.world.input(Event::Sync(snapshots));
             }
             Step::Unload(n) => {
                 let run_id = self.runs[n % self.runs.len()].clone();
                 if self.world.runs[&run_id].0.is_final() {
-                    self.world.input(Input::Unload { run_id });
+                    self.world.input(Event::Unload { run_id });
                 }
             }
             Step::Resolve(n, how) => {
@@ -1569,7 +1569,7 @@ impl RandomWorld {
         match item {
             Pending::Creating(job, attempt) => {
                 if how.is_multiple_of(5) {
-                    self.world.input(Input::InstanceFailed {
+                    self.world.input(Event::InstanceFailed {
                         job_id: job,
                         attempt,
                         message: "capacity".into(),
@@ -1577,7 +1577,7 @@ impl RandomWorld {
                     });
                 } else {
                     let instance_id = self.world.new_instance();
-                    self.world.input(Input::InstanceCreated {
+                    self.world.input(Event::InstanceCreated {
                         job_id: job.clone(),
                         attempt,
                         instance_id,
@@ -1590,7 +1590,7 @@ impl RandomWorld {
                     // The agent never comes: only time will tell.
                     self.world.advance(Duration::from_secs(301));
                 } else {
-                    self.world.input(Input::AgentConnected {
+                    self.world.input(Event::AgentConnected {
                         job_id: job,
                         attempt,
                     });
@@ -1600,11 +1600,11 @@ impl RandomWorld {
                 // The agent drops (and maybe comes back, or its instance dies) before it ends.
                 match how % 16 {
                     9 => {
-                        self.world.input(Input::AgentAway {
+                        self.world.input(Event::AgentAway {
                             job_id: job.clone(),
                             attempt,
                         });
-                        self.world.input(Input::AgentBack {
+                        self.world.input(Event::AgentBack {
                             job_id: job,
                             attempt,
                         });
@@ -1612,12 +1612,12 @@ impl RandomWorld {
                     }
                     10 | 11 => {
                         if how % 16 == 10 {
-                            self.world.input(Input::AgentAway {
+                            self.world.input(Event::AgentAway {
                                 job_id: job.clone(),
                                 attempt,
                             });
                         }
-                        self.world.input(Input::InstanceGone {
+                        self.world.input(Event::InstanceGone {
                             job_id: job,
                             attempt,
                             detail: "gone".into(),
@@ -1633,7 +1633,7 @@ impl RandomWorld {
                         message: "bad frame".into(),
                     },
                     3 if job.starts_with("merge") => {
-                        self.world.input(Input::HandoverFailed {
+                        self.world.input(Event::HandoverFailed {
                             job_id: job,
                             attempt,
                         });
@@ -1641,7 +1641,7 @@ impl RandomWorld {
                     }
                     _ => completed(&job),
                 };
-                self.world.input(Input::Finished {
+                self.world.input(Event::Finished {
                     job_id: job,
                     attempt,
                     outcome,
@@ -1711,8 +1711,8 @@ fn a_snapshot_without_some_jobs_leaves_no_job_without_its_run() {
     // A store read that raced the run's end saw the run but not its jobs.
     let mut partial = world.stored_snapshot("r1").unwrap();
     partial.jobs.clear();
-    world.input(Input::Load(partial));
-    world.input(Input::Unload {
+    world.input(Event::Load(partial));
+    world.input(Event::Unload {
         run_id: "r1".into(),
     });
     assert!(world.engine.orphan_jobs().is_empty());

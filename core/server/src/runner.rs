@@ -29,8 +29,8 @@ use crate::agent_link::{self, LinkCommand, LinkContext, WorkOrder};
 use crate::config::RegistryConfig;
 use crate::db::{AttemptClaim, Db, JobRow, RunRow};
 use crate::engine::{
-    Action, AttemptOutcome, CancelReason, CommandError, Engine, EngineConfig, InfraKind, Input,
-    QueueEntry, Timestamp, Transition, Via,
+    Action, AttemptOutcome, CancelReason, Command, CommandError, Engine, EngineConfig, Event,
+    InfraKind, QueueEntry, Timestamp, Transition, Via,
 };
 use crate::images::{repository_key, strip_tag, tag_for};
 use crate::stagely_yaml::{JobKind, JobSpec};
@@ -131,7 +131,7 @@ pub enum RunnerError {
 }
 
 enum Msg {
-    Input(Input),
+    Event(Event),
     /// The attempt's instance exists.
     Provisioned {
         job_id: String,
@@ -532,7 +532,9 @@ impl LoopState {
             self.apply().await;
         }
         // Drain: hand this core's jobs back and terminate their instances.
-        let _ = self.engine.handle(Input::Drain, now());
+        if let Err(error) = self.engine.command(Command::Drain, now()) {
+            tracing::error!("the engine refused to drain: {error}");
+        }
         self.apply().await;
         self.links.clear();
         for (_, mut socket) in self.idle.drain() {
@@ -550,16 +552,16 @@ impl LoopState {
     async fn handle(&mut self, message: Msg) {
         let at = now();
         match message {
-            Msg::Input(input) => {
-                let _ = self.engine.handle(input, at);
+            Msg::Event(event) => {
+                self.engine.handle(event, at);
             }
             Msg::Provisioned {
                 job_id,
                 attempt,
                 instance_id,
             } => {
-                let _ = self.engine.handle(
-                    Input::InstanceCreated {
+                self.engine.handle(
+                    Event::InstanceCreated {
                         job_id,
                         attempt,
                         instance_id,
@@ -568,17 +570,17 @@ impl LoopState {
                 );
             }
             Msg::Submitted(run) => {
-                // A sync may have loaded it (and claimed its jobs) already: the engine keeps
-                // its newer view of those (attempts and run statuses only move forward).
-                let _ = self.engine.handle(Input::Load(*run), at);
+                if let Err(error) = self.engine.command(Command::Submit(*run), at) {
+                    tracing::error!("the engine refused a submitted run: {error}");
+                }
             }
             Msg::Cancel {
                 run_id,
                 reason,
                 reply,
             } => {
-                let mut result = self.engine.handle(
-                    Input::Cancel {
+                let mut result = self.engine.command(
+                    Command::Cancel {
                         run_id: run_id.clone(),
                         reason: reason.clone(),
                     },
@@ -594,8 +596,8 @@ impl LoopState {
                             });
                         }
                         Ok(Some(snapshot)) => {
-                            let _ = self.engine.handle(Input::Load(snapshot), at);
-                            result = self.engine.handle(Input::Cancel { run_id, reason }, at);
+                            self.engine.handle(Event::Load(snapshot), at);
+                            result = self.engine.command(Command::Cancel { run_id, reason }, at);
                         }
                         Ok(None) => {}
                         Err(error) => {
@@ -643,9 +645,8 @@ impl LoopState {
                 let (commands, receiver) = mpsc::channel(LINK_QUEUE);
                 self.links.insert(key, commands);
                 self.spawn_link(job_id.clone(), attempt, socket, receiver);
-                let _ = self
-                    .engine
-                    .handle(Input::AgentConnected { job_id, attempt }, at);
+                self.engine
+                    .handle(Event::AgentConnected { job_id, attempt }, at);
             }
             Msg::Idle {
                 job_id,
@@ -663,7 +664,7 @@ impl LoopState {
     async fn sync(&mut self) {
         match self.shared.db.unfinished_runs().await {
             Ok(snapshots) => {
-                let _ = self.engine.handle(Input::Sync(snapshots), now());
+                self.engine.handle(Event::Sync(snapshots), now());
             }
             Err(error) => tracing::error!("reading unfinished runs failed: {error}"),
         }
@@ -712,7 +713,7 @@ impl LoopState {
             Ok(snapshots)
                 if generation == self.shared.writes.load(std::sync::atomic::Ordering::SeqCst) =>
             {
-                let _ = self.engine.handle(Input::Sync(snapshots), now());
+                self.engine.handle(Event::Sync(snapshots), now());
                 self.sync_state.discarded = 0;
             }
             Ok(_) => self.sync_state.discarded += 1,
@@ -724,11 +725,11 @@ impl LoopState {
         let at = now();
         match self.shared.db.run_snapshot(run_id).await {
             Ok(Some(snapshot)) => {
-                let _ = self.engine.handle(Input::Load(snapshot), at);
+                self.engine.handle(Event::Load(snapshot), at);
             }
             Ok(None) => {
-                let _ = self.engine.handle(
-                    Input::Unload {
+                self.engine.handle(
+                    Event::Unload {
                         run_id: run_id.to_string(),
                     },
                     at,
@@ -816,7 +817,7 @@ impl LoopState {
                     }
                 }
                 let reload: Vec<String> = lost.clone();
-                let _ = self.engine.handle(Input::Claimed { won, lost }, now());
+                self.engine.handle(Event::Claimed { won, lost }, now());
                 for job_id in reload {
                     self.reload_job(&job_id).await;
                 }
@@ -1063,8 +1064,8 @@ impl LoopState {
             } => {
                 // Its owner lives after all, or another replica adopted it first.
                 let (job_id, attempt) = (job_id.clone(), *attempt);
-                let _ = self.engine.handle(
-                    Input::AdoptionRefused {
+                self.engine.handle(
+                    Event::AdoptionRefused {
                         job_id: job_id.clone(),
                         attempt,
                     },
@@ -1124,18 +1125,18 @@ impl LoopState {
                     let (tx, job_id) = (tx.clone(), job_id.clone());
                     async move {
                         while seen.changed().await.is_ok() {
-                            let input = if *seen.borrow_and_update() {
-                                Input::AgentAway {
+                            let event = if *seen.borrow_and_update() {
+                                Event::AgentAway {
                                     job_id: job_id.clone(),
                                     attempt,
                                 }
                             } else {
-                                Input::AgentBack {
+                                Event::AgentBack {
                                     job_id: job_id.clone(),
                                     attempt,
                                 }
                             };
-                            if tx.send(Msg::Input(input)).await.is_err() {
+                            if tx.send(Msg::Event(event)).await.is_err() {
                                 break;
                             }
                         }
@@ -1157,7 +1158,7 @@ impl LoopState {
                 }
                 if let Some(outcome) = outcome {
                     let _ = tx
-                        .send(Msg::Input(Input::Finished {
+                        .send(Msg::Event(Event::Finished {
                             job_id,
                             attempt,
                             outcome,
@@ -1192,8 +1193,8 @@ impl LoopState {
         let mut order = match read {
             Ok(order) => order,
             Err(message) => {
-                let _ = self.engine.handle(
-                    Input::Finished {
+                self.engine.handle(
+                    Event::Finished {
                         job_id,
                         attempt,
                         outcome: AttemptOutcome::BuildFailed {
@@ -1211,8 +1212,8 @@ impl LoopState {
             Via::OwnAgent | Via::Adopted => match self.links.get(&key) {
                 Some(link) if link.try_send(LinkCommand::Work(Box::new(order))).is_ok() => {}
                 _ => {
-                    let _ = self.engine.handle(
-                        Input::Finished {
+                    self.engine.handle(
+                        Event::Finished {
                             job_id,
                             attempt,
                             outcome: AttemptOutcome::Infrastructure {
@@ -1239,9 +1240,8 @@ impl LoopState {
                 }
                 // Gone (or it does not take more work): a fresh instance.
                 None => {
-                    let _ = self
-                        .engine
-                        .handle(Input::HandoverFailed { job_id, attempt }, now());
+                    self.engine
+                        .handle(Event::HandoverFailed { job_id, attempt }, now());
                 }
             },
         }
@@ -1267,7 +1267,7 @@ impl LoopState {
                     },
                     Err(ProvisionFailure { message, retryable }) => {
                         tracing::warn!(retryable, "provisioning failed: {message}");
-                        Msg::Input(Input::InstanceFailed {
+                        Msg::Event(Event::InstanceFailed {
                             job_id,
                             attempt,
                             message,
@@ -1301,7 +1301,7 @@ impl LoopState {
                     Ok(InstanceState::Gone { detail }) => {
                         tracing::warn!("the attempt's instance is gone ({detail}): ending it");
                         let _ = tx
-                            .send(Msg::Input(Input::InstanceGone {
+                            .send(Msg::Event(Event::InstanceGone {
                                 job_id,
                                 attempt,
                                 detail,
