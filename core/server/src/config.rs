@@ -587,8 +587,17 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 impl CoreConfig {
-    /// Resolves flag > environment > file > default.
-    pub fn resolve(mut file: FileConfig, overrides: Overrides) -> Result<CoreConfig, ConfigError> {
+    /// Resolves flag > environment > file > default, with this process's environment.
+    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<CoreConfig, ConfigError> {
+        CoreConfig::resolve_in(file, overrides, Environment::from_process())
+    }
+
+    /// Resolves flag > environment (`env`) > file > default.
+    pub fn resolve_in(
+        mut file: FileConfig,
+        overrides: Overrides,
+        env: Environment,
+    ) -> Result<CoreConfig, ConfigError> {
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -603,7 +612,7 @@ impl CoreConfig {
             .unwrap_or_else(|| PathBuf::from("./stagely-data"));
         let host = overrides
             .registry
-            .or(file.registry.host)
+            .or(file.registry.host.clone())
             .unwrap_or_else(|| "127.0.0.1:5000".into());
         if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
             return Err(ConfigError::Invalid {
@@ -611,24 +620,7 @@ impl CoreConfig {
                 problem: format!("`{host}` is not HOST[:PORT]"),
             });
         }
-        let username = env_nonempty("STAGELY_REGISTRY_USERNAME").or(file.registry.username.clone());
-        let password = env_nonempty("STAGELY_REGISTRY_PASSWORD").or(file.registry.password.clone());
-        let auth = match (username, password) {
-            (Some(username), Some(password)) => Some(RegistryAuth { username, password }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::Invalid {
-                    field: "registry.password",
-                    problem: "a registry username is set but no password (STAGELY_REGISTRY_PASSWORD or registry.password)".into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Invalid {
-                    field: "registry.username",
-                    problem: "a registry password is set but no username (STAGELY_REGISTRY_USERNAME or registry.username)".into(),
-                });
-            }
-        };
+        let auth = resolve_registry_auth(&file.registry, &env)?;
         let namespace = file.registry.namespace.unwrap_or_else(|| "stagely".into());
         if !valid_repo_component(&namespace) {
             return Err(ConfigError::Invalid {
@@ -640,37 +632,7 @@ impl CoreConfig {
             .registry
             .insecure
             .unwrap_or_else(|| is_loopback_host(&host));
-        let provider = match file.provider.kind.as_deref() {
-            None | Some("local") => {
-                if file.provider.ec2.is_some() {
-                    return Err(ConfigError::Invalid {
-                        field: "provider.ec2",
-                        problem: "is set but provider.kind is not \"ec2\"".into(),
-                    });
-                }
-                let local = file.provider.local.take().unwrap_or_default();
-                let defaults = stagely_provisioning::local::LocalLimits::default();
-                ProviderConfig::Local(stagely_provisioning::local::LocalLimits {
-                    max_pids: local.max_pids.unwrap_or(defaults.max_pids),
-                    max_disk_mib: local.max_disk_mib.unwrap_or(defaults.max_disk_mib),
-                })
-            }
-            Some("ec2") if file.provider.local.is_some() => {
-                return Err(ConfigError::Invalid {
-                    field: "provider.local",
-                    problem: "is set but provider.kind is \"ec2\"".into(),
-                });
-            }
-            Some("ec2") => {
-                ProviderConfig::Ec2(ec2_settings(file.provider.ec2.take().unwrap_or_default())?)
-            }
-            Some(kind) => {
-                return Err(ConfigError::Invalid {
-                    field: "provider.kind",
-                    problem: format!("`{kind}` is not a known provider (local, ec2)"),
-                });
-            }
-        };
+        let provider = resolve_provider(&mut file.provider)?;
         let max_concurrent_jobs = file.scheduler.max_concurrent_jobs.unwrap_or(50);
         if max_concurrent_jobs == 0 {
             return Err(ConfigError::Invalid {
@@ -736,69 +698,12 @@ impl CoreConfig {
             days => Some(Duration::from_secs(days.saturating_mul(24 * 3600))),
         };
         let max_retries = scheduler.max_retries.unwrap_or(2);
-        if let Some(url) = &overrides.database_url
-            && url_password_span(url).is_some()
-        {
-            return Err(ConfigError::Invalid {
-                field: "--database-url",
-                problem: "holds a password, which a command line shows to every user of the machine; set STAGELY_DATABASE_URL or database_url in the config file instead".into(),
-            });
-        }
-        let database_url = overrides
-            .database_url
-            .clone()
-            .or_else(|| env_nonempty("STAGELY_DATABASE_URL"))
-            .or(file.database_url.clone());
-        if let Some(url) = &database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            return Err(ConfigError::Invalid {
-                field: "database_url",
-                problem: "must be a postgres:// URL (SQLite is the default when it is unset)"
-                    .into(),
-            });
-        }
-        let mut api_tokens = Vec::new();
-        for (name, entry) in &file.api.tokens {
-            let (hash, role) = match entry {
-                TokenEntry::Hash(hash) => (hash, Role::Admin),
-                TokenEntry::Scoped(scoped) => (&scoped.sha256, scoped.role),
-            };
-            let bytes = hex::decode(hash.trim())
-                .ok()
-                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-                .ok_or_else(|| ConfigError::Invalid {
-                    field: "api.tokens",
-                    problem: format!(
-                        "`{name}` must be the SHA-256 of a token as 64 hexadecimal digits (`stagely token hash` prints it), not the token itself"
-                    ),
-                })?;
-            api_tokens.push(ApiToken {
-                name: name.clone(),
-                sha256: bytes,
-                role,
-            });
-        }
-        if let Some(token) = env_nonempty("STAGELY_API_TOKEN") {
-            if token.len() < MIN_API_TOKEN_LEN {
-                return Err(ConfigError::Invalid {
-                    field: "STAGELY_API_TOKEN",
-                    problem: format!(
-                        "is too short; use at least {MIN_API_TOKEN_LEN} random characters (`stagely token new` makes one)"
-                    ),
-                });
-            }
-            api_tokens.push(ApiToken::from_secret("STAGELY_API_TOKEN", &token));
-        }
-        api_tokens.extend(overrides.api_token);
-        if api_tokens.is_empty() && !listen.ip().is_loopback() {
-            return Err(ConfigError::Invalid {
-                field: "api.tokens",
-                problem: format!(
-                    "listening on {listen}, off loopback, needs an API token: set STAGELY_API_TOKEN or [api.tokens] (`stagely token new` makes one)"
-                ),
-            });
-        }
+        let database_url = resolve_database_url(
+            overrides.database_url.clone(),
+            &env,
+            file.database_url.clone(),
+        )?;
+        let api_tokens = resolve_api_tokens(&file.api, &env, overrides.api_token, &listen)?;
         let tls = resolve_tls(std::mem::take(&mut file.tls), &listen)?;
         let public_url = overrides.public_url.or(file.public_url);
         if let Some(url) = &public_url {
@@ -809,100 +714,16 @@ impl CoreConfig {
                 problem: "is required with provider.kind = \"ec2\": the https:// address builders on EC2 dial (the listen address is not reachable from them)".into(),
             });
         }
-        let mut prices = crate::cost::PriceTable::default();
-        for (instance_type, price) in std::mem::take(&mut file.prices) {
-            let valid = |value: f64| value.is_finite() && value >= 0.0;
-            if !valid(price.on_demand) || !price.spot.is_none_or(valid) {
-                return Err(ConfigError::Invalid {
-                    field: "prices",
-                    problem: format!(
-                        "`{instance_type}`: prices are USD per hour, finite and not negative"
-                    ),
-                });
-            }
-            prices.0.insert(
-                instance_type,
-                crate::cost::Price {
-                    on_demand: price.on_demand,
-                    spot: price.spot,
-                },
-            );
-        }
-        let positive = |field: &'static str, value: u64| {
-            if value == 0 {
-                Err(ConfigError::Invalid {
-                    field,
-                    problem: "must be at least 1".into(),
-                })
-            } else {
-                Ok(value)
-            }
-        };
-        let limits = ApiLimits {
-            header_read_timeout: Duration::from_secs(positive(
-                "api.header_read_timeout_secs",
-                file.api.header_read_timeout_secs.unwrap_or(10),
-            )?),
-            body_read_timeout: Duration::from_secs(positive(
-                "api.body_read_timeout_secs",
-                file.api.body_read_timeout_secs.unwrap_or(30),
-            )?),
-            max_connections: positive(
-                "api.max_connections",
-                file.api.max_connections.unwrap_or(1024) as u64,
-            )? as usize,
-            max_connections_per_ip: positive(
-                "api.max_connections_per_ip",
-                file.api.max_connections_per_ip.unwrap_or(256) as u64,
-            )? as usize,
-            max_agent_connections: positive(
-                "api.max_agent_connections",
-                file.api.max_agent_connections.unwrap_or(1024) as u64,
-            )? as usize,
-            max_connection_lifetime: Duration::from_secs(positive(
-                "api.max_connection_secs",
-                file.api.max_connection_secs.unwrap_or(3600),
-            )?),
-            unauthenticated_requests_per_ip_per_sec: positive(
-                "api.unauthenticated_requests_per_ip_per_sec",
-                file.api
-                    .unauthenticated_requests_per_ip_per_sec
-                    .unwrap_or(20)
-                    .into(),
-            )? as u32,
-            max_sse_streams: positive(
-                "api.max_sse_streams",
-                file.api.max_sse_streams.unwrap_or(512) as u64,
-            )? as usize,
-            max_sse_streams_per_token: positive(
-                "api.max_sse_streams_per_token",
-                file.api.max_sse_streams_per_token.unwrap_or(64) as u64,
-            )? as usize,
-            max_concurrent_git_reads: positive(
-                "api.max_concurrent_git_reads",
-                file.api.max_concurrent_git_reads.unwrap_or(4) as u64,
-            )? as usize,
-            git_read_timeout: Duration::from_secs(positive(
-                "api.git_read_timeout_secs",
-                file.api.git_read_timeout_secs.unwrap_or(30),
-            )?),
-        };
+        let prices = resolve_prices(std::mem::take(&mut file.prices))?;
+        let limits = resolve_limits(&file.api)?;
+        let positive = at_least_one;
         let max_log_bytes_per_job = positive(
             "scheduler.max_log_bytes_per_job",
             file.scheduler
                 .max_log_bytes_per_job
                 .unwrap_or(100 * 1024 * 1024),
         )?;
-        let mut build_secrets = BTreeMap::new();
-        for (name, value) in file.secrets {
-            if !crate::stagely_yaml::valid_arg_name(&name) {
-                return Err(ConfigError::Invalid {
-                    field: "secrets",
-                    problem: format!("`{name}` is not a build argument name"),
-                });
-            }
-            build_secrets.insert(name, stagely_protocol::Secret(value));
-        }
+        let build_secrets = resolve_secrets(file.secrets)?;
         Ok(CoreConfig {
             listen,
             data_dir,
@@ -944,6 +765,277 @@ impl CoreConfig {
             prices,
         })
     }
+}
+
+/// The environment variables the core reads, read once ([`Environment::from_process`]) so
+/// that resolving a configuration is a function of its inputs.
+#[derive(Debug, Default, Clone)]
+pub struct Environment {
+    /// `STAGELY_REGISTRY_USERNAME`
+    pub registry_username: Option<String>,
+    /// `STAGELY_REGISTRY_PASSWORD`
+    pub registry_password: Option<String>,
+    /// `STAGELY_DATABASE_URL`
+    pub database_url: Option<String>,
+    /// `STAGELY_API_TOKEN`
+    pub api_token: Option<String>,
+}
+
+impl Environment {
+    /// This process's environment (empty values count as unset).
+    pub fn from_process() -> Environment {
+        Environment {
+            registry_username: env_nonempty("STAGELY_REGISTRY_USERNAME"),
+            registry_password: env_nonempty("STAGELY_REGISTRY_PASSWORD"),
+            database_url: env_nonempty("STAGELY_DATABASE_URL"),
+            api_token: env_nonempty("STAGELY_API_TOKEN"),
+        }
+    }
+}
+
+/// The registry's credentials: both or neither, environment over file.
+fn resolve_registry_auth(
+    file: &RegistryFile,
+    env: &Environment,
+) -> Result<Option<RegistryAuth>, ConfigError> {
+    let username = env.registry_username.clone().or(file.username.clone());
+    let password = env.registry_password.clone().or(file.password.clone());
+    Ok(match (username, password) {
+        (Some(username), Some(password)) => Some(RegistryAuth { username, password }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                field: "registry.password",
+                problem: "a registry username is set but no password (STAGELY_REGISTRY_PASSWORD or registry.password)".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                field: "registry.username",
+                problem: "a registry password is set but no username (STAGELY_REGISTRY_USERNAME or registry.username)".into(),
+            });
+        }
+    })
+}
+
+/// `[provider]`: local (the default) or EC2, and only the table of the kind chosen.
+fn resolve_provider(file: &mut ProviderFile) -> Result<ProviderConfig, ConfigError> {
+    Ok(match file.kind.as_deref() {
+        None | Some("local") => {
+            if file.ec2.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "provider.ec2",
+                    problem: "is set but provider.kind is not \"ec2\"".into(),
+                });
+            }
+            let local = file.local.take().unwrap_or_default();
+            let defaults = stagely_provisioning::local::LocalLimits::default();
+            ProviderConfig::Local(stagely_provisioning::local::LocalLimits {
+                max_pids: local.max_pids.unwrap_or(defaults.max_pids),
+                max_disk_mib: local.max_disk_mib.unwrap_or(defaults.max_disk_mib),
+            })
+        }
+        Some("ec2") if file.local.is_some() => {
+            return Err(ConfigError::Invalid {
+                field: "provider.local",
+                problem: "is set but provider.kind is \"ec2\"".into(),
+            });
+        }
+        Some("ec2") => ProviderConfig::Ec2(ec2_settings(file.ec2.take().unwrap_or_default())?),
+        Some(kind) => {
+            return Err(ConfigError::Invalid {
+                field: "provider.kind",
+                problem: format!("`{kind}` is not a known provider (local, ec2)"),
+            });
+        }
+    })
+}
+
+/// `--database-url` (never with a password) > `STAGELY_DATABASE_URL` > `database_url`: a
+/// postgres:// URL, or none for SQLite.
+fn resolve_database_url(
+    flag: Option<String>,
+    env: &Environment,
+    file: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(url) = &flag
+        && url_password_span(url).is_some()
+    {
+        return Err(ConfigError::Invalid {
+            field: "--database-url",
+            problem: "holds a password, which a command line shows to every user of the machine; set STAGELY_DATABASE_URL or database_url in the config file instead".into(),
+        });
+    }
+    let database_url = flag.or_else(|| env.database_url.clone()).or(file);
+    if let Some(url) = &database_url
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        return Err(ConfigError::Invalid {
+            field: "database_url",
+            problem: "must be a postgres:// URL (SQLite is the default when it is unset)".into(),
+        });
+    }
+    Ok(database_url)
+}
+
+/// `[api.tokens]` (hashes), `STAGELY_API_TOKEN` and `extra` (`stagely run`'s own); off
+/// loopback at least one.
+fn resolve_api_tokens(
+    file: &ApiFile,
+    env: &Environment,
+    extra: Option<ApiToken>,
+    listen: &SocketAddr,
+) -> Result<Vec<ApiToken>, ConfigError> {
+    let mut api_tokens = Vec::new();
+    for (name, entry) in &file.tokens {
+        let (hash, role) = match entry {
+            TokenEntry::Hash(hash) => (hash, Role::Admin),
+            TokenEntry::Scoped(scoped) => (&scoped.sha256, scoped.role),
+        };
+        let bytes = hex::decode(hash.trim())
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| ConfigError::Invalid {
+                field: "api.tokens",
+                problem: format!(
+                    "`{name}` must be the SHA-256 of a token as 64 hexadecimal digits (`stagely token hash` prints it), not the token itself"
+                ),
+            })?;
+        api_tokens.push(ApiToken {
+            name: name.clone(),
+            sha256: bytes,
+            role,
+        });
+    }
+    if let Some(token) = &env.api_token {
+        if token.len() < MIN_API_TOKEN_LEN {
+            return Err(ConfigError::Invalid {
+                field: "STAGELY_API_TOKEN",
+                problem: format!(
+                    "is too short; use at least {MIN_API_TOKEN_LEN} random characters (`stagely token new` makes one)"
+                ),
+            });
+        }
+        api_tokens.push(ApiToken::from_secret("STAGELY_API_TOKEN", token));
+    }
+    api_tokens.extend(extra);
+    if api_tokens.is_empty() && !listen.ip().is_loopback() {
+        return Err(ConfigError::Invalid {
+            field: "api.tokens",
+            problem: format!(
+                "listening on {listen}, off loopback, needs an API token: set STAGELY_API_TOKEN or [api.tokens] (`stagely token new` makes one)"
+            ),
+        });
+    }
+    Ok(api_tokens)
+}
+
+/// `[prices]`: USD per hour by instance type, finite and not negative, over the defaults.
+fn resolve_prices(
+    file: BTreeMap<String, PriceFile>,
+) -> Result<crate::cost::PriceTable, ConfigError> {
+    let mut prices = crate::cost::PriceTable::default();
+    for (instance_type, price) in file {
+        let valid = |value: f64| value.is_finite() && value >= 0.0;
+        if !valid(price.on_demand) || !price.spot.is_none_or(valid) {
+            return Err(ConfigError::Invalid {
+                field: "prices",
+                problem: format!(
+                    "`{instance_type}`: prices are USD per hour, finite and not negative"
+                ),
+            });
+        }
+        prices.0.insert(
+            instance_type,
+            crate::cost::Price {
+                on_demand: price.on_demand,
+                spot: price.spot,
+            },
+        );
+    }
+    Ok(prices)
+}
+
+/// A setting that must be at least 1.
+fn at_least_one(field: &'static str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        Err(ConfigError::Invalid {
+            field,
+            problem: "must be at least 1".into(),
+        })
+    } else {
+        Ok(value)
+    }
+}
+
+/// `[api]`: the HTTP server's timeouts and caps.
+fn resolve_limits(file: &ApiFile) -> Result<ApiLimits, ConfigError> {
+    let positive = at_least_one;
+    Ok(ApiLimits {
+        header_read_timeout: Duration::from_secs(positive(
+            "api.header_read_timeout_secs",
+            file.header_read_timeout_secs.unwrap_or(10),
+        )?),
+        body_read_timeout: Duration::from_secs(positive(
+            "api.body_read_timeout_secs",
+            file.body_read_timeout_secs.unwrap_or(30),
+        )?),
+        max_connections: positive(
+            "api.max_connections",
+            file.max_connections.unwrap_or(1024) as u64,
+        )? as usize,
+        max_connections_per_ip: positive(
+            "api.max_connections_per_ip",
+            file.max_connections_per_ip.unwrap_or(256) as u64,
+        )? as usize,
+        max_agent_connections: positive(
+            "api.max_agent_connections",
+            file.max_agent_connections.unwrap_or(1024) as u64,
+        )? as usize,
+        max_connection_lifetime: Duration::from_secs(positive(
+            "api.max_connection_secs",
+            file.max_connection_secs.unwrap_or(3600),
+        )?),
+        unauthenticated_requests_per_ip_per_sec: positive(
+            "api.unauthenticated_requests_per_ip_per_sec",
+            file.unauthenticated_requests_per_ip_per_sec
+                .unwrap_or(20)
+                .into(),
+        )? as u32,
+        max_sse_streams: positive(
+            "api.max_sse_streams",
+            file.max_sse_streams.unwrap_or(512) as u64,
+        )? as usize,
+        max_sse_streams_per_token: positive(
+            "api.max_sse_streams_per_token",
+            file.max_sse_streams_per_token.unwrap_or(64) as u64,
+        )? as usize,
+        max_concurrent_git_reads: positive(
+            "api.max_concurrent_git_reads",
+            file.max_concurrent_git_reads.unwrap_or(4) as u64,
+        )? as usize,
+        git_read_timeout: Duration::from_secs(positive(
+            "api.git_read_timeout_secs",
+            file.git_read_timeout_secs.unwrap_or(30),
+        )?),
+    })
+}
+
+/// `[secrets]`: values of secret build arguments, by argument name.
+fn resolve_secrets(
+    file: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, stagely_protocol::Secret>, ConfigError> {
+    let mut build_secrets = BTreeMap::new();
+    for (name, value) in file {
+        if !crate::stagely_yaml::valid_arg_name(&name) {
+            return Err(ConfigError::Invalid {
+                field: "secrets",
+                problem: format!("`{name}` is not a build argument name"),
+            });
+        }
+        build_secrets.insert(name, stagely_protocol::Secret(value));
+    }
+    Ok(build_secrets)
 }
 
 /// `[tls]`: both files or neither; off loopback, TLS or an explicit proxy.
@@ -1077,6 +1169,81 @@ pub const REPO_COMPONENT_RULE: &str = "must be 1-64 lowercase letters and digits
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_is_an_input_and_wins_over_the_file() {
+        let env = |f: fn(&mut Environment)| {
+            let mut env = Environment::default();
+            f(&mut env);
+            env
+        };
+        let resolve = |file: FileConfig, env: Environment| {
+            CoreConfig::resolve_in(file, Overrides::default(), env)
+        };
+        // Over the file's values.
+        let mut file = FileConfig::default();
+        file.registry.username = Some("file-user".into());
+        file.registry.password = Some("file-pass".into());
+        file.database_url = Some("postgres://file/db".into());
+        let config = resolve(
+            file,
+            env(|e| {
+                e.registry_username = Some("env-user".into());
+                e.registry_password = Some("env-pass".into());
+                e.database_url = Some("postgres://env/db".into());
+            }),
+        )
+        .unwrap();
+        let auth = config.registry.auth.expect("credentials");
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("env-user", "env-pass")
+        );
+        assert_eq!(config.database_url.unwrap().0, "postgres://env/db");
+        // Each checked, naming what is wrong.
+        let half = resolve(
+            FileConfig::default(),
+            env(|e| e.registry_username = Some("u".into())),
+        );
+        assert!(matches!(
+            half,
+            Err(ConfigError::Invalid {
+                field: "registry.password",
+                ..
+            })
+        ));
+        let short = resolve(
+            FileConfig::default(),
+            env(|e| e.api_token = Some("short".into())),
+        );
+        assert!(matches!(
+            short,
+            Err(ConfigError::Invalid {
+                field: "STAGELY_API_TOKEN",
+                ..
+            })
+        ));
+        let sqlite = resolve(
+            FileConfig::default(),
+            env(|e| e.database_url = Some("sqlite://x".into())),
+        );
+        assert!(matches!(
+            sqlite,
+            Err(ConfigError::Invalid {
+                field: "database_url",
+                ..
+            })
+        ));
+        // A token from the environment is accepted, by name.
+        let token = "t".repeat(MIN_API_TOKEN_LEN);
+        let with_token = Environment {
+            api_token: Some(token.clone()),
+            ..Environment::default()
+        };
+        let config = resolve(FileConfig::default(), with_token).unwrap();
+        assert_eq!(config.api_tokens.len(), 1);
+        assert_eq!(config.api_tokens[0].name, "STAGELY_API_TOKEN");
+    }
 
     #[test]
     fn repository_components_follow_the_oci_grammar() {
