@@ -7,6 +7,7 @@
 
 pub mod builder;
 pub mod connection;
+pub mod dial;
 pub mod job;
 pub mod process;
 pub mod redact;
