@@ -738,81 +738,108 @@ impl<'a> Link<'a> {
             }
 
             let clean = std::mem::take(&mut frame_clean);
-            while let Some(event) = session.poll_event() {
-                match event {
-                    SessionEvent::Started(hello) => {
-                        self.accepts_more_work = hello.accepts_more_work;
-                        tracing::info!(
-                            agent_instance = %hello.instance_id,
-                            agent_arch = %hello.arch,
-                            agent_version = %hello.agent_version,
-                            builders = ?hello.builders,
-                            "agent started the job"
+            if let Some(ended) = self
+                .on_events(
+                    &mut session,
+                    socket,
+                    codec,
+                    &mask,
+                    clean,
+                    &order.target_image,
+                )
+                .await?
+            {
+                return Ok(ended);
+            }
+        }
+    }
+
+    /// Acts on what the session delivered: the agent's start or resume, lines to store (in
+    /// batches written behind), an interruption, the STATUS. `Some` once the attempt ended.
+    async fn on_events(
+        &mut self,
+        session: &mut CoreSession,
+        socket: &mut Option<WebSocket>,
+        codec: Codec,
+        mask: &stagely_protocol::SecretMask,
+        clean: bool,
+        target_image: &str,
+    ) -> Result<Option<Ended>, Failure> {
+        while let Some(event) = session.poll_event() {
+            match event {
+                SessionEvent::Started(hello) => {
+                    self.accepts_more_work = hello.accepts_more_work;
+                    tracing::info!(
+                        agent_instance = %hello.instance_id,
+                        agent_arch = %hello.arch,
+                        agent_version = %hello.agent_version,
+                        builders = ?hello.builders,
+                        "agent started the job"
+                    );
+                }
+                SessionEvent::Resumed { acked_seq } => {
+                    // A resuming agent is the one that said HELLO first: it takes more
+                    // work as it did then.
+                    self.accepts_more_work = true;
+                    tracing::info!(
+                        acked_seq,
+                        stored_seq = session.persisted_seq(),
+                        "agent resumed the job"
+                    );
+                }
+                SessionEvent::Log(log) => {
+                    let seq = self.base + log.seq.unwrap_or(0) as i64;
+                    self.take_line(seq, log.stream, (log.data, log.continued), mask, false);
+                    if self.batch_full() {
+                        self.write_behind(session).await?;
+                    }
+                }
+                SessionEvent::Lines { first_seq, lines } => {
+                    let first = self.base + first_seq as i64;
+                    for (offset, line) in lines.into_iter().enumerate() {
+                        self.take_line(
+                            first + offset as i64,
+                            line.stream,
+                            (line.data, line.continued),
+                            mask,
+                            clean,
                         );
                     }
-                    SessionEvent::Resumed { acked_seq } => {
-                        // A resuming agent is the one that said HELLO first: it takes more
-                        // work as it did then.
-                        self.accepts_more_work = true;
-                        tracing::info!(
-                            acked_seq,
-                            stored_seq = session.persisted_seq(),
-                            "agent resumed the job"
-                        );
+                    if self.batch_full() {
+                        self.write_behind(session).await?;
                     }
-                    SessionEvent::Log(log) => {
-                        let seq = self.base + log.seq.unwrap_or(0) as i64;
-                        self.take_line(seq, log.stream, (log.data, log.continued), &mask, false);
-                        if self.batch_full() {
-                            self.write_behind(&mut session).await?;
+                }
+                SessionEvent::Interrupted(notice) => {
+                    // What arrived before the notice is kept; the attempt is over.
+                    self.flush(session).await?;
+                    return Err(interruption(&notice));
+                }
+                SessionEvent::Finished(status) => {
+                    // What the cap dropped is said once more at the end, with the count;
+                    // the STATUS's sequence number is free for it (no LOG carries it).
+                    if let Some(summary) = self.budget.summary() {
+                        self.batch.push(NewLogLine {
+                            seq: self.base + status.seq.unwrap_or(0) as i64,
+                            stream: "system",
+                            line: summary,
+                            continued: false,
+                        });
+                    }
+                    self.flush(session).await?;
+                    let outcome = self.outcome(&status, target_image, mask).await;
+                    // The session numbers STATUS, so this acknowledges it.
+                    session.handle_persisted(status.seq.unwrap_or(0));
+                    while let Some(frame) = session.poll_frame() {
+                        // Best effort: the outcome is decided whatever the agent does now.
+                        if let Some(ws) = socket.as_mut() {
+                            let _ = send_frame(ws, codec, &frame).await;
                         }
                     }
-                    SessionEvent::Lines { first_seq, lines } => {
-                        let first = self.base + first_seq as i64;
-                        for (offset, line) in lines.into_iter().enumerate() {
-                            self.take_line(
-                                first + offset as i64,
-                                line.stream,
-                                (line.data, line.continued),
-                                &mask,
-                                clean,
-                            );
-                        }
-                        if self.batch_full() {
-                            self.write_behind(&mut session).await?;
-                        }
-                    }
-                    SessionEvent::Interrupted(notice) => {
-                        // What arrived before the notice is kept; the attempt is over.
-                        self.flush(&mut session).await?;
-                        return Err(interruption(&notice));
-                    }
-                    SessionEvent::Finished(status) => {
-                        // What the cap dropped is said once more at the end, with the count;
-                        // the STATUS's sequence number is free for it (no LOG carries it).
-                        if let Some(summary) = self.budget.summary() {
-                            self.batch.push(NewLogLine {
-                                seq: self.base + status.seq.unwrap_or(0) as i64,
-                                stream: "system",
-                                line: summary,
-                                continued: false,
-                            });
-                        }
-                        self.flush(&mut session).await?;
-                        let outcome = self.outcome(&status, &order.target_image, &mask).await;
-                        // The session numbers STATUS, so this acknowledges it.
-                        session.handle_persisted(status.seq.unwrap_or(0));
-                        while let Some(frame) = session.poll_frame() {
-                            // Best effort: the outcome is decided whatever the agent does now.
-                            if let Some(ws) = socket.as_mut() {
-                                let _ = send_frame(ws, codec, &frame).await;
-                            }
-                        }
-                        return Ok(Ended::Status(outcome));
-                    }
+                    return Ok(Some(Ended::Status(outcome)));
                 }
             }
         }
+        Ok(None)
     }
 
     /// What a STATUS means. Only the image the core asked for counts, and only when the
