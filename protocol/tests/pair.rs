@@ -13,6 +13,20 @@ use stagely_protocol::agent_session::{AgentError, AgentEvent, AgentSession, Agen
 use stagely_protocol::session::{CoreSession, SessionError, SessionEvent};
 use stagely_protocol::*;
 
+mod common;
+
+fn hello() -> Hello {
+    common::agent_hello()
+}
+
+fn build() -> Message {
+    common::build_frame(JOB, Some(1))
+}
+
+fn completed(seq: u64) -> Status {
+    common::completed(JOB, seq)
+}
+
 const JOB: &str = "j1";
 const TIMERS: AgentTimers = AgentTimers {
     heartbeat_every: Duration::from_secs(10),
@@ -23,60 +37,6 @@ const TIMERS: AgentTimers = AgentTimers {
 const CORE_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the core's driver sends HEARTBEAT (its agent link does every 15 s).
 const CORE_HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
-
-fn hello() -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "test".into(),
-        instance_id: "i-1".into(),
-        arch: Arch::Amd64,
-        builders: vec![BuilderKind::Buildah],
-        emulated_arches: vec![],
-        accepts_more_work: false,
-        job_id: None,
-        attempt: None,
-        acked_seq: None,
-    }
-}
-
-fn build() -> Message {
-    Message::Build(Build {
-        job_id: JOB.into(),
-        context: SourceContext {
-            repo_url: "/srv/repo".into(),
-            commit_hash: "abc".into(),
-            branch: "main".into(),
-            clone_token: None,
-        },
-        build_config: BuildConfig {
-            context_path: "api".into(),
-            dockerfile: "Dockerfile".into(),
-            target_image: "reg/x:api".into(),
-            platform: "linux/amd64".into(),
-            build_args: Default::default(),
-            cache_from: vec![],
-            cache_to: None,
-            timeout_seconds: None,
-            secrets: Default::default(),
-        },
-        registry_auth: None,
-        registry: Default::default(),
-        attempt: Some(1),
-    })
-}
-
-fn completed(seq: u64) -> Status {
-    Status {
-        job_id: JOB.into(),
-        state: JobState::Completed,
-        exit_code: Some(0),
-        artifact_url: Some("reg/x:api".into()),
-        digest: Some("sha256:00".into()),
-        error: None,
-        never_ran: None,
-        seq: Some(seq),
-    }
-}
 
 /// The two machines, the wire between them and what each side keeps.
 struct Pair {
@@ -326,6 +286,12 @@ impl Pair {
     /// The agent's dial succeeds: its resuming HELLO reaches `core` (the same session, told
     /// the link was replaced, or a new one after a core restart), whose RESUME answers it.
     fn reconnect(&mut self) {
+        self.resume();
+        self.settle();
+    }
+
+    /// The dial's handshake: the resuming HELLO (checked) to the core, its RESUME to the agent.
+    fn resume(&mut self) {
         let hello = self.redial.take().expect("the agent is dialling");
         assert_eq!(hello.job_id.as_deref(), Some(JOB));
         assert_eq!(hello.attempt, Some(1));
@@ -340,7 +306,6 @@ impl Pair {
         };
         self.connected = true;
         self.agent.handle_resumed(self.now, resume.seq);
-        self.settle();
     }
 
     /// The core restarts: what it delivered but did not store is gone, and a new session
@@ -682,17 +647,7 @@ fn a_cancel_from_the_core_reaches_the_driver_and_stray_frames_are_not_fatal() {
 impl Pair {
     /// [`Pair::reconnect`] without running the sides afterwards (to look at the first frames).
     fn reconnect_without_settling(&mut self) {
-        let hello = self.redial.take().expect("the agent is dialling");
-        self.core.reconnected(self.now);
-        self.core
-            .handle_frame(self.now, Message::Hello(hello))
-            .expect("a resuming HELLO");
-        while self.core.poll_event().is_some() {}
-        let Some(Message::Resume(resume)) = self.core.poll_frame() else {
-            panic!("RESUME");
-        };
-        self.connected = true;
-        self.agent.handle_resumed(self.now, resume.seq);
+        self.resume();
         while let Some(event) = self.agent.poll_event() {
             assert!(matches!(event, AgentEvent::Rewind { .. }), "{event:?}");
         }

@@ -6,47 +6,16 @@ use std::time::{Duration, Instant};
 use stagely_protocol::session::{CoreSession, SessionError, SessionEvent};
 use stagely_protocol::*;
 
+mod common;
+
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
 fn build(job: &str) -> Message {
-    Message::Build(Build {
-        job_id: job.into(),
-        context: SourceContext {
-            repo_url: "/srv/repo".into(),
-            commit_hash: "abc".into(),
-            branch: "main".into(),
-            clone_token: None,
-        },
-        build_config: BuildConfig {
-            context_path: "api".into(),
-            dockerfile: "Dockerfile".into(),
-            target_image: "reg/x:api".into(),
-            platform: "linux/amd64".into(),
-            build_args: Default::default(),
-            cache_from: vec![],
-            cache_to: None,
-            timeout_seconds: None,
-            secrets: Default::default(),
-        },
-        registry_auth: None,
-        registry: Default::default(),
-        attempt: None,
-    })
+    common::build_frame(job, None)
 }
 
 fn hello() -> Message {
-    Message::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "test".into(),
-        instance_id: "i-1".into(),
-        arch: Arch::Amd64,
-        builders: vec![BuilderKind::Buildah],
-        emulated_arches: vec![],
-        accepts_more_work: false,
-        job_id: None,
-        attempt: None,
-        acked_seq: None,
-    })
+    Message::Hello(common::agent_hello())
 }
 
 fn log(job: &str, seq: u64) -> Message {
@@ -60,16 +29,7 @@ fn log(job: &str, seq: u64) -> Message {
 }
 
 fn status(job: &str, seq: u64) -> Message {
-    Message::Status(Status {
-        job_id: job.into(),
-        state: JobState::Completed,
-        exit_code: Some(0),
-        artifact_url: Some("reg/x:api".into()),
-        digest: Some("sha256:00".into()),
-        error: None,
-        never_ran: None,
-        seq: Some(seq),
-    })
+    Message::Status(common::completed(job, seq))
 }
 
 /// Drives a session and records what the driver would store and send.

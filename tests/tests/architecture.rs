@@ -138,26 +138,7 @@ fn only_the_store_knows_sql() {
 #[test]
 fn the_engine_builds_without_tokio() {
     // The engine's whole dependency tree, not just its manifest: nothing in it pulls tokio in.
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "-p",
-            "stagely-engine",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        out.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8_lossy(&out.stdout);
+    let tree = normal_tree("stagely-engine");
     assert!(
         tree.contains("stagely-engine"),
         "cargo tree listed nothing: {tree}"
