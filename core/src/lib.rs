@@ -3,5 +3,7 @@
 //! The service itself is `stagely-server`; `serve` hands over to [`stagely_server::server::run`].
 
 pub mod cli;
+pub mod client;
 pub mod registry;
+pub mod run;
 pub mod terminal;
